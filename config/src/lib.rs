@@ -1,0 +1,1 @@
+//! The Sluice sidecar configuration (placeholder until the consumer lands).

@@ -1,0 +1,1 @@
+//! The Sluice consumer sidecar (placeholder).

@@ -1,0 +1,86 @@
+# Shared settings and helpers for the Sluice test bed scripts. Sourced, not executed.
+# Everything built or downloaded lives under $SLUICE_CACHE (never in the repository);
+# everything a running test bed writes lives under $SLUICE_STATE.
+set -euo pipefail
+
+SLUICE_CACHE=${SLUICE_CACHE:-$HOME/.cache/sluice}
+SLUICE_STATE=${SLUICE_STATE:-$SLUICE_CACHE/state}
+SLUICE_LOGS=${SLUICE_LOGS:-$SLUICE_STATE/logs}
+
+KUBERNETES_VERSION=${KUBERNETES_VERSION:-v1.34.4}
+ETCD_VERSION=${ETCD_VERSION:-v3.6.16}
+HELM_VERSION=${HELM_VERSION:-v3.22.0}
+KAFKA_VERSION=${KAFKA_VERSION:-4.4.0}
+
+K8S_BIN=$SLUICE_CACHE/kubernetes/$KUBERNETES_VERSION/bin
+ETCD_BIN=$SLUICE_CACHE/etcd/$ETCD_VERSION/bin
+HELM_BIN=$SLUICE_CACHE/helm/$HELM_VERSION/bin
+KAFKA_HOME=$SLUICE_CACHE/kafka/$KAFKA_VERSION
+
+# Network layout. The CNI bridge gateway is the address pods use to reach the host
+# (the broker's pod listener binds there). The pod subnet is private to this machine:
+# it exists only inside the bridge and the pods' network namespaces the node creates.
+NODE_NAME=${NODE_NAME:-sluice-node}
+POD_CIDR=${POD_CIDR:-10.88.0.0/16}
+BRIDGE_NAME=${BRIDGE_NAME:-sluice0}
+BRIDGE_GATEWAY=${BRIDGE_GATEWAY:-10.88.0.1}
+SERVICE_CIDR=${SERVICE_CIDR:-10.96.0.0/16}
+APISERVER_PORT=${APISERVER_PORT:-6443}
+KAFKA_HOST_PORT=${KAFKA_HOST_PORT:-9092}
+KAFKA_POD_PORT=${KAFKA_POD_PORT:-9094}
+KAFKA_CONTROLLER_PORT=${KAFKA_CONTROLLER_PORT:-9093}
+
+KUBECONFIG_PATH=$SLUICE_STATE/kubeconfig
+
+log() { printf '[sluice-env] %s\n' "$*" >&2; }
+die() { printf '[sluice-env] ERROR: %s\n' "$*" >&2; exit 1; }
+
+# wait_for NAME LOGFILE TIMEOUT_SECONDS COMMAND...: retry COMMAND once a second until it
+# succeeds; on timeout name the component and its log so the failure is actionable.
+wait_for() {
+  local name=$1 logfile=$2 timeout=$3; shift 3
+  local deadline=$((SECONDS + timeout))
+  until "$@" >/dev/null 2>&1; do
+    if ((SECONDS >= deadline)); then
+      log "$name did not become ready within ${timeout}s; last lines of $logfile:"
+      tail -n 40 "$logfile" >&2 2>/dev/null || true
+      die "$name not ready (log: $logfile)"
+    fi
+    sleep 1
+  done
+}
+
+# start_daemon NAME COMMAND...: run COMMAND in the background, its output in
+# $SLUICE_LOGS/NAME.log and its PID in $SLUICE_STATE/pids/NAME.pid. Idempotent: a
+# component whose PID is alive is left alone.
+start_daemon() {
+  local name=$1; shift
+  mkdir -p "$SLUICE_LOGS" "$SLUICE_STATE/pids"
+  local pidfile=$SLUICE_STATE/pids/$name.pid
+  if [[ -f $pidfile ]] && kill -0 "$(cat "$pidfile")" 2>/dev/null; then
+    log "$name already running (pid $(cat "$pidfile"))"
+    return 0
+  fi
+  log "starting $name (log: $SLUICE_LOGS/$name.log)"
+  setsid "$@" >>"$SLUICE_LOGS/$name.log" 2>&1 </dev/null &
+  echo $! >"$pidfile"
+}
+
+# stop_daemon NAME: SIGTERM, wait up to 20 s, then SIGKILL.
+stop_daemon() {
+  local name=$1 pidfile=$SLUICE_STATE/pids/$1.pid
+  [[ -f $pidfile ]] || return 0
+  local pid; pid=$(cat "$pidfile")
+  if kill -0 "$pid" 2>/dev/null; then
+    log "stopping $name (pid $pid)"
+    kill -TERM "$pid" 2>/dev/null || true
+    for _ in $(seq 1 40); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
+    kill -KILL "$pid" 2>/dev/null || true
+  fi
+  rm -f "$pidfile"
+}
+
+is_running() {
+  local pidfile=$SLUICE_STATE/pids/$1.pid
+  [[ -f $pidfile ]] && kill -0 "$(cat "$pidfile")" 2>/dev/null
+}

@@ -1,0 +1,166 @@
+//! Kafka fixtures: the test bed's broker addresses and per-test topics.
+
+use std::time::Duration;
+
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+
+use crate::{START_HINT, unique_name};
+
+/// Bootstrap address of the broker's loopback listener, for clients on the host.
+pub fn bootstrap() -> String {
+    std::env::var("SLUICE_KAFKA_BOOTSTRAP").unwrap_or_else(|_| "127.0.0.1:9092".into())
+}
+
+/// Bootstrap address of the broker's pod listener (on the CNI bridge gateway), for
+/// clients running in pods on the test bed's node.
+pub fn pod_bootstrap() -> String {
+    std::env::var("SLUICE_KAFKA_POD_BOOTSTRAP").unwrap_or_else(|_| "10.88.0.1:9094".into())
+}
+
+/// A client configuration pointing at the test bed's host listener.
+pub fn client_config() -> ClientConfig {
+    let mut config = ClientConfig::new();
+    config.set("bootstrap.servers", bootstrap());
+    config
+}
+
+/// Fails with an actionable message unless the broker answers a metadata request.
+pub fn ensure_reachable() {
+    let consumer: BaseConsumer = client_config()
+        .create()
+        .unwrap_or_else(|e| panic!("cannot create a Kafka client for {}: {e}", bootstrap()));
+    if let Err(e) = consumer.fetch_metadata(None, Duration::from_secs(10)) {
+        panic!(
+            "the Kafka test bed is not reachable at {} ({e}); {START_HINT}",
+            bootstrap()
+        );
+    }
+}
+
+/// The test bed's admin client.
+pub fn admin() -> AdminClient<DefaultClientContext> {
+    client_config()
+        .create()
+        .unwrap_or_else(|e| panic!("cannot create a Kafka admin client: {e}"))
+}
+
+/// A topic that belongs to one test. It is deleted when dropped.
+pub struct Topic {
+    pub name: String,
+    pub partitions: i32,
+}
+
+impl Topic {
+    /// Creates a uniquely named topic with `partitions` partitions (replication factor 1).
+    pub async fn create(prefix: &str, partitions: i32) -> Topic {
+        Self::create_named(unique_name(prefix), partitions).await
+    }
+
+    /// Creates the topic `name` with `partitions` partitions.
+    pub async fn create_named(name: String, partitions: i32) -> Topic {
+        ensure_reachable();
+        let results = admin()
+            .create_topics(
+                &[NewTopic::new(&name, partitions, TopicReplication::Fixed(1))],
+                &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30))),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("creating topic {name}: {e}; {START_HINT}"));
+        for result in results {
+            if let Err((topic, code)) = result {
+                panic!("creating topic {topic}: {code}");
+            }
+        }
+        wait_for_leaders(&name, partitions);
+        Topic { name, partitions }
+    }
+
+    /// Produces `count` records keyed `key-<i % keys>` with value `<i>` (decimal), spread
+    /// over partitions by key, and waits for every acknowledgement.
+    pub async fn produce_numbered(&self, count: usize, keys: usize) {
+        let producer = producer();
+        let mut pending = Vec::with_capacity(count.min(10_000));
+        for i in 0..count {
+            let key = format!("key-{}", i % keys.max(1));
+            let value = i.to_string();
+            let delivery = producer.send_result(
+                FutureRecord::to(&self.name).key(&key).payload(&value),
+            );
+            match delivery {
+                Ok(fut) => pending.push(fut),
+                Err((e, _)) => panic!("enqueueing record {i} for {}: {e}", self.name),
+            }
+            if pending.len() >= 10_000 {
+                for fut in pending.drain(..) {
+                    await_delivery(fut).await;
+                }
+            }
+        }
+        for fut in pending {
+            await_delivery(fut).await;
+        }
+    }
+}
+
+async fn await_delivery(fut: rdkafka::producer::DeliveryFuture) {
+    match fut.await {
+        Ok(Ok(_)) => {}
+        Ok(Err((e, _))) => panic!("producing a test record: {e}"),
+        Err(_) => panic!("producing a test record: the producer went away"),
+    }
+}
+
+/// A producer for test data: acks=all, idempotent, so a test's input is exactly what it
+/// produced.
+pub fn producer() -> FutureProducer {
+    client_config()
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "5")
+        .create()
+        .unwrap_or_else(|e| panic!("cannot create a Kafka producer: {e}"))
+}
+
+fn wait_for_leaders(name: &str, partitions: i32) {
+    let consumer: BaseConsumer = client_config()
+        .create()
+        .unwrap_or_else(|e| panic!("cannot create a Kafka client: {e}"));
+    for _ in 0..100 {
+        if let Ok(md) = consumer.fetch_metadata(Some(name), Duration::from_secs(5)) {
+            if let Some(t) = md.topics().iter().find(|t| t.name() == name) {
+                let ready = t.partitions().len() == partitions as usize
+                    && t.partitions().iter().all(|p| p.leader() >= 0);
+                if ready {
+                    return;
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("topic {name} has no leader for all {partitions} partitions after 10 s");
+}
+
+impl Drop for Topic {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        // rdkafka's admin futures are driven by librdkafka's own thread, so any executor
+        // works; a plain thread keeps this safe inside or outside a tokio runtime.
+        let _ = std::thread::spawn(move || {
+            let admin = admin();
+            let _ = futures::executor::block_on(admin.delete_topics(
+                &[name.as_str()],
+                &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
+            ));
+        })
+        .join();
+    }
+}
+
+/// A consumer-group name that belongs to one test.
+pub fn group(prefix: &str) -> String {
+    unique_name(prefix)
+}

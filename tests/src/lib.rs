@@ -1,0 +1,41 @@
+//! Fixtures shared by Sluice's integration and end-to-end tests.
+//!
+//! Every test gets its own Kafka topic, consumer group and Kubernetes namespace, so tests
+//! never share state and can run in parallel. The fixtures talk to the real test bed
+//! (`make env-up`); when it is not reachable they fail with a message that says how to
+//! start it. Nothing is ever skipped silently.
+
+pub mod kafka;
+pub mod kube_env;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+/// A name that is unique across tests and test runs: `<prefix>-<pid>-<counter>-<random>`,
+/// lower case and at most 63 characters, so it is valid as a Kafka topic, a consumer group
+/// and a Kubernetes namespace.
+pub fn unique_name(prefix: &str) -> String {
+    static COUNTER: AtomicU32 = AtomicU32::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let salt: u32 = rand::random::<u32>() % 0x10000;
+    let mut name = format!("{prefix}-{}-{n}-{salt:04x}", std::process::id());
+    name.make_ascii_lowercase();
+    name.truncate(63);
+    name
+}
+
+/// Where the running test bed keeps its state (kubeconfig, logs, pids).
+pub fn state_dir() -> PathBuf {
+    if let Ok(dir) = std::env::var("SLUICE_STATE") {
+        return PathBuf::from(dir);
+    }
+    let cache = std::env::var("SLUICE_CACHE").map(PathBuf::from).unwrap_or_else(|_| {
+        PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| "/root".into()))
+            .join(".cache/sluice")
+    });
+    cache.join("state")
+}
+
+/// The hint every fixture failure ends with.
+pub const START_HINT: &str =
+    "start the test bed with `make env-up` (or run the tests with `make test`, which starts it)";
