@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds kube-apiserver, kube-controller-manager, kube-scheduler, kubelet and kubectl
+# Builds kube-apiserver, kube-controller-manager, kube-scheduler, kubelet, kube-proxy and kubectl
 # from the upstream Go modules into $SLUICE_CACHE/kubernetes/<version>/bin.
 #
 # `go install k8s.io/kubernetes/cmd/...@vX` is refused because k8s.io/kubernetes's go.mod
@@ -9,7 +9,7 @@
 # go/godebug lines are read from the release's own go.mod, so a version bump needs no edits.
 source "$(dirname "$0")/lib.sh"
 
-[[ -x $K8S_BIN/kubelet && -x $K8S_BIN/kube-apiserver && -x $K8S_BIN/kubectl ]] && { log "kubernetes $KUBERNETES_VERSION already built in $K8S_BIN"; exit 0; }
+[[ -x $K8S_BIN/kubelet && -x $K8S_BIN/kube-apiserver && -x $K8S_BIN/kubectl && -x $K8S_BIN/kube-proxy ]] && { log "kubernetes $KUBERNETES_VERSION already built in $K8S_BIN"; exit 0; }
 
 work=$SLUICE_CACHE/build/kubernetes-$KUBERNETES_VERSION
 mkdir -p "$work" "$K8S_BIN"
@@ -45,6 +45,7 @@ import (
 	_ "k8s.io/kubernetes/cmd/kube-scheduler"
 	_ "k8s.io/kubernetes/cmd/kubelet"
 	_ "k8s.io/kubernetes/cmd/kubectl"
+	_ "k8s.io/kubernetes/cmd/kube-proxy"
 )
 GO
 
@@ -64,6 +65,7 @@ CGO_ENABLED=0 go build -trimpath -ldflags "$ldflags" -o "$K8S_BIN/" \
   k8s.io/kubernetes/cmd/kube-controller-manager \
   k8s.io/kubernetes/cmd/kube-scheduler \
   k8s.io/kubernetes/cmd/kubelet \
-  k8s.io/kubernetes/cmd/kubectl
+  k8s.io/kubernetes/cmd/kubectl \
+  k8s.io/kubernetes/cmd/kube-proxy
 "$K8S_BIN/kube-apiserver" --version
 log "kubernetes binaries in $K8S_BIN"

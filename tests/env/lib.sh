@@ -84,3 +84,28 @@ is_running() {
   local pidfile=$SLUICE_STATE/pids/$1.pid
   [[ -f $pidfile ]] && kill -0 "$(cat "$pidfile")" 2>/dev/null
 }
+
+# ensure_bridge: the node's CNI bridge, created up front with the gateway address so the
+# broker's pod listener can bind to it before the first pod exists. The CNI bridge plugin
+# adopts an existing bridge of the configured name.
+ensure_bridge() {
+  if ! ip link show "$BRIDGE_NAME" >/dev/null 2>&1; then
+    log "creating bridge $BRIDGE_NAME ($BRIDGE_GATEWAY/${POD_CIDR#*/})"
+    ip link add "$BRIDGE_NAME" type bridge
+  fi
+  if ! ip -4 addr show dev "$BRIDGE_NAME" | grep -q "inet $BRIDGE_GATEWAY/"; then
+    ip addr add "$BRIDGE_GATEWAY/${POD_CIDR#*/}" dev "$BRIDGE_NAME"
+  fi
+  ip link set "$BRIDGE_NAME" up
+}
+
+# port_open HOST PORT: true when something accepts TCP connections there.
+port_open() { (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null; }
+
+# The node's container runtime: a private containerd (own root, state and socket), so it
+# never collides with a system containerd.
+CONTAINERD_ROOT=/var/lib/sluice/containerd
+CONTAINERD_STATE=/run/sluice/containerd
+CONTAINERD_SOCK=$CONTAINERD_STATE/containerd.sock
+PAUSE_IMAGE=registry.k8s.io/pause:3.10.1
+ctr_k8s() { ctr --address "$CONTAINERD_SOCK" -n k8s.io "$@"; }

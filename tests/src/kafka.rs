@@ -12,13 +12,13 @@ use crate::{START_HINT, unique_name};
 
 /// Bootstrap address of the broker's loopback listener, for clients on the host.
 pub fn bootstrap() -> String {
-    std::env::var("SLUICE_KAFKA_BOOTSTRAP").unwrap_or_else(|_| "127.0.0.1:9092".into())
+    crate::env_value("SLUICE_KAFKA_BOOTSTRAP").unwrap_or_else(|| "127.0.0.1:9092".into())
 }
 
 /// Bootstrap address of the broker's pod listener (on the CNI bridge gateway), for
 /// clients running in pods on the test bed's node.
 pub fn pod_bootstrap() -> String {
-    std::env::var("SLUICE_KAFKA_POD_BOOTSTRAP").unwrap_or_else(|_| "10.88.0.1:9094".into())
+    crate::env_value("SLUICE_KAFKA_POD_BOOTSTRAP").unwrap_or_else(|| "10.88.0.1:9094".into())
 }
 
 /// A client configuration pointing at the test bed's host listener.

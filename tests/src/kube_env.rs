@@ -11,9 +11,9 @@ use crate::{START_HINT, state_dir, unique_name};
 
 /// The kubeconfig of the test bed (`$KUBECONFIG` when set, else the test bed's admin one).
 pub fn kubeconfig_path() -> std::path::PathBuf {
-    std::env::var("KUBECONFIG")
+    crate::env_value("KUBECONFIG")
         .map(Into::into)
-        .unwrap_or_else(|_| state_dir().join("kubeconfig"))
+        .unwrap_or_else(|| state_dir().join("kubeconfig"))
 }
 
 /// A client for the test bed's API server, or a panic that says how to start it.

@@ -36,6 +36,34 @@ pub fn state_dir() -> PathBuf {
     cache.join("state")
 }
 
+/// A test-bed setting: the process environment first, else the `env` file that
+/// `make env-up` writes into the state folder (so plain `cargo test` works too).
+pub fn env_value(key: &str) -> Option<String> {
+    if let Ok(v) = std::env::var(key) {
+        return Some(v);
+    }
+    let text = std::fs::read_to_string(state_dir().join("env")).ok()?;
+    text.lines().find_map(|line| {
+        let (k, v) = line.split_once('=')?;
+        (k == key).then(|| v.trim_matches('"').to_string())
+    })
+}
+
+/// The path of a test-bed tool (`SLUICE_KUBECTL`, `SLUICE_HELM`), or a panic that says
+/// how to get it.
+pub fn tool(key: &str) -> PathBuf {
+    match env_value(key) {
+        Some(path) if std::path::Path::new(&path).is_file() => PathBuf::from(path),
+        Some(path) => panic!("{key}={path} does not exist; {START_HINT}"),
+        None => panic!("{key} is not set and the test bed's env file is missing; {START_HINT}"),
+    }
+}
+
+/// The repository's `tests/env` folder (the test-bed scripts).
+pub fn env_scripts() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("env")
+}
+
 /// The hint every fixture failure ends with.
 pub const START_HINT: &str =
     "start the test bed with `make env-up` (or run the tests with `make test`, which starts it)";

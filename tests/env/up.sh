@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Brings the whole test bed up (idempotent): Kafka, the control plane, the node, helm.
+# Writes $SLUICE_STATE/env (KEY=VALUE lines) that tests and people can source.
+source "$(dirname "$0")/lib.sh"
+here=$(cd "$(dirname "$0")" && pwd)
+[[ $(id -u) == 0 ]] || die "the test bed needs root (it runs a kubelet, containerd and a bridge)"
+
+# Builds first (each is cached and skipped when present); the long one first.
+bash "$here/build-kubernetes.sh"
+bash "$here/build-etcd.sh"
+bash "$here/build-helm.sh"
+
+bash "$here/kafka.sh" up
+bash "$here/control-plane.sh" up
+bash "$here/node.sh" up
+
+cat >"$SLUICE_STATE/env" <<ENV
+KUBECONFIG=$KUBECONFIG_PATH
+SLUICE_KUBECTL=$K8S_BIN/kubectl
+SLUICE_HELM=$HELM_BIN/helm
+SLUICE_KAFKA_BOOTSTRAP=127.0.0.1:$KAFKA_HOST_PORT
+SLUICE_KAFKA_POD_BOOTSTRAP=$BRIDGE_GATEWAY:$KAFKA_POD_PORT
+SLUICE_KAFKA_INFO="$here/kafka.sh info"
+SLUICE_IMAGE="$here/image.sh"
+SLUICE_HOST_IP=$BRIDGE_GATEWAY
+SLUICE_LOGS=$SLUICE_LOGS
+PATH=$K8S_BIN:$HELM_BIN:\$PATH
+ENV
+
+cat <<MSG
+
+Sluice test bed is up.
+  kubectl:      export KUBECONFIG=$KUBECONFIG_PATH PATH=$K8S_BIN:$HELM_BIN:\$PATH
+                (or: set -a; source $SLUICE_STATE/env; set +a)
+  Kafka:        127.0.0.1:$KAFKA_HOST_PORT from the host, $BRIDGE_GATEWAY:$KAFKA_POD_PORT from pods
+  node:         $NODE_NAME (pods on $POD_CIDR, bridge $BRIDGE_NAME)
+  logs:         $SLUICE_LOGS
+  stop:         make env-down
+MSG
