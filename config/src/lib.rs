@@ -1,1 +1,514 @@
-//! The Sluice sidecar configuration (placeholder until the consumer lands).
+//! The Sluice sidecar's configuration file.
+//!
+//! [`SidecarConfig`] is the one type both programs share: the operator serializes it as JSON
+//! into the ConfigMap it mounts into every pod, and the consumer sidecar reads it back at
+//! start-up. Field names are camelCase, unknown fields are rejected, and [`SidecarConfig::validate`]
+//! reports every problem at once, each naming the field, what was wrong and what is allowed.
+//!
+//! [`KafkaConnection`] is the Kafka-connection part; [`KafkaConnection::client_properties`]
+//! turns it into librdkafka properties so any Kafka client (sidecar, operator, tests) connects
+//! the same way.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+mod validate;
+
+pub use validate::{HttpUrl, Problem, ValidationError, check_topic_name};
+
+/// Where the sidecar looks for its configuration when `--config` is not given.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/sluice/config.json";
+
+/// The sidecar's admin port: `/metrics`, `/healthz`, `/readyz` and `/drain`.
+pub const ADMIN_PORT: u16 = 9898;
+
+/// The request header that must carry the drain token on `GET /drain`.
+pub const DRAIN_TOKEN_HEADER: &str = "X-Sluice-Drain-Token";
+
+/// The sidecar configuration file (JSON, camelCase).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SidecarConfig {
+    /// How to reach Kafka and which group to join.
+    pub kafka: KafkaConnection,
+    /// How records are delivered to the application.
+    pub delivery: Delivery,
+    /// Graceful shutdown (SIGTERM, SIGINT, `GET /drain`).
+    #[serde(default)]
+    pub drain: Drain,
+    /// The admin HTTP listener.
+    #[serde(default)]
+    pub admin: Admin,
+    /// How the sidecar decides that the application is up before joining the group.
+    #[serde(default)]
+    pub app: App,
+}
+
+/// Kafka connection and consumer-group membership.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct KafkaConnection {
+    /// Comma-separated `host:port` list.
+    pub bootstrap_servers: String,
+    /// Topics to consume (at least one).
+    pub topics: Vec<String>,
+    /// Consumer group.
+    pub group_id: String,
+    /// Where to start when the group has no committed offset.
+    #[serde(default)]
+    pub start_from: StartFrom,
+    /// Group membership protocol.
+    #[serde(default)]
+    pub protocol: GroupProtocol,
+    /// `session.timeout.ms` (classic protocol only; the broker decides it for `consumer`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_timeout_ms: Option<u32>,
+    /// `heartbeat.interval.ms` (classic protocol only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub heartbeat_interval_ms: Option<u32>,
+    /// `max.poll.interval.ms`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_poll_interval_ms: Option<u32>,
+    /// `queued.max.messages.kbytes`: bound on prefetched data per client, in KiB.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queued_max_messages_kbytes: Option<u32>,
+    /// `fetch.max.bytes`: bound on one fetch response.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fetch_max_bytes: Option<u32>,
+    /// `max.partition.fetch.bytes`: bound on one partition's data in a fetch response.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_partition_fetch_bytes: Option<u32>,
+    /// Authentication and encryption; credentials only from mounted files.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth: Option<Auth>,
+    /// librdkafka properties passed through unchanged. Keys Sluice sets itself are rejected.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub properties: BTreeMap<String, String>,
+}
+
+/// Where a group without a committed offset starts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum StartFrom {
+    #[default]
+    Earliest,
+    Latest,
+}
+
+/// The consumer-group protocol.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum GroupProtocol {
+    /// The classic protocol with the cooperative-sticky assignor.
+    #[default]
+    Classic,
+    /// KIP-848 (`group.protocol=consumer`, Kafka 4.0 and later).
+    Consumer,
+}
+
+/// Authentication: SASL and/or TLS. Secrets are referenced by file path only.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Auth {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sasl: Option<Sasl>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<Tls>,
+}
+
+/// SASL credentials, read from mounted files.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Sasl {
+    pub mechanism: SaslMechanism,
+    pub username_file: PathBuf,
+    pub password_file: PathBuf,
+}
+
+/// Supported SASL mechanisms.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SaslMechanism {
+    #[serde(rename = "PLAIN")]
+    Plain,
+    #[serde(rename = "SCRAM-SHA-256")]
+    ScramSha256,
+    #[serde(rename = "SCRAM-SHA-512")]
+    ScramSha512,
+}
+
+impl SaslMechanism {
+    /// The librdkafka / Kafka name of the mechanism.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SaslMechanism::Plain => "PLAIN",
+            SaslMechanism::ScramSha256 => "SCRAM-SHA-256",
+            SaslMechanism::ScramSha512 => "SCRAM-SHA-512",
+        }
+    }
+}
+
+/// TLS to the brokers. A client certificate needs both `certFile` and `keyFile`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Tls {
+    pub ca_file: PathBuf,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert_file: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<PathBuf>,
+}
+
+/// Delivery to the application.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Delivery {
+    /// `http://<loopback host>:<port>/<path>`: where each record is POSTed.
+    pub url: String,
+    /// Bound on one delivery attempt (request and response).
+    #[serde(default = "default_delivery_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// What is kept in order.
+    #[serde(default)]
+    pub ordering: Ordering,
+    /// Bound on deliveries in flight at once, over all partitions.
+    #[serde(default = "default_max_in_flight")]
+    pub max_in_flight: u32,
+    /// Retries of failed deliveries.
+    #[serde(default)]
+    pub retry: Retry,
+    /// Topic for records that cannot be delivered. Unset: retry forever with the partition
+    /// paused instead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dead_letter_topic: Option<String>,
+    /// How often finished offsets are committed (asynchronously) while running.
+    #[serde(default = "default_commit_interval", with = "humantime_serde")]
+    pub commit_interval: Duration,
+}
+
+/// Delivery ordering.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Ordering {
+    /// One record at a time per partition, in offset order.
+    #[default]
+    Partition,
+    /// One record at a time per key; different keys in parallel.
+    Key,
+    /// No order: up to `maxInFlight` records at once.
+    None,
+}
+
+impl fmt::Display for Ordering {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Ordering::Partition => "partition",
+            Ordering::Key => "key",
+            Ordering::None => "none",
+        })
+    }
+}
+
+/// Retry policy: exponential backoff with jitter from `initialBackoff` up to `maxBackoff`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Retry {
+    /// Attempts in total (the first delivery counts), then dead-letter.
+    #[serde(default = "default_max_attempts")]
+    pub max_attempts: u32,
+    #[serde(default = "default_initial_backoff", with = "humantime_serde")]
+    pub initial_backoff: Duration,
+    #[serde(default = "default_max_backoff", with = "humantime_serde")]
+    pub max_backoff: Duration,
+}
+
+impl Default for Retry {
+    fn default() -> Self {
+        Retry {
+            max_attempts: default_max_attempts(),
+            initial_backoff: default_initial_backoff(),
+            max_backoff: default_max_backoff(),
+        }
+    }
+}
+
+/// Graceful shutdown.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Drain {
+    /// Bound on waiting for in-flight deliveries on drain and on a partition revoke.
+    #[serde(default = "default_drain_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// File holding the token `GET /drain` must send in `X-Sluice-Drain-Token`. Unset: `/drain`
+    /// refuses every request (signals still drain).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_file: Option<PathBuf>,
+}
+
+impl Default for Drain {
+    fn default() -> Self {
+        Drain { timeout: default_drain_timeout(), token_file: None }
+    }
+}
+
+/// The admin HTTP listener.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Admin {
+    /// Listen address; on the pod network so the kubelet can call `/drain`.
+    #[serde(default = "default_admin_listen")]
+    pub listen: SocketAddr,
+}
+
+impl Default for Admin {
+    fn default() -> Self {
+        Admin { listen: default_admin_listen() }
+    }
+}
+
+/// How the sidecar learns that the application is up.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct App {
+    /// An `http://` URL that answers 2xx when the application is ready. Unset: a TCP connect
+    /// to the delivery URL's host and port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub readiness_url: Option<String>,
+}
+
+fn default_delivery_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_max_in_flight() -> u32 {
+    64
+}
+fn default_max_attempts() -> u32 {
+    5
+}
+fn default_initial_backoff() -> Duration {
+    Duration::from_millis(200)
+}
+fn default_max_backoff() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_commit_interval() -> Duration {
+    Duration::from_millis(500)
+}
+fn default_drain_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_admin_listen() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], ADMIN_PORT))
+}
+
+/// A configuration file that could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("cannot read the configuration file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("the configuration file {path} is not a valid Sluice sidecar configuration: {source}")]
+    Parse { path: PathBuf, source: serde_json::Error },
+    #[error("the configuration file {path} is invalid:\n{source}")]
+    Invalid { path: PathBuf, source: ValidationError },
+}
+
+impl SidecarConfig {
+    /// Parses a configuration from JSON text (no validation).
+    pub fn from_json(text: &str) -> Result<SidecarConfig, serde_json::Error> {
+        serde_json::from_str(text)
+    }
+
+    /// Reads, parses and validates the configuration file at `path`.
+    pub fn load(path: &Path) -> Result<SidecarConfig, LoadError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| LoadError::Read { path: path.to_owned(), source })?;
+        let config = Self::from_json(&text)
+            .map_err(|source| LoadError::Parse { path: path.to_owned(), source })?;
+        config
+            .validate()
+            .map_err(|source| LoadError::Invalid { path: path.to_owned(), source })?;
+        Ok(config)
+    }
+
+    /// Renders the configuration as the JSON the sidecar reads.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).expect("the sidecar configuration always serializes")
+    }
+}
+
+/// A credential file that could not be read.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot read {field} from {path}: {reason}")]
+pub struct CredentialError {
+    pub field: &'static str,
+    pub path: PathBuf,
+    pub reason: String,
+}
+
+/// Reads a secret from a mounted file: trailing newlines are dropped, an empty file is an error.
+pub fn read_secret_file(field: &'static str, path: &Path) -> Result<String, CredentialError> {
+    let text = std::fs::read_to_string(path).map_err(|e| CredentialError {
+        field,
+        path: path.to_owned(),
+        reason: e.to_string(),
+    })?;
+    let value = text.trim_end_matches(['\n', '\r']).to_owned();
+    if value.is_empty() {
+        return Err(CredentialError { field, path: path.to_owned(), reason: "the file is empty".into() });
+    }
+    Ok(value)
+}
+
+impl KafkaConnection {
+    /// A minimal connection: the given servers, topics and group with every default.
+    pub fn new(bootstrap_servers: impl Into<String>, topics: Vec<String>, group_id: impl Into<String>) -> Self {
+        KafkaConnection {
+            bootstrap_servers: bootstrap_servers.into(),
+            topics,
+            group_id: group_id.into(),
+            start_from: StartFrom::default(),
+            protocol: GroupProtocol::default(),
+            session_timeout_ms: None,
+            heartbeat_interval_ms: None,
+            max_poll_interval_ms: None,
+            queued_max_messages_kbytes: None,
+            fetch_max_bytes: None,
+            max_partition_fetch_bytes: None,
+            auth: None,
+            properties: BTreeMap::new(),
+        }
+    }
+
+    /// Properties every client of this cluster needs: bootstrap servers, security protocol and
+    /// credentials (read from their files now), then the pass-through properties.
+    pub fn client_properties(&self) -> Result<BTreeMap<String, String>, CredentialError> {
+        let mut props = BTreeMap::new();
+        props.insert("bootstrap.servers".to_owned(), self.bootstrap_servers.clone());
+        let (sasl, tls) = match &self.auth {
+            Some(auth) => (auth.sasl.as_ref(), auth.tls.as_ref()),
+            None => (None, None),
+        };
+        let protocol = match (sasl.is_some(), tls.is_some()) {
+            (false, false) => "plaintext",
+            (false, true) => "ssl",
+            (true, false) => "sasl_plaintext",
+            (true, true) => "sasl_ssl",
+        };
+        props.insert("security.protocol".to_owned(), protocol.to_owned());
+        if let Some(sasl) = sasl {
+            props.insert("sasl.mechanism".to_owned(), sasl.mechanism.as_str().to_owned());
+            props.insert(
+                "sasl.username".to_owned(),
+                read_secret_file("kafka.auth.sasl.usernameFile", &sasl.username_file)?,
+            );
+            props.insert(
+                "sasl.password".to_owned(),
+                read_secret_file("kafka.auth.sasl.passwordFile", &sasl.password_file)?,
+            );
+        }
+        if let Some(tls) = tls {
+            props.insert("ssl.ca.location".to_owned(), tls.ca_file.display().to_string());
+            if let Some(cert) = &tls.cert_file {
+                props.insert("ssl.certificate.location".to_owned(), cert.display().to_string());
+            }
+            if let Some(key) = &tls.key_file {
+                props.insert("ssl.key.location".to_owned(), key.display().to_string());
+            }
+        }
+        for (k, v) in &self.properties {
+            props.insert(k.clone(), v.clone());
+        }
+        Ok(props)
+    }
+
+    /// The consumer's properties: [`Self::client_properties`] plus group membership, offsets
+    /// under Sluice's control (no auto-commit, no auto-store) and the memory bounds.
+    pub fn consumer_properties(&self) -> Result<BTreeMap<String, String>, CredentialError> {
+        let mut props = self.client_properties()?;
+        let mut set = |k: &str, v: String| {
+            props.insert(k.to_owned(), v);
+        };
+        set("group.id", self.group_id.clone());
+        set("enable.auto.commit", "false".into());
+        set("enable.auto.offset.store", "false".into());
+        set("enable.partition.eof", "false".into());
+        set(
+            "auto.offset.reset",
+            match self.start_from {
+                StartFrom::Earliest => "earliest",
+                StartFrom::Latest => "latest",
+            }
+            .into(),
+        );
+        match self.protocol {
+            GroupProtocol::Classic => {
+                set("group.protocol", "classic".into());
+                set("partition.assignment.strategy", "cooperative-sticky".into());
+                if let Some(v) = self.session_timeout_ms {
+                    set("session.timeout.ms", v.to_string());
+                }
+                if let Some(v) = self.heartbeat_interval_ms {
+                    set("heartbeat.interval.ms", v.to_string());
+                }
+            }
+            GroupProtocol::Consumer => set("group.protocol", "consumer".into()),
+        }
+        if let Some(v) = self.max_poll_interval_ms {
+            set("max.poll.interval.ms", v.to_string());
+        }
+        if let Some(v) = self.queued_max_messages_kbytes {
+            set("queued.max.messages.kbytes", v.to_string());
+        }
+        if let Some(v) = self.fetch_max_bytes {
+            set("fetch.max.bytes", v.to_string());
+        }
+        if let Some(v) = self.max_partition_fetch_bytes {
+            set("max.partition.fetch.bytes", v.to_string());
+        }
+        Ok(props)
+    }
+}
+
+/// librdkafka properties Sluice sets itself; `kafka.properties` must not contain them.
+pub const OWNED_PROPERTIES: &[(&str, &str)] = &[
+    ("bootstrap.servers", "kafka.bootstrapServers"),
+    ("metadata.broker.list", "kafka.bootstrapServers"),
+    ("group.id", "kafka.groupId"),
+    ("group.instance.id", "nothing: static membership would stop drain from leaving the group"),
+    ("group.protocol", "kafka.protocol"),
+    ("partition.assignment.strategy", "kafka.protocol"),
+    ("group.remote.assignor", "kafka.protocol"),
+    ("auto.offset.reset", "kafka.startFrom"),
+    ("enable.auto.commit", "nothing: Sluice commits only finished offsets"),
+    ("enable.auto.offset.store", "nothing: Sluice stores only finished offsets"),
+    ("auto.commit.interval.ms", "delivery.commitInterval"),
+    ("enable.partition.eof", "nothing"),
+    ("session.timeout.ms", "kafka.sessionTimeoutMs"),
+    ("heartbeat.interval.ms", "kafka.heartbeatIntervalMs"),
+    ("max.poll.interval.ms", "kafka.maxPollIntervalMs"),
+    ("queued.max.messages.kbytes", "kafka.queuedMaxMessagesKbytes"),
+    ("fetch.max.bytes", "kafka.fetchMaxBytes"),
+    ("max.partition.fetch.bytes", "kafka.maxPartitionFetchBytes"),
+    ("security.protocol", "kafka.auth"),
+    ("sasl.mechanism", "kafka.auth.sasl.mechanism"),
+    ("sasl.mechanisms", "kafka.auth.sasl.mechanism"),
+    ("sasl.username", "kafka.auth.sasl.usernameFile"),
+    ("sasl.password", "kafka.auth.sasl.passwordFile"),
+    ("ssl.ca.location", "kafka.auth.tls.caFile"),
+    ("ssl.ca.pem", "kafka.auth.tls.caFile"),
+    ("ssl.certificate.location", "kafka.auth.tls.certFile"),
+    ("ssl.certificate.pem", "kafka.auth.tls.certFile"),
+    ("ssl.key.location", "kafka.auth.tls.keyFile"),
+    ("ssl.key.pem", "kafka.auth.tls.keyFile"),
+    ("ssl.key.password", "kafka.auth.tls.keyFile (use an unencrypted key)"),
+    ("enable.idempotence", "nothing: the dead-letter producer is always idempotent"),
+    ("acks", "nothing: the dead-letter producer always uses acks=all"),
+    ("request.required.acks", "nothing: the dead-letter producer always uses acks=all"),
+];
+
+#[cfg(test)]
+mod tests;

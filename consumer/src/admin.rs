@@ -1,0 +1,158 @@
+//! The admin HTTP listener: `/metrics`, `/healthz`, `/readyz`, `/drain`.
+//!
+//! It listens on the pod network because the kubelet calls `/drain` (a preStop httpGet hook)
+//! from the node against the pod IP; `/drain` therefore refuses any request without the
+//! per-consumer token in `X-Sluice-Drain-Token`.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use sluice_config::DRAIN_TOKEN_HEADER;
+use tracing::{info, warn};
+
+use crate::metrics::Metrics;
+use crate::sidecar::{DrainControl, Readiness};
+
+#[derive(Clone)]
+pub struct AdminState {
+    pub metrics: Arc<Metrics>,
+    pub readiness: Arc<Readiness>,
+    pub drain: DrainControl,
+    /// The drain token; `None` disables `/drain`.
+    pub drain_token: Option<Arc<str>>,
+}
+
+pub fn router(state: AdminState) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/drain", get(drain))
+        .with_state(state)
+}
+
+async fn metrics(State(s): State<AdminState>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        s.metrics.encode(),
+    )
+        .into_response()
+}
+
+async fn readyz(State(s): State<AdminState>) -> (StatusCode, &'static str) {
+    if s.drain.is_requested() {
+        (StatusCode::SERVICE_UNAVAILABLE, "draining\n")
+    } else if s.readiness.is_ready() {
+        (StatusCode::OK, "ready\n")
+    } else if !s.readiness.app_reachable.load(std::sync::atomic::Ordering::SeqCst) {
+        (StatusCode::SERVICE_UNAVAILABLE, "waiting for the application\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "consumer not started\n")
+    }
+}
+
+/// Compares without an early exit, so the token cannot be guessed byte by byte from timing.
+fn token_matches(given: &[u8], expected: &[u8]) -> bool {
+    given.len() == expected.len() && given.iter().zip(expected).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+}
+
+async fn drain(State(s): State<AdminState>, headers: HeaderMap) -> (StatusCode, String) {
+    let Some(expected) = &s.drain_token else {
+        return (StatusCode::FORBIDDEN, "drain is disabled: no drain.tokenFile is configured\n".into());
+    };
+    let Some(given) = headers.get(DRAIN_TOKEN_HEADER) else {
+        warn!("/drain refused: no drain token");
+        return (StatusCode::UNAUTHORIZED, format!("missing {DRAIN_TOKEN_HEADER} header\n"));
+    };
+    if !token_matches(given.as_bytes(), expected.as_bytes()) {
+        warn!("/drain refused: wrong drain token");
+        return (StatusCode::FORBIDDEN, "wrong drain token\n".into());
+    }
+    if !s.drain.is_requested() {
+        info!("drain requested over HTTP");
+    }
+    s.drain.request();
+    let summary = s.drain.wait_done().await;
+    (StatusCode::OK, format!("{summary}\n"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_comparison() {
+        assert!(token_matches(b"abc", b"abc"));
+        assert!(!token_matches(b"abd", b"abc"));
+        assert!(!token_matches(b"ab", b"abc"));
+        assert!(!token_matches(b"", b"abc"));
+    }
+
+    async fn call(state: AdminState, path: &str, token: Option<&str>) -> (StatusCode, String) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move { axum::serve(listener, router(state)).await });
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let token = token.map(|t| format!("{DRAIN_TOKEN_HEADER}: {t}\r\n")).unwrap_or_default();
+        let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\n{token}Connection: close\r\n\r\n");
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        stream.write_all(req.as_bytes()).await.unwrap();
+        let mut resp = String::new();
+        stream.read_to_string(&mut resp).await.unwrap();
+        server.abort();
+        let status: u16 = resp[9..12].parse().unwrap();
+        let body = resp.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned();
+        (StatusCode::from_u16(status).unwrap(), body)
+    }
+
+    fn state(token: Option<&str>) -> AdminState {
+        AdminState {
+            metrics: Arc::new(Metrics::new()),
+            readiness: Arc::new(Readiness::default()),
+            drain: DrainControl::new(),
+            drain_token: token.map(Arc::from),
+        }
+    }
+
+    #[tokio::test]
+    async fn drain_requires_the_token_and_is_idempotent() {
+        let s = state(Some("t0ken"));
+        assert_eq!(call(s.clone(), "/drain", None).await.0, StatusCode::UNAUTHORIZED);
+        assert_eq!(call(s.clone(), "/drain", Some("wrong")).await.0, StatusCode::FORBIDDEN);
+        assert!(!s.drain.is_requested(), "refused requests must not start a drain");
+        let pipeline = s.drain.clone();
+        tokio::spawn(async move {
+            pipeline.token().cancelled().await;
+            pipeline.finish("drained in 1ms".into());
+        });
+        let (status, body) = call(s.clone(), "/drain", Some("t0ken")).await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(body.contains("drained in 1ms"), "{body}");
+        let (status, body) = call(s.clone(), "/drain", Some("t0ken")).await;
+        assert_eq!((status, body.trim()), (StatusCode::OK, "drained in 1ms"), "a second drain answers at once");
+        let disabled = state(None);
+        assert_eq!(call(disabled.clone(), "/drain", Some("x")).await.0, StatusCode::FORBIDDEN);
+        assert!(!disabled.drain.is_requested());
+    }
+
+    #[tokio::test]
+    async fn health_readiness_and_metrics() {
+        let s = state(None);
+        assert_eq!(call(s.clone(), "/healthz", None).await, (StatusCode::OK, "ok\n".into()));
+        let (status, body) = call(s.clone(), "/readyz", None).await;
+        assert_eq!((status, body.as_str()), (StatusCode::SERVICE_UNAVAILABLE, "waiting for the application\n"));
+        s.readiness.app_reachable.store(true, std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(call(s.clone(), "/readyz", None).await.0, StatusCode::SERVICE_UNAVAILABLE);
+        s.readiness.consuming.store(true, std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(call(s.clone(), "/readyz", None).await.0, StatusCode::OK);
+        s.drain.request();
+        assert_eq!(call(s.clone(), "/readyz", None).await, (StatusCode::SERVICE_UNAVAILABLE, "draining\n".into()));
+        let (status, body) = call(s.clone(), "/metrics", None).await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(body.contains("sluice_records_consumed_total"), "{body}");
+    }
+}

@@ -1,0 +1,230 @@
+//! The `sluice-consumer` command line: configuration file plus flags (each with an env var).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, ValueEnum};
+use sluice_config::{DEFAULT_CONFIG_PATH, SidecarConfig, read_secret_file};
+use tracing::{error, info};
+use tracing_subscriber::EnvFilter;
+
+use crate::admin::{self, AdminState};
+use crate::metrics::Metrics;
+use crate::sidecar::{self, DrainControl, Readiness};
+
+/// The Sluice consumer sidecar: consumes Kafka records and delivers them to the application
+/// over HTTP on localhost.
+#[derive(Debug, Parser)]
+#[command(name = "sluice-consumer", version)]
+pub struct Cli {
+    /// The configuration file (JSON; the ConfigMap the operator mounts).
+    #[arg(long, env = "SLUICE_CONFIG", default_value = DEFAULT_CONFIG_PATH)]
+    pub config: PathBuf,
+    /// Overrides admin.listen.
+    #[arg(long, env = "SLUICE_ADMIN_LISTEN")]
+    pub admin_listen: Option<SocketAddr>,
+    /// Overrides kafka.bootstrapServers.
+    #[arg(long, env = "SLUICE_BOOTSTRAP_SERVERS")]
+    pub bootstrap_servers: Option<String>,
+    /// Log filter (tracing EnvFilter syntax), e.g. `info` or `sluice_consumer=debug`.
+    #[arg(long, env = "SLUICE_LOG", default_value = "info")]
+    pub log: String,
+    /// Log format.
+    #[arg(long, env = "SLUICE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Json)]
+    pub log_format: LogFormat,
+    /// Tokio worker threads.
+    #[arg(long, env = "SLUICE_WORKER_THREADS", default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub worker_threads: u16,
+    /// Validate the configuration and exit.
+    #[arg(long)]
+    pub check_config: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Json,
+    Text,
+}
+
+fn init_logging(cli: &Cli) -> Result<(), String> {
+    let filter = EnvFilter::try_new(&cli.log).map_err(|e| format!("invalid --log {:?}: {e}", cli.log))?;
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).init(),
+        LogFormat::Text => builder.init(),
+    }
+    Ok(())
+}
+
+/// Loads the configuration file and applies the flag overrides, then validates.
+pub fn load_config(cli: &Cli) -> Result<SidecarConfig, String> {
+    let text = std::fs::read_to_string(&cli.config)
+        .map_err(|e| format!("cannot read the configuration file {}: {e}", cli.config.display()))?;
+    let mut config = SidecarConfig::from_json(&text)
+        .map_err(|e| format!("the configuration file {} is not a valid Sluice sidecar configuration: {e}", cli.config.display()))?;
+    if let Some(listen) = cli.admin_listen {
+        config.admin.listen = listen;
+    }
+    if let Some(servers) = &cli.bootstrap_servers {
+        config.kafka.bootstrap_servers = servers.clone();
+    }
+    config
+        .validate()
+        .map_err(|e| format!("the configuration ({} plus flags) is invalid:\n{e}", cli.config.display()))?;
+    Ok(config)
+}
+
+/// The binary's entry point.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Err(e) = init_logging(&cli) {
+        eprintln!("sluice-consumer: {e}");
+        return ExitCode::from(2);
+    }
+    let config = match load_config(&cli) {
+        Ok(c) => c,
+        Err(e) => {
+            error!("{e}");
+            eprintln!("sluice-consumer: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let token = match &config.drain.token_file {
+        Some(path) => match read_secret_file("drain.tokenFile", path) {
+            Ok(t) => Some(Arc::<str>::from(t)),
+            Err(e) => {
+                error!("{e}");
+                eprintln!("sluice-consumer: {e}");
+                return ExitCode::from(2);
+            }
+        },
+        None => None,
+    };
+    if let Err(e) = config.kafka.client_properties() {
+        error!("{e}");
+        eprintln!("sluice-consumer: {e}");
+        return ExitCode::from(2);
+    }
+    if cli.check_config {
+        println!("configuration {} is valid", cli.config.display());
+        return ExitCode::SUCCESS;
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(cli.worker_threads.into())
+        .thread_name("sluice-worker")
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            error!(error = %e, "cannot start the async runtime");
+            return ExitCode::from(1);
+        }
+    };
+    let code = runtime.block_on(run(config, token));
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    code
+}
+
+async fn run(config: SidecarConfig, drain_token: Option<Arc<str>>) -> ExitCode {
+    let metrics = Arc::new(Metrics::new());
+    let readiness = Arc::new(Readiness::default());
+    let drain = DrainControl::new();
+    let listener = match tokio::net::TcpListener::bind(config.admin.listen).await {
+        Ok(l) => l,
+        Err(e) => {
+            error!(listen = %config.admin.listen, error = %e, "cannot listen on the admin address");
+            return ExitCode::from(1);
+        }
+    };
+    info!(listen = %config.admin.listen, "admin endpoint listening");
+    let state = AdminState { metrics: metrics.clone(), readiness: readiness.clone(), drain: drain.clone(), drain_token };
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, admin::router(state)).await {
+            error!(error = %e, "the admin endpoint failed");
+        }
+    });
+
+    let signalled = tokio_util::sync::CancellationToken::new();
+    {
+        let drain = drain.clone();
+        let signalled = signalled.clone();
+        tokio::spawn(async move {
+            use tokio::signal::unix::{SignalKind, signal};
+            let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+                error!("cannot install signal handlers");
+                return;
+            };
+            loop {
+                let name = tokio::select! {
+                    _ = term.recv() => "SIGTERM",
+                    _ = int.recv() => "SIGINT",
+                };
+                info!(signal = name, "signal received: draining");
+                signalled.cancel();
+                drain.request();
+            }
+        });
+    }
+
+    let result = sidecar::run(config, drain.clone(), readiness, metrics).await;
+    if let Err(e) = result {
+        error!(error = format!("{e:#}"), "the sidecar failed");
+        drain.finish(format!("failed: {e:#}"));
+        return ExitCode::from(1);
+    }
+    // Drained (by a signal or /drain). After /drain, stay up, serving health and metrics,
+    // until the container is told to stop.
+    signalled.cancelled().await;
+    info!("exiting");
+    ExitCode::SUCCESS
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn defaults_and_overrides() {
+        let cli = Cli::try_parse_from(["sluice-consumer"]).unwrap();
+        assert_eq!(cli.config, PathBuf::from("/etc/sluice/config.json"));
+        assert_eq!(cli.log_format, LogFormat::Json);
+        let dir = std::env::temp_dir().join(format!("sluice-cli-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("c.json");
+        std::fs::write(
+            &path,
+            r#"{"kafka": {"bootstrapServers": "k:9092", "topics": ["t"], "groupId": "g"}, "delivery": {"url": "http://127.0.0.1:8080/"}}"#,
+        )
+        .unwrap();
+        let cli = Cli::try_parse_from([
+            "sluice-consumer",
+            "--config",
+            path.to_str().unwrap(),
+            "--admin-listen",
+            "127.0.0.1:19898",
+            "--bootstrap-servers",
+            "other:9093",
+        ])
+        .unwrap();
+        let config = load_config(&cli).unwrap();
+        assert_eq!(config.admin.listen.to_string(), "127.0.0.1:19898");
+        assert_eq!(config.kafka.bootstrap_servers, "other:9093");
+        let cli = Cli::try_parse_from(["sluice-consumer", "--config", path.to_str().unwrap(), "--bootstrap-servers", "nope"]).unwrap();
+        let err = load_config(&cli).unwrap_err();
+        assert!(err.contains("kafka.bootstrapServers") && err.contains("has no port"), "{err}");
+        let cli = Cli::try_parse_from(["sluice-consumer", "--config", "/nonexistent/sluice.json"]).unwrap();
+        assert!(load_config(&cli).unwrap_err().contains("/nonexistent/sluice.json"));
+        assert!(Cli::try_parse_from(["sluice-consumer", "--worker-threads", "0"]).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

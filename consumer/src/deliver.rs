@@ -1,0 +1,349 @@
+//! Delivery of one record: HTTP attempts with retries, then the dead-letter topic.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use http::Request;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use rdkafka::ClientConfig;
+use rdkafka::error::KafkaError;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use tokio::sync::mpsc::UnboundedSender;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, warn};
+
+use crate::cloudevents::request_headers;
+use crate::metrics::{Metrics, OutcomeLabel, ReasonLabel};
+use crate::policy::{AttemptResult, Backoff, Next, OUTCOME_HEADER, Verdict, classify, next_step};
+use crate::record::{Record, Tp};
+
+/// How a record's delivery ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Delivered,
+    Skipped,
+    DeadLettered,
+    /// Given up because its partition was revoked or the sidecar is draining: not finished,
+    /// so its offset is not committed and the next owner delivers it again.
+    Abandoned,
+}
+
+/// What delivery tasks tell the dispatcher.
+#[derive(Debug)]
+pub enum TaskEvent {
+    Done { tp: Tp, epoch: u64, offset: i64, key: Option<Bytes>, outcome: Outcome },
+    /// The record cannot currently be finished (dead-letter topic unwritable, or no
+    /// dead-letter topic): its partition pauses until `blocked: false`.
+    Blocked { tp: Tp, epoch: u64, blocked: bool },
+}
+
+/// Header names of a dead-lettered record (added to its original headers).
+pub mod dlq_headers {
+    pub const REASON: &str = "sluice-dlq-reason";
+    pub const DETAIL: &str = "sluice-dlq-detail";
+    pub const TOPIC: &str = "sluice-dlq-topic";
+    pub const PARTITION: &str = "sluice-dlq-partition";
+    pub const OFFSET: &str = "sluice-dlq-offset";
+    pub const ATTEMPTS: &str = "sluice-dlq-attempts";
+    pub const GROUP: &str = "sluice-dlq-group";
+    pub const TIMESTAMP: &str = "sluice-dlq-original-timestamp";
+}
+
+/// Writes records to the dead-letter topic with an idempotent, acks=all producer.
+pub struct DeadLetterWriter {
+    config: ClientConfig,
+    producer: Mutex<FutureProducer>,
+    topic: String,
+    group: String,
+}
+
+impl DeadLetterWriter {
+    pub fn new(mut config: ClientConfig, topic: String, group: String) -> Result<Self, KafkaError> {
+        config
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", "5")
+            .set("message.timeout.ms", "10000")
+            // A missing topic fails the write after 2 s (then it is retried) instead of 30 s.
+            .set("topic.metadata.propagation.max.ms", "2000");
+        let producer = config.create()?;
+        Ok(DeadLetterWriter { config, producer: Mutex::new(producer), topic, group })
+    }
+
+    fn producer(&self) -> FutureProducer {
+        let mut guard = self.producer.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((code, reason)) = guard.client().fatal_error() {
+            warn!(%code, %reason, "the dead-letter producer hit a fatal error; creating a new one");
+            match self.config.create::<FutureProducer>() {
+                Ok(p) => *guard = p,
+                Err(e) => error!(error = %e, "cannot create a new dead-letter producer"),
+            }
+        }
+        guard.clone()
+    }
+
+    /// Writes `record` with its key, value and headers plus the `sluice-dlq-*` headers, and
+    /// returns once the broker acknowledged it.
+    pub async fn write(&self, record: &Record, reason: &str, detail: &str, attempts: u32) -> Result<(), KafkaError> {
+        let mut headers = OwnedHeaders::new_with_capacity(record.headers.len() + 8);
+        for (k, v) in &record.headers {
+            headers = headers.insert(Header { key: k, value: v.as_deref() });
+        }
+        let partition = record.tp.partition.to_string();
+        let offset = record.offset.to_string();
+        let attempts = attempts.to_string();
+        let timestamp = record.timestamp_ms.map(|t| t.to_string());
+        let mut extra: Vec<(&str, &str)> = vec![
+            (dlq_headers::REASON, reason),
+            (dlq_headers::DETAIL, detail),
+            (dlq_headers::TOPIC, &record.tp.topic),
+            (dlq_headers::PARTITION, &partition),
+            (dlq_headers::OFFSET, &offset),
+            (dlq_headers::ATTEMPTS, &attempts),
+            (dlq_headers::GROUP, &self.group),
+        ];
+        if let Some(ts) = &timestamp {
+            extra.push((dlq_headers::TIMESTAMP, ts));
+        }
+        for (k, v) in extra {
+            headers = headers.insert(Header { key: k, value: Some(v) });
+        }
+        let mut fr: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&self.topic).headers(headers);
+        if let Some(k) = &record.key {
+            fr = fr.key(k.as_ref());
+        }
+        if let Some(v) = &record.value {
+            fr = fr.payload(v.as_ref());
+        }
+        let producer = self.producer();
+        producer.send(fr, Duration::from_secs(5)).await.map(|_| ()).map_err(|(e, _)| e)
+    }
+
+    /// Waits (bounded) for queued dead-letter writes on shutdown.
+    pub fn flush(&self, timeout: Duration) {
+        let producer = self.producer();
+        if let Err(e) = producer.flush(timeout) {
+            warn!(error = %e, "flushing the dead-letter producer");
+        }
+    }
+}
+
+/// Delivers records over HTTP/1.1 keep-alive.
+pub struct Deliverer {
+    client: Client<HttpConnector, Full<Bytes>>,
+    uri: http::Uri,
+    timeout: Duration,
+    max_attempts: u32,
+    backoff: Backoff,
+    dead_letter: Option<DeadLetterWriter>,
+    metrics: Arc<Metrics>,
+    events: UnboundedSender<TaskEvent>,
+}
+
+/// A hyper client for the application on localhost: keep-alive, no Nagle.
+pub fn http_client(max_idle: usize) -> Client<HttpConnector, Full<Bytes>> {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    connector.set_connect_timeout(Some(Duration::from_secs(2)));
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(30))
+        .pool_max_idle_per_host(max_idle)
+        .build(connector)
+}
+
+impl Deliverer {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        uri: http::Uri,
+        timeout: Duration,
+        max_attempts: u32,
+        backoff: Backoff,
+        max_in_flight: usize,
+        dead_letter: Option<DeadLetterWriter>,
+        metrics: Arc<Metrics>,
+        events: UnboundedSender<TaskEvent>,
+    ) -> Self {
+        Deliverer {
+            client: http_client(max_in_flight),
+            uri,
+            timeout,
+            max_attempts,
+            backoff,
+            dead_letter,
+            metrics,
+            events,
+        }
+    }
+
+    pub fn dead_letter(&self) -> Option<&DeadLetterWriter> {
+        self.dead_letter.as_ref()
+    }
+
+    /// Delivers one record to the end and reports the outcome to the dispatcher.
+    pub async fn run(self: Arc<Self>, record: Record, epoch: u64, cancel: CancellationToken) {
+        let mut blocked = false;
+        let outcome = self.deliver(&record, epoch, &cancel, &mut blocked).await;
+        if blocked {
+            let _ = self.events.send(TaskEvent::Blocked { tp: record.tp.clone(), epoch, blocked: false });
+        }
+        let _ = self.events.send(TaskEvent::Done {
+            tp: record.tp,
+            epoch,
+            offset: record.offset,
+            key: record.key,
+            outcome,
+        });
+    }
+
+    fn set_blocked(&self, tp: &Tp, epoch: u64, blocked: &mut bool) {
+        if !*blocked {
+            *blocked = true;
+            let _ = self.events.send(TaskEvent::Blocked { tp: tp.clone(), epoch, blocked: true });
+        }
+    }
+
+    async fn deliver(&self, rec: &Record, epoch: u64, cancel: &CancellationToken, blocked: &mut bool) -> Outcome {
+        let mut sent = 0u32;
+        let mut failures = 0u32;
+        loop {
+            if cancel.is_cancelled() {
+                return Outcome::Abandoned;
+            }
+            sent += 1;
+            let result = self.attempt(rec, sent).await;
+            let verdict = classify(&result, SystemTime::now());
+            if matches!(verdict, Verdict::Retry { counts: true, .. }) {
+                failures += 1;
+            }
+            let step = next_step(&verdict, failures, self.max_attempts, &self.backoff, rand::random::<f64>());
+            match step {
+                None => {
+                    let outcome = if verdict == Verdict::Skipped { "skipped" } else { "delivered" };
+                    self.metrics.records_finished.get_or_create(&OutcomeLabel { outcome }).inc();
+                    return if verdict == Verdict::Skipped { Outcome::Skipped } else { Outcome::Delivered };
+                }
+                Some(Next::RetryAfter(delay)) => {
+                    if let Verdict::Retry { reason, detail, .. } = &verdict {
+                        self.metrics.retries.get_or_create(&ReasonLabel { reason }).inc();
+                        debug!(tp = %rec.tp, offset = rec.offset, attempt = sent, %detail, ?delay, "retrying delivery");
+                    }
+                    if !sleep_unless_cancelled(delay, cancel).await {
+                        return Outcome::Abandoned;
+                    }
+                }
+                Some(Next::DeadLetter { reason, detail }) => {
+                    let Some(writer) = &self.dead_letter else {
+                        // No dead-letter topic: never skip. Park the partition and keep trying.
+                        self.set_blocked(&rec.tp, epoch, blocked);
+                        self.metrics.retries.get_or_create(&ReasonLabel { reason: "no_dead_letter_topic" }).inc();
+                        warn!(tp = %rec.tp, offset = rec.offset, %detail, "record cannot be delivered and there is no dead-letter topic; retrying with the partition paused");
+                        if !sleep_unless_cancelled(self.backoff.max, cancel).await {
+                            return Outcome::Abandoned;
+                        }
+                        failures = 0;
+                        continue;
+                    };
+                    return self.write_dead_letter(writer, rec, reason, &detail, sent, epoch, cancel, blocked).await;
+                }
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn write_dead_letter(
+        &self,
+        writer: &DeadLetterWriter,
+        rec: &Record,
+        reason: &'static str,
+        detail: &str,
+        attempts: u32,
+        epoch: u64,
+        cancel: &CancellationToken,
+        blocked: &mut bool,
+    ) -> Outcome {
+        let mut failures = 0u32;
+        loop {
+            match writer.write(rec, reason, detail, attempts).await {
+                Ok(()) => {
+                    self.metrics.dead_lettered.get_or_create(&ReasonLabel { reason }).inc();
+                    self.metrics.records_finished.get_or_create(&OutcomeLabel { outcome: "dead_lettered" }).inc();
+                    warn!(tp = %rec.tp, offset = rec.offset, reason, %detail, attempts, "record dead-lettered");
+                    return Outcome::DeadLettered;
+                }
+                Err(e) => {
+                    failures += 1;
+                    self.metrics.dead_letter_failures.inc();
+                    error!(tp = %rec.tp, offset = rec.offset, error = %e, "cannot write to the dead-letter topic; the partition pauses and the write is retried");
+                    self.set_blocked(&rec.tp, epoch, blocked);
+                    let delay = self.backoff.delay(failures, rand::random::<f64>());
+                    if !sleep_unless_cancelled(delay, cancel).await {
+                        return Outcome::Abandoned;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn attempt(&self, rec: &Record, attempt: u32) -> AttemptResult {
+        let body = Full::new(rec.value.clone().unwrap_or_default());
+        let mut req = Request::post(self.uri.clone()).body(body).expect("a POST to a valid URI is a valid request");
+        *req.headers_mut() = request_headers(rec, attempt);
+        let started = Instant::now();
+        let exchange = async {
+            let resp = self.client.request(req).await.map_err(|e| error_chain(&e))?;
+            let header = |name: &str| resp.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
+            let result = AttemptResult::Response {
+                status: resp.status().as_u16(),
+                retry_after: header("retry-after"),
+                outcome: header(OUTCOME_HEADER),
+            };
+            // Read the whole body so the connection goes back to the pool.
+            let mut body = resp.into_body();
+            while let Some(frame) = body.frame().await {
+                frame.map_err(|e| error_chain(&e))?;
+            }
+            Ok::<_, String>(result)
+        };
+        let result = match tokio::time::timeout(self.timeout, exchange).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => AttemptResult::ConnectionError(e),
+            Err(_) => AttemptResult::Timeout,
+        };
+        self.metrics.delivery_duration.observe(started.elapsed().as_secs_f64());
+        let class = match &result {
+            AttemptResult::Response { status: 200..=299, .. } => "2xx",
+            AttemptResult::Response { status: 429, .. } => "throttled",
+            AttemptResult::Response { status: 400..=499, .. } => "4xx",
+            AttemptResult::Response { status: 500..=599, .. } => "5xx",
+            AttemptResult::Response { .. } => "other",
+            AttemptResult::Timeout => "timeout",
+            AttemptResult::ConnectionError(_) => "connection_error",
+        };
+        self.metrics.attempts.get_or_create(&OutcomeLabel { outcome: class }).inc();
+        result
+    }
+}
+
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+/// Sleeps for `delay`; false if cancelled first.
+async fn sleep_unless_cancelled(delay: Duration, cancel: &CancellationToken) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(delay) => true,
+        _ = cancel.cancelled() => false,
+    }
+}

@@ -1,0 +1,188 @@
+//! Offset tracking for one partition: which fetched records are finished, and the contiguous
+//! finished prefix that may be committed.
+//!
+//! Every record is tracked from the moment it is fetched (not when it is dispatched), so a
+//! record that was fetched but never delivered holds the commit point back until it is done.
+//! Offsets need not be contiguous (compaction, transaction markers); only their order counts.
+
+use std::collections::VecDeque;
+
+/// Why an offset could not be tracked or finished.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TrackError {
+    #[error("offset {offset} is not after the last tracked offset {last}")]
+    NotIncreasing { offset: i64, last: i64 },
+    #[error("offset {0} is not tracked (never fetched, or already committed)")]
+    Unknown(i64),
+    #[error("offset {0} was already finished")]
+    AlreadyFinished(i64),
+}
+
+/// The finished/unfinished state of a partition's fetched records.
+#[derive(Debug, Default, Clone)]
+pub struct OffsetTracker {
+    /// Fetched records not yet part of the finished prefix, in offset order.
+    entries: VecDeque<(i64, bool)>,
+    /// The last offset ever tracked.
+    last_tracked: Option<i64>,
+    /// The next offset to consume after the finished prefix (what Kafka expects in a commit).
+    committable: Option<i64>,
+    /// The last commit handed out by [`OffsetTracker::take_commit`].
+    committed: Option<i64>,
+}
+
+impl OffsetTracker {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Registers a fetched record. Offsets must increase.
+    pub fn track(&mut self, offset: i64) -> Result<(), TrackError> {
+        if let Some(last) = self.last_tracked {
+            if offset <= last {
+                return Err(TrackError::NotIncreasing { offset, last });
+            }
+        }
+        self.last_tracked = Some(offset);
+        self.entries.push_back((offset, false));
+        Ok(())
+    }
+
+    /// Marks a record finished (delivered, skipped or dead-lettered) and advances the prefix.
+    pub fn finish(&mut self, offset: i64) -> Result<(), TrackError> {
+        let idx = self
+            .entries
+            .binary_search_by_key(&offset, |(o, _)| *o)
+            .map_err(|_| TrackError::Unknown(offset))?;
+        if self.entries[idx].1 {
+            return Err(TrackError::AlreadyFinished(offset));
+        }
+        self.entries[idx].1 = true;
+        while let Some(&(o, true)) = self.entries.front() {
+            self.entries.pop_front();
+            self.committable = Some(o + 1);
+        }
+        Ok(())
+    }
+
+    /// The offset to commit for the finished prefix (last finished + 1), if any finished.
+    pub fn committable(&self) -> Option<i64> {
+        self.committable
+    }
+
+    /// The committable offset if it moved since the last call, remembering it as handed out.
+    pub fn take_commit(&mut self) -> Option<i64> {
+        match self.committable {
+            Some(c) if self.committed.is_none_or(|done| c > done) => {
+                self.committed = Some(c);
+                Some(c)
+            }
+            _ => None,
+        }
+    }
+
+    /// Records tracked beyond the finished prefix (unfinished, or finished after a gap).
+    pub fn pending(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// The first unfinished offset, which holds the commit point back.
+    pub fn first_unfinished(&self) -> Option<i64> {
+        self.entries.front().map(|(o, _)| *o)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    #[test]
+    fn nothing_is_committable_until_the_first_record_finishes() {
+        let mut t = OffsetTracker::new();
+        assert_eq!(t.committable(), None);
+        t.track(10).unwrap();
+        t.track(11).unwrap();
+        assert_eq!(t.committable(), None);
+        t.finish(11).unwrap();
+        assert_eq!(t.committable(), None, "11 finished but 10 is not: nothing may be committed");
+        assert_eq!(t.pending(), 2);
+        t.finish(10).unwrap();
+        assert_eq!(t.committable(), Some(12));
+        assert_eq!(t.pending(), 0);
+    }
+
+    #[test]
+    fn gaps_in_offsets_are_fine() {
+        let mut t = OffsetTracker::new();
+        for o in [3, 7, 8, 20] {
+            t.track(o).unwrap();
+        }
+        t.finish(3).unwrap();
+        assert_eq!(t.committable(), Some(4));
+        t.finish(8).unwrap();
+        assert_eq!(t.committable(), Some(4));
+        assert_eq!(t.first_unfinished(), Some(7));
+        t.finish(7).unwrap();
+        assert_eq!(t.committable(), Some(9));
+        t.finish(20).unwrap();
+        assert_eq!(t.committable(), Some(21));
+    }
+
+    #[test]
+    fn errors() {
+        let mut t = OffsetTracker::new();
+        t.track(5).unwrap();
+        assert_eq!(t.track(5), Err(TrackError::NotIncreasing { offset: 5, last: 5 }));
+        assert_eq!(t.track(4), Err(TrackError::NotIncreasing { offset: 4, last: 5 }));
+        assert_eq!(t.finish(6), Err(TrackError::Unknown(6)));
+        t.track(6).unwrap();
+        t.finish(6).unwrap();
+        assert_eq!(t.finish(6), Err(TrackError::AlreadyFinished(6)));
+        t.finish(5).unwrap();
+        assert_eq!(t.finish(5), Err(TrackError::Unknown(5)), "committed offsets are forgotten");
+    }
+
+    #[test]
+    fn take_commit_hands_out_each_advance_once() {
+        let mut t = OffsetTracker::new();
+        assert_eq!(t.take_commit(), None);
+        t.track(0).unwrap();
+        t.track(1).unwrap();
+        t.finish(0).unwrap();
+        assert_eq!(t.take_commit(), Some(1));
+        assert_eq!(t.take_commit(), None);
+        t.finish(1).unwrap();
+        assert_eq!(t.take_commit(), Some(2));
+        assert_eq!(t.take_commit(), None);
+        assert_eq!(t.committable(), Some(2), "committable stays available for a final commit");
+    }
+
+    proptest! {
+        /// Whatever order records finish in, the committable offset is always one past the
+        /// longest finished prefix, never beyond an unfinished record.
+        #[test]
+        fn committable_is_the_finished_prefix(
+            gaps in prop::collection::vec(1i64..4, 1..60),
+            order in prop::collection::vec(any::<prop::sample::Index>(), 0..60),
+        ) {
+            let mut offsets = Vec::new();
+            let mut o = 0;
+            for g in gaps { o += g; offsets.push(o); }
+            let mut t = OffsetTracker::new();
+            for &o in &offsets { t.track(o).unwrap(); }
+            let mut finished = vec![false; offsets.len()];
+            for idx in order {
+                let i = idx.index(offsets.len());
+                if finished[i] { continue; }
+                finished[i] = true;
+                t.finish(offsets[i]).unwrap();
+                let prefix = finished.iter().take_while(|f| **f).count();
+                let expected = if prefix == 0 { None } else { Some(offsets[prefix - 1] + 1) };
+                prop_assert_eq!(t.committable(), expected);
+                prop_assert_eq!(t.pending(), offsets.len() - prefix);
+            }
+        }
+    }
+}

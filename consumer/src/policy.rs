@@ -1,0 +1,315 @@
+//! The delivery contract without I/O: how one attempt's result is classified, and what
+//! happens next (retry after a delay, dead-letter, or done).
+
+use std::time::{Duration, SystemTime};
+
+/// The response header an application may use to decide a record's fate explicitly.
+pub const OUTCOME_HEADER: &str = "x-sluice-outcome";
+
+/// Longest `Retry-After` honoured; a larger value is capped to it.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
+
+/// What one delivery attempt produced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AttemptResult {
+    /// The application answered.
+    Response {
+        status: u16,
+        /// The `Retry-After` header, as sent.
+        retry_after: Option<String>,
+        /// The `X-Sluice-Outcome` header, as sent.
+        outcome: Option<String>,
+    },
+    /// No answer within `delivery.timeout`.
+    Timeout,
+    /// Connection refused, reset, or a malformed response.
+    ConnectionError(String),
+}
+
+/// What an attempt means for the record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// Delivered: the record is done.
+    Delivered,
+    /// The application asked to skip it: done, not delivered, not dead-lettered.
+    Skipped,
+    /// Try again. `after` is the delay the application asked for; `counts` says whether the
+    /// attempt counts against `maxAttempts` (throttling does not).
+    Retry { reason: &'static str, after: Option<Duration>, counts: bool, detail: String },
+    /// The record itself is bad: dead-letter it now.
+    DeadLetter { reason: &'static str, detail: String },
+}
+
+/// Classifies an attempt. An explicit `X-Sluice-Outcome` header wins over the status code.
+pub fn classify(result: &AttemptResult, now: SystemTime) -> Verdict {
+    match result {
+        AttemptResult::Timeout => Verdict::Retry {
+            reason: "timeout",
+            after: None,
+            counts: true,
+            detail: "no response within delivery.timeout".into(),
+        },
+        AttemptResult::ConnectionError(e) => Verdict::Retry {
+            reason: "connection_error",
+            after: None,
+            counts: true,
+            detail: format!("connection error: {e}"),
+        },
+        AttemptResult::Response { status, retry_after, outcome } => {
+            let status = *status;
+            let retry_after_delay = retry_after.as_deref().and_then(|v| parse_retry_after(v, now));
+            if let Some(explicit) = outcome.as_deref().map(str::trim) {
+                if explicit.eq_ignore_ascii_case("retry") {
+                    return Verdict::Retry {
+                        reason: "explicit_retry",
+                        after: retry_after_delay,
+                        counts: true,
+                        detail: format!("HTTP {status} with {OUTCOME_HEADER}: retry"),
+                    };
+                }
+                if explicit.eq_ignore_ascii_case("dead-letter") {
+                    return Verdict::DeadLetter {
+                        reason: "explicit_dead_letter",
+                        detail: format!("HTTP {status} with {OUTCOME_HEADER}: dead-letter"),
+                    };
+                }
+                if explicit.eq_ignore_ascii_case("skip") {
+                    return Verdict::Skipped;
+                }
+                // An unknown value is ignored: the status code decides.
+            }
+            match status {
+                200..=299 => Verdict::Delivered,
+                429 => Verdict::Retry {
+                    reason: "throttled",
+                    after: retry_after_delay,
+                    counts: false,
+                    detail: "HTTP 429".into(),
+                },
+                503 if retry_after_delay.is_some() => Verdict::Retry {
+                    reason: "throttled",
+                    after: retry_after_delay,
+                    counts: false,
+                    detail: "HTTP 503 with Retry-After".into(),
+                },
+                400..=499 => Verdict::DeadLetter {
+                    reason: "http_4xx",
+                    detail: format!("HTTP {status}: the application rejected the record"),
+                },
+                _ => Verdict::Retry {
+                    reason: if status >= 500 { "http_5xx" } else { "unexpected_status" },
+                    after: None,
+                    counts: true,
+                    detail: format!("HTTP {status}"),
+                },
+            }
+        }
+    }
+}
+
+/// Parses `Retry-After`: delta-seconds or an HTTP date. Capped at [`MAX_RETRY_AFTER`]; a
+/// date in the past means "now".
+pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
+    let value = value.trim();
+    let delay = if let Ok(secs) = value.parse::<u64>() {
+        Duration::from_secs(secs)
+    } else {
+        let at = httpdate::parse_http_date(value).ok()?;
+        at.duration_since(now).unwrap_or(Duration::ZERO)
+    };
+    Some(delay.min(MAX_RETRY_AFTER))
+}
+
+/// Exponential backoff with jitter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Backoff {
+    pub initial: Duration,
+    pub max: Duration,
+}
+
+impl Backoff {
+    /// The un-jittered delay before retry number `retry` (1-based): `initial * 2^(retry-1)`,
+    /// capped at `max`.
+    pub fn ceiling(&self, retry: u32) -> Duration {
+        let shift = retry.saturating_sub(1).min(31);
+        self.initial.saturating_mul(1u32 << shift).min(self.max)
+    }
+
+    /// The delay before retry number `retry`, drawn uniformly from the upper half of
+    /// [`Backoff::ceiling`] with `unit` in `[0, 1)`, so retries of many records spread out but
+    /// never collapse to zero.
+    pub fn delay(&self, retry: u32, unit: f64) -> Duration {
+        let ceiling = self.ceiling(retry);
+        let unit = unit.clamp(0.0, 1.0);
+        ceiling.mul_f64(0.5 + unit / 2.0)
+    }
+}
+
+/// The next step for a record after a failed attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Next {
+    /// Wait, then attempt again.
+    RetryAfter(Duration),
+    /// Attempts are exhausted (or the record is bad): dead-letter it.
+    DeadLetter { reason: &'static str, detail: String },
+}
+
+/// Decides what follows a non-final verdict. `failures` counts attempts that counted so far,
+/// including this one; `unit` is a random number in `[0, 1)` for jitter.
+pub fn next_step(verdict: &Verdict, failures: u32, max_attempts: u32, backoff: &Backoff, unit: f64) -> Option<Next> {
+    match verdict {
+        Verdict::Delivered | Verdict::Skipped => None,
+        Verdict::DeadLetter { reason, detail } => Some(Next::DeadLetter { reason, detail: detail.clone() }),
+        Verdict::Retry { after, counts, detail, .. } => {
+            if *counts && failures >= max_attempts {
+                return Some(Next::DeadLetter {
+                    reason: "max_attempts",
+                    detail: format!("{failures} attempts failed; last: {detail}"),
+                });
+            }
+            let delay = match after {
+                Some(d) => *d,
+                None => backoff.delay(failures.max(1), unit),
+            };
+            Some(Next::RetryAfter(delay))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn response(status: u16) -> AttemptResult {
+        AttemptResult::Response { status, retry_after: None, outcome: None }
+    }
+
+    fn with(status: u16, retry_after: Option<&str>, outcome: Option<&str>) -> AttemptResult {
+        AttemptResult::Response {
+            status,
+            retry_after: retry_after.map(Into::into),
+            outcome: outcome.map(Into::into),
+        }
+    }
+
+    fn now() -> SystemTime {
+        httpdate::parse_http_date("Sun, 06 Nov 1994 08:49:37 GMT").unwrap()
+    }
+
+    #[test]
+    fn two_hundreds_are_delivered() {
+        for s in [200, 201, 202, 204, 299] {
+            assert_eq!(classify(&response(s), now()), Verdict::Delivered, "{s}");
+        }
+    }
+
+    #[test]
+    fn four_hundreds_dead_letter_at_once() {
+        for s in [400, 401, 403, 404, 409, 413, 422, 499] {
+            match classify(&response(s), now()) {
+                Verdict::DeadLetter { reason, detail } => {
+                    assert_eq!(reason, "http_4xx");
+                    assert!(detail.contains(&s.to_string()));
+                }
+                v => panic!("{s}: {v:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn five_hundreds_timeouts_and_connection_errors_retry_and_count() {
+        for (r, reason) in [
+            (response(500), "http_5xx"),
+            (response(502), "http_5xx"),
+            (response(503), "http_5xx"),
+            (response(504), "http_5xx"),
+            (response(302), "unexpected_status"),
+            (response(100), "unexpected_status"),
+            (AttemptResult::Timeout, "timeout"),
+            (AttemptResult::ConnectionError("refused".into()), "connection_error"),
+        ] {
+            match classify(&r, now()) {
+                Verdict::Retry { reason: got, after: None, counts: true, .. } => assert_eq!(got, reason),
+                v => panic!("{r:?}: {v:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn throttling_honours_retry_after_and_does_not_count() {
+        let v = classify(&with(429, Some("7"), None), now());
+        assert_eq!(
+            v,
+            Verdict::Retry { reason: "throttled", after: Some(Duration::from_secs(7)), counts: false, detail: "HTTP 429".into() }
+        );
+        let v = classify(&with(429, None, None), now());
+        assert!(matches!(v, Verdict::Retry { reason: "throttled", after: None, counts: false, .. }), "{v:?}");
+        let v = classify(&with(503, Some("Sun, 06 Nov 1994 08:49:40 GMT"), None), now());
+        assert!(matches!(v, Verdict::Retry { after: Some(d), counts: false, .. } if d == Duration::from_secs(3)), "{v:?}");
+        let v = classify(&with(503, Some("garbage"), None), now());
+        assert!(matches!(v, Verdict::Retry { reason: "http_5xx", counts: true, .. }), "{v:?}");
+    }
+
+    #[test]
+    fn explicit_outcome_header_wins() {
+        assert_eq!(classify(&with(200, None, Some("skip")), now()), Verdict::Skipped);
+        assert_eq!(classify(&with(500, None, Some(" SKIP ")), now()), Verdict::Skipped);
+        assert!(matches!(
+            classify(&with(200, None, Some("dead-letter")), now()),
+            Verdict::DeadLetter { reason: "explicit_dead_letter", .. }
+        ));
+        assert!(matches!(
+            classify(&with(200, Some("2"), Some("Retry")), now()),
+            Verdict::Retry { reason: "explicit_retry", after: Some(d), counts: true, .. } if d == Duration::from_secs(2)
+        ));
+        assert_eq!(classify(&with(204, None, Some("maybe")), now()), Verdict::Delivered, "unknown values are ignored");
+    }
+
+    #[test]
+    fn retry_after_parsing() {
+        assert_eq!(parse_retry_after("0", now()), Some(Duration::ZERO));
+        assert_eq!(parse_retry_after(" 120 ", now()), Some(Duration::from_secs(120)));
+        assert_eq!(parse_retry_after("100000", now()), Some(MAX_RETRY_AFTER));
+        assert_eq!(parse_retry_after("Sun, 06 Nov 1994 08:49:00 GMT", now()), Some(Duration::ZERO), "past dates mean now");
+        assert_eq!(parse_retry_after("-1", now()), None);
+        assert_eq!(parse_retry_after("soon", now()), None);
+    }
+
+    #[test]
+    fn backoff_grows_exponentially_is_capped_and_jittered() {
+        let b = Backoff { initial: Duration::from_millis(100), max: Duration::from_secs(1) };
+        assert_eq!(b.ceiling(1), Duration::from_millis(100));
+        assert_eq!(b.ceiling(2), Duration::from_millis(200));
+        assert_eq!(b.ceiling(4), Duration::from_millis(800));
+        assert_eq!(b.ceiling(5), Duration::from_secs(1));
+        assert_eq!(b.ceiling(1000), Duration::from_secs(1));
+        assert_eq!(b.delay(3, 0.0), Duration::from_millis(200));
+        assert_eq!(b.delay(3, 0.999_999), Duration::from_millis(400).mul_f64(0.999_999_5));
+        for i in 0..100 {
+            let d = b.delay(3, f64::from(i) / 100.0);
+            assert!(d >= Duration::from_millis(200) && d < Duration::from_millis(400), "{d:?}");
+        }
+    }
+
+    #[test]
+    fn next_step_dead_letters_after_max_attempts() {
+        let b = Backoff { initial: Duration::from_millis(100), max: Duration::from_secs(1) };
+        let fail = classify(&response(500), now());
+        assert_eq!(next_step(&fail, 1, 3, &b, 0.0), Some(Next::RetryAfter(Duration::from_millis(50))));
+        assert_eq!(next_step(&fail, 2, 3, &b, 0.0), Some(Next::RetryAfter(Duration::from_millis(100))));
+        match next_step(&fail, 3, 3, &b, 0.0) {
+            Some(Next::DeadLetter { reason: "max_attempts", detail }) => {
+                assert!(detail.contains("3 attempts") && detail.contains("HTTP 500"), "{detail}")
+            }
+            n => panic!("{n:?}"),
+        }
+        let throttled = classify(&with(429, Some("4"), None), now());
+        assert_eq!(next_step(&throttled, 3, 3, &b, 0.0), Some(Next::RetryAfter(Duration::from_secs(4))), "throttling never dead-letters");
+        let bad = classify(&response(400), now());
+        assert!(matches!(next_step(&bad, 1, 3, &b, 0.0), Some(Next::DeadLetter { reason: "http_4xx", .. })));
+        assert_eq!(next_step(&Verdict::Delivered, 1, 3, &b, 0.0), None);
+        assert_eq!(next_step(&Verdict::Skipped, 1, 3, &b, 0.0), None);
+        let one = classify(&AttemptResult::Timeout, now());
+        assert!(matches!(next_step(&one, 1, 1, &b, 0.0), Some(Next::DeadLetter { .. })), "maxAttempts 1: no retry");
+    }
+}
