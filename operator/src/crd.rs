@@ -187,7 +187,7 @@ pub struct KafkaSpec {
     /// Keys that Sluice sets itself (group, offsets, timeouts, fetch bounds, security, and
     /// anything carrying credentials) are rejected: use the dedicated fields instead.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    #[schemars(extend("maxProperties" = 64), inner(length(max = 1024)))]
+    #[schemars(schema_with = "schema::properties")]
     #[x_kube(validation = rules::properties_key_format())]
     #[x_kube(validation = rules::properties_not_owned())]
     #[x_kube(validation = rules::properties_no_credentials())]
@@ -462,11 +462,11 @@ pub struct SidecarSpec {
     pub image: Option<String>,
 
     /// Sidecar resources. The memory limit also sizes the Kafka prefetch queue and fetch
-    /// sizes so the sidecar stays within it; it must be at least 64Mi. Default: requests
-    /// 50m CPU and 64Mi memory, limit 256Mi memory.
+    /// sizes so the sidecar stays within it; give it at least 64Mi (a smaller limit is
+    /// sized as 64Mi and risks the sidecar being OOM-killed). Default: requests 50m CPU and
+    /// 64Mi memory, limit 256Mi memory.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "schema::resources")]
-    #[x_kube(validation = rules::sidecar_memory_floor())]
     pub resources: Option<ResourceRequirements>,
 }
 
@@ -586,6 +586,15 @@ pub(crate) mod schema {
         schema
     }
 
+    /// A string map with bounded size and value length (librdkafka properties).
+    pub fn properties(_: &mut SchemaGenerator) -> Schema {
+        json_schema!({
+            "type": "object",
+            "maxProperties": 64,
+            "additionalProperties": {"type": "string", "maxLength": 1024},
+        })
+    }
+
     /// ResourceRequirements without the long upstream descriptions.
     pub fn resources(generator: &mut SchemaGenerator) -> Schema {
         let schema = k8s_openapi::api::core::v1::ResourceRequirements::json_schema(generator);
@@ -593,6 +602,19 @@ pub(crate) mod schema {
         strip_descriptions(&mut value);
         if let Some(obj) = value.as_object_mut() {
             obj.insert("nullable".into(), true.into());
+        }
+        // Bounded like the rest of the spec (the API server's CEL cost estimates and object
+        // size stay small).
+        for map in ["limits", "requests"] {
+            if let Some(m) = value.pointer_mut(&format!("/properties/{map}")).and_then(|m| m.as_object_mut()) {
+                m.insert("maxProperties".into(), 16.into());
+            }
+            if let Some(m) = value
+                .pointer_mut(&format!("/properties/{map}/additionalProperties"))
+                .and_then(|m| m.as_object_mut())
+            {
+                m.insert("maxLength".into(), 64.into());
+            }
         }
         Schema::try_from(value).expect("the resources schema is an object")
     }
@@ -748,21 +770,34 @@ pub mod rules {
     }
 
     pub fn properties_not_owned() -> Rule {
-        let list = OWNED_PROPERTIES
-            .iter()
-            .map(|k| format!("'{k}'"))
-            .collect::<Vec<_>>()
-            .join(", ");
-        Rule::new(format!("self.all(k, !(k in [{list}]))")).message(Message::Expression(format!(
-            "'properties must not set ' + self.filter(k, k in [{list}]).join(', ') + ': Sluice sets these itself; use spec.kafka (bootstrapServers, groupId, startFrom, auth), spec.membership and spec.sidecar.resources instead'"
-        )))
+        let list = quoted(OWNED_PROPERTIES);
+        // A static message: a messageExpression that names the offending key (filter + join
+        // over map keys of unbounded length) exceeds the API server's CEL cost budget.
+        rule(
+            format!("self.all(k, !(k in [{list}]))"),
+            format!(
+                "properties must not set any of {}: Sluice sets these itself; use spec.kafka (bootstrapServers, groupId, startFrom, auth), spec.membership and spec.sidecar.resources instead",
+                OWNED_PROPERTIES.join(", ")
+            ),
+        )
     }
 
+    /// Prefixes and fragments of librdkafka keys that carry credentials or key material.
+    pub const CREDENTIAL_KEY_PREFIXES: &[&str] =
+        &["sasl.", "ssl.key", "ssl.keystore", "ssl.certificate", "ssl.ca.", "ssl_engine"];
+    pub const CREDENTIAL_KEY_FRAGMENTS: &[&str] = &["password", "secret"];
+
     pub fn properties_no_credentials() -> Rule {
-        let test = "k.startsWith('sasl.') || k.startsWith('ssl.key') || k.startsWith('ssl.keystore') || k.startsWith('ssl.certificate') || k.startsWith('ssl.ca.') || k.contains('password') || k.contains('secret')";
-        Rule::new(format!("!self.exists(k, {test})")).message(Message::Expression(format!(
-            "'properties must not set ' + self.filter(k, {test}).join(', ') + ': credentials and key material come only from Secrets, through spec.kafka.auth.sasl.secretRef and spec.kafka.auth.tls'"
-        )))
+        let prefixes = quoted(CREDENTIAL_KEY_PREFIXES);
+        let fragments = quoted(CREDENTIAL_KEY_FRAGMENTS);
+        rule(
+            format!("!self.exists(k, [{prefixes}].exists(p, k.startsWith(p)) || [{fragments}].exists(f, k.contains(f)))"),
+            "properties must not carry credentials or key material (keys starting with sasl., ssl.key, ssl.keystore, ssl.certificate, ssl.ca. or ssl_engine, or containing password or secret): credentials come only from Secrets, through spec.kafka.auth.sasl.secretRef and spec.kafka.auth.tls",
+        )
+    }
+
+    fn quoted(items: &[&str]) -> String {
+        items.iter().map(|k| format!("'{k}'")).collect::<Vec<_>>().join(", ")
     }
 
     pub fn auth_not_empty() -> Rule {
@@ -818,13 +853,6 @@ pub mod rules {
         rule(
             "!has(self.spec) || !has(self.spec.restartPolicy) || self.spec.restartPolicy == 'Always'",
             "template.spec.restartPolicy must be Always (or unset): the pods belong to a Deployment",
-        )
-    }
-
-    pub fn sidecar_memory_floor() -> Rule {
-        rule(
-            "!has(self.limits) || !('memory' in self.limits) || quantity(string(self.limits.memory)).compareTo(quantity('64Mi')) >= 0",
-            "sidecar.resources.limits.memory must be at least 64Mi: the sidecar's Kafka client and prefetch queue need it",
         )
     }
 }
