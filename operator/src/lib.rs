@@ -2,6 +2,14 @@
 //! pod settings, and (next) the reconciler.
 
 pub mod build;
+pub mod catalogue;
 pub mod crd;
+pub mod error;
 pub mod generate;
+pub mod leader;
+pub mod metrics;
+pub mod reconcile;
+pub mod run;
+pub mod secrets;
+pub mod status;
 pub mod tuning;

@@ -17,7 +17,7 @@ enum Command {
     /// Print the EventConsumer CustomResourceDefinition as YAML.
     Crd,
     /// Run the operator.
-    Run,
+    Run(sluice_operator::run::RunArgs),
 }
 
 fn main() -> ExitCode {
@@ -26,10 +26,21 @@ fn main() -> ExitCode {
             print!("{}", sluice_operator::generate::crd_yaml());
             ExitCode::SUCCESS
         }
-        Command::Run => {
-            // The reconciler lands in the next step (operator team).
-            eprintln!("sluice-operator run: not implemented yet");
-            ExitCode::FAILURE
+        Command::Run(args) => {
+            let runtime = match tokio::runtime::Runtime::new() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("sluice-operator run: cannot start the async runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match runtime.block_on(sluice_operator::run::main(args)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("sluice-operator run: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
         }
     }
 }
@@ -48,7 +59,7 @@ mod tests {
     #[test]
     fn crd_and_run_subcommands_parse() {
         assert!(matches!(Cli::try_parse_from(["sluice-operator", "crd"]).unwrap().command, Command::Crd));
-        assert!(matches!(Cli::try_parse_from(["sluice-operator", "run"]).unwrap().command, Command::Run));
+        assert!(matches!(Cli::try_parse_from(["sluice-operator", "run"]).unwrap().command, Command::Run(_)));
         assert!(Cli::try_parse_from(["sluice-operator"]).is_err());
     }
 }

@@ -1,0 +1,160 @@
+//! The operator's Prometheus metrics and its HTTP endpoint: `/metrics`, `/healthz`,
+//! `/readyz`. Served by every replica, leader or not.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+/// Labels of the failure counter: a static reason only (bounded cardinality).
+pub type ReasonLabels = Vec<(&'static str, &'static str)>;
+
+/// The operator's metrics.
+pub struct Metrics {
+    registry: Registry,
+    /// Reconciles run (successful or not).
+    pub reconciles: Counter,
+    /// Reconciles that failed, by the error's static reason.
+    pub failures: Family<ReasonLabels, Counter>,
+    /// Duration of one reconcile, in seconds.
+    pub duration: Histogram,
+    /// 1 while this replica holds the leader Lease.
+    pub leader: Gauge,
+    /// Set once the replica has reached the API server (leader or follower).
+    ready: AtomicBool,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("sluice_operator");
+        let reconciles = Counter::default();
+        let failures = Family::<ReasonLabels, Counter>::default();
+        let duration = Histogram::new([0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]);
+        let leader = Gauge::default();
+        registry.register("reconciles", "EventConsumer reconciles run", reconciles.clone());
+        registry.register("reconcile_failures", "Failed EventConsumer reconciles, by reason", failures.clone());
+        registry.register("reconcile_duration_seconds", "Duration of one EventConsumer reconcile", duration.clone());
+        registry.register("leader", "1 while this replica holds the leader Lease", leader.clone());
+        Metrics { registry, reconciles, failures, duration, leader, ready: AtomicBool::new(false) }
+    }
+
+    /// Records one reconcile.
+    pub fn observe(&self, elapsed: Duration, failure: Option<&'static str>) {
+        self.reconciles.inc();
+        self.duration.observe(elapsed.as_secs_f64());
+        if let Some(reason) = failure {
+            self.failures.get_or_create(&vec![("reason", reason)]).inc();
+        }
+    }
+
+    /// Failures with this reason so far.
+    pub fn failures_with(&self, reason: &'static str) -> u64 {
+        self.failures.get_or_create(&vec![("reason", reason)]).get()
+    }
+
+    pub fn set_ready(&self) {
+        self.ready.store(true, Ordering::Relaxed);
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
+    }
+
+    /// The Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        out
+    }
+}
+
+/// The HTTP router of the operator's endpoint.
+pub fn router(metrics: Arc<Metrics>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics_handler))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .with_state(metrics)
+}
+
+async fn metrics_handler(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], m.encode())
+}
+
+async fn readyz(State(m): State<Arc<Metrics>>) -> (StatusCode, &'static str) {
+    if m.is_ready() {
+        (StatusCode::OK, "ok\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not connected to the API server yet\n")
+    }
+}
+
+/// Serves the endpoint until `shutdown` completes.
+pub async fn serve(
+    listen: SocketAddr,
+    metrics: Arc<Metrics>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    axum::serve(listener, router(metrics)).with_graceful_shutdown(shutdown).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposition_has_counts_reasons_histogram_and_leader() {
+        let m = Metrics::new();
+        m.observe(Duration::from_millis(20), None);
+        m.observe(Duration::from_millis(30), Some("SecretNotFound"));
+        m.leader.set(1);
+        let text = m.encode();
+        assert!(text.contains("sluice_operator_reconciles_total 2"), "{text}");
+        assert!(text.contains("sluice_operator_reconcile_failures_total{reason=\"SecretNotFound\"} 1"), "{text}");
+        assert!(text.contains("sluice_operator_reconcile_duration_seconds_count 2"), "{text}");
+        assert!(text.contains("sluice_operator_leader 1"), "{text}");
+        assert_eq!(m.failures_with("SecretNotFound"), 1);
+    }
+
+    #[tokio::test]
+    async fn endpoints_answer() {
+        let m = Arc::new(Metrics::new());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(axum::serve(listener, router(m.clone())).into_future());
+        let get = |path: &'static str| async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes()).await.unwrap();
+            let mut out = String::new();
+            s.read_to_string(&mut out).await.unwrap();
+            out
+        };
+        assert!(get("/healthz").await.starts_with("HTTP/1.1 200"));
+        assert!(get("/readyz").await.starts_with("HTTP/1.1 503"));
+        m.set_ready();
+        assert!(get("/readyz").await.starts_with("HTTP/1.1 200"));
+        let metrics = get("/metrics").await;
+        assert!(metrics.contains("sluice_operator_reconciles_total 0"), "{metrics}");
+        server.abort();
+    }
+}

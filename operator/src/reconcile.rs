@@ -1,0 +1,432 @@
+//! The reconciler: fetch → validate → build (pure) → apply (server-side apply) → status.
+//!
+//! Permanent errors (a spec only the operator can tell is wrong, a missing Secret or key) set
+//! `Degraded` with their reason, publish a Warning event and wait for a change of the
+//! EventConsumer or of a Secret it references — never a hot loop. Transient errors publish a
+//! Warning event and are retried with per-object exponential backoff.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, ObjectReference, Secret};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Patch, PatchParams};
+use kube::core::DeserializeGuard;
+use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::core::PartialObjectMeta;
+use kube::runtime::{WatchStreamExt, predicates, watcher};
+use kube::{Api, Client, Resource, ResourceExt};
+use serde_json::json;
+use tracing::{debug, info, instrument, warn};
+
+use crate::build::{
+    self, FIELD_MANAGER, Input, MANAGED_BY_LABEL, MANAGED_BY_VALUE, SidecarDefaults, config_map_name,
+};
+use crate::crd::{EventConsumer, EventConsumerStatus};
+use crate::error::Error;
+use crate::metrics::Metrics;
+use crate::secrets;
+use crate::status::{self, Observed, Outcome};
+
+/// The watched primary object: an EventConsumer, or the error that kept it from parsing.
+pub type Guarded = DeserializeGuard<EventConsumer>;
+
+/// Safety-net resync of a healthy EventConsumer (watches deliver every real change).
+pub const RESYNC: Duration = Duration::from_secs(30 * 60);
+/// Bounds of the per-object retry backoff after transient errors.
+pub const BACKOFF_MIN: Duration = Duration::from_secs(1);
+pub const BACKOFF_MAX: Duration = Duration::from_secs(300);
+
+/// What every reconcile shares.
+pub struct Context {
+    pub client: Client,
+    pub defaults: SidecarDefaults,
+    pub metrics: Arc<Metrics>,
+    recorder: Recorder,
+    /// Consecutive transient failures per object, for the backoff.
+    failures: Mutex<HashMap<(String, String), u32>>,
+}
+
+impl Context {
+    pub fn new(client: Client, defaults: SidecarDefaults, metrics: Arc<Metrics>, identity: &str) -> Context {
+        let reporter = Reporter { controller: FIELD_MANAGER.into(), instance: Some(identity.to_owned()) };
+        Context {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            defaults,
+            metrics,
+            failures: Mutex::new(HashMap::new()),
+        }
+    }
+
+    async fn publish(&self, reference: &ObjectReference, type_: EventType, reason: &str, action: &str, note: String) {
+        let mut note = note;
+        if note.len() > 1000 {
+            let mut cut = 1000;
+            while !note.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            note.truncate(cut);
+        }
+        let event = Event { type_, reason: reason.into(), note: Some(note), action: action.into(), secondary: None };
+        if let Err(error) = self.recorder.publish(&event, reference).await {
+            warn!(%error, reason, "publishing an event failed");
+        }
+    }
+
+    fn key(obj: &Guarded) -> (String, String) {
+        (obj.namespace().unwrap_or_default(), obj.name_any())
+    }
+}
+
+/// Exponential backoff for the `n`-th consecutive failure (1-based).
+pub fn backoff(n: u32) -> Duration {
+    let exp = n.saturating_sub(1).min(16);
+    BACKOFF_MIN.saturating_mul(1u32 << exp).min(BACKOFF_MAX)
+}
+
+/// Reconciles one EventConsumer.
+#[instrument(skip_all, fields(namespace = obj.namespace().unwrap_or_default(), name = obj.name_any()))]
+pub async fn reconcile(obj: Arc<Guarded>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let started = Instant::now();
+    let result = match &obj.0 {
+        Ok(ec) => reconcile_valid(ec, &ctx).await,
+        Err(invalid) => Err(Error::InvalidObject(invalid.error.clone())),
+    };
+    let result = match result {
+        Ok(action) => {
+            ctx.failures.lock().expect("not poisoned").remove(&Context::key(&obj));
+            Ok(action)
+        }
+        Err(e) if e.is_permanent() => {
+            ctx.failures.lock().expect("not poisoned").remove(&Context::key(&obj));
+            ctx.metrics.observe(started.elapsed(), Some(e.reason()));
+            info!(reason = e.reason(), error = %e, "the EventConsumer cannot be realised; waiting for a change");
+            if let Err(status_error) = report_blocked(&obj, &e, &ctx).await {
+                warn!(error = %status_error, "recording the Degraded status failed; retrying");
+                return Err(status_error);
+            }
+            return Ok(Action::await_change());
+        }
+        Err(e) => {
+            ctx.metrics.observe(started.elapsed(), Some(e.reason()));
+            warn!(reason = e.reason(), error = %e, "reconcile failed; retrying with backoff");
+            let reference = obj.object_ref(&());
+            ctx.publish(&reference, EventType::Warning, e.reason(), "Reconcile", e.to_string()).await;
+            return Err(e);
+        }
+    };
+    ctx.metrics.observe(started.elapsed(), None);
+    result
+}
+
+/// After a transient error: retry this object with exponential backoff.
+pub fn error_policy(obj: Arc<Guarded>, _error: &Error, ctx: Arc<Context>) -> Action {
+    let mut failures = ctx.failures.lock().expect("not poisoned");
+    let n = failures.entry(Context::key(&obj)).or_insert(0);
+    *n = n.saturating_add(1);
+    Action::requeue(backoff(*n))
+}
+
+async fn reconcile_valid(ec: &EventConsumer, ctx: &Context) -> Result<Action, Error> {
+    let ns = ec.namespace().unwrap_or_default();
+    let name = ec.name_any();
+    let uid = ec.uid().unwrap_or_default();
+    if ec.meta().deletion_timestamp.is_some() {
+        // Garbage collection removes the children; nothing to do.
+        return Ok(Action::await_change());
+    }
+    let secrets_api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
+
+    // Fetch.
+    let secret_data = secrets::fetch_referenced(&secrets_api, &ns, &ec.spec).await?;
+    let token = secrets::ensure_drain_token(&secrets_api, &ns, &name, &uid).await?;
+
+    // Validate and build (pure).
+    let input = Input {
+        name: &name,
+        namespace: &ns,
+        uid: &uid,
+        spec: &ec.spec,
+        drain_token: &token,
+        secrets: &secret_data,
+        defaults: &ctx.defaults,
+    };
+    let desired = build::build(&input)?;
+
+    // Apply: the ConfigMap before the Deployment whose pods mount it.
+    let pp = PatchParams::apply(FIELD_MANAGER).force();
+    let cm_name = config_map_name(&name);
+    Api::<ConfigMap>::namespaced(ctx.client.clone(), &ns)
+        .patch(&cm_name, &pp, &Patch::Apply(&desired.config_map))
+        .await
+        .map_err(|source| Error::ApplyConfigMap { namespace: ns.clone(), name: cm_name.clone(), source })?;
+    let deployment = Api::<Deployment>::namespaced(ctx.client.clone(), &ns)
+        .patch(&name, &pp, &Patch::Apply(&desired.deployment))
+        .await
+        .map_err(|source| Error::ApplyDeployment { namespace: ns.clone(), name: name.clone(), source })?;
+    Api::<PodDisruptionBudget>::namespaced(ctx.client.clone(), &ns)
+        .patch(&name, &pp, &Patch::Apply(&desired.pdb))
+        .await
+        .map_err(|source| Error::ApplyPodDisruptionBudget { namespace: ns.clone(), name: name.clone(), source })?;
+    debug!(hash = %desired.config_hash, "applied");
+
+    // Status.
+    let seen = Observed {
+        name: &name,
+        generation: ec.meta().generation,
+        desired_replicas: ec.spec.replicas,
+        deployment: Some(&deployment),
+    };
+    write_status(ec, &seen, &Outcome::Applied { tuning: desired.tuning }, ctx).await?;
+    Ok(Action::requeue(RESYNC))
+}
+
+/// Computes and (if it changed) applies the status, and publishes events for transitions.
+async fn write_status(ec: &EventConsumer, seen: &Observed<'_>, outcome: &Outcome, ctx: &Context) -> Result<(), Error> {
+    let old = ec.status.as_ref();
+    let now = Time(Timestamp::now());
+    let new = status::compute(old, seen, outcome, &now);
+    if old == Some(&new) {
+        return Ok(());
+    }
+    patch_status(ctx, &ec.namespace().unwrap_or_default(), &ec.name_any(), &new).await?;
+    let reference = ec.object_ref(&());
+    for t in status::transitions(old, &new) {
+        let (type_, action) = match (t.type_.as_str(), t.status) {
+            (status::DEGRADED, true) => (EventType::Warning, "Reconcile"),
+            (status::PROGRESSING, true) => (EventType::Normal, "Rollout"),
+            _ => (EventType::Normal, "Reconcile"),
+        };
+        let reason = format!("{}{}", t.type_, if t.status { "" } else { "Cleared" });
+        let reason = if type_ == EventType::Warning || t.type_ == status::PROGRESSING { t.reason.clone() } else { reason };
+        ctx.publish(&reference, type_, &reason, action, t.message).await;
+    }
+    Ok(())
+}
+
+async fn patch_status(ctx: &Context, ns: &str, name: &str, status: &EventConsumerStatus) -> Result<(), Error> {
+    let api: Api<EventConsumer> = Api::namespaced(ctx.client.clone(), ns);
+    let body = json!({
+        "apiVersion": EventConsumer::api_version(&()),
+        "kind": EventConsumer::kind(&()),
+        "status": status,
+    });
+    api.patch_status(name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(body))
+        .await
+        .map(|_| ())
+        .map_err(|source| Error::PatchStatus { namespace: ns.to_owned(), name: name.to_owned(), source })
+}
+
+/// A permanent error: `Degraded` with its reason (the status still mirrors whatever
+/// Deployment runs), and a Warning event when it is new.
+async fn report_blocked(obj: &Guarded, error: &Error, ctx: &Context) -> Result<(), Error> {
+    let ns = obj.namespace().unwrap_or_default();
+    let name = obj.name_any();
+    let outcome = Outcome::Blocked { reason: error.reason(), message: error.to_string() };
+    match &obj.0 {
+        Ok(ec) => {
+            let deployment = Api::<Deployment>::namespaced(ctx.client.clone(), &ns)
+                .get_opt(&name)
+                .await
+                .map_err(|source| Error::GetDeployment { namespace: ns.clone(), name: name.clone(), source })?;
+            let seen = Observed {
+                name: &name,
+                generation: ec.meta().generation,
+                desired_replicas: ec.spec.replicas,
+                deployment: deployment.as_ref(),
+            };
+            write_status(ec, &seen, &outcome, ctx).await
+        }
+        Err(invalid) => {
+            // The object does not parse, so neither does its status: write the Degraded
+            // condition alone, through an untyped merge patch, and say so once per generation.
+            let generation = invalid.metadata.generation;
+            let reference = obj.object_ref(&());
+            let api: Api<kube::api::DynamicObject> =
+                Api::namespaced_with(ctx.client.clone(), &ns, &kube::discovery::ApiResource::erase::<EventConsumer>(&()));
+            let current = api.get_opt(&name).await.ok().flatten();
+            let already = current
+                .as_ref()
+                .and_then(|o| o.data.pointer("/status/conditions"))
+                .and_then(|c| c.as_array())
+                .is_some_and(|cs| {
+                    cs.iter().any(|c| {
+                        c["type"] == status::DEGRADED
+                            && c["reason"] == "InvalidObject"
+                            && c["observedGeneration"].as_i64() == generation
+                    })
+                });
+            if already {
+                return Ok(());
+            }
+            let condition = json!({
+                "type": status::DEGRADED, "status": "True", "reason": "InvalidObject",
+                "message": error.to_string(), "observedGeneration": generation,
+                "lastTransitionTime": Time(Timestamp::now()),
+            });
+            let patch = json!({"status": {"observedGeneration": generation, "conditions": [condition]}});
+            api.patch_status(&name, &PatchParams::default(), &Patch::Merge(patch))
+                .await
+                .map_err(|source| Error::PatchStatus { namespace: ns.clone(), name: name.clone(), source })?;
+            ctx.publish(&reference, EventType::Warning, "InvalidObject", "Reconcile", error.to_string()).await;
+            Ok(())
+        }
+    }
+}
+
+/// Where the controller looks.
+#[derive(Clone, Debug, Default)]
+pub struct WatchScope {
+    /// One namespace, or all when `None`.
+    pub namespace: Option<String>,
+}
+
+impl WatchScope {
+    fn api<K>(&self, client: &Client) -> Api<K>
+    where
+        K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
+    {
+        match &self.namespace {
+            Some(ns) => Api::namespaced(client.clone(), ns),
+            None => Api::all(client.clone()),
+        }
+    }
+}
+
+/// The Secret → EventConsumer mapping: the owner of a drain-token Secret, and every
+/// EventConsumer in the Secret's namespace that references it (so a rotation rolls its pods).
+pub fn secret_to_consumers(store: &Store<Guarded>, namespace: &str, name: &str, owner: Option<&str>) -> Vec<ObjectRef<Guarded>> {
+    let mut out: Vec<ObjectRef<Guarded>> = store
+        .state()
+        .iter()
+        .filter(|g| g.namespace().as_deref() == Some(namespace))
+        .filter(|g| match &g.0 {
+            Ok(ec) => secrets::referenced_names(&ec.spec).contains(name),
+            Err(_) => false,
+        })
+        .map(|g| ObjectRef::new(&g.name_any()).within(namespace))
+        .collect();
+    if let Some(owner) = owner {
+        let r = ObjectRef::new(owner).within(namespace);
+        if !out.contains(&r) {
+            out.push(r);
+        }
+    }
+    out
+}
+
+/// Runs the controller until `shutdown` completes.
+///
+/// Watches: EventConsumers (through `DeserializeGuard`, managed fields dropped, only
+/// generation changes — status writes do not retrigger); the Deployments, ConfigMaps and
+/// PodDisruptionBudgets it owns (metadata only, selected by the managed-by label: any change,
+/// including Deployment status, triggers the owner); Secrets (metadata only: a changed
+/// resourceVersion maps to the EventConsumers that reference it or own it).
+pub async fn run_controller(
+    ctx: Arc<Context>,
+    scope: &WatchScope,
+    concurrency: u16,
+    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
+) {
+    let client = ctx.client.clone();
+    let ecs: Api<Guarded> = scope.api(&client);
+    let (reader, writer) = reflector::store();
+    let primary = watcher(ecs, watcher::Config::default().any_semantic())
+        .default_backoff()
+        .modify(|g| g.managed_fields_mut().clear())
+        .reflect(writer)
+        .applied_objects()
+        .predicate_filter(predicates::generation, Default::default());
+    let owned = watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY_VALUE}")).any_semantic();
+    // `Api<PartialObjectMeta<K>>` makes metadata-only list and watch requests.
+    let deployments =
+        watcher(scope.api::<PartialObjectMeta<Deployment>>(&client), owned.clone()).default_backoff().touched_objects();
+    let config_maps =
+        watcher(scope.api::<PartialObjectMeta<ConfigMap>>(&client), owned.clone()).default_backoff().touched_objects();
+    let pdbs = watcher(scope.api::<PartialObjectMeta<PodDisruptionBudget>>(&client), owned)
+        .default_backoff()
+        .touched_objects();
+    let secrets = watcher(scope.api::<PartialObjectMeta<Secret>>(&client), watcher::Config::default().any_semantic())
+        .default_backoff()
+        .touched_objects();
+    let store = reader.clone();
+    Controller::for_stream(primary, reader)
+        .with_config(ControllerConfig::default().concurrency(concurrency).debounce(Duration::from_millis(200)))
+        .owns_stream(deployments)
+        .owns_stream(config_maps)
+        .owns_stream(pdbs)
+        .watches_stream(secrets, move |s| {
+            let ns = s.namespace().unwrap_or_default();
+            let owner = s
+                .owner_references()
+                .iter()
+                .find(|o| o.kind == "EventConsumer" && o.controller == Some(true))
+                .map(|o| o.name.clone());
+            secret_to_consumers(&store, &ns, &s.name_any(), owner.as_deref())
+        })
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            match result {
+                Ok((obj, _)) => debug!(namespace = obj.namespace.as_deref().unwrap_or(""), name = %obj.name, "reconciled"),
+                Err(error) => debug!(%error, "reconcile error"),
+            }
+        })
+        .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_from_one_second_up_to_five_minutes() {
+        let got: Vec<u64> = (1..=12).map(|n| backoff(n).as_secs()).collect();
+        assert_eq!(got, [1, 2, 4, 8, 16, 32, 64, 128, 256, 300, 300, 300]);
+        assert_eq!(backoff(u32::MAX), BACKOFF_MAX);
+        assert_eq!(backoff(0), BACKOFF_MIN);
+    }
+
+    fn guard(ns: &str, name: &str, secret: Option<&str>) -> Arc<Guarded> {
+        let auth = secret
+            .map(|s| format!(", auth: {{sasl: {{mechanism: PLAIN, secretRef: {{name: {s}}}}}}}"))
+            .unwrap_or_default();
+        let yaml = format!(
+            "apiVersion: sluice.dev/v1alpha1\nkind: EventConsumer\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n  kafka: {{bootstrapServers: 'k:9092', topics: [a]{auth}}}\n  delivery: {{url: 'http://127.0.0.1:8080/'}}\n  template: {{spec: {{containers: [{{name: app}}]}}}}\n"
+        );
+        Arc::new(serde_norway::from_str(&yaml).unwrap())
+    }
+
+    #[test]
+    fn secrets_map_to_referencing_consumers_and_their_owner() {
+        let (reader, mut writer) = reflector::store::<Guarded>();
+        for g in [guard("a", "one", Some("creds")), guard("a", "two", None), guard("b", "three", Some("creds"))] {
+            writer.apply_watcher_event(&watcher::Event::Apply((*g).clone()));
+        }
+        let bad: Guarded = serde_json::from_value(json!({
+            "apiVersion": "sluice.dev/v1alpha1", "kind": "EventConsumer",
+            "metadata": {"name": "broken", "namespace": "a"}, "spec": {"kafka": 5}
+        }))
+        .unwrap();
+        assert!(bad.0.is_err(), "a malformed object is kept as an error, not a broken watch");
+        writer.apply_watcher_event(&watcher::Event::Apply(bad));
+        let names = |v: Vec<ObjectRef<Guarded>>| {
+            let mut v: Vec<String> = v.into_iter().map(|r| format!("{}/{}", r.namespace.unwrap(), r.name)).collect();
+            v.sort();
+            v
+        };
+        assert_eq!(names(secret_to_consumers(&reader, "a", "creds", None)), ["a/one"]);
+        assert_eq!(names(secret_to_consumers(&reader, "b", "creds", None)), ["b/three"]);
+        assert_eq!(names(secret_to_consumers(&reader, "a", "other", None)), Vec::<String>::new());
+        assert_eq!(names(secret_to_consumers(&reader, "a", "two-sluice-drain", Some("two"))), ["a/two"]);
+        assert_eq!(names(secret_to_consumers(&reader, "a", "creds", Some("one"))), ["a/one"]);
+    }
+}

@@ -1,0 +1,267 @@
+//! `sluice-operator run`: flags, logging, the HTTP endpoint, leader election and the
+//! controller, wired together.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Args, ValueEnum};
+use kube::Client;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info};
+use tracing_subscriber::EnvFilter;
+
+use crate::build::{DEFAULT_SIDECAR_IMAGE, SidecarDefaults, SidecarMode};
+use crate::leader::{Elector, LeaseSettings};
+use crate::metrics::{self, Metrics};
+use crate::reconcile::{Context, WatchScope, run_controller};
+
+/// Flags of `sluice-operator run`; every one can also be set through its environment variable.
+#[derive(Args, Debug, Clone, PartialEq)]
+pub struct RunArgs {
+    /// Address of the HTTP endpoint: /metrics, /healthz, /readyz.
+    #[arg(long, env = "SLUICE_LISTEN", default_value = "0.0.0.0:8080")]
+    pub listen: SocketAddr,
+
+    /// Sidecar image for EventConsumers that do not set spec.sidecar.image.
+    #[arg(long, env = "SLUICE_SIDECAR_IMAGE", default_value = DEFAULT_SIDECAR_IMAGE)]
+    pub sidecar_image: String,
+
+    /// How the sidecar is injected: `native` (an init container with restartPolicy Always;
+    /// Kubernetes 1.29+) or `container` (a plain container, for older clusters).
+    #[arg(long, env = "SLUICE_SIDECAR_MODE", value_enum, default_value_t = SidecarMode::Native)]
+    pub sidecar_mode: SidecarMode,
+
+    /// Watch only this namespace (default: all namespaces).
+    #[arg(long, env = "SLUICE_WATCH_NAMESPACE")]
+    pub watch_namespace: Option<String>,
+
+    /// EventConsumers reconciled at the same time.
+    #[arg(long, env = "SLUICE_CONCURRENCY", default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub concurrency: u16,
+
+    /// Name of the leader-election Lease.
+    #[arg(long, env = "SLUICE_LEASE_NAME", default_value = "sluice-operator")]
+    pub lease_name: String,
+
+    /// Namespace of the Lease (default: the namespace the operator runs in, else `default`).
+    #[arg(long, env = "SLUICE_LEASE_NAMESPACE")]
+    pub lease_namespace: Option<String>,
+
+    /// This replica's identity in the Lease (default: the pod name from POD_NAME, else the
+    /// host name plus a random suffix).
+    #[arg(long, env = "SLUICE_IDENTITY")]
+    pub identity: Option<String>,
+
+    /// Seconds a Lease stays valid without renewal.
+    #[arg(long, env = "SLUICE_LEASE_DURATION_SECONDS", default_value_t = 15)]
+    pub lease_duration_seconds: u64,
+
+    /// Seconds the leader keeps trying to renew before it stops reconciling.
+    #[arg(long, env = "SLUICE_RENEW_DEADLINE_SECONDS", default_value_t = 10)]
+    pub renew_deadline_seconds: u64,
+
+    /// Seconds between attempts to acquire or renew the Lease.
+    #[arg(long, env = "SLUICE_RETRY_PERIOD_SECONDS", default_value_t = 2)]
+    pub retry_period_seconds: u64,
+
+    /// Log filter (tracing EnvFilter syntax), e.g. `info` or `sluice_operator=debug`.
+    #[arg(long, env = "SLUICE_LOG", default_value = "info")]
+    pub log: String,
+
+    /// Log format.
+    #[arg(long, env = "SLUICE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Json)]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Json,
+    Text,
+}
+
+/// Everything [`run`] needs, resolved from the flags (tests build it directly).
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub defaults: SidecarDefaults,
+    pub scope: WatchScope,
+    pub concurrency: u16,
+    pub lease: LeaseSettings,
+}
+
+impl RunArgs {
+    /// Resolves defaults that depend on the environment and checks the settings.
+    pub fn settings(&self, default_namespace: &str) -> anyhow::Result<Settings> {
+        let identity = match &self.identity {
+            Some(id) => id.clone(),
+            None => std::env::var("POD_NAME").unwrap_or_else(|_| {
+                let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "sluice-operator".into());
+                format!("{host}-{:08x}", rand::random::<u32>())
+            }),
+        };
+        let lease = LeaseSettings {
+            name: self.lease_name.clone(),
+            namespace: self.lease_namespace.clone().unwrap_or_else(|| default_namespace.to_owned()),
+            identity,
+            lease_duration: Duration::from_secs(self.lease_duration_seconds),
+            renew_deadline: Duration::from_secs(self.renew_deadline_seconds),
+            retry_period: Duration::from_secs(self.retry_period_seconds),
+        };
+        lease.check().map_err(anyhow::Error::msg)?;
+        if self.sidecar_image.trim().is_empty() || self.sidecar_image.contains(char::is_whitespace) {
+            anyhow::bail!("--sidecar-image {:?} is not an image reference; give one such as sluice.dev/consumer:1.0", self.sidecar_image);
+        }
+        Ok(Settings {
+            defaults: SidecarDefaults { image: self.sidecar_image.clone(), mode: self.sidecar_mode },
+            scope: WatchScope { namespace: self.watch_namespace.clone() },
+            concurrency: self.concurrency,
+            lease,
+        })
+    }
+}
+
+fn init_logging(args: &RunArgs) -> anyhow::Result<()> {
+    let filter = EnvFilter::try_new(&args.log).with_context(|| format!("invalid --log {:?}", args.log))?;
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match args.log_format {
+        LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).try_init(),
+        LogFormat::Text => builder.try_init(),
+    }
+    .map_err(|e| anyhow::anyhow!("cannot set up logging: {e}"))
+}
+
+/// The binary's `run`: logging, client, HTTP endpoint, then [`run`] until SIGTERM or Ctrl-C.
+pub async fn main(args: RunArgs) -> anyhow::Result<()> {
+    init_logging(&args)?;
+    let client = Client::try_default()
+        .await
+        .context("cannot configure the Kubernetes client (in-cluster service account or KUBECONFIG)")?;
+    let default_ns = std::env::var("POD_NAMESPACE").unwrap_or_else(|_| client.default_namespace().to_owned());
+    let settings = args.settings(&default_ns)?;
+    let metrics = Arc::new(Metrics::new());
+    let shutdown = CancellationToken::new();
+
+    let signal_token = shutdown.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        info!("shutdown signal received");
+        signal_token.cancel();
+    });
+    let server_token = shutdown.clone();
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (--listen)", args.listen))?;
+    let server_metrics = metrics.clone();
+    let server = tokio::spawn(async move {
+        axum::serve(listener, metrics::router(server_metrics))
+            .with_graceful_shutdown(async move { server_token.cancelled().await })
+            .await
+    });
+    info!(listen = %args.listen, identity = %settings.lease.identity, lease = %settings.lease.name,
+        lease_namespace = %settings.lease.namespace, "sluice-operator starting");
+    run(client, settings, metrics, shutdown).await;
+    if let Ok(Err(e)) = server.await {
+        error!(error = %e, "the HTTP endpoint failed");
+    }
+    info!("sluice-operator stopped");
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// How long running reconciles may take to finish when the controller stops.
+pub const GRACEFUL_STOP: Duration = Duration::from_secs(4);
+
+/// Campaigns for the Lease; while leader, runs the controller and renews the Lease. On losing
+/// it, stops reconciling and campaigns again. Returns after `shutdown`, having released the
+/// Lease if it held it.
+pub async fn run(client: Client, settings: Settings, metrics: Arc<Metrics>, shutdown: CancellationToken) {
+    let elector = Elector::new(client.clone(), settings.lease.clone());
+    let ctx = Arc::new(Context::new(client, settings.defaults.clone(), metrics.clone(), &settings.lease.identity));
+    loop {
+        let contact = || metrics.set_ready();
+        if !elector.acquire(&shutdown, contact).await {
+            return;
+        }
+        metrics.leader.set(1);
+        let stop = shutdown.child_token();
+        let controller_stop = stop.clone();
+        let controller = run_controller(ctx.clone(), &settings.scope, settings.concurrency, async move {
+            controller_stop.cancelled().await
+        });
+        tokio::pin!(controller);
+        let lost = tokio::select! {
+            lost = elector.hold(&stop) => {
+                // Lost (or shutting down): stop the controller, letting running reconciles
+                // finish — bounded, well inside the margin between the renew deadline and the
+                // lease duration.
+                stop.cancel();
+                let _ = tokio::time::timeout(GRACEFUL_STOP, &mut controller).await;
+                lost
+            }
+            () = &mut controller => false,
+        };
+        metrics.leader.set(0);
+        if shutdown.is_cancelled() || !lost {
+            elector.release().await;
+            return;
+        }
+        info!("leadership lost; campaigning again");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(extra: &[&str]) -> RunArgs {
+        #[derive(clap::Parser)]
+        struct T {
+            #[command(flatten)]
+            run: RunArgs,
+        }
+        let mut argv = vec!["t"];
+        argv.extend_from_slice(extra);
+        <T as clap::Parser>::try_parse_from(argv).map(|t| t.run).unwrap()
+    }
+
+    #[test]
+    fn defaults_resolve_to_valid_settings() {
+        let s = args(&["--identity", "pod-1"]).settings("ops").unwrap();
+        assert_eq!(s.lease.namespace, "ops");
+        assert_eq!(s.lease.identity, "pod-1");
+        assert_eq!(s.lease.lease_duration, Duration::from_secs(15));
+        assert_eq!(s.defaults, SidecarDefaults::default());
+        assert_eq!(s.scope.namespace, None);
+        assert_eq!(s.concurrency, 16);
+    }
+
+    #[test]
+    fn flags_override_and_bad_timings_are_refused() {
+        let s = args(&["--sidecar-mode", "container", "--sidecar-image", "x/y:1", "--watch-namespace", "shop", "--identity", "a"])
+            .settings("d")
+            .unwrap();
+        assert_eq!(s.defaults.mode, SidecarMode::Container);
+        assert_eq!(s.defaults.image, "x/y:1");
+        assert_eq!(s.scope.namespace.as_deref(), Some("shop"));
+        let e = args(&["--lease-duration-seconds", "5", "--identity", "a"]).settings("d").unwrap_err();
+        assert!(e.to_string().contains("--renew-deadline"), "{e}");
+        let e = args(&["--sidecar-image", "has space", "--identity", "a"]).settings("d").unwrap_err();
+        assert!(e.to_string().contains("--sidecar-image"), "{e}");
+    }
+}
