@@ -258,7 +258,7 @@ impl Dispatcher {
         let mut last_commit = Instant::now();
         loop {
             tokio::select! {
-                biased;
+                // Not biased: a flood of results must not starve fetched records or revokes.
                 Some(ev) = events.recv() => {
                     self.on_task_event(ev);
                     while let Ok(ev) = events.try_recv() {

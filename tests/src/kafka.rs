@@ -164,3 +164,71 @@ impl Drop for Topic {
 pub fn group(prefix: &str) -> String {
     unique_name(prefix)
 }
+
+/// Reads `topic` from the beginning with a throwaway consumer (no commits) until `expected`
+/// records were read or `timeout` passed, and returns what it read.
+pub fn read_all(topic: &str, expected: usize, timeout: Duration) -> Vec<rdkafka::message::OwnedMessage> {
+    use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+    let consumer: BaseConsumer = client_config()
+        .set("group.id", unique_name("reader"))
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap_or_else(|e| panic!("cannot create a Kafka consumer: {e}"));
+    let md = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("metadata of {topic}: {e}"));
+    let mut tpl = TopicPartitionList::new();
+    for t in md.topics().iter().filter(|t| t.name() == topic) {
+        for p in t.partitions() {
+            tpl.add_partition_offset(topic, p.id(), Offset::Beginning).unwrap();
+        }
+    }
+    consumer.assign(&tpl).unwrap_or_else(|e| panic!("assigning {topic}: {e}"));
+    let deadline = std::time::Instant::now() + timeout;
+    let mut out = Vec::new();
+    while out.len() < expected && std::time::Instant::now() < deadline {
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
+            out.push(m.detach());
+        }
+    }
+    out
+}
+
+/// The offsets `group` committed for partitions `0..partitions` of `topic` (`None` where it
+/// committed nothing).
+pub fn committed(group: &str, topic: &str, partitions: i32) -> Vec<Option<i64>> {
+    use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+    let consumer: BaseConsumer = client_config()
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap_or_else(|e| panic!("cannot create a Kafka consumer: {e}"));
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition(topic, p);
+    }
+    let got = consumer
+        .committed_offsets(tpl, Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("committed offsets of {group}: {e}"));
+    (0..partitions)
+        .map(|p| match got.find_partition(topic, p).map(|e| e.offset()) {
+            Some(Offset::Offset(o)) => Some(o),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The end offset (high watermark) of partitions `0..partitions` of `topic`.
+pub fn end_offsets(topic: &str, partitions: i32) -> Vec<i64> {
+    let consumer: BaseConsumer = client_config()
+        .create()
+        .unwrap_or_else(|e| panic!("cannot create a Kafka client: {e}"));
+    (0..partitions)
+        .map(|p| {
+            consumer
+                .fetch_watermarks(topic, p, Duration::from_secs(10))
+                .unwrap_or_else(|e| panic!("watermarks of {topic}[{p}]: {e}"))
+                .1
+        })
+        .collect()
+}

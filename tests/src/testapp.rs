@@ -1,0 +1,442 @@
+//! A recording HTTP application for the consumer sidecar's tests and benchmark, and a
+//! handle on a `sluice-consumer` process.
+//!
+//! [`TestApp`] answers every POST according to a behaviour function (status, headers, delay),
+//! records what it received, tracks concurrency, and can be stopped and restarted on the same
+//! port to play an application that is down or flapping.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio::task::{JoinHandle, JoinSet};
+
+/// One request the application received.
+#[derive(Clone, Debug)]
+pub struct Received {
+    pub value: String,
+    /// Lower-case header names.
+    pub headers: HashMap<String, String>,
+    pub at: Instant,
+}
+
+impl Received {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).map(String::as_str)
+    }
+    pub fn partition(&self) -> i32 {
+        self.header("kafka-partition").and_then(|p| p.parse().ok()).expect("kafka-partition header")
+    }
+    pub fn offset(&self) -> i64 {
+        self.header("kafka-offset").and_then(|p| p.parse().ok()).expect("kafka-offset header")
+    }
+}
+
+/// How the application answers one request.
+#[derive(Clone, Debug)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub delay: Duration,
+}
+
+impl Reply {
+    pub fn ok() -> Reply {
+        Reply { status: 200, headers: vec![], delay: Duration::ZERO }
+    }
+    pub fn status(status: u16) -> Reply {
+        Reply { status, ..Reply::ok() }
+    }
+    pub fn after(mut self, delay: Duration) -> Reply {
+        self.delay = delay;
+        self
+    }
+    pub fn header(mut self, name: &str, value: &str) -> Reply {
+        self.headers.push((name.into(), value.into()));
+        self
+    }
+}
+
+pub type Behaviour = Arc<dyn Fn(&Received) -> Reply + Send + Sync>;
+
+struct Shared {
+    behaviour: RwLock<Behaviour>,
+    record: bool,
+    received: Mutex<Vec<Received>>,
+    /// Requests whose reply was sent (recorded or not).
+    answered: AtomicUsize,
+    in_flight: AtomicUsize,
+    max_in_flight: AtomicUsize,
+}
+
+/// The test application.
+pub struct TestApp {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    server: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl TestApp {
+    /// Starts on a free loopback port, recording every request.
+    pub async fn start(behaviour: impl Fn(&Received) -> Reply + Send + Sync + 'static) -> TestApp {
+        Self::start_with(Arc::new(behaviour), true).await
+    }
+
+    /// Starts an application that answers 200 at once and only counts requests.
+    pub async fn counting() -> TestApp {
+        Self::start_with(Arc::new(|_: &Received| Reply::ok()), false).await
+    }
+
+    async fn start_with(behaviour: Behaviour, record: bool) -> TestApp {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("binding the test application");
+        let addr = listener.local_addr().unwrap();
+        let shared = Arc::new(Shared {
+            behaviour: RwLock::new(behaviour),
+            record,
+            received: Mutex::new(Vec::new()),
+            answered: AtomicUsize::new(0),
+            in_flight: AtomicUsize::new(0),
+            max_in_flight: AtomicUsize::new(0),
+        });
+        let app = TestApp { addr, shared, server: Mutex::new(None) };
+        app.serve(listener);
+        app
+    }
+
+    /// Starts without listening yet (the application is "down" until [`TestApp::resume`]).
+    pub async fn down(behaviour: impl Fn(&Received) -> Reply + Send + Sync + 'static) -> TestApp {
+        let app = Self::start(behaviour).await;
+        app.stop();
+        app
+    }
+
+    fn serve(&self, listener: TcpListener) {
+        let shared = self.shared.clone();
+        let handle = tokio::spawn(async move {
+            let mut connections = JoinSet::new();
+            loop {
+                tokio::select! {
+                    accepted = listener.accept() => {
+                        let Ok((stream, _)) = accepted else { continue };
+                        let _ = stream.set_nodelay(true);
+                        let shared = shared.clone();
+                        connections.spawn(async move {
+                            let service = service_fn(move |req| handle(shared.clone(), req));
+                            let _ = hyper::server::conn::http1::Builder::new()
+                                .serve_connection(TokioIo::new(stream), service)
+                                .await;
+                        });
+                    }
+                    Some(_) = connections.join_next(), if !connections.is_empty() => {}
+                }
+            }
+        });
+        *self.server.lock().unwrap() = Some(handle);
+    }
+
+    /// Stops listening and drops every open connection (in-flight requests fail).
+    pub fn stop(&self) {
+        if let Some(h) = self.server.lock().unwrap().take() {
+            h.abort();
+        }
+    }
+
+    /// Listens again on the same port.
+    pub async fn resume(&self) {
+        let mut tries = 0;
+        let listener = loop {
+            match TcpListener::bind(self.addr).await {
+                Ok(l) => break l,
+                Err(e) if tries < 50 => {
+                    tries += 1;
+                    let _ = e;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("rebinding the test application on {}: {e}", self.addr),
+            }
+        };
+        self.serve(listener);
+    }
+
+    pub fn set_behaviour(&self, behaviour: impl Fn(&Received) -> Reply + Send + Sync + 'static) {
+        *self.shared.behaviour.write().unwrap() = Arc::new(behaviour);
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}/events", self.addr)
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Every request received so far, in arrival order.
+    pub fn received(&self) -> Vec<Received> {
+        self.shared.received.lock().unwrap().clone()
+    }
+
+    /// Requests answered so far (a reply was written).
+    pub fn answered(&self) -> usize {
+        self.shared.answered.load(Ordering::SeqCst)
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.shared.in_flight.load(Ordering::SeqCst)
+    }
+
+    /// The most requests ever handled at once.
+    pub fn max_concurrency(&self) -> usize {
+        self.shared.max_in_flight.load(Ordering::SeqCst)
+    }
+
+    /// Waits until `pred` holds for the received requests, or panics after `timeout`.
+    pub async fn wait_until(&self, what: &str, timeout: Duration, pred: impl Fn(&[Received]) -> bool) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if pred(&self.shared.received.lock().unwrap()) {
+                return;
+            }
+            if Instant::now() > deadline {
+                let n = self.shared.received.lock().unwrap().len();
+                panic!("timed out after {timeout:?} waiting for {what} ({n} requests received)");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+struct InFlight<'a>(&'a Shared);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, hyper::Error> {
+    let now = shared.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+    shared.max_in_flight.fetch_max(now, Ordering::SeqCst);
+    let _guard = InFlight(&shared);
+    let (parts, body) = req.into_parts();
+    let body = body.collect().await?.to_bytes();
+    let received = Received {
+        value: String::from_utf8_lossy(&body).into_owned(),
+        headers: if shared.record {
+            parts
+                .headers
+                .iter()
+                .map(|(k, v)| (k.as_str().to_owned(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
+                .collect()
+        } else {
+            HashMap::new()
+        },
+        at: Instant::now(),
+    };
+    let behaviour = shared.behaviour.read().unwrap().clone();
+    let reply = behaviour(&received);
+    if !reply.delay.is_zero() {
+        tokio::time::sleep(reply.delay).await;
+    }
+    if shared.record {
+        shared.received.lock().unwrap().push(received);
+    }
+    let mut resp = Response::builder().status(reply.status);
+    for (k, v) in &reply.headers {
+        resp = resp.header(k, v);
+    }
+    shared.answered.fetch_add(1, Ordering::SeqCst);
+    Ok(resp.body(Full::new(Bytes::new())).expect("valid test response"))
+}
+
+/// The `sluice-consumer` binary, built once per test process with the same profile as the
+/// tests (`cargo build -p sluice-consumer`).
+pub fn sidecar_binary() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        // <target>/<profile>/deps/<test-binary> or <target>/<profile>/<binary>
+        let exe = std::env::current_exe().expect("the test binary's path");
+        let mut profile_dir = exe.parent().expect("target/<profile>").to_path_buf();
+        if profile_dir.file_name().is_some_and(|n| n == "deps") {
+            profile_dir = profile_dir.parent().map(Path::to_path_buf).expect("target/<profile>");
+        }
+        let release = profile_dir.file_name().is_some_and(|n| n == "release");
+        let target_dir = profile_dir.parent().expect("target dir").to_path_buf();
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.args(["build", "-q", "-p", "sluice-consumer", "--bin", "sluice-consumer"])
+            .env("CARGO_TARGET_DIR", &target_dir)
+            .current_dir(env!("CARGO_MANIFEST_DIR"));
+        if release {
+            cmd.arg("--release");
+        }
+        let status = cmd.status().expect("running cargo build for sluice-consumer");
+        assert!(status.success(), "building sluice-consumer failed: {status}");
+        let bin = profile_dir.join("sluice-consumer");
+        assert!(bin.exists(), "{} was not built", bin.display());
+        bin
+    })
+    .clone()
+}
+
+/// A free loopback port (bound and released; good enough for tests).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A running `sluice-consumer` process with its own config file and admin port.
+pub struct Sidecar {
+    pub child: Child,
+    pub admin: SocketAddr,
+    pub dir: PathBuf,
+    pub name: String,
+}
+
+/// The drain token every test sidecar is configured with.
+pub const TEST_DRAIN_TOKEN: &str = "test-drain-token";
+
+impl Sidecar {
+    /// Starts the sidecar with `config` (a JSON object; `admin` and `drain.tokenFile` are
+    /// filled in). Logs go to `<dir>/sidecar.log`.
+    pub fn start(name: &str, mut config: serde_json::Value) -> Sidecar {
+        let dir = std::env::temp_dir().join(format!("sluice-sidecar-{}", crate::unique_name(name)));
+        std::fs::create_dir_all(&dir).unwrap();
+        let token = dir.join("drain-token");
+        std::fs::write(&token, format!("{TEST_DRAIN_TOKEN}\n")).unwrap();
+        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        config["admin"] = serde_json::json!({"listen": admin.to_string()});
+        let drain = config.get("drain").cloned().unwrap_or_else(|| serde_json::json!({}));
+        let mut drain = drain;
+        drain["tokenFile"] = serde_json::json!(token);
+        config["drain"] = drain;
+        let path = dir.join("config.json");
+        std::fs::write(&path, serde_json::to_vec_pretty(&config).unwrap()).unwrap();
+        let log = std::fs::File::create(dir.join("sidecar.log")).unwrap();
+        let child = Command::new(sidecar_binary())
+            .arg("--config")
+            .arg(&path)
+            .env("SLUICE_LOG", std::env::var("SLUICE_TEST_SIDECAR_LOG").unwrap_or_else(|_| "info".into()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("starting sluice-consumer");
+        Sidecar { child, admin, dir, name: name.to_owned() }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill").args([format!("-{signal}"), self.pid().to_string()]).status().unwrap();
+        assert!(status.success(), "kill -{signal} {}", self.pid());
+    }
+
+    /// Waits for the process to exit, up to `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("sidecar.log")).unwrap_or_default()
+    }
+
+    /// A GET on the admin port: (status, body). Errors are reported as status 0.
+    pub fn get(&self, path: &str, headers: &[(&str, &str)]) -> (u16, String) {
+        use std::io::{Read, Write};
+        let Ok(mut s) = std::net::TcpStream::connect_timeout(&self.admin, Duration::from_secs(2)) else {
+            return (0, String::new());
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(120)));
+        let extra: String = headers.iter().map(|(k, v)| format!("{k}: {v}\r\n")).collect();
+        let req = format!("GET {path} HTTP/1.1\r\nHost: sidecar\r\n{extra}Connection: close\r\n\r\n");
+        if s.write_all(req.as_bytes()).is_err() {
+            return (0, String::new());
+        }
+        let mut resp = String::new();
+        let _ = s.read_to_string(&mut resp);
+        let status = resp.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
+        let body = resp.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+        (status, body)
+    }
+
+    /// The value of one metric sample (exact name with labels), if present.
+    pub fn metric(&self, sample: &str) -> Option<f64> {
+        let (status, body) = self.get("/metrics", &[]);
+        if status != 200 {
+            return None;
+        }
+        let prefix = format!("{sample} ");
+        body.lines().find_map(|l| l.strip_prefix(&prefix).and_then(|v| v.trim().parse().ok()))
+    }
+
+    /// Waits until `/readyz` answers 200.
+    pub fn wait_ready(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if self.get("/readyz", &[]).0 == 200 {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("sidecar {} not ready after {timeout:?}; log:\n{}", self.name, self.log());
+    }
+}
+
+impl Drop for Sidecar {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// A sidecar configuration for tests: `topic`, `group`, delivery to `url`, fast retries and
+/// short drain and session timeouts. Adjust with `config["delivery"]["..."] = ...`.
+pub fn sidecar_config(topic: &str, group: &str, url: &str) -> serde_json::Value {
+    serde_json::json!({
+        "kafka": {
+            "bootstrapServers": crate::kafka::bootstrap(),
+            "topics": [topic],
+            "groupId": group,
+            "sessionTimeoutMs": 6000,
+            "heartbeatIntervalMs": 1000,
+        },
+        "delivery": {
+            "url": url,
+            "timeout": "5s",
+            "ordering": "partition",
+            "maxInFlight": 32,
+            "retry": {"maxAttempts": 3, "initialBackoff": "20ms", "maxBackoff": "200ms"},
+            "commitInterval": "200ms",
+        },
+        "drain": {"timeout": "20s"},
+    })
+}
