@@ -251,7 +251,10 @@ pub struct Drain {
 
 impl Default for Drain {
     fn default() -> Self {
-        Drain { timeout: default_drain_timeout(), token_file: None }
+        Drain {
+            timeout: default_drain_timeout(),
+            token_file: None,
+        }
     }
 }
 
@@ -266,7 +269,9 @@ pub struct Admin {
 
 impl Default for Admin {
     fn default() -> Self {
-        Admin { listen: default_admin_listen() }
+        Admin {
+            listen: default_admin_listen(),
+        }
     }
 }
 
@@ -309,11 +314,20 @@ fn default_admin_listen() -> SocketAddr {
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
     #[error("cannot read the configuration file {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("the configuration file {path} is not a valid Sluice sidecar configuration: {source}")]
-    Parse { path: PathBuf, source: serde_json::Error },
+    Parse {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
     #[error("the configuration file {path} is invalid:\n{source}")]
-    Invalid { path: PathBuf, source: ValidationError },
+    Invalid {
+        path: PathBuf,
+        source: ValidationError,
+    },
 }
 
 impl SidecarConfig {
@@ -324,13 +338,18 @@ impl SidecarConfig {
 
     /// Reads, parses and validates the configuration file at `path`.
     pub fn load(path: &Path) -> Result<SidecarConfig, LoadError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| LoadError::Read { path: path.to_owned(), source })?;
-        let config = Self::from_json(&text)
-            .map_err(|source| LoadError::Parse { path: path.to_owned(), source })?;
-        config
-            .validate()
-            .map_err(|source| LoadError::Invalid { path: path.to_owned(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| LoadError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let config = Self::from_json(&text).map_err(|source| LoadError::Parse {
+            path: path.to_owned(),
+            source,
+        })?;
+        config.validate().map_err(|source| LoadError::Invalid {
+            path: path.to_owned(),
+            source,
+        })?;
         Ok(config)
     }
 
@@ -358,14 +377,22 @@ pub fn read_secret_file(field: &'static str, path: &Path) -> Result<String, Cred
     })?;
     let value = text.trim_end_matches(['\n', '\r']).to_owned();
     if value.is_empty() {
-        return Err(CredentialError { field, path: path.to_owned(), reason: "the file is empty".into() });
+        return Err(CredentialError {
+            field,
+            path: path.to_owned(),
+            reason: "the file is empty".into(),
+        });
     }
     Ok(value)
 }
 
 impl KafkaConnection {
     /// A minimal connection: the given servers, topics and group with every default.
-    pub fn new(bootstrap_servers: impl Into<String>, topics: Vec<String>, group_id: impl Into<String>) -> Self {
+    pub fn new(
+        bootstrap_servers: impl Into<String>,
+        topics: Vec<String>,
+        group_id: impl Into<String>,
+    ) -> Self {
         KafkaConnection {
             bootstrap_servers: bootstrap_servers.into(),
             topics,
@@ -387,7 +414,10 @@ impl KafkaConnection {
     /// credentials (read from their files now), then the pass-through properties.
     pub fn client_properties(&self) -> Result<BTreeMap<String, String>, CredentialError> {
         let mut props = BTreeMap::new();
-        props.insert("bootstrap.servers".to_owned(), self.bootstrap_servers.clone());
+        props.insert(
+            "bootstrap.servers".to_owned(),
+            self.bootstrap_servers.clone(),
+        );
         let (sasl, tls) = match &self.auth {
             Some(auth) => (auth.sasl.as_ref(), auth.tls.as_ref()),
             None => (None, None),
@@ -400,7 +430,10 @@ impl KafkaConnection {
         };
         props.insert("security.protocol".to_owned(), protocol.to_owned());
         if let Some(sasl) = sasl {
-            props.insert("sasl.mechanism".to_owned(), sasl.mechanism.as_str().to_owned());
+            props.insert(
+                "sasl.mechanism".to_owned(),
+                sasl.mechanism.as_str().to_owned(),
+            );
             props.insert(
                 "sasl.username".to_owned(),
                 read_secret_file("kafka.auth.sasl.usernameFile", &sasl.username_file)?,
@@ -411,9 +444,15 @@ impl KafkaConnection {
             );
         }
         if let Some(tls) = tls {
-            props.insert("ssl.ca.location".to_owned(), tls.ca_file.display().to_string());
+            props.insert(
+                "ssl.ca.location".to_owned(),
+                tls.ca_file.display().to_string(),
+            );
             if let Some(cert) = &tls.cert_file {
-                props.insert("ssl.certificate.location".to_owned(), cert.display().to_string());
+                props.insert(
+                    "ssl.certificate.location".to_owned(),
+                    cert.display().to_string(),
+                );
             }
             if let Some(key) = &tls.key_file {
                 props.insert("ssl.key.location".to_owned(), key.display().to_string());
@@ -478,19 +517,31 @@ pub const OWNED_PROPERTIES: &[(&str, &str)] = &[
     ("bootstrap.servers", "kafka.bootstrapServers"),
     ("metadata.broker.list", "kafka.bootstrapServers"),
     ("group.id", "kafka.groupId"),
-    ("group.instance.id", "nothing: static membership would stop drain from leaving the group"),
+    (
+        "group.instance.id",
+        "nothing: static membership would stop drain from leaving the group",
+    ),
     ("group.protocol", "kafka.protocol"),
     ("partition.assignment.strategy", "kafka.protocol"),
     ("group.remote.assignor", "kafka.protocol"),
     ("auto.offset.reset", "kafka.startFrom"),
-    ("enable.auto.commit", "nothing: Sluice commits only finished offsets"),
-    ("enable.auto.offset.store", "nothing: Sluice stores only finished offsets"),
+    (
+        "enable.auto.commit",
+        "nothing: Sluice commits only finished offsets",
+    ),
+    (
+        "enable.auto.offset.store",
+        "nothing: Sluice stores only finished offsets",
+    ),
     ("auto.commit.interval.ms", "delivery.commitInterval"),
     ("enable.partition.eof", "nothing"),
     ("session.timeout.ms", "kafka.sessionTimeoutMs"),
     ("heartbeat.interval.ms", "kafka.heartbeatIntervalMs"),
     ("max.poll.interval.ms", "kafka.maxPollIntervalMs"),
-    ("queued.max.messages.kbytes", "kafka.queuedMaxMessagesKbytes"),
+    (
+        "queued.max.messages.kbytes",
+        "kafka.queuedMaxMessagesKbytes",
+    ),
     ("fetch.max.bytes", "kafka.fetchMaxBytes"),
     ("max.partition.fetch.bytes", "kafka.maxPartitionFetchBytes"),
     ("security.protocol", "kafka.auth"),
@@ -504,10 +555,22 @@ pub const OWNED_PROPERTIES: &[(&str, &str)] = &[
     ("ssl.certificate.pem", "kafka.auth.tls.certFile"),
     ("ssl.key.location", "kafka.auth.tls.keyFile"),
     ("ssl.key.pem", "kafka.auth.tls.keyFile"),
-    ("ssl.key.password", "kafka.auth.tls.keyFile (use an unencrypted key)"),
-    ("enable.idempotence", "nothing: the dead-letter producer is always idempotent"),
-    ("acks", "nothing: the dead-letter producer always uses acks=all"),
-    ("request.required.acks", "nothing: the dead-letter producer always uses acks=all"),
+    (
+        "ssl.key.password",
+        "kafka.auth.tls.keyFile (use an unencrypted key)",
+    ),
+    (
+        "enable.idempotence",
+        "nothing: the dead-letter producer is always idempotent",
+    ),
+    (
+        "acks",
+        "nothing: the dead-letter producer always uses acks=all",
+    ),
+    (
+        "request.required.acks",
+        "nothing: the dead-letter producer always uses acks=all",
+    ),
 ];
 
 #[cfg(test)]

@@ -16,13 +16,27 @@ fn valid() -> SidecarConfig {
 /// Asserts that validation fails with exactly one problem on `field` whose message contains
 /// every fragment.
 fn assert_problem(config: &SidecarConfig, field: &str, fragments: &[&str]) {
-    let err = config.validate().expect_err("the configuration must be rejected");
+    let err = config
+        .validate()
+        .expect_err("the configuration must be rejected");
     let on_field: Vec<_> = err.problems.iter().filter(|p| p.field == field).collect();
-    assert_eq!(on_field.len(), 1, "expected one problem on {field}, got: {err}");
+    assert_eq!(
+        on_field.len(),
+        1,
+        "expected one problem on {field}, got: {err}"
+    );
     for f in fragments {
-        assert!(on_field[0].message.contains(f), "message for {field} lacks {f:?}: {}", on_field[0].message);
+        assert!(
+            on_field[0].message.contains(f),
+            "message for {field} lacks {f:?}: {}",
+            on_field[0].message
+        );
     }
-    assert_eq!(err.problems.len(), 1, "expected only the problem on {field}, got: {err}");
+    assert_eq!(
+        err.problems.len(),
+        1,
+        "expected only the problem on {field}, got: {err}"
+    );
 }
 
 #[test]
@@ -66,7 +80,17 @@ fn full_configuration_round_trips_through_json() {
     }"#;
     let c = SidecarConfig::from_json(json).unwrap();
     c.validate().unwrap();
-    assert_eq!(c.kafka.auth.as_ref().unwrap().sasl.as_ref().unwrap().mechanism, SaslMechanism::ScramSha512);
+    assert_eq!(
+        c.kafka
+            .auth
+            .as_ref()
+            .unwrap()
+            .sasl
+            .as_ref()
+            .unwrap()
+            .mechanism,
+        SaslMechanism::ScramSha512
+    );
     assert_eq!(c.delivery.ordering, Ordering::Key);
     assert_eq!(c.delivery.retry.initial_backoff, Duration::from_millis(50));
     let again = SidecarConfig::from_json(&c.to_json()).unwrap();
@@ -77,17 +101,44 @@ fn full_configuration_round_trips_through_json() {
 #[test]
 fn unknown_keys_are_rejected_at_every_level() {
     for (json, key) in [
-        (r#"{"kafka": {"bootstrapServers": "k:1", "topics": ["t"], "groupId": "g"}, "delivery": {"url": "http://localhost:1/"}, "extra": 1}"#, "extra"),
-        (r#"{"kafka": {"bootstrapServers": "k:1", "topics": ["t"], "groupId": "g", "topic": "t"}, "delivery": {"url": "http://localhost:1/"}}"#, "topic"),
-        (r#"{"kafka": {"bootstrapServers": "k:1", "topics": ["t"], "groupId": "g"}, "delivery": {"url": "http://localhost:1/", "retries": 3}}"#, "retries"),
-        (r#"{"kafka": {"bootstrapServers": "k:1", "topics": ["t"], "groupId": "g"}, "delivery": {"url": "http://localhost:1/", "retry": {"max": 3}}}"#, "max"),
-        (r#"{"kafka": {"bootstrapServers": "k:1", "topics": ["t"], "groupId": "g"}, "delivery": {"url": "http://localhost:1/"}, "drain": {"token": "x"}}"#, "token"),
-        (r#"{"kafka": {"bootstrapServers": "k:1", "topics": ["t"], "groupId": "g", "auth": {"tls": {"ca": "x"}}}, "delivery": {"url": "http://localhost:1/"}}"#, "ca"),
-        (r#"{"kafka": {"bootstrapServers": "k:1", "topics": ["t"], "groupId": "g"}, "delivery": {"url": "http://localhost:1/"}, "admin": {"port": 1}}"#, "port"),
-        (r#"{"kafka": {"bootstrapServers": "k:1", "topics": ["t"], "groupId": "g"}, "delivery": {"url": "http://localhost:1/"}, "app": {"url": "x"}}"#, "url"),
+        (
+            r#"{"kafka": {"bootstrapServers": "k:1", "topics": ["t"], "groupId": "g"}, "delivery": {"url": "http://localhost:1/"}, "extra": 1}"#,
+            "extra",
+        ),
+        (
+            r#"{"kafka": {"bootstrapServers": "k:1", "topics": ["t"], "groupId": "g", "topic": "t"}, "delivery": {"url": "http://localhost:1/"}}"#,
+            "topic",
+        ),
+        (
+            r#"{"kafka": {"bootstrapServers": "k:1", "topics": ["t"], "groupId": "g"}, "delivery": {"url": "http://localhost:1/", "retries": 3}}"#,
+            "retries",
+        ),
+        (
+            r#"{"kafka": {"bootstrapServers": "k:1", "topics": ["t"], "groupId": "g"}, "delivery": {"url": "http://localhost:1/", "retry": {"max": 3}}}"#,
+            "max",
+        ),
+        (
+            r#"{"kafka": {"bootstrapServers": "k:1", "topics": ["t"], "groupId": "g"}, "delivery": {"url": "http://localhost:1/"}, "drain": {"token": "x"}}"#,
+            "token",
+        ),
+        (
+            r#"{"kafka": {"bootstrapServers": "k:1", "topics": ["t"], "groupId": "g", "auth": {"tls": {"ca": "x"}}}, "delivery": {"url": "http://localhost:1/"}}"#,
+            "ca",
+        ),
+        (
+            r#"{"kafka": {"bootstrapServers": "k:1", "topics": ["t"], "groupId": "g"}, "delivery": {"url": "http://localhost:1/"}, "admin": {"port": 1}}"#,
+            "port",
+        ),
+        (
+            r#"{"kafka": {"bootstrapServers": "k:1", "topics": ["t"], "groupId": "g"}, "delivery": {"url": "http://localhost:1/"}, "app": {"url": "x"}}"#,
+            "url",
+        ),
     ] {
         let err = SidecarConfig::from_json(json).expect_err(key).to_string();
-        assert!(err.contains(&format!("unknown field `{key}`")), "{key}: {err}");
+        assert!(
+            err.contains(&format!("unknown field `{key}`")),
+            "{key}: {err}"
+        );
     }
 }
 
@@ -167,7 +218,11 @@ fn consumer_protocol_rejects_client_side_session_settings() {
     c.kafka.protocol = GroupProtocol::Consumer;
     c.validate().unwrap();
     c.kafka.session_timeout_ms = Some(10_000);
-    assert_problem(&c, "kafka.sessionTimeoutMs", &["not allowed", "consumer", "classic"]);
+    assert_problem(
+        &c,
+        "kafka.sessionTimeoutMs",
+        &["not allowed", "consumer", "classic"],
+    );
     c.kafka.session_timeout_ms = None;
     c.kafka.heartbeat_interval_ms = Some(1000);
     assert_problem(&c, "kafka.heartbeatIntervalMs", &["broker sets it"]);
@@ -177,11 +232,19 @@ fn consumer_protocol_rejects_client_side_session_settings() {
 fn classic_timing_rules() {
     let mut c = valid();
     c.kafka.session_timeout_ms = Some(500);
-    assert_problem(&c, "kafka.sessionTimeoutMs", &["500 is out of range", "1000 to 3600000"]);
+    assert_problem(
+        &c,
+        "kafka.sessionTimeoutMs",
+        &["500 is out of range", "1000 to 3600000"],
+    );
     let mut c = valid();
     c.kafka.session_timeout_ms = Some(6000);
     c.kafka.heartbeat_interval_ms = Some(6000);
-    assert_problem(&c, "kafka.heartbeatIntervalMs", &["lower than the session timeout (6000 ms)"]);
+    assert_problem(
+        &c,
+        "kafka.heartbeatIntervalMs",
+        &["lower than the session timeout (6000 ms)"],
+    );
     let mut c = valid();
     c.kafka.heartbeat_interval_ms = Some(50);
     assert_problem(&c, "kafka.heartbeatIntervalMs", &["100 to"]);
@@ -189,7 +252,11 @@ fn classic_timing_rules() {
     c.kafka.session_timeout_ms = Some(60_000);
     c.kafka.max_poll_interval_ms = Some(45_000);
     c.drain.timeout = Duration::from_secs(20);
-    assert_problem(&c, "kafka.maxPollIntervalMs", &["at least the session timeout (60000 ms)"]);
+    assert_problem(
+        &c,
+        "kafka.maxPollIntervalMs",
+        &["at least the session timeout (60000 ms)"],
+    );
 }
 
 #[test]
@@ -211,11 +278,18 @@ fn memory_bounds_are_range_checked() {
 #[test]
 fn auth_rules() {
     let mut c = valid();
-    c.kafka.auth = Some(Auth { sasl: None, tls: None });
+    c.kafka.auth = Some(Auth {
+        sasl: None,
+        tls: None,
+    });
     assert_problem(&c, "kafka.auth", &["is empty"]);
     let mut c = valid();
     c.kafka.auth = Some(Auth {
-        sasl: Some(Sasl { mechanism: SaslMechanism::Plain, username_file: "".into(), password_file: "/p".into() }),
+        sasl: Some(Sasl {
+            mechanism: SaslMechanism::Plain,
+            username_file: "".into(),
+            password_file: "/p".into(),
+        }),
         tls: None,
     });
     assert_problem(&c, "kafka.auth.sasl.usernameFile", &["mounted file"]);
@@ -225,11 +299,24 @@ fn auth_rules() {
         key_file: key.map(Into::into),
     };
     let mut c = valid();
-    c.kafka.auth = Some(Auth { sasl: None, tls: Some(tls(Some("/c"), None)) });
+    c.kafka.auth = Some(Auth {
+        sasl: None,
+        tls: Some(tls(Some("/c"), None)),
+    });
     assert_problem(&c, "kafka.auth.tls.keyFile", &["required when certFile"]);
-    c.kafka.auth = Some(Auth { sasl: None, tls: Some(tls(None, Some("/k"))) });
+    c.kafka.auth = Some(Auth {
+        sasl: None,
+        tls: Some(tls(None, Some("/k"))),
+    });
     assert_problem(&c, "kafka.auth.tls.certFile", &["required when keyFile"]);
-    c.kafka.auth = Some(Auth { sasl: None, tls: Some(Tls { ca_file: "".into(), cert_file: None, key_file: None }) });
+    c.kafka.auth = Some(Auth {
+        sasl: None,
+        tls: Some(Tls {
+            ca_file: "".into(),
+            cert_file: None,
+            key_file: None,
+        }),
+    });
     assert_problem(&c, "kafka.auth.tls.caFile", &["CA certificate"]);
 }
 
@@ -238,16 +325,26 @@ fn every_owned_property_is_rejected_by_name() {
     for (key, instead) in OWNED_PROPERTIES {
         let mut c = valid();
         c.kafka.properties.insert((*key).to_owned(), "x".into());
-        assert_problem(&c, &format!("kafka.properties[{key:?}]"), &[key, "set by Sluice", instead]);
+        assert_problem(
+            &c,
+            &format!("kafka.properties[{key:?}]"),
+            &[key, "set by Sluice", instead],
+        );
     }
     let mut c = valid();
     c.kafka.properties.insert("Fetch.Wait".into(), "1".into());
-    assert_problem(&c, "kafka.properties[\"Fetch.Wait\"]", &["not a librdkafka property name"]);
+    assert_problem(
+        &c,
+        "kafka.properties[\"Fetch.Wait\"]",
+        &["not a librdkafka property name"],
+    );
     let mut c = valid();
     c.kafka.properties.insert("client.rack".into(), "".into());
     assert_problem(&c, "kafka.properties[\"client.rack\"]", &["empty value"]);
     let mut c = valid();
-    c.kafka.properties.insert("fetch.wait.max.ms".into(), "50".into());
+    c.kafka
+        .properties
+        .insert("fetch.wait.max.ms".into(), "50".into());
     c.validate().unwrap();
 }
 
@@ -272,7 +369,12 @@ fn delivery_url_must_be_plain_http_on_loopback() {
         c.delivery.url = url.into();
         assert_problem(&c, "delivery.url", &[fragment]);
     }
-    for url in ["http://localhost/", "http://127.0.0.2:1/x?y", "http://[::1]:8080", "http://LOCALHOST:80"] {
+    for url in [
+        "http://localhost/",
+        "http://127.0.0.2:1/x?y",
+        "http://[::1]:8080",
+        "http://LOCALHOST:80",
+    ] {
         let mut c = valid();
         c.delivery.url = url.into();
         c.validate().unwrap_or_else(|e| panic!("{url}: {e}"));
@@ -282,7 +384,10 @@ fn delivery_url_must_be_plain_http_on_loopback() {
 #[test]
 fn http_url_parts() {
     let u = HttpUrl::parse("http://[::1]:8080/a?b=c").unwrap();
-    assert_eq!((u.host.as_str(), u.port, u.path_and_query.as_str()), ("[::1]", 8080, "/a?b=c"));
+    assert_eq!(
+        (u.host.as_str(), u.port, u.path_and_query.as_str()),
+        ("[::1]", 8080, "/a?b=c")
+    );
     assert!(u.is_loopback());
     assert_eq!(u.authority(), "[::1]:8080");
     let u = HttpUrl::parse("http://localhost").unwrap();
@@ -306,7 +411,11 @@ fn delivery_limits() {
     let mut c = valid();
     c.delivery.retry.initial_backoff = Duration::from_secs(5);
     c.delivery.retry.max_backoff = Duration::from_secs(1);
-    assert_problem(&c, "delivery.retry.maxBackoff", &["shorter than delivery.retry.initialBackoff (5s)"]);
+    assert_problem(
+        &c,
+        "delivery.retry.maxBackoff",
+        &["shorter than delivery.retry.initialBackoff (5s)"],
+    );
     let mut c = valid();
     c.delivery.retry.initial_backoff = Duration::ZERO;
     assert_problem(&c, "delivery.retry.initialBackoff", &["out of range"]);
@@ -330,7 +439,11 @@ fn dead_letter_topic_must_be_valid_and_not_consumed() {
 fn drain_rules() {
     let mut c = valid();
     c.drain.timeout = Duration::from_secs(5);
-    assert_problem(&c, "drain.timeout", &["shorter than delivery.timeout (10s)"]);
+    assert_problem(
+        &c,
+        "drain.timeout",
+        &["shorter than delivery.timeout (10s)"],
+    );
     let mut c = valid();
     c.kafka.max_poll_interval_ms = Some(45_000);
     c.drain.timeout = Duration::from_secs(45);
@@ -358,7 +471,15 @@ fn all_problems_are_reported_together() {
     c.delivery.url = "https://x/".into();
     let err = c.validate().unwrap_err();
     let fields: Vec<_> = err.problems.iter().map(|p| p.field.as_str()).collect();
-    assert_eq!(fields, ["kafka.topics", "kafka.groupId", "delivery.url", "delivery.maxInFlight"]);
+    assert_eq!(
+        fields,
+        [
+            "kafka.topics",
+            "kafka.groupId",
+            "delivery.url",
+            "delivery.maxInFlight"
+        ]
+    );
     let text = err.to_string();
     assert_eq!(text.lines().count(), 4, "{text}");
     assert!(text.lines().all(|l| l.starts_with("  - ")), "{text}");
@@ -377,7 +498,10 @@ fn consumer_properties_put_offsets_under_sluice_control() {
     assert_eq!(get("enable.auto.commit"), Some("false"));
     assert_eq!(get("enable.auto.offset.store"), Some("false"));
     assert_eq!(get("auto.offset.reset"), Some("earliest"));
-    assert_eq!(get("partition.assignment.strategy"), Some("cooperative-sticky"));
+    assert_eq!(
+        get("partition.assignment.strategy"),
+        Some("cooperative-sticky")
+    );
     assert_eq!(get("session.timeout.ms"), Some("10000"));
     assert_eq!(get("queued.max.messages.kbytes"), Some("2048"));
     assert_eq!(get("security.protocol"), Some("plaintext"));
@@ -386,8 +510,14 @@ fn consumer_properties_put_offsets_under_sluice_control() {
     c.kafka.session_timeout_ms = None;
     c.kafka.start_from = StartFrom::Latest;
     let p = c.kafka.consumer_properties().unwrap();
-    assert_eq!(p.get("group.protocol").map(String::as_str), Some("consumer"));
-    assert_eq!(p.get("auto.offset.reset").map(String::as_str), Some("latest"));
+    assert_eq!(
+        p.get("group.protocol").map(String::as_str),
+        Some("consumer")
+    );
+    assert_eq!(
+        p.get("auto.offset.reset").map(String::as_str),
+        Some("latest")
+    );
     assert!(!p.contains_key("partition.assignment.strategy"));
     assert!(!p.contains_key("session.timeout.ms"));
 }
@@ -406,7 +536,11 @@ fn credentials_come_from_files() {
             username_file: dir.join("user"),
             password_file: dir.join("pass"),
         }),
-        tls: Some(Tls { ca_file: "/ca.crt".into(), cert_file: None, key_file: None }),
+        tls: Some(Tls {
+            ca_file: "/ca.crt".into(),
+            cert_file: None,
+            key_file: None,
+        }),
     });
     let p = k.client_properties().unwrap();
     assert_eq!(p["security.protocol"], "sasl_ssl");
@@ -418,7 +552,10 @@ fn credentials_come_from_files() {
         sasl.password_file = dir.join("empty");
     }
     let err = k.client_properties().unwrap_err().to_string();
-    assert!(err.contains("kafka.auth.sasl.passwordFile") && err.contains("empty"), "{err}");
+    assert!(
+        err.contains("kafka.auth.sasl.passwordFile") && err.contains("empty"),
+        "{err}"
+    );
     if let Some(sasl) = k.auth.as_mut().and_then(|a| a.sasl.as_mut()) {
         sasl.password_file = dir.join("missing");
     }
@@ -431,14 +568,30 @@ fn credentials_come_from_files() {
 fn load_reports_path_and_problems() {
     let dir = std::env::temp_dir().join(format!("sluice-config-load-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let missing = SidecarConfig::load(&dir.join("nope.json")).unwrap_err().to_string();
-    assert!(missing.contains("cannot read the configuration file") && missing.contains("nope.json"), "{missing}");
+    let missing = SidecarConfig::load(&dir.join("nope.json"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        missing.contains("cannot read the configuration file") && missing.contains("nope.json"),
+        "{missing}"
+    );
     std::fs::write(dir.join("bad.json"), "{\"kafka\": 1}").unwrap();
-    let bad = SidecarConfig::load(&dir.join("bad.json")).unwrap_err().to_string();
+    let bad = SidecarConfig::load(&dir.join("bad.json"))
+        .unwrap_err()
+        .to_string();
     assert!(bad.contains("bad.json") && bad.contains("line 1"), "{bad}");
-    std::fs::write(dir.join("invalid.json"), minimal_json().replace("orders", "")).unwrap();
-    let invalid = SidecarConfig::load(&dir.join("invalid.json")).unwrap_err().to_string();
-    assert!(invalid.contains("kafka.topics[0]: must not be empty"), "{invalid}");
+    std::fs::write(
+        dir.join("invalid.json"),
+        minimal_json().replace("orders", ""),
+    )
+    .unwrap();
+    let invalid = SidecarConfig::load(&dir.join("invalid.json"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        invalid.contains("kafka.topics[0]: must not be empty"),
+        "{invalid}"
+    );
     std::fs::write(dir.join("ok.json"), minimal_json()).unwrap();
     assert_eq!(SidecarConfig::load(&dir.join("ok.json")).unwrap(), valid());
     std::fs::remove_dir_all(&dir).unwrap();

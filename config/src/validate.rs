@@ -65,7 +65,9 @@ impl HttpUrl {
             None => (rest, "/"),
         };
         if authority.contains('@') {
-            return Err(format!("{url:?} contains user information, which is not supported"));
+            return Err(format!(
+                "{url:?} contains user information, which is not supported"
+            ));
         }
         if path.contains('#') {
             return Err(format!("{url:?} contains a fragment, which is not allowed"));
@@ -99,12 +101,19 @@ impl HttpUrl {
                 }
             }
         };
-        let path_and_query =
-            if path.starts_with('?') { format!("/{path}") } else { path.to_owned() };
+        let path_and_query = if path.starts_with('?') {
+            format!("/{path}")
+        } else {
+            path.to_owned()
+        };
         if path_and_query.bytes().any(|b| b <= b' ' || b == 0x7f) {
             return Err(format!("{url:?} contains spaces or control characters"));
         }
-        Ok(HttpUrl { host: host.to_owned(), port, path_and_query })
+        Ok(HttpUrl {
+            host: host.to_owned(),
+            port,
+            path_and_query,
+        })
     }
 
     /// Whether the host is this machine (the pod's network namespace).
@@ -112,7 +121,8 @@ impl HttpUrl {
         let h = self.host.as_str();
         h.eq_ignore_ascii_case("localhost")
             || h == "[::1]"
-            || h.parse::<std::net::Ipv4Addr>().is_ok_and(|ip| ip.is_loopback())
+            || h.parse::<std::net::Ipv4Addr>()
+                .is_ok_and(|ip| ip.is_loopback())
     }
 
     /// `host:port`, suitable for a TCP connect and an HTTP `Host` header.
@@ -127,12 +137,18 @@ pub fn check_topic_name(name: &str) -> Result<(), String> {
         return Err("must not be empty".into());
     }
     if name.len() > 249 {
-        return Err(format!("{name:?} is {} characters long; at most 249 are allowed", name.len()));
+        return Err(format!(
+            "{name:?} is {} characters long; at most 249 are allowed",
+            name.len()
+        ));
     }
     if name == "." || name == ".." {
         return Err(format!("{name:?} is not a valid topic name"));
     }
-    if let Some(c) = name.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))) {
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
         return Err(format!(
             "{name:?} contains {c:?}; topic names may contain only ASCII letters, digits, '.', '_' and '-'"
         ));
@@ -144,14 +160,20 @@ struct Problems(Vec<Problem>);
 
 impl Problems {
     fn add(&mut self, field: impl Into<String>, message: impl Into<String>) {
-        self.0.push(Problem { field: field.into(), message: message.into() });
+        self.0.push(Problem {
+            field: field.into(),
+            message: message.into(),
+        });
     }
 
     fn range(&mut self, field: &str, value: Option<u32>, min: u32, max: u32) {
-        if let Some(v) = value {
-            if v < min || v > max {
-                self.add(field, format!("{v} is out of range; allowed: {min} to {max}"));
-            }
+        if let Some(v) = value
+            && (v < min || v > max)
+        {
+            self.add(
+                field,
+                format!("{v} is out of range; allowed: {min} to {max}"),
+            );
         }
     }
 
@@ -180,7 +202,11 @@ impl SidecarConfig {
         validate_kafka(&self.kafka, &mut p);
         self.validate_delivery(&mut p);
         self.validate_drain_and_admin(&mut p);
-        if p.0.is_empty() { Ok(()) } else { Err(ValidationError { problems: p.0 }) }
+        if p.0.is_empty() {
+            Ok(())
+        } else {
+            Err(ValidationError { problems: p.0 })
+        }
     }
 
     fn validate_delivery(&self, p: &mut Problems) {
@@ -207,16 +233,37 @@ impl SidecarConfig {
                 }
             }
         }
-        p.duration("delivery.timeout", d.timeout, Duration::from_millis(1), Duration::from_secs(3600));
+        p.duration(
+            "delivery.timeout",
+            d.timeout,
+            Duration::from_millis(1),
+            Duration::from_secs(3600),
+        );
         if d.max_in_flight == 0 || d.max_in_flight > 10_000 {
-            p.add("delivery.maxInFlight", format!("{} is out of range; allowed: 1 to 10000", d.max_in_flight));
+            p.add(
+                "delivery.maxInFlight",
+                format!("{} is out of range; allowed: 1 to 10000", d.max_in_flight),
+            );
         }
         let r = &d.retry;
         if r.max_attempts == 0 || r.max_attempts > 1000 {
-            p.add("delivery.retry.maxAttempts", format!("{} is out of range; allowed: 1 to 1000", r.max_attempts));
+            p.add(
+                "delivery.retry.maxAttempts",
+                format!("{} is out of range; allowed: 1 to 1000", r.max_attempts),
+            );
         }
-        p.duration("delivery.retry.initialBackoff", r.initial_backoff, Duration::from_millis(1), Duration::from_secs(3600));
-        p.duration("delivery.retry.maxBackoff", r.max_backoff, Duration::from_millis(1), Duration::from_secs(3600));
+        p.duration(
+            "delivery.retry.initialBackoff",
+            r.initial_backoff,
+            Duration::from_millis(1),
+            Duration::from_secs(3600),
+        );
+        p.duration(
+            "delivery.retry.maxBackoff",
+            r.max_backoff,
+            Duration::from_millis(1),
+            Duration::from_secs(3600),
+        );
         if r.max_backoff < r.initial_backoff {
             p.add(
                 "delivery.retry.maxBackoff",
@@ -237,13 +284,21 @@ impl SidecarConfig {
                 );
             }
         }
-        p.duration("delivery.commitInterval", d.commit_interval, Duration::from_millis(10), Duration::from_secs(60));
+        p.duration(
+            "delivery.commitInterval",
+            d.commit_interval,
+            Duration::from_millis(10),
+            Duration::from_secs(60),
+        );
         if let Some(url) = &self.app.readiness_url {
             match HttpUrl::parse(url) {
                 Err(e) => p.add("app.readinessUrl", e),
                 Ok(u) if !u.is_loopback() => p.add(
                     "app.readinessUrl",
-                    format!("host {:?} is not this pod; allowed: localhost, 127.0.0.1 or [::1]", u.host),
+                    format!(
+                        "host {:?} is not this pod; allowed: localhost, 127.0.0.1 or [::1]",
+                        u.host
+                    ),
                 ),
                 Ok(_) => {}
             }
@@ -252,7 +307,12 @@ impl SidecarConfig {
 
     fn validate_drain_and_admin(&self, p: &mut Problems) {
         let drain = &self.drain;
-        p.duration("drain.timeout", drain.timeout, Duration::from_millis(100), Duration::from_secs(3600));
+        p.duration(
+            "drain.timeout",
+            drain.timeout,
+            Duration::from_millis(100),
+            Duration::from_secs(3600),
+        );
         if drain.timeout < self.delivery.timeout {
             p.add(
                 "drain.timeout",
@@ -263,7 +323,10 @@ impl SidecarConfig {
                 ),
             );
         }
-        let max_poll = self.kafka.max_poll_interval_ms.unwrap_or(DEFAULT_MAX_POLL_INTERVAL_MS);
+        let max_poll = self
+            .kafka
+            .max_poll_interval_ms
+            .unwrap_or(DEFAULT_MAX_POLL_INTERVAL_MS);
         if drain.timeout >= Duration::from_millis(u64::from(max_poll)) {
             p.add(
                 "drain.timeout",
@@ -273,17 +336,23 @@ impl SidecarConfig {
                 ),
             );
         }
-        if let Some(path) = &drain.token_file {
-            if path.as_os_str().is_empty() {
-                p.add("drain.tokenFile", "must not be empty; omit it to disable /drain");
-            }
+        if let Some(path) = &drain.token_file
+            && path.as_os_str().is_empty()
+        {
+            p.add(
+                "drain.tokenFile",
+                "must not be empty; omit it to disable /drain",
+            );
         }
     }
 }
 
 fn validate_kafka(k: &KafkaConnection, p: &mut Problems) {
     if k.bootstrap_servers.trim().is_empty() {
-        p.add("kafka.bootstrapServers", "must not be empty; expected host:port[,host:port...]");
+        p.add(
+            "kafka.bootstrapServers",
+            "must not be empty; expected host:port[,host:port...]",
+        );
     } else {
         for server in k.bootstrap_servers.split(',') {
             let server = server.trim();
@@ -299,13 +368,22 @@ fn validate_kafka(k: &KafkaConnection, p: &mut Problems) {
         if let Err(e) = check_topic_name(t) {
             p.add(format!("kafka.topics[{i}]"), e);
         } else if k.topics[..i].contains(t) {
-            p.add(format!("kafka.topics[{i}]"), format!("{t:?} is listed twice"));
+            p.add(
+                format!("kafka.topics[{i}]"),
+                format!("{t:?} is listed twice"),
+            );
         }
     }
     if k.group_id.trim().is_empty() {
         p.add("kafka.groupId", "must not be empty");
     } else if k.group_id.len() > 255 {
-        p.add("kafka.groupId", format!("is {} characters long; at most 255 are allowed", k.group_id.len()));
+        p.add(
+            "kafka.groupId",
+            format!(
+                "is {} characters long; at most 255 are allowed",
+                k.group_id.len()
+            ),
+        );
     }
     match k.protocol {
         GroupProtocol::Consumer => {
@@ -322,18 +400,30 @@ fn validate_kafka(k: &KafkaConnection, p: &mut Problems) {
             }
         }
         GroupProtocol::Classic => {
-            p.range("kafka.sessionTimeoutMs", k.session_timeout_ms, 1000, 3_600_000);
-            p.range("kafka.heartbeatIntervalMs", k.heartbeat_interval_ms, 100, 3_600_000);
+            p.range(
+                "kafka.sessionTimeoutMs",
+                k.session_timeout_ms,
+                1000,
+                3_600_000,
+            );
+            p.range(
+                "kafka.heartbeatIntervalMs",
+                k.heartbeat_interval_ms,
+                100,
+                3_600_000,
+            );
             let session = k.session_timeout_ms.unwrap_or(DEFAULT_SESSION_TIMEOUT_MS);
-            if let Some(hb) = k.heartbeat_interval_ms {
-                if hb >= session {
-                    p.add(
+            if let Some(hb) = k.heartbeat_interval_ms
+                && hb >= session
+            {
+                p.add(
                         "kafka.heartbeatIntervalMs",
                         format!("{hb} must be lower than the session timeout ({session} ms), ideally a third of it"),
                     );
-                }
             }
-            let max_poll = k.max_poll_interval_ms.unwrap_or(DEFAULT_MAX_POLL_INTERVAL_MS);
+            let max_poll = k
+                .max_poll_interval_ms
+                .unwrap_or(DEFAULT_MAX_POLL_INTERVAL_MS);
             if max_poll < session {
                 p.add(
                     "kafka.maxPollIntervalMs",
@@ -342,13 +432,36 @@ fn validate_kafka(k: &KafkaConnection, p: &mut Problems) {
             }
         }
     }
-    p.range("kafka.maxPollIntervalMs", k.max_poll_interval_ms, 1000, 86_400_000);
-    p.range("kafka.queuedMaxMessagesKbytes", k.queued_max_messages_kbytes, 1, 2_097_151);
-    p.range("kafka.fetchMaxBytes", k.fetch_max_bytes, 1024, 2_147_483_135);
-    p.range("kafka.maxPartitionFetchBytes", k.max_partition_fetch_bytes, 1024, 1_000_000_000);
+    p.range(
+        "kafka.maxPollIntervalMs",
+        k.max_poll_interval_ms,
+        1000,
+        86_400_000,
+    );
+    p.range(
+        "kafka.queuedMaxMessagesKbytes",
+        k.queued_max_messages_kbytes,
+        1,
+        2_097_151,
+    );
+    p.range(
+        "kafka.fetchMaxBytes",
+        k.fetch_max_bytes,
+        1024,
+        2_147_483_135,
+    );
+    p.range(
+        "kafka.maxPartitionFetchBytes",
+        k.max_partition_fetch_bytes,
+        1024,
+        1_000_000_000,
+    );
     if let Some(auth) = &k.auth {
         if auth.sasl.is_none() && auth.tls.is_none() {
-            p.add("kafka.auth", "is empty; set sasl, tls or both, or remove auth");
+            p.add(
+                "kafka.auth",
+                "is empty; set sasl, tls or both, or remove auth",
+            );
         }
         if let Some(sasl) = &auth.sasl {
             for (field, path) in [
@@ -356,17 +469,27 @@ fn validate_kafka(k: &KafkaConnection, p: &mut Problems) {
                 ("kafka.auth.sasl.passwordFile", &sasl.password_file),
             ] {
                 if path.as_os_str().is_empty() {
-                    p.add(field, "must name the mounted file that holds the credential");
+                    p.add(
+                        field,
+                        "must name the mounted file that holds the credential",
+                    );
                 }
             }
         }
         if let Some(tls) = &auth.tls {
             if tls.ca_file.as_os_str().is_empty() {
-                p.add("kafka.auth.tls.caFile", "must name the mounted CA certificate file");
+                p.add(
+                    "kafka.auth.tls.caFile",
+                    "must name the mounted CA certificate file",
+                );
             }
             match (&tls.cert_file, &tls.key_file) {
-                (Some(_), None) => p.add("kafka.auth.tls.keyFile", "is required when certFile is set"),
-                (None, Some(_)) => p.add("kafka.auth.tls.certFile", "is required when keyFile is set"),
+                (Some(_), None) => {
+                    p.add("kafka.auth.tls.keyFile", "is required when certFile is set")
+                }
+                (None, Some(_)) => {
+                    p.add("kafka.auth.tls.certFile", "is required when keyFile is set")
+                }
                 _ => {}
             }
         }
@@ -374,13 +497,21 @@ fn validate_kafka(k: &KafkaConnection, p: &mut Problems) {
     for (key, value) in &k.properties {
         let field = format!("kafka.properties[{key:?}]");
         if let Some((_, instead)) = OWNED_PROPERTIES.iter().find(|(owned, _)| owned == key) {
-            p.add(field, format!("{key:?} is set by Sluice and cannot be overridden; use {instead}"));
+            p.add(
+                field,
+                format!("{key:?} is set by Sluice and cannot be overridden; use {instead}"),
+            );
         } else if key.is_empty()
-            || !key.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'_')
+            || !key
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'_')
         {
             p.add(field, format!("{key:?} is not a librdkafka property name (lower-case letters, digits, '.' and '_')"));
         } else if value.is_empty() {
-            p.add(field, "has an empty value; remove the property to use librdkafka's default");
+            p.add(
+                field,
+                "has an empty value; remove the property to use librdkafka's default",
+            );
         }
     }
 }
@@ -396,7 +527,9 @@ fn check_host_port(server: &str) -> Result<(), String> {
         return Err(format!("{server:?} has no host; expected host:port"));
     }
     match port.parse::<u16>() {
-        Ok(0) | Err(_) => Err(format!("{server:?} has an invalid port {port:?}; allowed: 1 to 65535")),
+        Ok(0) | Err(_) => Err(format!(
+            "{server:?} has an invalid port {port:?}; allowed: 1 to 65535"
+        )),
         Ok(_) => Ok(()),
     }
 }

@@ -37,7 +37,10 @@ pub fn router(state: AdminState) -> Router {
 
 async fn metrics(State(s): State<AdminState>) -> Response {
     (
-        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
         s.metrics.encode(),
     )
         .into_response()
@@ -48,8 +51,15 @@ async fn readyz(State(s): State<AdminState>) -> (StatusCode, &'static str) {
         (StatusCode::SERVICE_UNAVAILABLE, "draining\n")
     } else if s.readiness.is_ready() {
         (StatusCode::OK, "ready\n")
-    } else if !s.readiness.app_reachable.load(std::sync::atomic::Ordering::SeqCst) {
-        (StatusCode::SERVICE_UNAVAILABLE, "waiting for the application\n")
+    } else if !s
+        .readiness
+        .app_reachable
+        .load(std::sync::atomic::Ordering::SeqCst)
+    {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "waiting for the application\n",
+        )
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "consumer not started\n")
     }
@@ -57,16 +67,27 @@ async fn readyz(State(s): State<AdminState>) -> (StatusCode, &'static str) {
 
 /// Compares without an early exit, so the token cannot be guessed byte by byte from timing.
 fn token_matches(given: &[u8], expected: &[u8]) -> bool {
-    given.len() == expected.len() && given.iter().zip(expected).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+    given.len() == expected.len()
+        && given
+            .iter()
+            .zip(expected)
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
 }
 
 async fn drain(State(s): State<AdminState>, headers: HeaderMap) -> (StatusCode, String) {
     let Some(expected) = &s.drain_token else {
-        return (StatusCode::FORBIDDEN, "drain is disabled: no drain.tokenFile is configured\n".into());
+        return (
+            StatusCode::FORBIDDEN,
+            "drain is disabled: no drain.tokenFile is configured\n".into(),
+        );
     };
     let Some(given) = headers.get(DRAIN_TOKEN_HEADER) else {
         warn!("/drain refused: no drain token");
-        return (StatusCode::UNAUTHORIZED, format!("missing {DRAIN_TOKEN_HEADER} header\n"));
+        return (
+            StatusCode::UNAUTHORIZED,
+            format!("missing {DRAIN_TOKEN_HEADER} header\n"),
+        );
     };
     if !token_matches(given.as_bytes(), expected.as_bytes()) {
         warn!("/drain refused: wrong drain token");
@@ -97,7 +118,9 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let server = tokio::spawn(async move { axum::serve(listener, router(state)).await });
         let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let token = token.map(|t| format!("{DRAIN_TOKEN_HEADER}: {t}\r\n")).unwrap_or_default();
+        let token = token
+            .map(|t| format!("{DRAIN_TOKEN_HEADER}: {t}\r\n"))
+            .unwrap_or_default();
         let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\n{token}Connection: close\r\n\r\n");
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         stream.write_all(req.as_bytes()).await.unwrap();
@@ -121,9 +144,18 @@ mod tests {
     #[tokio::test]
     async fn drain_requires_the_token_and_is_idempotent() {
         let s = state(Some("t0ken"));
-        assert_eq!(call(s.clone(), "/drain", None).await.0, StatusCode::UNAUTHORIZED);
-        assert_eq!(call(s.clone(), "/drain", Some("wrong")).await.0, StatusCode::FORBIDDEN);
-        assert!(!s.drain.is_requested(), "refused requests must not start a drain");
+        assert_eq!(
+            call(s.clone(), "/drain", None).await.0,
+            StatusCode::UNAUTHORIZED
+        );
+        assert_eq!(
+            call(s.clone(), "/drain", Some("wrong")).await.0,
+            StatusCode::FORBIDDEN
+        );
+        assert!(
+            !s.drain.is_requested(),
+            "refused requests must not start a drain"
+        );
         let pipeline = s.drain.clone();
         tokio::spawn(async move {
             pipeline.token().cancelled().await;
@@ -133,24 +165,50 @@ mod tests {
         assert_eq!(status, StatusCode::OK);
         assert!(body.contains("drained in 1ms"), "{body}");
         let (status, body) = call(s.clone(), "/drain", Some("t0ken")).await;
-        assert_eq!((status, body.trim()), (StatusCode::OK, "drained in 1ms"), "a second drain answers at once");
+        assert_eq!(
+            (status, body.trim()),
+            (StatusCode::OK, "drained in 1ms"),
+            "a second drain answers at once"
+        );
         let disabled = state(None);
-        assert_eq!(call(disabled.clone(), "/drain", Some("x")).await.0, StatusCode::FORBIDDEN);
+        assert_eq!(
+            call(disabled.clone(), "/drain", Some("x")).await.0,
+            StatusCode::FORBIDDEN
+        );
         assert!(!disabled.drain.is_requested());
     }
 
     #[tokio::test]
     async fn health_readiness_and_metrics() {
         let s = state(None);
-        assert_eq!(call(s.clone(), "/healthz", None).await, (StatusCode::OK, "ok\n".into()));
+        assert_eq!(
+            call(s.clone(), "/healthz", None).await,
+            (StatusCode::OK, "ok\n".into())
+        );
         let (status, body) = call(s.clone(), "/readyz", None).await;
-        assert_eq!((status, body.as_str()), (StatusCode::SERVICE_UNAVAILABLE, "waiting for the application\n"));
-        s.readiness.app_reachable.store(true, std::sync::atomic::Ordering::SeqCst);
-        assert_eq!(call(s.clone(), "/readyz", None).await.0, StatusCode::SERVICE_UNAVAILABLE);
-        s.readiness.consuming.store(true, std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(
+            (status, body.as_str()),
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "waiting for the application\n"
+            )
+        );
+        s.readiness
+            .app_reachable
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(
+            call(s.clone(), "/readyz", None).await.0,
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        s.readiness
+            .consuming
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         assert_eq!(call(s.clone(), "/readyz", None).await.0, StatusCode::OK);
         s.drain.request();
-        assert_eq!(call(s.clone(), "/readyz", None).await, (StatusCode::SERVICE_UNAVAILABLE, "draining\n".into()));
+        assert_eq!(
+            call(s.clone(), "/readyz", None).await,
+            (StatusCode::SERVICE_UNAVAILABLE, "draining\n".into())
+        );
         let (status, body) = call(s.clone(), "/metrics", None).await;
         assert_eq!(status, StatusCode::OK);
         assert!(body.contains("sluice_records_consumed_total"), "{body}");

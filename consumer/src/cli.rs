@@ -49,10 +49,17 @@ pub enum LogFormat {
 }
 
 fn init_logging(cli: &Cli) -> Result<(), String> {
-    let filter = EnvFilter::try_new(&cli.log).map_err(|e| format!("invalid --log {:?}: {e}", cli.log))?;
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let filter =
+        EnvFilter::try_new(&cli.log).map_err(|e| format!("invalid --log {:?}: {e}", cli.log))?;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match cli.log_format {
-        LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .init(),
         LogFormat::Text => builder.init(),
     }
     Ok(())
@@ -60,19 +67,30 @@ fn init_logging(cli: &Cli) -> Result<(), String> {
 
 /// Loads the configuration file and applies the flag overrides, then validates.
 pub fn load_config(cli: &Cli) -> Result<SidecarConfig, String> {
-    let text = std::fs::read_to_string(&cli.config)
-        .map_err(|e| format!("cannot read the configuration file {}: {e}", cli.config.display()))?;
-    let mut config = SidecarConfig::from_json(&text)
-        .map_err(|e| format!("the configuration file {} is not a valid Sluice sidecar configuration: {e}", cli.config.display()))?;
+    let text = std::fs::read_to_string(&cli.config).map_err(|e| {
+        format!(
+            "cannot read the configuration file {}: {e}",
+            cli.config.display()
+        )
+    })?;
+    let mut config = SidecarConfig::from_json(&text).map_err(|e| {
+        format!(
+            "the configuration file {} is not a valid Sluice sidecar configuration: {e}",
+            cli.config.display()
+        )
+    })?;
     if let Some(listen) = cli.admin_listen {
         config.admin.listen = listen;
     }
     if let Some(servers) = &cli.bootstrap_servers {
         config.kafka.bootstrap_servers = servers.clone();
     }
-    config
-        .validate()
-        .map_err(|e| format!("the configuration ({} plus flags) is invalid:\n{e}", cli.config.display()))?;
+    config.validate().map_err(|e| {
+        format!(
+            "the configuration ({} plus flags) is invalid:\n{e}",
+            cli.config.display()
+        )
+    })?;
     Ok(config)
 }
 
@@ -140,7 +158,12 @@ async fn run(config: SidecarConfig, drain_token: Option<Arc<str>>) -> ExitCode {
         }
     };
     info!(listen = %config.admin.listen, "admin endpoint listening");
-    let state = AdminState { metrics: metrics.clone(), readiness: readiness.clone(), drain: drain.clone(), drain_token };
+    let state = AdminState {
+        metrics: metrics.clone(),
+        readiness: readiness.clone(),
+        drain: drain.clone(),
+        drain_token,
+    };
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, admin::router(state)).await {
             error!(error = %e, "the admin endpoint failed");
@@ -153,7 +176,10 @@ async fn run(config: SidecarConfig, drain_token: Option<Arc<str>>) -> ExitCode {
         let signalled = signalled.clone();
         tokio::spawn(async move {
             use tokio::signal::unix::{SignalKind, signal};
-            let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+            let (Ok(mut term), Ok(mut int)) = (
+                signal(SignalKind::terminate()),
+                signal(SignalKind::interrupt()),
+            ) else {
                 error!("cannot install signal handlers");
                 return;
             };
@@ -219,11 +245,26 @@ mod tests {
         let config = load_config(&cli).unwrap();
         assert_eq!(config.admin.listen.to_string(), "127.0.0.1:19898");
         assert_eq!(config.kafka.bootstrap_servers, "other:9093");
-        let cli = Cli::try_parse_from(["sluice-consumer", "--config", path.to_str().unwrap(), "--bootstrap-servers", "nope"]).unwrap();
+        let cli = Cli::try_parse_from([
+            "sluice-consumer",
+            "--config",
+            path.to_str().unwrap(),
+            "--bootstrap-servers",
+            "nope",
+        ])
+        .unwrap();
         let err = load_config(&cli).unwrap_err();
-        assert!(err.contains("kafka.bootstrapServers") && err.contains("has no port"), "{err}");
-        let cli = Cli::try_parse_from(["sluice-consumer", "--config", "/nonexistent/sluice.json"]).unwrap();
-        assert!(load_config(&cli).unwrap_err().contains("/nonexistent/sluice.json"));
+        assert!(
+            err.contains("kafka.bootstrapServers") && err.contains("has no port"),
+            "{err}"
+        );
+        let cli = Cli::try_parse_from(["sluice-consumer", "--config", "/nonexistent/sluice.json"])
+            .unwrap();
+        assert!(
+            load_config(&cli)
+                .unwrap_err()
+                .contains("/nonexistent/sluice.json")
+        );
         assert!(Cli::try_parse_from(["sluice-consumer", "--worker-threads", "0"]).is_err());
         std::fs::remove_dir_all(&dir).unwrap();
     }

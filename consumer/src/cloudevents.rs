@@ -37,33 +37,45 @@ pub fn request_headers(record: &Record, attempt: u32) -> HeaderMap {
                 continue;
             }
             format!("ce-{attr}")
-        } else if matches!(lower.as_str(), "content-type" | "traceparent" | "tracestate") {
+        } else if matches!(
+            lower.as_str(),
+            "content-type" | "traceparent" | "tracestate"
+        ) {
             lower
         } else {
             continue;
         };
-        if let (Ok(n), Ok(v)) = (HeaderName::from_bytes(http_name.as_bytes()), HeaderValue::from_bytes(value)) {
+        if let (Ok(n), Ok(v)) = (
+            HeaderName::from_bytes(http_name.as_bytes()),
+            HeaderValue::from_bytes(value),
+        ) {
             h.insert(n, v);
         }
     }
     let tp = &record.tp;
     let mut default = |name: &'static str, value: String| {
         let name = HeaderName::from_static(name);
-        if !h.contains_key(&name) {
-            if let Ok(v) = HeaderValue::from_str(&value) {
-                h.insert(name, v);
-            }
+        if !h.contains_key(&name)
+            && let Ok(v) = HeaderValue::from_str(&value)
+        {
+            h.insert(name, v);
         }
     };
     default("ce-specversion", SPEC_VERSION.into());
-    default("ce-id", format!("{}-{}-{}", tp.topic, tp.partition, record.offset));
+    default(
+        "ce-id",
+        format!("{}-{}-{}", tp.topic, tp.partition, record.offset),
+    );
     default("ce-source", default_source(&tp.topic));
     default("ce-type", EVENT_TYPE.into());
     if let Some(ms) = record.timestamp_ms {
         default("ce-time", rfc3339_millis(ms));
     }
     if !h.contains_key(CONTENT_TYPE) {
-        h.insert(CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+        h.insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("application/octet-stream"),
+        );
     }
     let set = |h: &mut HeaderMap, name: &'static str, value: String| {
         if let Ok(v) = HeaderValue::from_str(&value) {
@@ -79,7 +91,11 @@ pub fn request_headers(record: &Record, attempt: u32) -> HeaderMap {
             Ok(v) if key.iter().all(|b| (0x20..0x7f).contains(b)) => {
                 h.insert(HeaderName::from_static(HEADER_KEY), v);
             }
-            _ => set(&mut h, HEADER_KEY_BASE64, base64::engine::general_purpose::STANDARD.encode(key)),
+            _ => set(
+                &mut h,
+                HEADER_KEY_BASE64,
+                base64::engine::general_purpose::STANDARD.encode(key),
+            ),
         }
     }
     h
@@ -159,13 +175,33 @@ mod tests {
         r.headers = vec![
             ("ce_specversion".into(), Some(Bytes::from_static(b"1.0"))),
             ("ce_id".into(), Some(Bytes::from_static(b"evt-1"))),
-            ("ce_source".into(), Some(Bytes::from_static(b"/shop/orders"))),
-            ("ce_type".into(), Some(Bytes::from_static(b"shop.order.created"))),
+            (
+                "ce_source".into(),
+                Some(Bytes::from_static(b"/shop/orders")),
+            ),
+            (
+                "ce_type".into(),
+                Some(Bytes::from_static(b"shop.order.created")),
+            ),
             ("CE_Subject".into(), Some(Bytes::from_static(b"order-9"))),
-            ("content-type".into(), Some(Bytes::from_static(b"application/json"))),
-            ("traceparent".into(), Some(Bytes::from_static(b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"))),
-            ("tracestate".into(), Some(Bytes::from_static(b"congo=t61rcWkgMzE"))),
-            ("internal".into(), Some(Bytes::from_static(b"not forwarded"))),
+            (
+                "content-type".into(),
+                Some(Bytes::from_static(b"application/json")),
+            ),
+            (
+                "traceparent".into(),
+                Some(Bytes::from_static(
+                    b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+                )),
+            ),
+            (
+                "tracestate".into(),
+                Some(Bytes::from_static(b"congo=t61rcWkgMzE")),
+            ),
+            (
+                "internal".into(),
+                Some(Bytes::from_static(b"not forwarded")),
+            ),
             ("ce_".into(), Some(Bytes::from_static(b"nameless"))),
             ("ce_bad".into(), Some(Bytes::from_static(b"line\nbreak"))),
             ("ce_null".into(), None),
@@ -176,12 +212,22 @@ mod tests {
         assert_eq!(get(&h, "ce-type"), Some("shop.order.created"));
         assert_eq!(get(&h, "ce-subject"), Some("order-9"));
         assert_eq!(get(&h, "content-type"), Some("application/json"));
-        assert_eq!(get(&h, "traceparent"), Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"));
+        assert_eq!(
+            get(&h, "traceparent"),
+            Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01")
+        );
         assert_eq!(get(&h, "tracestate"), Some("congo=t61rcWkgMzE"));
-        assert_eq!(get(&h, "ce-time"), Some("2023-11-14T22:13:20.123Z"), "missing attributes are still filled");
+        assert_eq!(
+            get(&h, "ce-time"),
+            Some("2023-11-14T22:13:20.123Z"),
+            "missing attributes are still filled"
+        );
         assert_eq!(get(&h, "sluice-attempt"), Some("3"));
         assert!(h.get("internal").is_none());
-        assert!(h.get("ce-bad").is_none(), "invalid values are dropped, not sent broken");
+        assert!(
+            h.get("ce-bad").is_none(),
+            "invalid values are dropped, not sent broken"
+        );
         assert!(h.get("ce-null").is_none());
     }
 
@@ -203,8 +249,14 @@ mod tests {
     fn rfc3339_formatting() {
         assert_eq!(rfc3339_millis(0), "1970-01-01T00:00:00.000Z");
         assert_eq!(rfc3339_millis(951_782_400_000), "2000-02-29T00:00:00.000Z");
-        assert_eq!(rfc3339_millis(1_709_251_199_999), "2024-02-29T23:59:59.999Z");
-        assert_eq!(rfc3339_millis(253_402_300_799_000), "9999-12-31T23:59:59.000Z");
+        assert_eq!(
+            rfc3339_millis(1_709_251_199_999),
+            "2024-02-29T23:59:59.999Z"
+        );
+        assert_eq!(
+            rfc3339_millis(253_402_300_799_000),
+            "9999-12-31T23:59:59.000Z"
+        );
         assert_eq!(rfc3339_millis(-1), "1969-12-31T23:59:59.999Z");
     }
 }

@@ -36,7 +36,13 @@ pub enum Outcome {
 /// What delivery tasks tell the dispatcher.
 #[derive(Debug)]
 pub enum TaskEvent {
-    Done { tp: Tp, epoch: u64, offset: i64, key: Option<Bytes>, outcome: Outcome },
+    Done {
+        tp: Tp,
+        epoch: u64,
+        offset: i64,
+        key: Option<Bytes>,
+        outcome: Outcome,
+    },
     /// The record cannot currently be finished (dead-letter topic unwritable, or no
     /// dead-letter topic): its partition pauses until `blocked: false`.
     Blocked { tp: Tp, epoch: u64, blocked: bool },
@@ -72,7 +78,12 @@ impl DeadLetterWriter {
             // A missing topic fails the write after 2 s (then it is retried) instead of 30 s.
             .set("topic.metadata.propagation.max.ms", "2000");
         let producer = config.create()?;
-        Ok(DeadLetterWriter { config, producer: Mutex::new(producer), topic, group })
+        Ok(DeadLetterWriter {
+            config,
+            producer: Mutex::new(producer),
+            topic,
+            group,
+        })
     }
 
     fn producer(&self) -> FutureProducer {
@@ -89,10 +100,19 @@ impl DeadLetterWriter {
 
     /// Writes `record` with its key, value and headers plus the `sluice-dlq-*` headers, and
     /// returns once the broker acknowledged it.
-    pub async fn write(&self, record: &Record, reason: &str, detail: &str, attempts: u32) -> Result<(), KafkaError> {
+    pub async fn write(
+        &self,
+        record: &Record,
+        reason: &str,
+        detail: &str,
+        attempts: u32,
+    ) -> Result<(), KafkaError> {
         let mut headers = OwnedHeaders::new_with_capacity(record.headers.len() + 8);
         for (k, v) in &record.headers {
-            headers = headers.insert(Header { key: k, value: v.as_deref() });
+            headers = headers.insert(Header {
+                key: k,
+                value: v.as_deref(),
+            });
         }
         let partition = record.tp.partition.to_string();
         let offset = record.offset.to_string();
@@ -111,7 +131,10 @@ impl DeadLetterWriter {
             extra.push((dlq_headers::TIMESTAMP, ts));
         }
         for (k, v) in extra {
-            headers = headers.insert(Header { key: k, value: Some(v) });
+            headers = headers.insert(Header {
+                key: k,
+                value: Some(v),
+            });
         }
         let mut fr: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&self.topic).headers(headers);
         if let Some(k) = &record.key {
@@ -121,7 +144,11 @@ impl DeadLetterWriter {
             fr = fr.payload(v.as_ref());
         }
         let producer = self.producer();
-        producer.send(fr, Duration::from_secs(5)).await.map(|_| ()).map_err(|(e, _)| e)
+        producer
+            .send(fr, Duration::from_secs(5))
+            .await
+            .map(|_| ())
+            .map_err(|(e, _)| e)
     }
 
     /// Waits (bounded) for queued dead-letter writes on shutdown.
@@ -189,7 +216,11 @@ impl Deliverer {
         let mut blocked = false;
         let outcome = self.deliver(&record, epoch, &cancel, &mut blocked).await;
         if blocked {
-            let _ = self.events.send(TaskEvent::Blocked { tp: record.tp.clone(), epoch, blocked: false });
+            let _ = self.events.send(TaskEvent::Blocked {
+                tp: record.tp.clone(),
+                epoch,
+                blocked: false,
+            });
         }
         let _ = self.events.send(TaskEvent::Done {
             tp: record.tp,
@@ -203,11 +234,21 @@ impl Deliverer {
     fn set_blocked(&self, tp: &Tp, epoch: u64, blocked: &mut bool) {
         if !*blocked {
             *blocked = true;
-            let _ = self.events.send(TaskEvent::Blocked { tp: tp.clone(), epoch, blocked: true });
+            let _ = self.events.send(TaskEvent::Blocked {
+                tp: tp.clone(),
+                epoch,
+                blocked: true,
+            });
         }
     }
 
-    async fn deliver(&self, rec: &Record, epoch: u64, cancel: &CancellationToken, blocked: &mut bool) -> Outcome {
+    async fn deliver(
+        &self,
+        rec: &Record,
+        epoch: u64,
+        cancel: &CancellationToken,
+        blocked: &mut bool,
+    ) -> Outcome {
         let mut sent = 0u32;
         let mut failures = 0u32;
         loop {
@@ -220,16 +261,36 @@ impl Deliverer {
             if matches!(verdict, Verdict::Retry { counts: true, .. }) {
                 failures += 1;
             }
-            let step = next_step(&verdict, failures, self.max_attempts, &self.backoff, rand::random::<f64>());
+            let step = next_step(
+                &verdict,
+                failures,
+                self.max_attempts,
+                &self.backoff,
+                rand::random::<f64>(),
+            );
             match step {
                 None => {
-                    let outcome = if verdict == Verdict::Skipped { "skipped" } else { "delivered" };
-                    self.metrics.records_finished.get_or_create(&OutcomeLabel { outcome }).inc();
-                    return if verdict == Verdict::Skipped { Outcome::Skipped } else { Outcome::Delivered };
+                    let outcome = if verdict == Verdict::Skipped {
+                        "skipped"
+                    } else {
+                        "delivered"
+                    };
+                    self.metrics
+                        .records_finished
+                        .get_or_create(&OutcomeLabel { outcome })
+                        .inc();
+                    return if verdict == Verdict::Skipped {
+                        Outcome::Skipped
+                    } else {
+                        Outcome::Delivered
+                    };
                 }
                 Some(Next::RetryAfter(delay)) => {
                     if let Verdict::Retry { reason, detail, .. } = &verdict {
-                        self.metrics.retries.get_or_create(&ReasonLabel { reason }).inc();
+                        self.metrics
+                            .retries
+                            .get_or_create(&ReasonLabel { reason })
+                            .inc();
                         debug!(tp = %rec.tp, offset = rec.offset, attempt = sent, %detail, ?delay, "retrying delivery");
                     }
                     if !sleep_unless_cancelled(delay, cancel).await {
@@ -240,7 +301,12 @@ impl Deliverer {
                     let Some(writer) = &self.dead_letter else {
                         // No dead-letter topic: never skip. Park the partition and keep trying.
                         self.set_blocked(&rec.tp, epoch, blocked);
-                        self.metrics.retries.get_or_create(&ReasonLabel { reason: "no_dead_letter_topic" }).inc();
+                        self.metrics
+                            .retries
+                            .get_or_create(&ReasonLabel {
+                                reason: "no_dead_letter_topic",
+                            })
+                            .inc();
                         warn!(tp = %rec.tp, offset = rec.offset, %detail, "record cannot be delivered and there is no dead-letter topic; retrying with the partition paused");
                         if !sleep_unless_cancelled(self.backoff.max, cancel).await {
                             return Outcome::Abandoned;
@@ -248,7 +314,11 @@ impl Deliverer {
                         failures = 0;
                         continue;
                     };
-                    return self.write_dead_letter(writer, rec, reason, &detail, sent, epoch, cancel, blocked).await;
+                    return self
+                        .write_dead_letter(
+                            writer, rec, reason, &detail, sent, epoch, cancel, blocked,
+                        )
+                        .await;
                 }
             }
         }
@@ -270,8 +340,16 @@ impl Deliverer {
         loop {
             match writer.write(rec, reason, detail, attempts).await {
                 Ok(()) => {
-                    self.metrics.dead_lettered.get_or_create(&ReasonLabel { reason }).inc();
-                    self.metrics.records_finished.get_or_create(&OutcomeLabel { outcome: "dead_lettered" }).inc();
+                    self.metrics
+                        .dead_lettered
+                        .get_or_create(&ReasonLabel { reason })
+                        .inc();
+                    self.metrics
+                        .records_finished
+                        .get_or_create(&OutcomeLabel {
+                            outcome: "dead_lettered",
+                        })
+                        .inc();
                     warn!(tp = %rec.tp, offset = rec.offset, reason, %detail, attempts, "record dead-lettered");
                     return Outcome::DeadLettered;
                 }
@@ -291,12 +369,23 @@ impl Deliverer {
 
     async fn attempt(&self, rec: &Record, attempt: u32) -> AttemptResult {
         let body = Full::new(rec.value.clone().unwrap_or_default());
-        let mut req = Request::post(self.uri.clone()).body(body).expect("a POST to a valid URI is a valid request");
+        let mut req = Request::post(self.uri.clone())
+            .body(body)
+            .expect("a POST to a valid URI is a valid request");
         *req.headers_mut() = request_headers(rec, attempt);
         let started = Instant::now();
         let exchange = async {
-            let resp = self.client.request(req).await.map_err(|e| error_chain(&e))?;
-            let header = |name: &str| resp.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
+            let resp = self
+                .client
+                .request(req)
+                .await
+                .map_err(|e| error_chain(&e))?;
+            let header = |name: &str| {
+                resp.headers()
+                    .get(name)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned)
+            };
             let result = AttemptResult::Response {
                 status: resp.status().as_u16(),
                 retry_after: header("retry-after"),
@@ -314,17 +403,28 @@ impl Deliverer {
             Ok(Err(e)) => AttemptResult::ConnectionError(e),
             Err(_) => AttemptResult::Timeout,
         };
-        self.metrics.delivery_duration.observe(started.elapsed().as_secs_f64());
+        self.metrics
+            .delivery_duration
+            .observe(started.elapsed().as_secs_f64());
         let class = match &result {
-            AttemptResult::Response { status: 200..=299, .. } => "2xx",
+            AttemptResult::Response {
+                status: 200..=299, ..
+            } => "2xx",
             AttemptResult::Response { status: 429, .. } => "throttled",
-            AttemptResult::Response { status: 400..=499, .. } => "4xx",
-            AttemptResult::Response { status: 500..=599, .. } => "5xx",
+            AttemptResult::Response {
+                status: 400..=499, ..
+            } => "4xx",
+            AttemptResult::Response {
+                status: 500..=599, ..
+            } => "5xx",
             AttemptResult::Response { .. } => "other",
             AttemptResult::Timeout => "timeout",
             AttemptResult::ConnectionError(_) => "connection_error",
         };
-        self.metrics.attempts.get_or_create(&OutcomeLabel { outcome: class }).inc();
+        self.metrics
+            .attempts
+            .get_or_create(&OutcomeLabel { outcome: class })
+            .inc();
         result
     }
 }

@@ -32,7 +32,12 @@ pub struct Watermarks {
 impl Watermarks {
     pub fn for_in_flight(max_in_flight: usize) -> Self {
         let high = (max_in_flight * 4).max(2000);
-        Watermarks { high_records: high, low_records: high / 2, high_bytes: 16 << 20, low_bytes: 8 << 20 }
+        Watermarks {
+            high_records: high,
+            low_records: high / 2,
+            high_bytes: 16 << 20,
+            low_bytes: 8 << 20,
+        }
     }
 }
 
@@ -96,10 +101,10 @@ impl PartitionState {
         let record = self.queue.remove(idx)?;
         self.queued_bytes -= record.size();
         self.in_flight += 1;
-        if mode == Ordering::Key {
-            if let Some(k) = &record.key {
-                self.in_flight_keys.insert(k.clone());
-            }
+        if mode == Ordering::Key
+            && let Some(k) = &record.key
+        {
+            self.in_flight_keys.insert(k.clone());
         }
         self.in_flight_since.insert(record.offset, now);
         Some(record)
@@ -128,10 +133,10 @@ impl PartitionState {
             self.in_flight_keys.remove(k);
         }
         self.in_flight_since.remove(&offset);
-        if outcome != Outcome::Abandoned {
-            if let Err(e) = self.tracker.finish(offset) {
-                warn!(offset, error = %e, "unexpected delivery result");
-            }
+        if outcome != Outcome::Abandoned
+            && let Err(e) = self.tracker.finish(offset)
+        {
+            warn!(offset, error = %e, "unexpected delivery result");
         }
     }
 
@@ -189,7 +194,11 @@ pub struct DrainReport {
 
 impl std::fmt::Display for DrainReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "drained in {:?}; {} abandoned; committed", self.waited, self.abandoned)?;
+        write!(
+            f,
+            "drained in {:?}; {} abandoned; committed",
+            self.waited, self.abandoned
+        )?;
         for (tp, o) in &self.committed {
             write!(f, " {tp}@{o}")?;
         }
@@ -283,10 +292,10 @@ impl Dispatcher {
             }
             self.dispatch();
             self.settle_revokes();
-            if let Some((started, deadline)) = self.drain_deadline {
-                if self.in_flight == 0 || Instant::now() >= deadline {
-                    return self.finish_drain(started).await;
-                }
+            if let Some((started, deadline)) = self.drain_deadline
+                && (self.in_flight == 0 || Instant::now() >= deadline)
+            {
+                return self.finish_drain(started).await;
             }
         }
     }
@@ -297,7 +306,9 @@ impl Dispatcher {
                 let mut touched: Vec<Tp> = Vec::new();
                 let mut buffered = 0i64;
                 for (epoch, record) in batch {
-                    let Some(state) = self.partitions.get_mut(&record.tp) else { continue };
+                    let Some(state) = self.partitions.get_mut(&record.tp) else {
+                        continue;
+                    };
                     if state.epoch != epoch || state.revoking {
                         continue;
                     }
@@ -315,7 +326,10 @@ impl Dispatcher {
             }
             FromKafka::Assigned(parts) => {
                 for (tp, epoch) in parts {
-                    if let Some(old) = self.partitions.insert(tp.clone(), PartitionState::new(epoch)) {
+                    if let Some(old) = self
+                        .partitions
+                        .insert(tp.clone(), PartitionState::new(epoch))
+                    {
                         self.in_flight -= old.in_flight;
                     }
                     if !self.order.contains(&tp) {
@@ -323,22 +337,39 @@ impl Dispatcher {
                     }
                 }
             }
-            FromKafka::Revoked { partitions, lost, reply } => {
+            FromKafka::Revoked {
+                partitions,
+                lost,
+                reply,
+            } => {
                 for tp in &partitions {
                     if let Some(state) = self.partitions.get_mut(tp) {
                         let dropped = state.stop();
                         self.metrics.buffered.dec_by(dropped as i64);
                     }
                 }
-                info!(count = partitions.len(), lost, "stopping revoked partitions");
-                self.revokes.push(PendingRevoke { partitions, reply, deadline: Instant::now() + self.stop_timeout });
+                info!(
+                    count = partitions.len(),
+                    lost, "stopping revoked partitions"
+                );
+                self.revokes.push(PendingRevoke {
+                    partitions,
+                    reply,
+                    deadline: Instant::now() + self.stop_timeout,
+                });
             }
         }
     }
 
     fn on_task_event(&mut self, ev: TaskEvent) {
         match ev {
-            TaskEvent::Done { tp, epoch, offset, key, outcome } => match self.partitions.get_mut(&tp) {
+            TaskEvent::Done {
+                tp,
+                epoch,
+                offset,
+                key,
+                outcome,
+            } => match self.partitions.get_mut(&tp) {
                 Some(state) if state.epoch == epoch => {
                     state.finish(offset, key.as_ref(), outcome);
                     self.in_flight -= 1;
@@ -350,22 +381,24 @@ impl Dispatcher {
                 }
             },
             TaskEvent::Blocked { tp, epoch, blocked } => {
-                if let Some(state) = self.partitions.get_mut(&tp) {
-                    if state.epoch == epoch {
-                        if blocked {
-                            state.blocked += 1;
-                        } else {
-                            state.blocked = state.blocked.saturating_sub(1);
-                        }
-                        self.apply_backpressure(&tp);
+                if let Some(state) = self.partitions.get_mut(&tp)
+                    && state.epoch == epoch
+                {
+                    if blocked {
+                        state.blocked += 1;
+                    } else {
+                        state.blocked = state.blocked.saturating_sub(1);
                     }
+                    self.apply_backpressure(&tp);
                 }
             }
         }
     }
 
     fn apply_backpressure(&mut self, tp: &Tp) {
-        let Some(state) = self.partitions.get_mut(tp) else { return };
+        let Some(state) = self.partitions.get_mut(tp) else {
+            return;
+        };
         if state.revoking {
             return;
         }
@@ -373,8 +406,15 @@ impl Dispatcher {
         if want != state.paused {
             state.paused = want;
             let parts = vec![(tp.clone(), state.epoch)];
-            let _ = self.to_kafka.send(if want { ToKafka::Pause(parts) } else { ToKafka::Resume(parts) });
-            self.metrics.paused.get_or_create(&TpLabel::from(tp)).set(i64::from(want));
+            let _ = self.to_kafka.send(if want {
+                ToKafka::Pause(parts)
+            } else {
+                ToKafka::Resume(parts)
+            });
+            self.metrics
+                .paused
+                .get_or_create(&TpLabel::from(tp))
+                .set(i64::from(want));
             info!(partition = %tp, paused = want, blocked = state.blocked, pending = state.tracker.pending(), "backpressure");
         }
     }
@@ -393,7 +433,9 @@ impl Dispatcher {
                     break;
                 }
                 let tp = &self.order[(self.round_robin + i) % n];
-                let Some(state) = self.partitions.get_mut(tp) else { continue };
+                let Some(state) = self.partitions.get_mut(tp) else {
+                    continue;
+                };
                 if let Some(record) = state.take_next(self.mode, now) {
                     let epoch = state.epoch;
                     let cancel = state.cancel.clone();
@@ -411,10 +453,10 @@ impl Dispatcher {
     fn commit_async(&mut self) {
         let mut offsets = Vec::new();
         for (tp, state) in &mut self.partitions {
-            if !state.revoking {
-                if let Some(o) = state.tracker.take_commit() {
-                    offsets.push((tp.clone(), state.epoch, o));
-                }
+            if !state.revoking
+                && let Some(o) = state.tracker.take_commit()
+            {
+                offsets.push((tp.clone(), state.epoch, o));
             }
         }
         if !offsets.is_empty() {
@@ -430,7 +472,10 @@ impl Dispatcher {
         let mut i = 0;
         while i < self.revokes.len() {
             let r = &self.revokes[i];
-            let idle = r.partitions.iter().all(|tp| self.partitions.get(tp).is_none_or(|s| s.in_flight == 0));
+            let idle = r
+                .partitions
+                .iter()
+                .all(|tp| self.partitions.get(tp).is_none_or(|s| s.in_flight == 0));
             if !idle && now < r.deadline {
                 i += 1;
                 continue;
@@ -457,7 +502,10 @@ impl Dispatcher {
 
     fn start_drain(&mut self) {
         let now = Instant::now();
-        info!(in_flight = self.in_flight, "drain: stopped fetching, waiting for in-flight deliveries");
+        info!(
+            in_flight = self.in_flight,
+            "drain: stopped fetching, waiting for in-flight deliveries"
+        );
         self.drain_deadline = Some((now, now + self.stop_timeout));
         let _ = self.to_kafka.send(ToKafka::PauseAll);
         for state in self.partitions.values_mut() {
@@ -474,9 +522,16 @@ impl Dispatcher {
                 offsets.push((tp.clone(), state.epoch, o));
             }
         }
-        let committed = offsets.iter().map(|(tp, _, o)| (tp.to_string(), *o)).collect();
+        let committed = offsets
+            .iter()
+            .map(|(tp, _, o)| (tp.to_string(), *o))
+            .collect();
         let (done, result) = tokio::sync::oneshot::channel();
-        let commit_error = if self.to_kafka.send(ToKafka::Finish { offsets, done }).is_err() {
+        let commit_error = if self
+            .to_kafka
+            .send(ToKafka::Finish { offsets, done })
+            .is_err()
+        {
             Some("the Kafka thread is gone".to_owned())
         } else {
             match tokio::time::timeout(Duration::from_secs(60), result).await {
@@ -487,7 +542,12 @@ impl Dispatcher {
             }
         };
         // Abandoned deliveries are cancelled and their results ignored.
-        let report = DrainReport { waited, abandoned: self.in_flight, committed, commit_error };
+        let report = DrainReport {
+            waited,
+            abandoned: self.in_flight,
+            committed,
+            commit_error,
+        };
         info!(%report, "drain finished");
         report
     }
@@ -499,7 +559,10 @@ impl Dispatcher {
             if let Some(t) = state.in_flight_since.values().min() {
                 oldest = Some(oldest.map_or(*t, |o| o.min(*t)));
             }
-            self.metrics.uncommitted.get_or_create(&TpLabel::from(tp)).set(state.tracker.pending() as i64);
+            self.metrics
+                .uncommitted
+                .get_or_create(&TpLabel::from(tp))
+                .set(state.tracker.pending() as i64);
         }
         let age = oldest.map_or(0.0, |t| now.duration_since(t).as_secs_f64());
         self.metrics.oldest_in_flight.set(age);
@@ -552,7 +615,11 @@ mod tests {
         let a = Some("a");
         let b = Some("b");
         let mut s = state_with(&[(0, a), (1, a), (2, b), (3, None), (4, b), (5, Some("c"))]);
-        assert_eq!(take_all(&mut s, Ordering::Key), [0, 2, 3, 5], "one per key; keyless records are free");
+        assert_eq!(
+            take_all(&mut s, Ordering::Key),
+            [0, 2, 3, 5],
+            "one per key; keyless records are free"
+        );
         let key_a = Bytes::from_static(b"a");
         s.finish(0, Some(&key_a), Outcome::Delivered);
         assert_eq!(take_all(&mut s, Ordering::Key), [1]);
@@ -598,7 +665,11 @@ mod tests {
         assert_eq!(take_all(&mut s, Ordering::Partition), [0]);
         assert_eq!(s.stop(), 2);
         assert!(s.cancel.is_cancelled());
-        assert_eq!(take_all(&mut s, Ordering::None), Vec::<i64>::new(), "nothing is dispatched once stopped");
+        assert_eq!(
+            take_all(&mut s, Ordering::None),
+            Vec::<i64>::new(),
+            "nothing is dispatched once stopped"
+        );
         s.finish(0, None, Outcome::Delivered);
         assert_eq!(s.committable(), Some(1));
     }
@@ -613,7 +684,12 @@ mod tests {
 
     #[test]
     fn backpressure_has_hysteresis_and_blocking_pauses() {
-        let w = Watermarks { high_records: 4, low_records: 2, high_bytes: usize::MAX, low_bytes: usize::MAX };
+        let w = Watermarks {
+            high_records: 4,
+            low_records: 2,
+            high_bytes: usize::MAX,
+            low_bytes: usize::MAX,
+        };
         let mut s = state_with(&[(0, None), (1, None), (2, None)]);
         assert!(!s.wants_pause(&w));
         s.push(rec(3, None));
@@ -627,9 +703,17 @@ mod tests {
         s.paused = false;
         s.blocked = 1;
         assert!(s.wants_pause(&w), "a blocked record pauses the partition");
-        let bytes = Watermarks { high_records: 100, low_records: 50, high_bytes: 2, low_bytes: 1 };
+        let bytes = Watermarks {
+            high_records: 100,
+            low_records: 50,
+            high_bytes: 2,
+            low_bytes: 1,
+        };
         let mut s = state_with(&[(0, None), (1, None)]);
-        assert!(s.wants_pause(&bytes), "two one-byte values reach the byte bound");
+        assert!(
+            s.wants_pause(&bytes),
+            "two one-byte values reach the byte bound"
+        );
         s.paused = true;
         let _ = take_all(&mut s, Ordering::None);
         assert!(!s.wants_pause(&bytes));

@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use rdkafka::ClientConfig;
 use rdkafka::client::ClientContext;
 use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
@@ -21,7 +22,6 @@ use rdkafka::error::{KafkaError, KafkaResult};
 use rdkafka::message::{BorrowedMessage, Headers, Message};
 use rdkafka::statistics::Statistics;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
-use rdkafka::ClientConfig;
 use tokio::sync::mpsc::UnboundedSender;
 use tracing::{debug, error, info, warn};
 
@@ -40,7 +40,11 @@ pub enum FromKafka {
     Assigned(Vec<(Tp, u64)>),
     /// Partitions being revoked. The dispatcher stops them, waits (bounded) for their
     /// in-flight deliveries and replies with the offsets to commit.
-    Revoked { partitions: Vec<Tp>, lost: bool, reply: Sender<Vec<EpochOffset>> },
+    Revoked {
+        partitions: Vec<Tp>,
+        lost: bool,
+        reply: Sender<Vec<EpochOffset>>,
+    },
 }
 
 /// What the dispatcher asks of the Kafka thread.
@@ -55,7 +59,10 @@ pub enum ToKafka {
     /// Stop fetching everything (drain has begun).
     PauseAll,
     /// Commit synchronously, leave the group, close the consumer, then acknowledge.
-    Finish { offsets: Vec<EpochOffset>, done: tokio::sync::oneshot::Sender<KafkaResult<()>> },
+    Finish {
+        offsets: Vec<EpochOffset>,
+        done: tokio::sync::oneshot::Sender<KafkaResult<()>>,
+    },
 }
 
 /// The consumer's context: rebalance callbacks, commit results, statistics, logs.
@@ -69,7 +76,11 @@ pub struct SluiceContext {
 }
 
 impl SluiceContext {
-    pub fn new(to_dispatcher: UnboundedSender<FromKafka>, metrics: Arc<Metrics>, revoke_wait: Duration) -> Self {
+    pub fn new(
+        to_dispatcher: UnboundedSender<FromKafka>,
+        metrics: Arc<Metrics>,
+        revoke_wait: Duration,
+    ) -> Self {
         SluiceContext {
             to_dispatcher,
             metrics,
@@ -117,17 +128,27 @@ impl SluiceContext {
 }
 
 fn partitions_of(tpl: &TopicPartitionList) -> Vec<Tp> {
-    tpl.elements().iter().map(|e| Tp::new(e.topic(), e.partition())).collect()
+    tpl.elements()
+        .iter()
+        .map(|e| Tp::new(e.topic(), e.partition()))
+        .collect()
 }
 
 impl ClientContext for SluiceContext {
     fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
         match level {
-            RDKafkaLogLevel::Emerg | RDKafkaLogLevel::Alert | RDKafkaLogLevel::Critical | RDKafkaLogLevel::Error => {
+            RDKafkaLogLevel::Emerg
+            | RDKafkaLogLevel::Alert
+            | RDKafkaLogLevel::Critical
+            | RDKafkaLogLevel::Error => {
                 error!(target: "librdkafka", facility = fac, "{log_message}")
             }
-            RDKafkaLogLevel::Warning => warn!(target: "librdkafka", facility = fac, "{log_message}"),
-            RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => info!(target: "librdkafka", facility = fac, "{log_message}"),
+            RDKafkaLogLevel::Warning => {
+                warn!(target: "librdkafka", facility = fac, "{log_message}")
+            }
+            RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => {
+                info!(target: "librdkafka", facility = fac, "{log_message}")
+            }
             RDKafkaLogLevel::Debug => debug!(target: "librdkafka", facility = fac, "{log_message}"),
         }
     }
@@ -139,8 +160,14 @@ impl ClientContext for SluiceContext {
                 if *partition < 0 || p.consumer_lag < 0 {
                     continue;
                 }
-                if assigned.iter().any(|(tp, _)| tp.partition == *partition && &*tp.topic == topic.as_str()) {
-                    let label = TpLabel { topic: topic.clone(), partition: partition.to_string() };
+                if assigned
+                    .iter()
+                    .any(|(tp, _)| tp.partition == *partition && &*tp.topic == topic.as_str())
+                {
+                    let label = TpLabel {
+                        topic: topic.clone(),
+                        partition: partition.to_string(),
+                    };
                     self.metrics.lag.get_or_create(&label).set(p.consumer_lag);
                 }
             }
@@ -163,24 +190,43 @@ impl ConsumerContext for SluiceContext {
         };
         let partitions = partitions_of(tpl);
         let lost = consumer.assignment_lost();
-        self.metrics.rebalances.get_or_create(&KindLabel { kind: if lost { "lost" } else { "revoke" } }).inc();
+        self.metrics
+            .rebalances
+            .get_or_create(&KindLabel {
+                kind: if lost { "lost" } else { "revoke" },
+            })
+            .inc();
         info!(partitions = ?partitions.iter().map(ToString::to_string).collect::<Vec<_>>(), lost, "partitions revoked");
         if !self.closing.load(AtomicOrdering::SeqCst) {
             let (reply, answer) = std::sync::mpsc::channel();
             let started = Instant::now();
-            if self.to_dispatcher.send(FromKafka::Revoked { partitions: partitions.clone(), lost, reply }).is_ok() {
+            if self
+                .to_dispatcher
+                .send(FromKafka::Revoked {
+                    partitions: partitions.clone(),
+                    lost,
+                    reply,
+                })
+                .is_ok()
+            {
                 match answer.recv_timeout(self.revoke_wait + Duration::from_secs(5)) {
                     Ok(offsets) if !lost && !offsets.is_empty() => {
                         let tpl = self.current_offsets(&offsets);
                         if tpl.count() > 0 {
                             match consumer.commit(&tpl, CommitMode::Sync) {
-                                Ok(()) => info!(?offsets, waited = ?started.elapsed(), "committed revoked partitions"),
-                                Err(e) => error!(error = %e, "synchronous commit on revoke failed; the next owner may redeliver"),
+                                Ok(()) => {
+                                    info!(?offsets, waited = ?started.elapsed(), "committed revoked partitions")
+                                }
+                                Err(e) => {
+                                    error!(error = %e, "synchronous commit on revoke failed; the next owner may redeliver")
+                                }
                             }
                         }
                     }
                     Ok(_) => {}
-                    Err(_) => warn!("the dispatcher did not release revoked partitions in time; nothing committed for them"),
+                    Err(_) => warn!(
+                        "the dispatcher did not release revoked partitions in time; nothing committed for them"
+                    ),
                 }
             }
         }
@@ -203,7 +249,10 @@ impl ConsumerContext for SluiceContext {
                     fresh.push((tp, epoch));
                 }
             }
-            self.metrics.rebalances.get_or_create(&KindLabel { kind: "assign" }).inc();
+            self.metrics
+                .rebalances
+                .get_or_create(&KindLabel { kind: "assign" })
+                .inc();
             info!(partitions = ?fresh.iter().map(|(tp, _)| tp.to_string()).collect::<Vec<_>>(), "partitions assigned");
             let _ = self.to_dispatcher.send(FromKafka::Assigned(fresh));
         }
@@ -215,7 +264,10 @@ impl ConsumerContext for SluiceContext {
                 self.metrics.commits.inc();
                 for e in offsets.elements() {
                     if let Offset::Offset(o) = e.offset() {
-                        let label = TpLabel { topic: e.topic().to_owned(), partition: e.partition().to_string() };
+                        let label = TpLabel {
+                            topic: e.topic().to_owned(),
+                            partition: e.partition().to_string(),
+                        };
                         self.metrics.committed_offset.get_or_create(&label).set(o);
                     }
                 }
@@ -233,7 +285,11 @@ impl ConsumerContext for SluiceContext {
 fn to_record(m: &BorrowedMessage<'_>, tp: Tp) -> Record {
     let headers = m
         .headers()
-        .map(|hs| hs.iter().map(|h| (h.key.to_owned(), h.value.map(Bytes::copy_from_slice))).collect())
+        .map(|hs| {
+            hs.iter()
+                .map(|h| (h.key.to_owned(), h.value.map(Bytes::copy_from_slice)))
+                .collect()
+        })
         .unwrap_or_default();
     Record {
         tp,
@@ -270,7 +326,11 @@ pub fn create_consumer(
 
 /// The Kafka thread's loop. Returns when the consumer was closed after `Finish`, or when
 /// the dispatcher went away.
-pub fn run(consumer: BaseConsumer<SluiceContext>, commands: Receiver<ToKafka>, metrics: Arc<Metrics>) {
+pub fn run(
+    consumer: BaseConsumer<SluiceContext>,
+    commands: Receiver<ToKafka>,
+    metrics: Arc<Metrics>,
+) {
     const BATCH: usize = 1024;
     let ctx = consumer.context().clone();
     loop {
@@ -290,7 +350,11 @@ pub fn run(consumer: BaseConsumer<SluiceContext>, commands: Receiver<ToKafka>, m
             match consumer.poll(Duration::ZERO) {
                 Some(Ok(m)) => match ctx.epoch_of(m.topic(), m.partition()) {
                     Some((tp, epoch)) => batch.push((epoch, to_record(&m, tp))),
-                    None => debug!(topic = m.topic(), partition = m.partition(), "record of an unassigned partition dropped"),
+                    None => debug!(
+                        topic = m.topic(),
+                        partition = m.partition(),
+                        "record of an unassigned partition dropped"
+                    ),
                 },
                 Some(Err(e)) => {
                     metrics.kafka_errors.inc();
@@ -324,27 +388,27 @@ fn execute(consumer: &BaseConsumer<SluiceContext>, ctx: &SluiceContext, cmd: ToK
         ToKafka::Wake => {}
         ToKafka::Pause(parts) => {
             let tpl = ctx.current_partitions(&parts);
-            if tpl.count() > 0 {
-                if let Err(e) = consumer.pause(&tpl) {
-                    warn!(error = %e, "pausing partitions");
-                }
+            if tpl.count() > 0
+                && let Err(e) = consumer.pause(&tpl)
+            {
+                warn!(error = %e, "pausing partitions");
             }
         }
         ToKafka::Resume(parts) => {
             let tpl = ctx.current_partitions(&parts);
-            if tpl.count() > 0 {
-                if let Err(e) = consumer.resume(&tpl) {
-                    warn!(error = %e, "resuming partitions");
-                }
+            if tpl.count() > 0
+                && let Err(e) = consumer.resume(&tpl)
+            {
+                warn!(error = %e, "resuming partitions");
             }
         }
         ToKafka::Commit(offsets) => {
             let tpl = ctx.current_offsets(&offsets);
-            if tpl.count() > 0 {
-                if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
-                    ctx.metrics.commit_failures.inc();
-                    warn!(error = %e, "asynchronous commit could not be sent");
-                }
+            if tpl.count() > 0
+                && let Err(e) = consumer.commit(&tpl, CommitMode::Async)
+            {
+                ctx.metrics.commit_failures.inc();
+                warn!(error = %e, "asynchronous commit could not be sent");
             }
         }
         ToKafka::PauseAll => match consumer.assignment() {

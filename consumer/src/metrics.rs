@@ -35,7 +35,10 @@ pub struct TpLabel {
 
 impl From<&Tp> for TpLabel {
     fn from(tp: &Tp) -> Self {
-        TpLabel { topic: tp.topic.to_string(), partition: tp.partition.to_string() }
+        TpLabel {
+            topic: tp.topic.to_string(),
+            partition: tp.partition.to_string(),
+        }
     }
 }
 
@@ -92,7 +95,11 @@ impl Metrics {
             ready: Gauge::default(),
             registry: Registry::default(),
         };
-        registry.register("records_consumed", "Records fetched from Kafka", m.records_consumed.clone());
+        registry.register(
+            "records_consumed",
+            "Records fetched from Kafka",
+            m.records_consumed.clone(),
+        );
         registry.register(
             "records_finished",
             "Records finished, by outcome (delivered, skipped, dead_lettered)",
@@ -103,8 +110,16 @@ impl Metrics {
             "HTTP delivery attempts, by result (2xx, 4xx, 5xx, throttled, timeout, connection_error, other)",
             m.attempts.clone(),
         );
-        registry.register("records_retried", "Delivery retries scheduled, by reason", m.retries.clone());
-        registry.register("records_dead_lettered", "Records written to the dead-letter topic, by reason", m.dead_lettered.clone());
+        registry.register(
+            "records_retried",
+            "Delivery retries scheduled, by reason",
+            m.retries.clone(),
+        );
+        registry.register(
+            "records_dead_lettered",
+            "Records written to the dead-letter topic, by reason",
+            m.dead_lettered.clone(),
+        );
         registry.register(
             "dead_letter_write_failures",
             "Dead-letter writes the broker did not acknowledge (the partition pauses and retries)",
@@ -115,34 +130,75 @@ impl Metrics {
             "Duration of one HTTP delivery attempt",
             m.delivery_duration.clone(),
         );
-        registry.register("partition_lag", "Records between the committed offset and the end of the partition", m.lag.clone());
-        registry.register("partition_committed_offset", "Last committed offset per partition", m.committed_offset.clone());
-        registry.register("partition_paused", "1 while fetching from the partition is paused for backpressure", m.paused.clone());
+        registry.register(
+            "partition_lag",
+            "Records between the committed offset and the end of the partition",
+            m.lag.clone(),
+        );
+        registry.register(
+            "partition_committed_offset",
+            "Last committed offset per partition",
+            m.committed_offset.clone(),
+        );
+        registry.register(
+            "partition_paused",
+            "1 while fetching from the partition is paused for backpressure",
+            m.paused.clone(),
+        );
         registry.register(
             "partition_uncommitted_records",
             "Fetched records beyond the committed prefix (bounded; the partition pauses at the bound)",
             m.uncommitted.clone(),
         );
         registry.register("in_flight", "Deliveries in flight", m.in_flight.clone());
-        registry.register("oldest_in_flight_age_seconds", "Age of the oldest in-flight delivery", m.oldest_in_flight.clone());
-        registry.register("buffered_records", "Records fetched and waiting to be dispatched", m.buffered.clone());
-        registry.register("rebalances", "Partition assignment changes, by kind (assign, revoke, lost)", m.rebalances.clone());
-        registry.register("commits", "Offset commits acknowledged by the broker", m.commits.clone());
-        registry.register("commit_failures", "Offset commits that failed", m.commit_failures.clone());
+        registry.register(
+            "oldest_in_flight_age_seconds",
+            "Age of the oldest in-flight delivery",
+            m.oldest_in_flight.clone(),
+        );
+        registry.register(
+            "buffered_records",
+            "Records fetched and waiting to be dispatched",
+            m.buffered.clone(),
+        );
+        registry.register(
+            "rebalances",
+            "Partition assignment changes, by kind (assign, revoke, lost)",
+            m.rebalances.clone(),
+        );
+        registry.register(
+            "commits",
+            "Offset commits acknowledged by the broker",
+            m.commits.clone(),
+        );
+        registry.register(
+            "commit_failures",
+            "Offset commits that failed",
+            m.commit_failures.clone(),
+        );
         registry.register(
             "late_results_dropped",
             "Delivery results dropped because their partition was revoked meanwhile",
             m.late_results.clone(),
         );
-        registry.register("kafka_errors", "Errors reported by the Kafka client", m.kafka_errors.clone());
-        registry.register("ready", "1 once the application is reachable and the consumer has started", m.ready.clone());
+        registry.register(
+            "kafka_errors",
+            "Errors reported by the Kafka client",
+            m.kafka_errors.clone(),
+        );
+        registry.register(
+            "ready",
+            "1 once the application is reachable and the consumer has started",
+            m.ready.clone(),
+        );
         Metrics { registry, ..m }
     }
 
     /// The metrics in the Prometheus text format.
     pub fn encode(&self) -> String {
         let mut out = String::new();
-        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
         out
     }
 
@@ -170,7 +226,11 @@ mod tests {
     fn text_format_has_the_documented_names() {
         let m = Metrics::new();
         m.records_consumed.inc();
-        m.records_finished.get_or_create(&OutcomeLabel { outcome: "delivered" }).inc();
+        m.records_finished
+            .get_or_create(&OutcomeLabel {
+                outcome: "delivered",
+            })
+            .inc();
         m.lag.get_or_create(&TpLabel::from(&Tp::new("t", 2))).set(5);
         m.delivery_duration.observe(0.01);
         let text = m.encode();

@@ -38,10 +38,10 @@ impl OffsetTracker {
 
     /// Registers a fetched record. Offsets must increase.
     pub fn track(&mut self, offset: i64) -> Result<(), TrackError> {
-        if let Some(last) = self.last_tracked {
-            if offset <= last {
-                return Err(TrackError::NotIncreasing { offset, last });
-            }
+        if let Some(last) = self.last_tracked
+            && offset <= last
+        {
+            return Err(TrackError::NotIncreasing { offset, last });
         }
         self.last_tracked = Some(offset);
         self.entries.push_back((offset, false));
@@ -106,7 +106,11 @@ mod tests {
         t.track(11).unwrap();
         assert_eq!(t.committable(), None);
         t.finish(11).unwrap();
-        assert_eq!(t.committable(), None, "11 finished but 10 is not: nothing may be committed");
+        assert_eq!(
+            t.committable(),
+            None,
+            "11 finished but 10 is not: nothing may be committed"
+        );
         assert_eq!(t.pending(), 2);
         t.finish(10).unwrap();
         assert_eq!(t.committable(), Some(12));
@@ -134,14 +138,24 @@ mod tests {
     fn errors() {
         let mut t = OffsetTracker::new();
         t.track(5).unwrap();
-        assert_eq!(t.track(5), Err(TrackError::NotIncreasing { offset: 5, last: 5 }));
-        assert_eq!(t.track(4), Err(TrackError::NotIncreasing { offset: 4, last: 5 }));
+        assert_eq!(
+            t.track(5),
+            Err(TrackError::NotIncreasing { offset: 5, last: 5 })
+        );
+        assert_eq!(
+            t.track(4),
+            Err(TrackError::NotIncreasing { offset: 4, last: 5 })
+        );
         assert_eq!(t.finish(6), Err(TrackError::Unknown(6)));
         t.track(6).unwrap();
         t.finish(6).unwrap();
         assert_eq!(t.finish(6), Err(TrackError::AlreadyFinished(6)));
         t.finish(5).unwrap();
-        assert_eq!(t.finish(5), Err(TrackError::Unknown(5)), "committed offsets are forgotten");
+        assert_eq!(
+            t.finish(5),
+            Err(TrackError::Unknown(5)),
+            "committed offsets are forgotten"
+        );
     }
 
     #[test]
@@ -156,7 +170,11 @@ mod tests {
         t.finish(1).unwrap();
         assert_eq!(t.take_commit(), Some(2));
         assert_eq!(t.take_commit(), None);
-        assert_eq!(t.committable(), Some(2), "committable stays available for a final commit");
+        assert_eq!(
+            t.committable(),
+            Some(2),
+            "committable stays available for a final commit"
+        );
     }
 
     proptest! {

@@ -35,9 +35,17 @@ pub enum Verdict {
     Skipped,
     /// Try again. `after` is the delay the application asked for; `counts` says whether the
     /// attempt counts against `maxAttempts` (throttling does not).
-    Retry { reason: &'static str, after: Option<Duration>, counts: bool, detail: String },
+    Retry {
+        reason: &'static str,
+        after: Option<Duration>,
+        counts: bool,
+        detail: String,
+    },
     /// The record itself is bad: dead-letter it now.
-    DeadLetter { reason: &'static str, detail: String },
+    DeadLetter {
+        reason: &'static str,
+        detail: String,
+    },
 }
 
 /// Classifies an attempt. An explicit `X-Sluice-Outcome` header wins over the status code.
@@ -55,9 +63,15 @@ pub fn classify(result: &AttemptResult, now: SystemTime) -> Verdict {
             counts: true,
             detail: format!("connection error: {e}"),
         },
-        AttemptResult::Response { status, retry_after, outcome } => {
+        AttemptResult::Response {
+            status,
+            retry_after,
+            outcome,
+        } => {
             let status = *status;
-            let retry_after_delay = retry_after.as_deref().and_then(|v| parse_retry_after(v, now));
+            let retry_after_delay = retry_after
+                .as_deref()
+                .and_then(|v| parse_retry_after(v, now));
             if let Some(explicit) = outcome.as_deref().map(str::trim) {
                 if explicit.eq_ignore_ascii_case("retry") {
                     return Verdict::Retry {
@@ -97,7 +111,11 @@ pub fn classify(result: &AttemptResult, now: SystemTime) -> Verdict {
                     detail: format!("HTTP {status}: the application rejected the record"),
                 },
                 _ => Verdict::Retry {
-                    reason: if status >= 500 { "http_5xx" } else { "unexpected_status" },
+                    reason: if status >= 500 {
+                        "http_5xx"
+                    } else {
+                        "unexpected_status"
+                    },
                     after: None,
                     counts: true,
                     detail: format!("HTTP {status}"),
@@ -151,16 +169,33 @@ pub enum Next {
     /// Wait, then attempt again.
     RetryAfter(Duration),
     /// Attempts are exhausted (or the record is bad): dead-letter it.
-    DeadLetter { reason: &'static str, detail: String },
+    DeadLetter {
+        reason: &'static str,
+        detail: String,
+    },
 }
 
 /// Decides what follows a non-final verdict. `failures` counts attempts that counted so far,
 /// including this one; `unit` is a random number in `[0, 1)` for jitter.
-pub fn next_step(verdict: &Verdict, failures: u32, max_attempts: u32, backoff: &Backoff, unit: f64) -> Option<Next> {
+pub fn next_step(
+    verdict: &Verdict,
+    failures: u32,
+    max_attempts: u32,
+    backoff: &Backoff,
+    unit: f64,
+) -> Option<Next> {
     match verdict {
         Verdict::Delivered | Verdict::Skipped => None,
-        Verdict::DeadLetter { reason, detail } => Some(Next::DeadLetter { reason, detail: detail.clone() }),
-        Verdict::Retry { after, counts, detail, .. } => {
+        Verdict::DeadLetter { reason, detail } => Some(Next::DeadLetter {
+            reason,
+            detail: detail.clone(),
+        }),
+        Verdict::Retry {
+            after,
+            counts,
+            detail,
+            ..
+        } => {
             if *counts && failures >= max_attempts {
                 return Some(Next::DeadLetter {
                     reason: "max_attempts",
@@ -181,7 +216,11 @@ mod tests {
     use super::*;
 
     fn response(status: u16) -> AttemptResult {
-        AttemptResult::Response { status, retry_after: None, outcome: None }
+        AttemptResult::Response {
+            status,
+            retry_after: None,
+            outcome: None,
+        }
     }
 
     fn with(status: u16, retry_after: Option<&str>, outcome: Option<&str>) -> AttemptResult {
@@ -226,10 +265,18 @@ mod tests {
             (response(302), "unexpected_status"),
             (response(100), "unexpected_status"),
             (AttemptResult::Timeout, "timeout"),
-            (AttemptResult::ConnectionError("refused".into()), "connection_error"),
+            (
+                AttemptResult::ConnectionError("refused".into()),
+                "connection_error",
+            ),
         ] {
             match classify(&r, now()) {
-                Verdict::Retry { reason: got, after: None, counts: true, .. } => assert_eq!(got, reason),
+                Verdict::Retry {
+                    reason: got,
+                    after: None,
+                    counts: true,
+                    ..
+                } => assert_eq!(got, reason),
                 v => panic!("{r:?}: {v:?}"),
             }
         }
@@ -240,76 +287,168 @@ mod tests {
         let v = classify(&with(429, Some("7"), None), now());
         assert_eq!(
             v,
-            Verdict::Retry { reason: "throttled", after: Some(Duration::from_secs(7)), counts: false, detail: "HTTP 429".into() }
+            Verdict::Retry {
+                reason: "throttled",
+                after: Some(Duration::from_secs(7)),
+                counts: false,
+                detail: "HTTP 429".into()
+            }
         );
         let v = classify(&with(429, None, None), now());
-        assert!(matches!(v, Verdict::Retry { reason: "throttled", after: None, counts: false, .. }), "{v:?}");
-        let v = classify(&with(503, Some("Sun, 06 Nov 1994 08:49:40 GMT"), None), now());
-        assert!(matches!(v, Verdict::Retry { after: Some(d), counts: false, .. } if d == Duration::from_secs(3)), "{v:?}");
+        assert!(
+            matches!(
+                v,
+                Verdict::Retry {
+                    reason: "throttled",
+                    after: None,
+                    counts: false,
+                    ..
+                }
+            ),
+            "{v:?}"
+        );
+        let v = classify(
+            &with(503, Some("Sun, 06 Nov 1994 08:49:40 GMT"), None),
+            now(),
+        );
+        assert!(
+            matches!(v, Verdict::Retry { after: Some(d), counts: false, .. } if d == Duration::from_secs(3)),
+            "{v:?}"
+        );
         let v = classify(&with(503, Some("garbage"), None), now());
-        assert!(matches!(v, Verdict::Retry { reason: "http_5xx", counts: true, .. }), "{v:?}");
+        assert!(
+            matches!(
+                v,
+                Verdict::Retry {
+                    reason: "http_5xx",
+                    counts: true,
+                    ..
+                }
+            ),
+            "{v:?}"
+        );
     }
 
     #[test]
     fn explicit_outcome_header_wins() {
-        assert_eq!(classify(&with(200, None, Some("skip")), now()), Verdict::Skipped);
-        assert_eq!(classify(&with(500, None, Some(" SKIP ")), now()), Verdict::Skipped);
+        assert_eq!(
+            classify(&with(200, None, Some("skip")), now()),
+            Verdict::Skipped
+        );
+        assert_eq!(
+            classify(&with(500, None, Some(" SKIP ")), now()),
+            Verdict::Skipped
+        );
         assert!(matches!(
             classify(&with(200, None, Some("dead-letter")), now()),
-            Verdict::DeadLetter { reason: "explicit_dead_letter", .. }
+            Verdict::DeadLetter {
+                reason: "explicit_dead_letter",
+                ..
+            }
         ));
         assert!(matches!(
             classify(&with(200, Some("2"), Some("Retry")), now()),
             Verdict::Retry { reason: "explicit_retry", after: Some(d), counts: true, .. } if d == Duration::from_secs(2)
         ));
-        assert_eq!(classify(&with(204, None, Some("maybe")), now()), Verdict::Delivered, "unknown values are ignored");
+        assert_eq!(
+            classify(&with(204, None, Some("maybe")), now()),
+            Verdict::Delivered,
+            "unknown values are ignored"
+        );
     }
 
     #[test]
     fn retry_after_parsing() {
         assert_eq!(parse_retry_after("0", now()), Some(Duration::ZERO));
-        assert_eq!(parse_retry_after(" 120 ", now()), Some(Duration::from_secs(120)));
+        assert_eq!(
+            parse_retry_after(" 120 ", now()),
+            Some(Duration::from_secs(120))
+        );
         assert_eq!(parse_retry_after("100000", now()), Some(MAX_RETRY_AFTER));
-        assert_eq!(parse_retry_after("Sun, 06 Nov 1994 08:49:00 GMT", now()), Some(Duration::ZERO), "past dates mean now");
+        assert_eq!(
+            parse_retry_after("Sun, 06 Nov 1994 08:49:00 GMT", now()),
+            Some(Duration::ZERO),
+            "past dates mean now"
+        );
         assert_eq!(parse_retry_after("-1", now()), None);
         assert_eq!(parse_retry_after("soon", now()), None);
     }
 
     #[test]
     fn backoff_grows_exponentially_is_capped_and_jittered() {
-        let b = Backoff { initial: Duration::from_millis(100), max: Duration::from_secs(1) };
+        let b = Backoff {
+            initial: Duration::from_millis(100),
+            max: Duration::from_secs(1),
+        };
         assert_eq!(b.ceiling(1), Duration::from_millis(100));
         assert_eq!(b.ceiling(2), Duration::from_millis(200));
         assert_eq!(b.ceiling(4), Duration::from_millis(800));
         assert_eq!(b.ceiling(5), Duration::from_secs(1));
         assert_eq!(b.ceiling(1000), Duration::from_secs(1));
         assert_eq!(b.delay(3, 0.0), Duration::from_millis(200));
-        assert_eq!(b.delay(3, 0.999_999), Duration::from_millis(400).mul_f64(0.999_999_5));
+        assert_eq!(
+            b.delay(3, 0.999_999),
+            Duration::from_millis(400).mul_f64(0.999_999_5)
+        );
         for i in 0..100 {
             let d = b.delay(3, f64::from(i) / 100.0);
-            assert!(d >= Duration::from_millis(200) && d < Duration::from_millis(400), "{d:?}");
+            assert!(
+                d >= Duration::from_millis(200) && d < Duration::from_millis(400),
+                "{d:?}"
+            );
         }
     }
 
     #[test]
     fn next_step_dead_letters_after_max_attempts() {
-        let b = Backoff { initial: Duration::from_millis(100), max: Duration::from_secs(1) };
+        let b = Backoff {
+            initial: Duration::from_millis(100),
+            max: Duration::from_secs(1),
+        };
         let fail = classify(&response(500), now());
-        assert_eq!(next_step(&fail, 1, 3, &b, 0.0), Some(Next::RetryAfter(Duration::from_millis(50))));
-        assert_eq!(next_step(&fail, 2, 3, &b, 0.0), Some(Next::RetryAfter(Duration::from_millis(100))));
+        assert_eq!(
+            next_step(&fail, 1, 3, &b, 0.0),
+            Some(Next::RetryAfter(Duration::from_millis(50)))
+        );
+        assert_eq!(
+            next_step(&fail, 2, 3, &b, 0.0),
+            Some(Next::RetryAfter(Duration::from_millis(100)))
+        );
         match next_step(&fail, 3, 3, &b, 0.0) {
-            Some(Next::DeadLetter { reason: "max_attempts", detail }) => {
-                assert!(detail.contains("3 attempts") && detail.contains("HTTP 500"), "{detail}")
+            Some(Next::DeadLetter {
+                reason: "max_attempts",
+                detail,
+            }) => {
+                assert!(
+                    detail.contains("3 attempts") && detail.contains("HTTP 500"),
+                    "{detail}"
+                )
             }
             n => panic!("{n:?}"),
         }
         let throttled = classify(&with(429, Some("4"), None), now());
-        assert_eq!(next_step(&throttled, 3, 3, &b, 0.0), Some(Next::RetryAfter(Duration::from_secs(4))), "throttling never dead-letters");
+        assert_eq!(
+            next_step(&throttled, 3, 3, &b, 0.0),
+            Some(Next::RetryAfter(Duration::from_secs(4))),
+            "throttling never dead-letters"
+        );
         let bad = classify(&response(400), now());
-        assert!(matches!(next_step(&bad, 1, 3, &b, 0.0), Some(Next::DeadLetter { reason: "http_4xx", .. })));
+        assert!(matches!(
+            next_step(&bad, 1, 3, &b, 0.0),
+            Some(Next::DeadLetter {
+                reason: "http_4xx",
+                ..
+            })
+        ));
         assert_eq!(next_step(&Verdict::Delivered, 1, 3, &b, 0.0), None);
         assert_eq!(next_step(&Verdict::Skipped, 1, 3, &b, 0.0), None);
         let one = classify(&AttemptResult::Timeout, now());
-        assert!(matches!(next_step(&one, 1, 1, &b, 0.0), Some(Next::DeadLetter { .. })), "maxAttempts 1: no retry");
+        assert!(
+            matches!(
+                next_step(&one, 1, 1, &b, 0.0),
+                Some(Next::DeadLetter { .. })
+            ),
+            "maxAttempts 1: no retry"
+        );
     }
 }

@@ -13,7 +13,10 @@ pub struct Tp {
 
 impl Tp {
     pub fn new(topic: &str, partition: i32) -> Tp {
-        Tp { topic: Arc::from(topic), partition }
+        Tp {
+            topic: Arc::from(topic),
+            partition,
+        }
     }
 }
 
@@ -40,6 +43,10 @@ impl Record {
     pub fn size(&self) -> usize {
         self.key.as_ref().map_or(0, Bytes::len)
             + self.value.as_ref().map_or(0, Bytes::len)
-            + self.headers.iter().map(|(k, v)| k.len() + v.as_ref().map_or(0, Bytes::len)).sum::<usize>()
+            + self
+                .headers
+                .iter()
+                .map(|(k, v)| k.len() + v.as_ref().map_or(0, Bytes::len))
+                .sum::<usize>()
     }
 }

@@ -36,7 +36,10 @@ impl Default for DrainControl {
 
 impl DrainControl {
     pub fn new() -> Self {
-        DrainControl { requested: CancellationToken::new(), done: Arc::new(watch::channel(None).0) }
+        DrainControl {
+            requested: CancellationToken::new(),
+            done: Arc::new(watch::channel(None).0),
+        }
     }
 
     pub fn request(&self) {
@@ -78,21 +81,28 @@ pub struct Readiness {
 
 impl Readiness {
     pub fn is_ready(&self) -> bool {
-        self.app_reachable.load(AtomicOrdering::SeqCst) && self.consuming.load(AtomicOrdering::SeqCst)
+        self.app_reachable.load(AtomicOrdering::SeqCst)
+            && self.consuming.load(AtomicOrdering::SeqCst)
     }
 }
 
 /// Waits until the application accepts connections (or the readiness URL answers 2xx).
 pub async fn wait_for_app(config: &SidecarConfig) {
     let delivery = HttpUrl::parse(&config.delivery.url).expect("validated");
-    let readiness = config.app.readiness_url.as_deref().map(|u| u.parse::<http::Uri>().expect("validated"));
+    let readiness = config
+        .app
+        .readiness_url
+        .as_deref()
+        .map(|u| u.parse::<http::Uri>().expect("validated"));
     let client = http_client(1);
     let started = Instant::now();
     let mut last_log = None::<Instant>;
     loop {
         let ok = match &readiness {
             Some(uri) => {
-                let req = http::Request::get(uri.clone()).body(Full::new(Bytes::new())).expect("valid request");
+                let req = http::Request::get(uri.clone())
+                    .body(Full::new(Bytes::new()))
+                    .expect("valid request");
                 matches!(
                     tokio::time::timeout(Duration::from_secs(1), async {
                         let resp = client.request(req).await.ok()?;
@@ -105,7 +115,11 @@ pub async fn wait_for_app(config: &SidecarConfig) {
                 )
             }
             None => matches!(
-                tokio::time::timeout(Duration::from_secs(1), tokio::net::TcpStream::connect(delivery.authority())).await,
+                tokio::time::timeout(
+                    Duration::from_secs(1),
+                    tokio::net::TcpStream::connect(delivery.authority())
+                )
+                .await,
                 Ok(Ok(_))
             ),
         };
@@ -114,7 +128,14 @@ pub async fn wait_for_app(config: &SidecarConfig) {
             return;
         }
         if last_log.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
-            info!(target = config.app.readiness_url.as_deref().unwrap_or(&config.delivery.url), "waiting for the application");
+            info!(
+                target = config
+                    .app
+                    .readiness_url
+                    .as_deref()
+                    .unwrap_or(&config.delivery.url),
+                "waiting for the application"
+            );
             last_log = Some(Instant::now());
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -139,11 +160,16 @@ pub async fn run(
     readiness.app_reachable.store(true, AtomicOrdering::SeqCst);
 
     let kafka_cfg = &config.kafka;
-    let consumer_props = kafka_cfg.consumer_properties().context("reading Kafka credentials")?;
+    let consumer_props = kafka_cfg
+        .consumer_properties()
+        .context("reading Kafka credentials")?;
     let dead_letter = match &config.delivery.dead_letter_topic {
         Some(topic) => {
             let mut producer_cfg = ClientConfig::new();
-            for (k, v) in kafka_cfg.client_properties().context("reading Kafka credentials")? {
+            for (k, v) in kafka_cfg
+                .client_properties()
+                .context("reading Kafka credentials")?
+            {
                 producer_cfg.set(k, v);
             }
             Some(
@@ -163,15 +189,23 @@ pub async fn run(
         uri,
         d.timeout,
         d.retry.max_attempts,
-        Backoff { initial: d.retry.initial_backoff, max: d.retry.max_backoff },
+        Backoff {
+            initial: d.retry.initial_backoff,
+            max: d.retry.max_backoff,
+        },
         d.max_in_flight as usize,
         dead_letter,
         metrics.clone(),
         events_tx,
     ));
     let context = SluiceContext::new(to_dispatcher, metrics.clone(), config.drain.timeout);
-    let consumer = kafka::create_consumer(&consumer_props, &kafka_cfg.topics, context, to_kafka.clone())
-        .context("creating the Kafka consumer")?;
+    let consumer = kafka::create_consumer(
+        &consumer_props,
+        &kafka_cfg.topics,
+        context,
+        to_kafka.clone(),
+    )
+    .context("creating the Kafka consumer")?;
     info!(group = %kafka_cfg.group_id, topics = ?kafka_cfg.topics, protocol = ?kafka_cfg.protocol, ordering = %d.ordering, "joining the consumer group");
     let thread_metrics = metrics.clone();
     let kafka_thread = std::thread::Builder::new()

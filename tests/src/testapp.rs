@@ -36,10 +36,14 @@ impl Received {
         self.headers.get(name).map(String::as_str)
     }
     pub fn partition(&self) -> i32 {
-        self.header("kafka-partition").and_then(|p| p.parse().ok()).expect("kafka-partition header")
+        self.header("kafka-partition")
+            .and_then(|p| p.parse().ok())
+            .expect("kafka-partition header")
     }
     pub fn offset(&self) -> i64 {
-        self.header("kafka-offset").and_then(|p| p.parse().ok()).expect("kafka-offset header")
+        self.header("kafka-offset")
+            .and_then(|p| p.parse().ok())
+            .expect("kafka-offset header")
     }
 }
 
@@ -53,10 +57,17 @@ pub struct Reply {
 
 impl Reply {
     pub fn ok() -> Reply {
-        Reply { status: 200, headers: vec![], delay: Duration::ZERO }
+        Reply {
+            status: 200,
+            headers: vec![],
+            delay: Duration::ZERO,
+        }
     }
     pub fn status(status: u16) -> Reply {
-        Reply { status, ..Reply::ok() }
+        Reply {
+            status,
+            ..Reply::ok()
+        }
     }
     pub fn after(mut self, delay: Duration) -> Reply {
         self.delay = delay;
@@ -99,7 +110,9 @@ impl TestApp {
     }
 
     async fn start_with(behaviour: Behaviour, record: bool) -> TestApp {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("binding the test application");
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("binding the test application");
         let addr = listener.local_addr().unwrap();
         let shared = Arc::new(Shared {
             behaviour: RwLock::new(behaviour),
@@ -109,7 +122,11 @@ impl TestApp {
             in_flight: AtomicUsize::new(0),
             max_in_flight: AtomicUsize::new(0),
         });
-        let app = TestApp { addr, shared, server: Mutex::new(None) };
+        let app = TestApp {
+            addr,
+            shared,
+            server: Mutex::new(None),
+        };
         app.serve(listener);
         app
     }
@@ -201,7 +218,12 @@ impl TestApp {
     }
 
     /// Waits until `pred` holds for the received requests, or panics after `timeout`.
-    pub async fn wait_until(&self, what: &str, timeout: Duration, pred: impl Fn(&[Received]) -> bool) {
+    pub async fn wait_until(
+        &self,
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&[Received]) -> bool,
+    ) {
         let deadline = Instant::now() + timeout;
         loop {
             if pred(&self.shared.received.lock().unwrap()) {
@@ -230,7 +252,10 @@ impl Drop for InFlight<'_> {
     }
 }
 
-async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, hyper::Error> {
+async fn handle(
+    shared: Arc<Shared>,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, hyper::Error> {
     let now = shared.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
     shared.max_in_flight.fetch_max(now, Ordering::SeqCst);
     let _guard = InFlight(&shared);
@@ -242,7 +267,12 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<
             parts
                 .headers
                 .iter()
-                .map(|(k, v)| (k.as_str().to_owned(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
+                .map(|(k, v)| {
+                    (
+                        k.as_str().to_owned(),
+                        String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                    )
+                })
                 .collect()
         } else {
             HashMap::new()
@@ -262,7 +292,9 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<
         resp = resp.header(k, v);
     }
     shared.answered.fetch_add(1, Ordering::SeqCst);
-    Ok(resp.body(Full::new(Bytes::new())).expect("valid test response"))
+    Ok(resp
+        .body(Full::new(Bytes::new()))
+        .expect("valid test response"))
 }
 
 /// The `sluice-consumer` binary, built once per test process with the same profile as the
@@ -274,20 +306,35 @@ pub fn sidecar_binary() -> PathBuf {
         let exe = std::env::current_exe().expect("the test binary's path");
         let mut profile_dir = exe.parent().expect("target/<profile>").to_path_buf();
         if profile_dir.file_name().is_some_and(|n| n == "deps") {
-            profile_dir = profile_dir.parent().map(Path::to_path_buf).expect("target/<profile>");
+            profile_dir = profile_dir
+                .parent()
+                .map(Path::to_path_buf)
+                .expect("target/<profile>");
         }
         let release = profile_dir.file_name().is_some_and(|n| n == "release");
         let target_dir = profile_dir.parent().expect("target dir").to_path_buf();
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = Command::new(cargo);
-        cmd.args(["build", "-q", "-p", "sluice-consumer", "--bin", "sluice-consumer"])
-            .env("CARGO_TARGET_DIR", &target_dir)
-            .current_dir(env!("CARGO_MANIFEST_DIR"));
+        cmd.args([
+            "build",
+            "-q",
+            "-p",
+            "sluice-consumer",
+            "--bin",
+            "sluice-consumer",
+        ])
+        .env("CARGO_TARGET_DIR", &target_dir)
+        .current_dir(env!("CARGO_MANIFEST_DIR"));
         if release {
             cmd.arg("--release");
         }
-        let status = cmd.status().expect("running cargo build for sluice-consumer");
-        assert!(status.success(), "building sluice-consumer failed: {status}");
+        let status = cmd
+            .status()
+            .expect("running cargo build for sluice-consumer");
+        assert!(
+            status.success(),
+            "building sluice-consumer failed: {status}"
+        );
         let bin = profile_dir.join("sluice-consumer");
         assert!(bin.exists(), "{} was not built", bin.display());
         bin
@@ -297,7 +344,11 @@ pub fn sidecar_binary() -> PathBuf {
 
 /// A free loopback port (bound and released; good enough for tests).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// A running `sluice-consumer` process with its own config file and admin port.
@@ -321,7 +372,10 @@ impl Sidecar {
         std::fs::write(&token, format!("{TEST_DRAIN_TOKEN}\n")).unwrap();
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         config["admin"] = serde_json::json!({"listen": admin.to_string()});
-        let drain = config.get("drain").cloned().unwrap_or_else(|| serde_json::json!({}));
+        let drain = config
+            .get("drain")
+            .cloned()
+            .unwrap_or_else(|| serde_json::json!({}));
         let mut drain = drain;
         drain["tokenFile"] = serde_json::json!(token);
         config["drain"] = drain;
@@ -331,13 +385,21 @@ impl Sidecar {
         let child = Command::new(sidecar_binary())
             .arg("--config")
             .arg(&path)
-            .env("SLUICE_LOG", std::env::var("SLUICE_TEST_SIDECAR_LOG").unwrap_or_else(|_| "info".into()))
+            .env(
+                "SLUICE_LOG",
+                std::env::var("SLUICE_TEST_SIDECAR_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
             .expect("starting sluice-consumer");
-        Sidecar { child, admin, dir, name: name.to_owned() }
+        Sidecar {
+            child,
+            admin,
+            dir,
+            name: name.to_owned(),
+        }
     }
 
     pub fn pid(&self) -> i32 {
@@ -345,7 +407,10 @@ impl Sidecar {
     }
 
     pub fn signal(&self, signal: &str) {
-        let status = Command::new("kill").args([format!("-{signal}"), self.pid().to_string()]).status().unwrap();
+        let status = Command::new("kill")
+            .args([format!("-{signal}"), self.pid().to_string()])
+            .status()
+            .unwrap();
         assert!(status.success(), "kill -{signal} {}", self.pid());
     }
 
@@ -370,19 +435,27 @@ impl Sidecar {
     /// A GET on the admin port: (status, body). Errors are reported as status 0.
     pub fn get(&self, path: &str, headers: &[(&str, &str)]) -> (u16, String) {
         use std::io::{Read, Write};
-        let Ok(mut s) = std::net::TcpStream::connect_timeout(&self.admin, Duration::from_secs(2)) else {
+        let Ok(mut s) = std::net::TcpStream::connect_timeout(&self.admin, Duration::from_secs(2))
+        else {
             return (0, String::new());
         };
         let _ = s.set_read_timeout(Some(Duration::from_secs(120)));
-        let extra: String = headers.iter().map(|(k, v)| format!("{k}: {v}\r\n")).collect();
-        let req = format!("GET {path} HTTP/1.1\r\nHost: sidecar\r\n{extra}Connection: close\r\n\r\n");
+        let extra: String = headers
+            .iter()
+            .map(|(k, v)| format!("{k}: {v}\r\n"))
+            .collect();
+        let req =
+            format!("GET {path} HTTP/1.1\r\nHost: sidecar\r\n{extra}Connection: close\r\n\r\n");
         if s.write_all(req.as_bytes()).is_err() {
             return (0, String::new());
         }
         let mut resp = String::new();
         let _ = s.read_to_string(&mut resp);
         let status = resp.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
-        let body = resp.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+        let body = resp
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default();
         (status, body)
     }
 
@@ -393,7 +466,8 @@ impl Sidecar {
             return None;
         }
         let prefix = format!("{sample} ");
-        body.lines().find_map(|l| l.strip_prefix(&prefix).and_then(|v| v.trim().parse().ok()))
+        body.lines()
+            .find_map(|l| l.strip_prefix(&prefix).and_then(|v| v.trim().parse().ok()))
     }
 
     /// Waits until `/readyz` answers 200.
@@ -405,7 +479,11 @@ impl Sidecar {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        panic!("sidecar {} not ready after {timeout:?}; log:\n{}", self.name, self.log());
+        panic!(
+            "sidecar {} not ready after {timeout:?}; log:\n{}",
+            self.name,
+            self.log()
+        );
     }
 }
 

@@ -36,25 +36,42 @@ async fn churn(signal: &str, prefix: &str, protocol: &str) -> ChurnResult {
             "protocol": "consumer",
         });
     }
-    let mut sidecars: Vec<Sidecar> = (0..3).map(|i| Sidecar::start(&format!("{prefix}-{i}"), cfg.clone())).collect();
+    let mut sidecars: Vec<Sidecar> = (0..3)
+        .map(|i| Sidecar::start(&format!("{prefix}-{i}"), cfg.clone()))
+        .collect();
     let started = Instant::now();
     let deadline = started + Duration::from_secs(400);
     let mut restarts = 0;
     let mut next = 0;
-    let distinct = |r: &[Received]| r.iter().map(|r| r.value.as_str()).collect::<std::collections::HashSet<_>>().len();
+    let distinct = |r: &[Received]| {
+        r.iter()
+            .map(|r| r.value.as_str())
+            .collect::<std::collections::HashSet<_>>()
+            .len()
+    };
     loop {
         tokio::time::sleep(Duration::from_secs(3)).await;
         let received = app.received();
         if distinct(&received) >= RECORDS {
             break;
         }
-        assert!(Instant::now() < deadline, "only {} of {RECORDS} distinct records after 400 s", distinct(&received));
+        assert!(
+            Instant::now() < deadline,
+            "only {} of {RECORDS} distinct records after 400 s",
+            distinct(&received)
+        );
         // Stop one sidecar and start it again right away, round robin.
         let victim = &mut sidecars[next];
         victim.signal(signal);
-        let status = victim.wait_exit(Duration::from_secs(30)).expect("the sidecar exits");
+        let status = victim
+            .wait_exit(Duration::from_secs(30))
+            .expect("the sidecar exits");
         if signal == "TERM" {
-            assert!(status.success(), "exit status {status}; log:\n{}", victim.log());
+            assert!(
+                status.success(),
+                "exit status {status}; log:\n{}",
+                victim.log()
+            );
         }
         sidecars[next] = Sidecar::start(&format!("{prefix}-{next}-r{restarts}"), cfg.clone());
         restarts += 1;
@@ -62,10 +79,16 @@ async fn churn(signal: &str, prefix: &str, protocol: &str) -> ChurnResult {
     }
     let took = started.elapsed();
     // Everything delivered: the group must commit to the end, then stop gracefully.
-    let end: Vec<Option<i64>> = end_offsets(&topic.name, PARTITIONS).into_iter().map(Some).collect();
+    let end: Vec<Option<i64>> = end_offsets(&topic.name, PARTITIONS)
+        .into_iter()
+        .map(Some)
+        .collect();
     let commit_deadline = Instant::now() + Duration::from_secs(30);
     while committed(&group, &topic.name, PARTITIONS) != end {
-        assert!(Instant::now() < commit_deadline, "offsets never committed to the end");
+        assert!(
+            Instant::now() < commit_deadline,
+            "offsets never committed to the end"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     for s in &mut sidecars {
@@ -77,13 +100,22 @@ async fn churn(signal: &str, prefix: &str, protocol: &str) -> ChurnResult {
     }
     let mut counts = HashMap::new();
     for r in app.received() {
-        *counts.entry(r.value.parse::<usize>().expect("numbered value")).or_insert(0) += 1;
+        *counts
+            .entry(r.value.parse::<usize>().expect("numbered value"))
+            .or_insert(0) += 1;
     }
-    ChurnResult { counts, restarts, took }
+    ChurnResult {
+        counts,
+        restarts,
+        took,
+    }
 }
 
 fn assert_none_lost(r: &ChurnResult) {
-    let missing: Vec<usize> = (0..RECORDS).filter(|v| !r.counts.contains_key(v)).take(10).collect();
+    let missing: Vec<usize> = (0..RECORDS)
+        .filter(|v| !r.counts.contains_key(v))
+        .take(10)
+        .collect();
     assert!(missing.is_empty(), "records lost, e.g. {missing:?}");
     assert_eq!(r.counts.len(), RECORDS);
 }
@@ -95,8 +127,17 @@ fn duplicates(r: &ChurnResult) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_churn_loses_nothing_and_duplicates_nothing() {
     let r = churn("TERM", "churn-term", "classic").await;
-    eprintln!("SIGTERM churn: {} restarts in {:?}, {} duplicates", r.restarts, r.took, duplicates(&r));
-    assert!(r.restarts >= 3, "the test must actually churn: {} restarts", r.restarts);
+    eprintln!(
+        "SIGTERM churn: {} restarts in {:?}, {} duplicates",
+        r.restarts,
+        r.took,
+        duplicates(&r)
+    );
+    assert!(
+        r.restarts >= 3,
+        "the test must actually churn: {} restarts",
+        r.restarts
+    );
     assert_none_lost(&r);
     assert_eq!(duplicates(&r), 0, "graceful churn must not duplicate");
 }
@@ -104,8 +145,17 @@ async fn sigterm_churn_loses_nothing_and_duplicates_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_churn_with_the_kip848_protocol() {
     let r = churn("TERM", "churn-848", "consumer").await;
-    eprintln!("KIP-848 SIGTERM churn: {} restarts in {:?}, {} duplicates", r.restarts, r.took, duplicates(&r));
-    assert!(r.restarts >= 3, "the test must actually churn: {} restarts", r.restarts);
+    eprintln!(
+        "KIP-848 SIGTERM churn: {} restarts in {:?}, {} duplicates",
+        r.restarts,
+        r.took,
+        duplicates(&r)
+    );
+    assert!(
+        r.restarts >= 3,
+        "the test must actually churn: {} restarts",
+        r.restarts
+    );
     assert_none_lost(&r);
     assert_eq!(duplicates(&r), 0, "graceful churn must not duplicate");
 }
@@ -114,13 +164,23 @@ async fn sigterm_churn_with_the_kip848_protocol() {
 async fn sigkill_churn_loses_nothing_and_duplicates_stay_within_the_uncommitted_window() {
     let r = churn("KILL", "churn-kill", "classic").await;
     let dups = duplicates(&r);
-    eprintln!("SIGKILL churn: {} restarts in {:?}, {dups} duplicates", r.restarts, r.took);
-    assert!(r.restarts >= 3, "the test must actually churn: {} restarts", r.restarts);
+    eprintln!(
+        "SIGKILL churn: {} restarts in {:?}, {dups} duplicates",
+        r.restarts, r.took
+    );
+    assert!(
+        r.restarts >= 3,
+        "the test must actually churn: {} restarts",
+        r.restarts
+    );
     assert_none_lost(&r);
     // A killed sidecar can have delivered at most what it finished since its last commit
     // (commitInterval 200 ms at the observed rate, plus the records in flight), and only for
     // its own partitions. Bound it generously by the whole group's rate over 1 s per kill.
     let rate = RECORDS as f64 / r.took.as_secs_f64();
     let bound = (r.restarts as f64 * (rate * 1.0 + MAX_IN_FLIGHT as f64)) as usize;
-    assert!(dups <= bound, "{dups} duplicates exceed the uncommitted window bound {bound}");
+    assert!(
+        dups <= bound,
+        "{dups} duplicates exceed the uncommitted window bound {bound}"
+    );
 }

@@ -13,31 +13,50 @@ use sluice_tests::kafka::{Topic, committed, end_offsets, group, producer, read_a
 use sluice_tests::testapp::{Reply, Sidecar, TestApp, sidecar_config};
 
 fn header(m: &OwnedMessage, name: &str) -> Option<String> {
-    m.headers()?.iter().find(|h| h.key == name).and_then(|h| h.value).map(|v| String::from_utf8_lossy(v).into_owned())
+    m.headers()?
+        .iter()
+        .find(|h| h.key == name)
+        .and_then(|h| h.value)
+        .map(|v| String::from_utf8_lossy(v).into_owned())
 }
 
 /// Waits until the group's committed offsets equal the topic's end offsets.
 async fn wait_committed_to_end(group: &str, topic: &Topic) {
-    let end: Vec<Option<i64>> = end_offsets(&topic.name, topic.partitions).into_iter().map(Some).collect();
+    let end: Vec<Option<i64>> = end_offsets(&topic.name, topic.partitions)
+        .into_iter()
+        .map(Some)
+        .collect();
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let got = committed(group, &topic.name, topic.partitions);
         if got == end {
             return;
         }
-        assert!(Instant::now() < deadline, "committed offsets {got:?} never reached the end {end:?}");
+        assert!(
+            Instant::now() < deadline,
+            "committed offsets {got:?} never reached the end {end:?}"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
 fn stop(sidecar: &mut Sidecar) {
     sidecar.signal("TERM");
-    let status = sidecar.wait_exit(Duration::from_secs(30)).expect("the sidecar exits after SIGTERM");
-    assert!(status.success(), "exit status {status}; log:\n{}", sidecar.log());
+    let status = sidecar
+        .wait_exit(Duration::from_secs(30))
+        .expect("the sidecar exits after SIGTERM");
+    assert!(
+        status.success(),
+        "exit status {status}; log:\n{}",
+        sidecar.log()
+    );
 }
 
 fn values(received: &[sluice_tests::testapp::Received]) -> Vec<usize> {
-    received.iter().map(|r| r.value.parse().expect("numbered value")).collect()
+    received
+        .iter()
+        .map(|r| r.value.parse().expect("numbered value"))
+        .collect()
 }
 
 async fn ordering(mode: &str) -> (Vec<sluice_tests::testapp::Received>, usize) {
@@ -50,13 +69,18 @@ async fn ordering(mode: &str) -> (Vec<sluice_tests::testapp::Received>, usize) {
     cfg["delivery"]["ordering"] = mode.into();
     cfg["delivery"]["maxInFlight"] = 16.into();
     let mut sidecar = Sidecar::start(&format!("order-{mode}"), cfg);
-    app.wait_until("every record", Duration::from_secs(60), |r| r.len() >= N).await;
+    app.wait_until("every record", Duration::from_secs(60), |r| r.len() >= N)
+        .await;
     wait_committed_to_end(&group, &topic).await;
     stop(&mut sidecar);
     let got = app.received();
     let mut sorted = values(&got);
     sorted.sort_unstable();
-    assert_eq!(sorted, (0..N).collect::<Vec<_>>(), "every record exactly once");
+    assert_eq!(
+        sorted,
+        (0..N).collect::<Vec<_>>(),
+        "every record exactly once"
+    );
     (got, app.max_concurrency())
 }
 
@@ -69,12 +93,18 @@ async fn partition_mode_keeps_each_partition_in_order() {
         if let Some(prev) = last.insert(p, o) {
             assert!(o > prev, "partition {p}: offset {o} delivered after {prev}");
         }
-        assert_eq!(r.header("ce-id"), Some(format!("{}-{p}-{o}", r.header("kafka-topic").unwrap()).as_str()));
+        assert_eq!(
+            r.header("ce-id"),
+            Some(format!("{}-{p}-{o}", r.header("kafka-topic").unwrap()).as_str())
+        );
         assert_eq!(r.header("ce-specversion"), Some("1.0"));
         assert_eq!(r.header("sluice-attempt"), Some("1"));
         assert!(r.header("kafka-key").is_some_and(|k| k.starts_with("key-")));
     }
-    assert!(concurrency <= 3, "at most one delivery per partition at once, saw {concurrency}");
+    assert!(
+        concurrency <= 3,
+        "at most one delivery per partition at once, saw {concurrency}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -88,14 +118,20 @@ async fn key_mode_keeps_each_key_in_order_and_runs_keys_in_parallel() {
             assert!(v > prev, "key {key}: {v} delivered after {prev}");
         }
     }
-    assert!(concurrency > 3, "keys must run in parallel beyond the 3 partitions, saw {concurrency}");
+    assert!(
+        concurrency > 3,
+        "keys must run in parallel beyond the 3 partitions, saw {concurrency}"
+    );
     assert!(concurrency <= 16, "maxInFlight 16 exceeded: {concurrency}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn none_mode_runs_up_to_max_in_flight() {
     let (_, concurrency) = ordering("none").await;
-    assert!(concurrency > 3, "unordered mode must run more than one per partition, saw {concurrency}");
+    assert!(
+        concurrency > 3,
+        "unordered mode must run more than one per partition, saw {concurrency}"
+    );
     assert!(concurrency <= 16, "maxInFlight 16 exceeded: {concurrency}");
 }
 
@@ -109,7 +145,9 @@ async fn retries_then_dead_letter_and_explicit_outcomes() {
     let app = TestApp::start(move |r| match r.value.as_str() {
         "5" => Reply::status(500),
         "7" => Reply::ok().header("X-Sluice-Outcome", "dead-letter"),
-        "9" if t.fetch_add(1, Ordering::SeqCst) == 0 => Reply::status(429).header("Retry-After", "1"),
+        "9" if t.fetch_add(1, Ordering::SeqCst) == 0 => {
+            Reply::status(429).header("Retry-After", "1")
+        }
         "11" => Reply::status(500).header("X-Sluice-Outcome", "skip"),
         _ => Reply::ok(),
     })
@@ -118,44 +156,110 @@ async fn retries_then_dead_letter_and_explicit_outcomes() {
     let mut cfg = sidecar_config(&topic.name, &group, &app.url());
     cfg["delivery"]["deadLetterTopic"] = dlq.name.clone().into();
     let mut sidecar = Sidecar::start("retry", cfg);
-    app.wait_until("record 19", Duration::from_secs(60), |r| r.iter().any(|r| r.value == "19")).await;
+    app.wait_until("record 19", Duration::from_secs(60), |r| {
+        r.iter().any(|r| r.value == "19")
+    })
+    .await;
     wait_committed_to_end(&group, &topic).await;
 
     let got = app.received();
     let five: Vec<_> = got.iter().filter(|r| r.value == "5").collect();
-    let attempts: Vec<_> = five.iter().map(|r| r.header("sluice-attempt").unwrap()).collect();
-    assert_eq!(attempts, ["1", "2", "3"], "500 is retried up to maxAttempts 3");
+    let attempts: Vec<_> = five
+        .iter()
+        .map(|r| r.header("sluice-attempt").unwrap())
+        .collect();
+    assert_eq!(
+        attempts,
+        ["1", "2", "3"],
+        "500 is retried up to maxAttempts 3"
+    );
     let nine: Vec<_> = got.iter().filter(|r| r.value == "9").collect();
     assert_eq!(nine.len(), 2, "429 is retried");
-    assert!(nine[1].at.duration_since(nine[0].at) >= Duration::from_millis(950), "Retry-After: 1 is honoured");
-    assert_eq!(got.iter().filter(|r| r.value == "7").count(), 1, "explicit dead-letter: no retry");
-    assert_eq!(got.iter().filter(|r| r.value == "11").count(), 1, "explicit skip: no retry");
+    assert!(
+        nine[1].at.duration_since(nine[0].at) >= Duration::from_millis(950),
+        "Retry-After: 1 is honoured"
+    );
+    assert_eq!(
+        got.iter().filter(|r| r.value == "7").count(),
+        1,
+        "explicit dead-letter: no retry"
+    );
+    assert_eq!(
+        got.iter().filter(|r| r.value == "11").count(),
+        1,
+        "explicit skip: no retry"
+    );
     let distinct: BTreeSet<usize> = values(&got).into_iter().collect();
-    assert_eq!(distinct, (0..20).collect(), "every record reached the application");
+    assert_eq!(
+        distinct,
+        (0..20).collect(),
+        "every record reached the application"
+    );
 
     let dead = read_all(&dlq.name, 2, Duration::from_secs(10));
-    assert_eq!(dead.len(), 2, "records 5 and 7 are dead-lettered, nothing else");
-    let by_value: HashMap<String, &OwnedMessage> =
-        dead.iter().map(|m| (String::from_utf8_lossy(m.payload().unwrap()).into_owned(), m)).collect();
+    assert_eq!(
+        dead.len(),
+        2,
+        "records 5 and 7 are dead-lettered, nothing else"
+    );
+    let by_value: HashMap<String, &OwnedMessage> = dead
+        .iter()
+        .map(|m| {
+            (
+                String::from_utf8_lossy(m.payload().unwrap()).into_owned(),
+                m,
+            )
+        })
+        .collect();
     let five = by_value["5"];
     assert_eq!(five.key(), Some(&b"key-0"[..]));
-    assert_eq!(header(five, "sluice-dlq-reason").as_deref(), Some("max_attempts"));
+    assert_eq!(
+        header(five, "sluice-dlq-reason").as_deref(),
+        Some("max_attempts")
+    );
     assert_eq!(header(five, "sluice-dlq-attempts").as_deref(), Some("3"));
-    assert_eq!(header(five, "sluice-dlq-topic").as_deref(), Some(topic.name.as_str()));
+    assert_eq!(
+        header(five, "sluice-dlq-topic").as_deref(),
+        Some(topic.name.as_str())
+    );
     assert_eq!(header(five, "sluice-dlq-partition").as_deref(), Some("0"));
     assert_eq!(header(five, "sluice-dlq-offset").as_deref(), Some("5"));
-    assert_eq!(header(five, "sluice-dlq-group").as_deref(), Some(group.as_str()));
+    assert_eq!(
+        header(five, "sluice-dlq-group").as_deref(),
+        Some(group.as_str())
+    );
     assert!(header(five, "sluice-dlq-detail").is_some_and(|d| d.contains("HTTP 500")));
     let seven = by_value["7"];
-    assert_eq!(header(seven, "sluice-dlq-reason").as_deref(), Some("explicit_dead_letter"));
+    assert_eq!(
+        header(seven, "sluice-dlq-reason").as_deref(),
+        Some("explicit_dead_letter")
+    );
     assert_eq!(header(seven, "sluice-dlq-attempts").as_deref(), Some("1"));
 
-    assert_eq!(sidecar.metric("sluice_records_dead_lettered_total{reason=\"max_attempts\"}"), Some(1.0));
-    assert_eq!(sidecar.metric("sluice_records_finished_total{outcome=\"skipped\"}"), Some(1.0));
-    assert_eq!(sidecar.metric("sluice_records_finished_total{outcome=\"dead_lettered\"}"), Some(2.0));
-    assert_eq!(sidecar.metric("sluice_records_finished_total{outcome=\"delivered\"}"), Some(17.0));
-    assert_eq!(sidecar.metric("sluice_records_retried_total{reason=\"http_5xx\"}"), Some(2.0));
-    assert_eq!(sidecar.metric("sluice_records_retried_total{reason=\"throttled\"}"), Some(1.0));
+    assert_eq!(
+        sidecar.metric("sluice_records_dead_lettered_total{reason=\"max_attempts\"}"),
+        Some(1.0)
+    );
+    assert_eq!(
+        sidecar.metric("sluice_records_finished_total{outcome=\"skipped\"}"),
+        Some(1.0)
+    );
+    assert_eq!(
+        sidecar.metric("sluice_records_finished_total{outcome=\"dead_lettered\"}"),
+        Some(2.0)
+    );
+    assert_eq!(
+        sidecar.metric("sluice_records_finished_total{outcome=\"delivered\"}"),
+        Some(17.0)
+    );
+    assert_eq!(
+        sidecar.metric("sluice_records_retried_total{reason=\"http_5xx\"}"),
+        Some(2.0)
+    );
+    assert_eq!(
+        sidecar.metric("sluice_records_retried_total{reason=\"throttled\"}"),
+        Some(1.0)
+    );
     stop(&mut sidecar);
 }
 
@@ -164,17 +268,42 @@ async fn poison_record_goes_straight_to_the_dead_letter_topic_with_its_headers()
     let topic = Topic::create("poison", 1).await;
     let dlq = Topic::create("poison-dlq", 1).await;
     let group = group("poison");
-    let app = TestApp::start(|r| if r.value == "poison" { Reply::status(400) } else { Reply::ok() }).await;
+    let app = TestApp::start(|r| {
+        if r.value == "poison" {
+            Reply::status(400)
+        } else {
+            Reply::ok()
+        }
+    })
+    .await;
     let producer = producer();
     for (i, value) in ["before", "poison", "after"].iter().enumerate() {
         let headers = OwnedHeaders::new()
-            .insert(Header { key: "ce_id", value: Some("evt-77") })
-            .insert(Header { key: "ce_type", value: Some("shop.order.created") })
-            .insert(Header { key: "traceparent", value: Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01") })
-            .insert(Header { key: "origin", value: Some("unit") });
+            .insert(Header {
+                key: "ce_id",
+                value: Some("evt-77"),
+            })
+            .insert(Header {
+                key: "ce_type",
+                value: Some("shop.order.created"),
+            })
+            .insert(Header {
+                key: "traceparent",
+                value: Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"),
+            })
+            .insert(Header {
+                key: "origin",
+                value: Some("unit"),
+            });
         let key = format!("k-{i}");
         producer
-            .send(FutureRecord::to(&topic.name).key(&key).payload(*value).headers(headers), Duration::from_secs(5))
+            .send(
+                FutureRecord::to(&topic.name)
+                    .key(&key)
+                    .payload(*value)
+                    .headers(headers),
+                Duration::from_secs(5),
+            )
             .await
             .expect("producing a test record");
     }
@@ -182,16 +311,35 @@ async fn poison_record_goes_straight_to_the_dead_letter_topic_with_its_headers()
     cfg["delivery"]["deadLetterTopic"] = dlq.name.clone().into();
     cfg["delivery"]["retry"]["maxAttempts"] = 5.into();
     let mut sidecar = Sidecar::start("poison", cfg);
-    app.wait_until("the record after the poison", Duration::from_secs(60), |r| r.iter().any(|r| r.value == "after")).await;
+    app.wait_until(
+        "the record after the poison",
+        Duration::from_secs(60),
+        |r| r.iter().any(|r| r.value == "after"),
+    )
+    .await;
     wait_committed_to_end(&group, &topic).await;
 
     let got = app.received();
-    assert_eq!(got.iter().filter(|r| r.value == "poison").count(), 1, "a 4xx is not retried");
+    assert_eq!(
+        got.iter().filter(|r| r.value == "poison").count(),
+        1,
+        "a 4xx is not retried"
+    );
     let poison = got.iter().find(|r| r.value == "poison").unwrap();
-    assert_eq!(poison.header("ce-id"), Some("evt-77"), "the record's own CloudEvents attributes are kept");
+    assert_eq!(
+        poison.header("ce-id"),
+        Some("evt-77"),
+        "the record's own CloudEvents attributes are kept"
+    );
     assert_eq!(poison.header("ce-type"), Some("shop.order.created"));
-    assert_eq!(poison.header("ce-source"), Some(format!("/sluice/topics/{}", topic.name).as_str()));
-    assert_eq!(poison.header("traceparent"), Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"));
+    assert_eq!(
+        poison.header("ce-source"),
+        Some(format!("/sluice/topics/{}", topic.name).as_str())
+    );
+    assert_eq!(
+        poison.header("traceparent"),
+        Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01")
+    );
     assert_eq!(poison.header("origin"), None);
 
     let dead = read_all(&dlq.name, 1, Duration::from_secs(10));
@@ -205,7 +353,10 @@ async fn poison_record_goes_straight_to_the_dead_letter_topic_with_its_headers()
     assert_eq!(header(m, "sluice-dlq-reason").as_deref(), Some("http_4xx"));
     assert!(header(m, "sluice-dlq-detail").is_some_and(|d| d.contains("HTTP 400")));
     assert_eq!(header(m, "sluice-dlq-attempts").as_deref(), Some("1"));
-    assert_eq!(header(m, "sluice-dlq-topic").as_deref(), Some(topic.name.as_str()));
+    assert_eq!(
+        header(m, "sluice-dlq-topic").as_deref(),
+        Some(topic.name.as_str())
+    );
     assert_eq!(header(m, "sluice-dlq-partition").as_deref(), Some("0"));
     assert_eq!(header(m, "sluice-dlq-offset").as_deref(), Some("1"));
     assert!(header(m, "sluice-dlq-original-timestamp").is_some());
@@ -217,27 +368,55 @@ async fn unwritable_dead_letter_topic_pauses_the_partition_until_it_is_writable(
     let topic = Topic::create("dlq-down", 1).await;
     let dlq_name = sluice_tests::unique_name("dlq-down-dlq");
     let group = group("dlq-down");
-    let app = TestApp::start(|r| if r.value == "3" { Reply::status(400) } else { Reply::ok() }).await;
+    let app = TestApp::start(|r| {
+        if r.value == "3" {
+            Reply::status(400)
+        } else {
+            Reply::ok()
+        }
+    })
+    .await;
     topic.produce_numbered(10, 1).await;
     let mut cfg = sidecar_config(&topic.name, &group, &app.url());
     cfg["delivery"]["deadLetterTopic"] = dlq_name.clone().into();
     let mut sidecar = Sidecar::start("dlq-down", cfg);
-    let paused = format!("sluice_partition_paused{{topic=\"{}\",partition=\"0\"}}", topic.name);
+    let paused = format!(
+        "sluice_partition_paused{{topic=\"{}\",partition=\"0\"}}",
+        topic.name
+    );
     let deadline = Instant::now() + Duration::from_secs(60);
     while sidecar.metric(&paused) != Some(1.0) {
-        assert!(Instant::now() < deadline, "the partition never paused; log:\n{}", sidecar.log());
+        assert!(
+            Instant::now() < deadline,
+            "the partition never paused; log:\n{}",
+            sidecar.log()
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    assert!(sidecar.metric("sluice_dead_letter_write_failures_total").is_some_and(|n| n >= 1.0));
+    assert!(
+        sidecar
+            .metric("sluice_dead_letter_write_failures_total")
+            .is_some_and(|n| n >= 1.0)
+    );
     tokio::time::sleep(Duration::from_secs(2)).await;
     let seen: BTreeSet<usize> = values(&app.received()).into_iter().collect();
-    assert_eq!(seen, (0..=3).collect(), "nothing after the stuck record is delivered");
+    assert_eq!(
+        seen,
+        (0..=3).collect(),
+        "nothing after the stuck record is delivered"
+    );
     let c = committed(&group, &topic.name, 1)[0];
-    assert!(c.is_none_or(|c| c <= 3), "the stuck record must not be committed past: {c:?}");
+    assert!(
+        c.is_none_or(|c| c <= 3),
+        "the stuck record must not be committed past: {c:?}"
+    );
 
     // The topic appears: the write succeeds, the partition resumes, nothing was lost.
     let dlq = Topic::create_named(dlq_name.clone(), 1).await;
-    app.wait_until("every record", Duration::from_secs(60), |r| r.iter().any(|r| r.value == "9")).await;
+    app.wait_until("every record", Duration::from_secs(60), |r| {
+        r.iter().any(|r| r.value == "9")
+    })
+    .await;
     wait_committed_to_end(&group, &topic).await;
     let dead = read_all(&dlq.name, 1, Duration::from_secs(10));
     assert_eq!(dead.len(), 1);

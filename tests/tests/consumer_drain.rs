@@ -10,14 +10,23 @@ use sluice_tests::kafka::{Topic, client_config, committed, end_offsets, group};
 use sluice_tests::testapp::{Received, Reply, Sidecar, TEST_DRAIN_TOKEN, TestApp, sidecar_config};
 
 fn values(received: &[Received]) -> Vec<usize> {
-    received.iter().map(|r| r.value.parse().expect("numbered value")).collect()
+    received
+        .iter()
+        .map(|r| r.value.parse().expect("numbered value"))
+        .collect()
 }
 
 /// Members of a classic consumer group, as the broker sees them.
 fn group_members(group: &str) -> usize {
     let consumer: BaseConsumer = client_config().create().expect("a Kafka client");
-    let list = consumer.fetch_group_list(Some(group), Duration::from_secs(10)).expect("describing the group");
-    list.groups().iter().filter(|g| g.name() == group).map(|g| g.members().len()).sum()
+    let list = consumer
+        .fetch_group_list(Some(group), Duration::from_secs(10))
+        .expect("describing the group");
+    list.groups()
+        .iter()
+        .filter(|g| g.name() == group)
+        .map(|g| g.members().len())
+        .sum()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -33,19 +42,37 @@ async fn sigterm_with_fifty_in_flight_finishes_them_commits_and_a_successor_resu
     let mut first = Sidecar::start("sigterm-1", cfg.clone());
     let deadline = Instant::now() + Duration::from_secs(60);
     while app.in_flight() < 50 {
-        assert!(Instant::now() < deadline, "never reached 50 in flight ({}); log:\n{}", app.in_flight(), first.log());
+        assert!(
+            Instant::now() < deadline,
+            "never reached 50 in flight ({}); log:\n{}",
+            app.in_flight(),
+            first.log()
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let answered_before = app.answered();
     let signalled = Instant::now();
     first.signal("TERM");
-    let status = first.wait_exit(Duration::from_secs(30)).expect("exit after SIGTERM");
+    let status = first
+        .wait_exit(Duration::from_secs(30))
+        .expect("exit after SIGTERM");
     let took = signalled.elapsed();
-    assert!(status.success(), "exit status {status}; log:\n{}", first.log());
+    assert!(
+        status.success(),
+        "exit status {status}; log:\n{}",
+        first.log()
+    );
     assert_eq!(app.in_flight(), 0, "no delivery may be cut off");
     let delivered = app.received();
-    assert_eq!(app.answered(), answered_before + 50, "all 50 in-flight deliveries finished");
-    assert!(took < Duration::from_secs(6), "drain took {took:?} for 2 s deliveries");
+    assert_eq!(
+        app.answered(),
+        answered_before + 50,
+        "all 50 in-flight deliveries finished"
+    );
+    assert!(
+        took < Duration::from_secs(6),
+        "drain took {took:?} for 2 s deliveries"
+    );
 
     // Exactly the delivered records are committed: each partition's delivered offsets are
     // the prefix below its committed offset.
@@ -57,19 +84,36 @@ async fn sigterm_with_fifty_in_flight_finishes_them_commits_and_a_successor_resu
     for (p, offsets) in per_partition.iter_mut().enumerate() {
         offsets.sort_unstable();
         let expected: Vec<i64> = (0..commits[p].unwrap_or(0)).collect();
-        assert_eq!(*offsets, expected, "partition {p}: delivered offsets vs committed {:?}", commits[p]);
+        assert_eq!(
+            *offsets, expected,
+            "partition {p}: delivered offsets vs committed {:?}",
+            commits[p]
+        );
     }
 
     app.set_behaviour(|_| Reply::ok());
     let mut second = Sidecar::start("sigterm-2", cfg);
-    app.wait_until("every record", Duration::from_secs(60), |r| r.len() >= N).await;
+    app.wait_until("every record", Duration::from_secs(60), |r| r.len() >= N)
+        .await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     second.signal("TERM");
-    assert!(second.wait_exit(Duration::from_secs(30)).expect("exit").success());
+    assert!(
+        second
+            .wait_exit(Duration::from_secs(30))
+            .expect("exit")
+            .success()
+    );
     let mut all = values(&app.received());
     all.sort_unstable();
-    assert_eq!(all, (0..N).collect::<Vec<_>>(), "zero duplicates and zero gaps across the handover");
-    let end: Vec<Option<i64>> = end_offsets(&topic.name, topic.partitions).into_iter().map(Some).collect();
+    assert_eq!(
+        all,
+        (0..N).collect::<Vec<_>>(),
+        "zero duplicates and zero gaps across the handover"
+    );
+    let end: Vec<Option<i64>> = end_offsets(&topic.name, topic.partitions)
+        .into_iter()
+        .map(Some)
+        .collect();
     assert_eq!(committed(&group, &topic.name, topic.partitions), end);
 }
 
@@ -79,8 +123,12 @@ async fn drain_endpoint_needs_the_token_leaves_the_group_and_is_idempotent() {
     let group = group("drain-http");
     let app = TestApp::start(|_| Reply::ok()).await;
     topic.produce_numbered(50, 5).await;
-    let mut sidecar = Sidecar::start("drain-http", sidecar_config(&topic.name, &group, &app.url()));
-    app.wait_until("every record", Duration::from_secs(60), |r| r.len() >= 50).await;
+    let mut sidecar = Sidecar::start(
+        "drain-http",
+        sidecar_config(&topic.name, &group, &app.url()),
+    );
+    app.wait_until("every record", Duration::from_secs(60), |r| r.len() >= 50)
+        .await;
     sidecar.wait_ready(Duration::from_secs(10));
     assert_eq!(group_members(&group), 1);
 
@@ -88,23 +136,45 @@ async fn drain_endpoint_needs_the_token_leaves_the_group_and_is_idempotent() {
     assert_eq!(status, 401, "no token");
     let (status, _) = sidecar.get("/drain", &[("X-Sluice-Drain-Token", "guess")]);
     assert_eq!(status, 403, "wrong token");
-    assert_eq!(sidecar.get("/readyz", &[]).0, 200, "a refused drain changes nothing");
+    assert_eq!(
+        sidecar.get("/readyz", &[]).0,
+        200,
+        "a refused drain changes nothing"
+    );
 
     let started = Instant::now();
     let (status, body) = sidecar.get("/drain", &[("X-Sluice-Drain-Token", TEST_DRAIN_TOKEN)]);
     assert_eq!(status, 200, "{body}");
     assert!(body.contains("drained"), "{body}");
-    assert!(started.elapsed() < Duration::from_secs(5), "an idle drain is quick: {:?}", started.elapsed());
-    assert_eq!(group_members(&group), 0, "the group was left explicitly, not by session timeout");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "an idle drain is quick: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        group_members(&group),
+        0,
+        "the group was left explicitly, not by session timeout"
+    );
     let end: Vec<Option<i64>> = end_offsets(&topic.name, 2).into_iter().map(Some).collect();
     assert_eq!(committed(&group, &topic.name, 2), end);
     assert_eq!(sidecar.get("/readyz", &[]).0, 503);
     let (status, again) = sidecar.get("/drain", &[("X-Sluice-Drain-Token", TEST_DRAIN_TOKEN)]);
-    assert_eq!((status, again.as_str()), (200, body.as_str()), "a second drain answers the same at once");
-    assert_eq!(sidecar.get("/healthz", &[]).0, 200, "still alive until told to stop");
+    assert_eq!(
+        (status, again.as_str()),
+        (200, body.as_str()),
+        "a second drain answers the same at once"
+    );
+    assert_eq!(
+        sidecar.get("/healthz", &[]).0,
+        200,
+        "still alive until told to stop"
+    );
 
     sidecar.signal("TERM");
-    let status = sidecar.wait_exit(Duration::from_secs(5)).expect("a drained sidecar exits at once on SIGTERM");
+    let status = sidecar
+        .wait_exit(Duration::from_secs(5))
+        .expect("a drained sidecar exits at once on SIGTERM");
     assert!(status.success());
 }
 
@@ -117,13 +187,22 @@ async fn waits_for_the_application_before_joining_and_survives_a_flapping_slow_a
     topic.produce_numbered(N, 30).await;
     let mut cfg = sidecar_config(&topic.name, &group, &app.url());
     cfg["delivery"]["ordering"] = "key".into();
-    cfg["delivery"]["retry"] = serde_json::json!({"maxAttempts": 50, "initialBackoff": "50ms", "maxBackoff": "500ms"});
+    cfg["delivery"]["retry"] =
+        serde_json::json!({"maxAttempts": 50, "initialBackoff": "50ms", "maxBackoff": "500ms"});
     let mut sidecar = Sidecar::start("flap", cfg);
     tokio::time::sleep(Duration::from_secs(2)).await;
-    assert_eq!(sidecar.get("/healthz", &[]).0, 200, "alive while the application is down");
+    assert_eq!(
+        sidecar.get("/healthz", &[]).0,
+        200,
+        "alive while the application is down"
+    );
     let (status, body) = sidecar.get("/readyz", &[]);
     assert_eq!((status, body.trim()), (503, "waiting for the application"));
-    assert_eq!(group_members(&group), 0, "does not join the group before the application is up");
+    assert_eq!(
+        group_members(&group),
+        0,
+        "does not join the group before the application is up"
+    );
     assert_eq!(sidecar.metric("sluice_records_consumed_total"), Some(0.0));
 
     app.resume().await;
@@ -141,16 +220,33 @@ async fn waits_for_the_application_before_joining_and_survives_a_flapping_slow_a
         if seen.len() == N {
             break;
         }
-        assert!(Instant::now() < deadline, "only {} of {N} delivered; log:\n{}", seen.len(), sidecar.log());
+        assert!(
+            Instant::now() < deadline,
+            "only {} of {N} delivered; log:\n{}",
+            seen.len(),
+            sidecar.log()
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let end: Vec<Option<i64>> = end_offsets(&topic.name, 3).into_iter().map(Some).collect();
     let deadline = Instant::now() + Duration::from_secs(10);
     while committed(&group, &topic.name, 3) != end {
-        assert!(Instant::now() < deadline, "offsets never committed to the end");
+        assert!(
+            Instant::now() < deadline,
+            "offsets never committed to the end"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    assert_eq!(sidecar.metric("sluice_records_finished_total{outcome=\"dead_lettered\"}"), None, "nothing dead-lettered");
+    assert_eq!(
+        sidecar.metric("sluice_records_finished_total{outcome=\"dead_lettered\"}"),
+        None,
+        "nothing dead-lettered"
+    );
     sidecar.signal("TERM");
-    assert!(sidecar.wait_exit(Duration::from_secs(30)).expect("exit").success());
+    assert!(
+        sidecar
+            .wait_exit(Duration::from_secs(30))
+            .expect("exit")
+            .success()
+    );
 }

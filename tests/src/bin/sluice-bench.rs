@@ -20,16 +20,25 @@ use sluice_tests::testapp::{Reply, Sidecar, TestApp, sidecar_binary, sidecar_con
 const PARTITIONS: i32 = 12;
 
 fn records() -> usize {
-    std::env::var("SLUICE_BENCH_RECORDS").ok().and_then(|v| v.parse().ok()).unwrap_or(200_000)
+    std::env::var("SLUICE_BENCH_RECORDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200_000)
 }
 
 /// (user + system CPU time, resident set size) of a process, from /proc.
 fn proc_usage(pid: i32) -> (Duration, u64) {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<&str> = stat.rsplit_once(')').map(|(_, r)| r.split_whitespace().collect()).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r.split_whitespace().collect())
+        .unwrap_or_default();
     // After the command: state is field 3, utime 14, stime 15 (1-based) => indices 11, 12.
     let ticks: u64 = fields.get(11).and_then(|v| v.parse().ok()).unwrap_or(0)
-        + fields.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        + fields
+            .get(12)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0);
     let hz = 100; // USER_HZ on Linux
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     let rss_kb = status
@@ -68,8 +77,9 @@ fn plain_consume(topic: &str, n: usize) -> f64 {
 async fn plain_http(url: &str, topic: &str, n: usize, concurrency: usize) -> f64 {
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
-    let client: Client<HttpConnector, Full<Bytes>> =
-        Client::builder(TokioExecutor::new()).pool_max_idle_per_host(concurrency).build(connector);
+    let client: Client<HttpConnector, Full<Bytes>> = Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(concurrency)
+        .build(connector);
     let uri: http::Uri = url.parse().unwrap();
     let next = Arc::new(AtomicUsize::new(0));
     let started = Instant::now();
@@ -138,7 +148,10 @@ async fn through_sidecar(topic: &Topic, mode: &str, n: usize) -> SidecarRun {
             last_sample = Instant::now();
         }
         if started.elapsed() > Duration::from_secs(600) {
-            panic!("sidecar ({mode}) delivered only {} of {n} in 600 s", app.answered());
+            panic!(
+                "sidecar ({mode}) delivered only {} of {n} in 600 s",
+                app.answered()
+            );
         }
     }
     let took = started.elapsed();
@@ -157,7 +170,10 @@ async fn through_sidecar(topic: &Topic, mode: &str, n: usize) -> SidecarRun {
 async fn idle_rss() -> u64 {
     let topic = Topic::create("bench-idle", 1).await;
     let app = TestApp::counting().await;
-    let sidecar = Sidecar::start("bench-idle", sidecar_config(&topic.name, &group("bench-idle"), &app.url()));
+    let sidecar = Sidecar::start(
+        "bench-idle",
+        sidecar_config(&topic.name, &group("bench-idle"), &app.url()),
+    );
     sidecar.wait_ready(Duration::from_secs(30));
     tokio::time::sleep(Duration::from_secs(5)).await;
     proc_usage(sidecar.pid()).1
@@ -186,8 +202,16 @@ async fn drain_overhead() -> (Duration, Duration) {
         }
         std::thread::sleep(Duration::from_millis(1));
     };
-    let last_delivery_end = app.received().iter().map(|r| r.at).max().expect("deliveries finished");
-    (exited.saturating_duration_since(last_delivery_end), exited - signalled)
+    let last_delivery_end = app
+        .received()
+        .iter()
+        .map(|r| r.at)
+        .max()
+        .expect("deliveries finished");
+    (
+        exited.saturating_duration_since(last_delivery_end),
+        exited - signalled,
+    )
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -196,13 +220,18 @@ async fn main() {
     let n = records();
     eprintln!("sluice-bench: building the sidecar (release)…");
     let bin = sidecar_binary();
-    eprintln!("sluice-bench: sidecar {}; producing {n} records to {PARTITIONS} partitions…", bin.display());
+    eprintln!(
+        "sluice-bench: sidecar {}; producing {n} records to {PARTITIONS} partitions…",
+        bin.display()
+    );
     let topic = Topic::create("bench", PARTITIONS).await;
     topic.produce_numbered(n, 1000).await;
 
     let kafka_rate = {
         let name = topic.name.clone();
-        tokio::task::spawn_blocking(move || plain_consume(&name, n)).await.unwrap()
+        tokio::task::spawn_blocking(move || plain_consume(&name, n))
+            .await
+            .unwrap()
     };
     let app = TestApp::counting().await;
     let http_rate = plain_http(&app.url(), &topic.name, n, PARTITIONS as usize).await;
@@ -217,28 +246,73 @@ async fn main() {
     let (drain_after_last, drain_total) = drain_overhead().await;
 
     println!();
-    println!("Sluice consumer benchmark — {n} records, {PARTITIONS} partitions, local broker, trivial HTTP app");
+    println!(
+        "Sluice consumer benchmark — {n} records, {PARTITIONS} partitions, local broker, trivial HTTP app"
+    );
     println!("{:<52} {:>12}", "measurement", "value");
-    println!("{:<52} {:>12.0}", "plain rdkafka consume loop (records/s)", kafka_rate);
-    println!("{:<52} {:>12.0}", format!("plain HTTP client, {PARTITIONS} connections (requests/s)"), http_rate);
+    println!(
+        "{:<52} {:>12.0}",
+        "plain rdkafka consume loop (records/s)", kafka_rate
+    );
+    println!(
+        "{:<52} {:>12.0}",
+        format!("plain HTTP client, {PARTITIONS} connections (requests/s)"),
+        http_rate
+    );
     for (mode, r) in &runs {
-        println!("{:<52} {:>12.0}", format!("sidecar, ordering {mode} (records/s)"), r.rate);
-        println!("{:<52} {:>12.2}", format!("  ratio to plain HTTP client"), r.rate / http_rate);
-        println!("{:<52} {:>12.3}", format!("  ratio to plain rdkafka loop"), r.rate / kafka_rate);
-        println!("{:<52} {:>12.1}", format!("  CPU µs per record"), r.cpu_us_per_record);
-        println!("{:<52} {:>12.1}", format!("  RSS under load (MiB, max)"), mib(r.max_rss));
+        println!(
+            "{:<52} {:>12.0}",
+            format!("sidecar, ordering {mode} (records/s)"),
+            r.rate
+        );
+        println!(
+            "{:<52} {:>12.2}",
+            format!("  ratio to plain HTTP client"),
+            r.rate / http_rate
+        );
+        println!(
+            "{:<52} {:>12.3}",
+            format!("  ratio to plain rdkafka loop"),
+            r.rate / kafka_rate
+        );
+        println!(
+            "{:<52} {:>12.1}",
+            format!("  CPU µs per record"),
+            r.cpu_us_per_record
+        );
+        println!(
+            "{:<52} {:>12.1}",
+            format!("  RSS under load (MiB, max)"),
+            mib(r.max_rss)
+        );
     }
     println!("{:<52} {:>12.1}", "sidecar RSS idle (MiB)", mib(idle));
-    println!("{:<52} {:>12.3}", "drain: exit after the last in-flight delivery (s)", drain_after_last.as_secs_f64());
-    println!("{:<52} {:>12.3}", "drain: SIGTERM to exit, 1 s deliveries (s)", drain_total.as_secs_f64());
+    println!(
+        "{:<52} {:>12.3}",
+        "drain: exit after the last in-flight delivery (s)",
+        drain_after_last.as_secs_f64()
+    );
+    println!(
+        "{:<52} {:>12.3}",
+        "drain: SIGTERM to exit, 1 s deliveries (s)",
+        drain_total.as_secs_f64()
+    );
     let partition_ratio = runs[0].1.rate / http_rate;
     println!();
     println!(
         "targets: partition mode >= 0.5x plain HTTP: {} ({partition_ratio:.2}); idle RSS <= 20 MiB: {} ({:.1}); drain <= 0.5 s after last delivery: {} ({:.3})",
-        if partition_ratio >= 0.5 { "MET" } else { "MISSED" },
+        if partition_ratio >= 0.5 {
+            "MET"
+        } else {
+            "MISSED"
+        },
         if mib(idle) <= 20.0 { "MET" } else { "MISSED" },
         mib(idle),
-        if drain_after_last <= Duration::from_millis(500) { "MET" } else { "MISSED" },
+        if drain_after_last <= Duration::from_millis(500) {
+            "MET"
+        } else {
+            "MISSED"
+        },
         drain_after_last.as_secs_f64(),
     );
 }
