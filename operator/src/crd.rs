@@ -706,7 +706,7 @@ pub mod rules {
 
     pub fn url_loopback() -> Rule {
         rule(
-            "isURL(self) && url(self).getScheme() == 'http' && url(self).getHostname() in ['127.0.0.1', 'localhost', '::1']",
+            "self.startsWith('http://') && isURL(self) && url(self).getHostname() in ['127.0.0.1', 'localhost', '::1']",
             "url must be an http URL on the pod's loopback interface, such as http://127.0.0.1:8080/events (hosts 127.0.0.1, localhost or [::1]): the sidecar delivers to the application in the same pod",
         )
     }
