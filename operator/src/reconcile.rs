@@ -27,7 +27,7 @@ use serde_json::json;
 use tracing::{debug, info, instrument, warn};
 
 use crate::build::{
-    self, FIELD_MANAGER, Input, MANAGED_BY_LABEL, MANAGED_BY_VALUE, SidecarDefaults, config_map_name,
+    self, CONFIG_HASH_ANNOTATION, FIELD_MANAGER, Input, MANAGED_BY_LABEL, MANAGED_BY_VALUE, SidecarDefaults, config_map_name,
 };
 use crate::crd::{EventConsumer, EventConsumerStatus};
 use crate::error::Error;
@@ -168,7 +168,13 @@ async fn reconcile_valid(ec: &EventConsumer, ctx: &Context) -> Result<Action, Er
         .patch(&cm_name, &pp, &Patch::Apply(&desired.config_map))
         .await
         .map_err(|source| Error::ApplyConfigMap { namespace: ns.clone(), name: cm_name.clone(), source })?;
-    let deployment = Api::<Deployment>::namespaced(ctx.client.clone(), &ns)
+    let deployments = Api::<Deployment>::namespaced(ctx.client.clone(), &ns);
+    let previous_hash = deployments
+        .get_metadata_opt(&name)
+        .await
+        .map_err(|source| Error::GetDeployment { namespace: ns.clone(), name: name.clone(), source })?
+        .and_then(|m| m.metadata.annotations.and_then(|mut a| a.remove(CONFIG_HASH_ANNOTATION)));
+    let deployment = deployments
         .patch(&name, &pp, &Patch::Apply(&desired.deployment))
         .await
         .map_err(|source| Error::ApplyDeployment { namespace: ns.clone(), name: name.clone(), source })?;
@@ -177,6 +183,15 @@ async fn reconcile_valid(ec: &EventConsumer, ctx: &Context) -> Result<Action, Er
         .await
         .map_err(|source| Error::ApplyPodDisruptionBudget { namespace: ns.clone(), name: name.clone(), source })?;
     debug!(hash = %desired.config_hash, "applied");
+    if let Some(previous) = previous_hash.filter(|p| *p != desired.config_hash) {
+        let note = format!(
+            "the sidecar configuration or a referenced Secret changed (config hash {} -> {}); replacing the pods one at a time, each draining first",
+            short(&previous),
+            short(&desired.config_hash)
+        );
+        info!(from = %previous, to = %desired.config_hash, "configuration changed; rolling the pods");
+        ctx.publish(&ec.object_ref(&()), EventType::Normal, "ConfigChanged", "Rollout", note).await;
+    }
 
     // Status.
     let seen = Observed {
@@ -187,6 +202,10 @@ async fn reconcile_valid(ec: &EventConsumer, ctx: &Context) -> Result<Action, Er
     };
     write_status(ec, &seen, &Outcome::Applied { tuning: desired.tuning }, ctx).await?;
     Ok(Action::requeue(RESYNC))
+}
+
+fn short(hash: &str) -> &str {
+    hash.get(..12).unwrap_or(hash)
 }
 
 /// Computes and (if it changed) applies the status, and publishes events for transitions.

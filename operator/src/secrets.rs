@@ -152,7 +152,8 @@ pub async fn ensure_drain_token(api: &Api<Secret>, namespace: &str, ec: &str, ui
         return Ok(token);
     }
     let token = new_token();
-    match api.create(&PostParams::default(), &drain_secret(namespace, ec, uid, &token)).await {
+    let pp = PostParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() };
+    match api.create(&pp, &drain_secret(namespace, ec, uid, &token)).await {
         Ok(_) => Ok(token),
         Err(kube::Error::Api(s)) if s.code == 409 => {
             // Another pass created it first: use its token.

@@ -58,8 +58,12 @@ pub fn deployment(input: &Input<'_>, tuning: &Tuning, config_hash: &str) -> Depl
     meta.name = None;
     meta.namespace = None;
 
+    // The hash also on the Deployment itself, so a metadata-only read tells the reconciler
+    // whether this pass rolls the pods.
+    let mut metadata = child_meta(input, input.name.to_owned());
+    metadata.annotations = Some(BTreeMap::from([(CONFIG_HASH_ANNOTATION.to_owned(), config_hash.to_owned())]));
     Deployment {
-        metadata: child_meta(input, input.name.to_owned()),
+        metadata,
         spec: Some(DeploymentSpec {
             replicas: Some(input.spec.replicas),
             selector: LabelSelector { match_labels: Some(selector_labels(input.name)), ..Default::default() },
