@@ -224,6 +224,7 @@ pub struct Dispatcher {
     metrics: Arc<Metrics>,
     revokes: Vec<PendingRevoke>,
     drain_deadline: Option<(Instant, Instant)>,
+    commit_rounds: u64,
 }
 
 impl Dispatcher {
@@ -252,6 +253,7 @@ impl Dispatcher {
             metrics,
             revokes: Vec::new(),
             drain_deadline: None,
+            commit_rounds: 0,
         }
     }
 
@@ -450,12 +452,20 @@ impl Dispatcher {
         }
     }
 
+    /// Commits what advanced since the last round. Every tenth round re-commits every
+    /// partition's finished prefix, so a commit that failed (e.g. during a rebalance) is
+    /// repeated even when nothing new finished.
     fn commit_async(&mut self) {
+        self.commit_rounds += 1;
+        let refresh = self.commit_rounds % 10 == 0;
         let mut offsets = Vec::new();
         for (tp, state) in &mut self.partitions {
-            if !state.revoking
-                && let Some(o) = state.tracker.take_commit()
-            {
+            if state.revoking {
+                continue;
+            }
+            let advanced = state.tracker.take_commit();
+            let offset = if refresh { state.tracker.committable() } else { advanced };
+            if let Some(o) = offset {
                 offsets.push((tp.clone(), state.epoch, o));
             }
         }
