@@ -33,6 +33,7 @@ up() {
     --service-account-issuer=https://kubernetes.default.svc.cluster.local \
     --service-cluster-ip-range="$SERVICE_CIDR" \
     --authorization-mode=Node,RBAC \
+    --kubelet-preferred-address-types=InternalIP \
     --allow-privileged=true --profiling=false \
     --event-ttl=1h
   wait_for kube-apiserver "$SLUICE_LOGS/kube-apiserver.log" 120 \

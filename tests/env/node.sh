@@ -128,7 +128,7 @@ up() {
   start_daemon kube-proxy "$K8S_BIN/kube-proxy" --kubeconfig="$PKI/kube-proxy.kubeconfig" \
     --hostname-override="$NODE_NAME" --cluster-cidr="$POD_CIDR" --proxy-mode=iptables \
     --conntrack-max-per-core=0 --metrics-bind-address=127.0.0.1:10249 \
-    --healthz-bind-address=127.0.0.1:10256
+    --healthz-bind-address=127.0.0.1:10256 --nodeport-addresses=primary
   wait_for "node $NODE_NAME Ready" "$SLUICE_LOGS/kubelet.log" 120 node_ready
   log "node $NODE_NAME ready"
 }
