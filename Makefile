@@ -25,14 +25,19 @@ env-down:
 	@bash $(ENV_DIR)/down.sh
 
 ## images: build the release binaries and import them as images into the node
+# One release build serves the images, the tests (cargo test --release) and the benchmark.
 images: deps
-	cargo build --release --locked -p sluice-tests --bin testbed-probe
+	cargo build --release --locked --workspace --bins
+	bash $(ENV_DIR)/image.sh sluice.dev/operator:$(IMAGE_TAG) $(RELEASE)/sluice-operator
+	bash $(ENV_DIR)/image.sh sluice.dev/consumer:$(IMAGE_TAG) $(RELEASE)/sluice-consumer
 	bash $(ENV_DIR)/image.sh sluice.dev/testbed-probe:$(IMAGE_TAG) $(RELEASE)/testbed-probe
+	bash $(ENV_DIR)/image.sh sluice.dev/testapp:$(IMAGE_TAG) $(RELEASE)/sluice-testapp
+	bash $(ENV_DIR)/image.sh sluice.dev/inventory:$(IMAGE_TAG) $(RELEASE)/inventory
 
 ## test: every test — unit, integration against real Kafka and Kubernetes, end to end
 test: env-up images
 	set -a; source $(SLUICE_CACHE)/state/env; set +a; \
-	  cargo test --workspace --locked --no-fail-fast -- --test-threads=4
+	  cargo test --release --workspace --locked --no-fail-fast
 
 ## test-unit: only the tests that need no test bed (pure logic)
 test-unit:
@@ -45,7 +50,7 @@ lint:
 
 ## generate: rewrite generated artefacts (the CRD YAML and the chart's copy)
 generate:
-	@echo "nothing to generate yet"
+	bash operator/generate.sh
 
 ## bench: performance figures against the local broker
 bench: env-up
