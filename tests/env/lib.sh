@@ -50,40 +50,48 @@ wait_for() {
   done
 }
 
+# A PID file holds the PID and the executable it must be running. A PID alone is not
+# enough: after a reboot or a killed session the number may belong to another process,
+# which must be neither trusted as "running" nor killed.
+pid_alive() {
+  local pidfile=$SLUICE_STATE/pids/$1.pid pid exe
+  [[ -f $pidfile ]] || return 1
+  { read -r pid; read -r exe; } <"$pidfile" || return 1
+  [[ -n $pid && -n $exe ]] || return 1
+  [[ $(readlink "/proc/$pid/exe" 2>/dev/null) == "$exe" ]]
+}
+
 # start_daemon NAME COMMAND...: run COMMAND in the background, its output in
 # $SLUICE_LOGS/NAME.log and its PID in $SLUICE_STATE/pids/NAME.pid. Idempotent: a
-# component whose PID is alive is left alone.
+# component that is running is left alone.
 start_daemon() {
   local name=$1; shift
   mkdir -p "$SLUICE_LOGS" "$SLUICE_STATE/pids"
-  local pidfile=$SLUICE_STATE/pids/$name.pid
-  if [[ -f $pidfile ]] && kill -0 "$(cat "$pidfile")" 2>/dev/null; then
-    log "$name already running (pid $(cat "$pidfile"))"
+  local pidfile=$SLUICE_STATE/pids/$name.pid exe
+  if pid_alive "$name"; then
+    log "$name already running (pid $(head -n1 "$pidfile"))"
     return 0
   fi
+  exe=$(readlink -f "$(command -v "$1")") || die "cannot find $1 to start $name"
   log "starting $name (log: $SLUICE_LOGS/$name.log)"
   setsid "$@" >>"$SLUICE_LOGS/$name.log" 2>&1 </dev/null &
-  echo $! >"$pidfile"
+  printf '%s\n%s\n' "$!" "$exe" >"$pidfile"
 }
 
 # stop_daemon NAME: SIGTERM, wait up to 20 s, then SIGKILL.
 stop_daemon() {
-  local name=$1 pidfile=$SLUICE_STATE/pids/$1.pid
+  local name=$1 pidfile=$SLUICE_STATE/pids/$1.pid pid
   [[ -f $pidfile ]] || return 0
-  local pid; pid=$(cat "$pidfile")
-  if kill -0 "$pid" 2>/dev/null; then
+  if pid_alive "$name"; then
+    pid=$(head -n1 "$pidfile")
     log "stopping $name (pid $pid)"
     kill -TERM "$pid" 2>/dev/null || true
-    for _ in $(seq 1 40); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
-    kill -KILL "$pid" 2>/dev/null || true
+    for _ in $(seq 1 40); do pid_alive "$name" || break; sleep 0.5; done
+    pid_alive "$name" && kill -KILL "$pid" 2>/dev/null || true
   fi
   rm -f "$pidfile"
 }
 
-is_running() {
-  local pidfile=$SLUICE_STATE/pids/$1.pid
-  [[ -f $pidfile ]] && kill -0 "$(cat "$pidfile")" 2>/dev/null
-}
 
 # ensure_bridge: the node's CNI bridge, created up front with the gateway address so the
 # broker's pod listener can bind to it before the first pod exists. The CNI bridge plugin
