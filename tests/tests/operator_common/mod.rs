@@ -96,7 +96,7 @@ impl Operator {
     }
 
     pub fn is_leader(&self) -> bool {
-        self.metrics.encode().contains("sluice_operator_leader 1")
+        self.metrics.leader.get() == 1
     }
 
     pub fn reconciles(&self) -> u64 {
