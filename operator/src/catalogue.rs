@@ -64,7 +64,8 @@ impl Case {
 
 /// Parses the catalogue.
 pub fn load() -> Catalogue {
-    serde_norway::from_str(CATALOGUE_YAML).expect("operator/testdata/invalid-eventconsumers.yaml parses")
+    serde_norway::from_str(CATALOGUE_YAML)
+        .expect("operator/testdata/invalid-eventconsumers.yaml parses")
 }
 
 /// Applies a JSON merge patch (RFC 7386) to `target`.
@@ -97,7 +98,10 @@ mod tests {
     #[test]
     fn merge_patch_follows_rfc_7386() {
         let mut doc = json!({"a": {"b": 1, "c": [1, 2]}, "d": "x"});
-        merge_patch(&mut doc, &json!({"a": {"b": null, "c": [3], "e": {"f": true}}, "d": null, "g": 2}));
+        merge_patch(
+            &mut doc,
+            &json!({"a": {"b": null, "c": [3], "e": {"f": true}}, "d": null, "g": 2}),
+        );
         assert_eq!(doc, json!({"a": {"c": [3], "e": {"f": true}}, "g": 2}));
         let mut scalar = json!(1);
         merge_patch(&mut scalar, &json!({"a": 1}));
@@ -107,22 +111,53 @@ mod tests {
     #[test]
     fn catalogue_is_large_distinct_and_well_formed() {
         let catalogue = load();
-        assert!(catalogue.cases.len() >= 25, "at least 25 invalid cases, got {}", catalogue.cases.len());
+        assert!(
+            catalogue.cases.len() >= 25,
+            "at least 25 invalid cases, got {}",
+            catalogue.cases.len()
+        );
         let names: BTreeSet<_> = catalogue.cases.iter().map(|c| c.name.as_str()).collect();
         assert_eq!(names.len(), catalogue.cases.len(), "case names are unique");
-        let objects: BTreeSet<String> =
-            catalogue.cases.iter().map(|c| format!("{}{:?}", c.created(&catalogue.base), c.updated(&catalogue.base))).collect();
-        assert_eq!(objects.len(), catalogue.cases.len(), "every case is a distinct object");
+        let objects: BTreeSet<String> = catalogue
+            .cases
+            .iter()
+            .map(|c| {
+                format!(
+                    "{}{:?}",
+                    c.created(&catalogue.base),
+                    c.updated(&catalogue.base)
+                )
+            })
+            .collect();
+        assert_eq!(
+            objects.len(),
+            catalogue.cases.len(),
+            "every case is a distinct object"
+        );
         for case in &catalogue.cases {
             assert!(!case.expect.is_empty(), "{}: expects a message", case.name);
             assert!(
-                case.name.len() <= 40 && case.name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-'),
+                case.name.len() <= 40
+                    && case
+                        .name
+                        .chars()
+                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-'),
                 "{}: usable in an object name",
                 case.name
             );
             match case.updated(&catalogue.base) {
-                Some(updated) => assert_ne!(updated, case.created(&catalogue.base), "{}: the update changes the object", case.name),
-                None => assert_ne!(case.created(&catalogue.base), catalogue.base, "{}: changes the base", case.name),
+                Some(updated) => assert_ne!(
+                    updated,
+                    case.created(&catalogue.base),
+                    "{}: the update changes the object",
+                    case.name
+                ),
+                None => assert_ne!(
+                    case.created(&catalogue.base),
+                    catalogue.base,
+                    "{}: changes the base",
+                    case.name
+                ),
             }
         }
     }

@@ -8,6 +8,9 @@
 //! and transition rules) is an `x-kubernetes-validations` rule built by the helpers in
 //! [`rules`]. Every rule's message names the field, says what is wrong and what is allowed.
 
+// `#[kube(printcolumn(type_ = ..), printcolumn(type_ = ..))]` repeats keys by design.
+#![allow(clippy::duplicated_attributes)]
+
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{PodTemplateSpec, ResourceRequirements};
@@ -153,12 +156,18 @@ pub struct EventConsumerSpec {
 pub struct KafkaSpec {
     /// Comma-separated list of broker addresses, each `host:port`, used for the first
     /// connection (librdkafka `bootstrap.servers`). Example: `kafka-0.kafka:9092,kafka-1.kafka:9092`.
-    #[schemars(length(min = 3, max = 2048), regex(pattern = r"^[^,\s:]+:[0-9]{1,5}(,[^,\s:]+:[0-9]{1,5})*$"))]
+    #[schemars(
+        length(min = 3, max = 2048),
+        regex(pattern = r"^[^,\s:]+:[0-9]{1,5}(,[^,\s:]+:[0-9]{1,5})*$")
+    )]
     pub bootstrap_servers: String,
 
     /// Topics to consume (1 to 64, unique). Kafka topic names: 1 to 249 characters from
     /// `a-z A-Z 0-9 . _ -`, not `.` or `..`.
-    #[schemars(length(min = 1, max = 64), inner(regex(pattern = r"^[a-zA-Z0-9._-]{1,249}$")))]
+    #[schemars(
+        length(min = 1, max = 64),
+        inner(regex(pattern = r"^[a-zA-Z0-9._-]{1,249}$"))
+    )]
     #[x_kube(merge_strategy = kube::core::ListMerge::Set)]
     #[x_kube(validation = rules::topics_not_dots())]
     pub topics: Vec<String>,
@@ -249,7 +258,10 @@ pub enum SaslMechanism {
 #[serde(rename_all = "camelCase")]
 pub struct UserPasswordSecretRef {
     /// Name of the Secret, in the EventConsumer's namespace.
-    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"))]
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+    )]
     pub name: String,
     /// Key of the username in the Secret. Default `username`.
     #[serde(default = "defaults::username_key")]
@@ -280,7 +292,10 @@ pub struct TlsAuth {
 #[serde(rename_all = "camelCase")]
 pub struct SecretKeyRef {
     /// Name of the Secret, in the EventConsumer's namespace.
-    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"))]
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+    )]
     pub name: String,
     /// Key in the Secret. Default `ca.crt`.
     #[serde(default = "defaults::ca_key")]
@@ -293,7 +308,10 @@ pub struct SecretKeyRef {
 #[serde(rename_all = "camelCase")]
 pub struct SecretNameRef {
     /// Name of the Secret, in the EventConsumer's namespace.
-    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"))]
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+    )]
     pub name: String,
 }
 
@@ -573,12 +591,28 @@ pub(crate) mod schema {
         let mut schema = k8s_openapi::api::core::v1::PodTemplateSpec::json_schema(generator);
         let mut value = schema.to_value();
         strip_descriptions(&mut value);
-        bound_list(&mut value, &["properties", "spec", "properties", "containers"], 64);
-        bound_list(&mut value, &["properties", "spec", "properties", "initContainers"], 64);
+        bound_list(
+            &mut value,
+            &["properties", "spec", "properties", "containers"],
+            64,
+        );
+        bound_list(
+            &mut value,
+            &["properties", "spec", "properties", "initContainers"],
+            64,
+        );
         for list in ["containers", "initContainers"] {
             bound_list(
                 &mut value,
-                &["properties", "spec", "properties", list, "items", "properties", "ports"],
+                &[
+                    "properties",
+                    "spec",
+                    "properties",
+                    list,
+                    "items",
+                    "properties",
+                    "ports",
+                ],
                 128,
             );
         }
@@ -606,7 +640,10 @@ pub(crate) mod schema {
         // Bounded like the rest of the spec (the API server's CEL cost estimates and object
         // size stay small).
         for map in ["limits", "requests"] {
-            if let Some(m) = value.pointer_mut(&format!("/properties/{map}")).and_then(|m| m.as_object_mut()) {
+            if let Some(m) = value
+                .pointer_mut(&format!("/properties/{map}"))
+                .and_then(|m| m.as_object_mut())
+            {
                 m.insert("maxProperties".into(), 16.into());
             }
             if let Some(m) = value
@@ -783,21 +820,33 @@ pub mod rules {
     }
 
     /// Prefixes and fragments of librdkafka keys that carry credentials or key material.
-    pub const CREDENTIAL_KEY_PREFIXES: &[&str] =
-        &["sasl.", "ssl.key", "ssl.keystore", "ssl.certificate", "ssl.ca.", "ssl_engine"];
+    pub const CREDENTIAL_KEY_PREFIXES: &[&str] = &[
+        "sasl.",
+        "ssl.key",
+        "ssl.keystore",
+        "ssl.certificate",
+        "ssl.ca.",
+        "ssl_engine",
+    ];
     pub const CREDENTIAL_KEY_FRAGMENTS: &[&str] = &["password", "secret"];
 
     pub fn properties_no_credentials() -> Rule {
         let prefixes = quoted(CREDENTIAL_KEY_PREFIXES);
         let fragments = quoted(CREDENTIAL_KEY_FRAGMENTS);
         rule(
-            format!("!self.exists(k, [{prefixes}].exists(p, k.startsWith(p)) || [{fragments}].exists(f, k.contains(f)))"),
+            format!(
+                "!self.exists(k, [{prefixes}].exists(p, k.startsWith(p)) || [{fragments}].exists(f, k.contains(f)))"
+            ),
             "properties must not carry credentials or key material (keys starting with sasl., ssl.key, ssl.keystore, ssl.certificate, ssl.ca. or ssl_engine, or containing password or secret): credentials come only from Secrets, through spec.kafka.auth.sasl.secretRef and spec.kafka.auth.tls",
         )
     }
 
     fn quoted(items: &[&str]) -> String {
-        items.iter().map(|k| format!("'{k}'")).collect::<Vec<_>>().join(", ")
+        items
+            .iter()
+            .map(|k| format!("'{k}'"))
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 
     pub fn auth_not_empty() -> Rule {

@@ -128,11 +128,20 @@ impl Tuning {
         if let Some(ms) = self.heartbeat_interval_ms {
             props.push(("heartbeat.interval.ms", ms.to_string()));
         }
-        props.push(("max.poll.interval.ms", self.max_poll_interval_ms.to_string()));
-        props.push(("queued.max.messages.kbytes", self.queued_max_messages_kbytes.to_string()));
+        props.push((
+            "max.poll.interval.ms",
+            self.max_poll_interval_ms.to_string(),
+        ));
+        props.push((
+            "queued.max.messages.kbytes",
+            self.queued_max_messages_kbytes.to_string(),
+        ));
         props.push(("queued.min.messages", self.queued_min_messages.to_string()));
         props.push(("fetch.max.bytes", self.fetch_max_bytes.to_string()));
-        props.push(("max.partition.fetch.bytes", self.max_partition_fetch_bytes.to_string()));
+        props.push((
+            "max.partition.fetch.bytes",
+            self.max_partition_fetch_bytes.to_string(),
+        ));
         props
     }
 
@@ -144,7 +153,8 @@ impl Tuning {
     /// exceeds `max.partition.fetch.bytes` except for a single oversized record, and the
     /// whole response never exceeds `fetch.max.bytes`.)
     pub fn kafka_buffer_bound_bytes(&self, partitions: u64) -> u64 {
-        let per_response = (partitions.max(1) * self.max_partition_fetch_bytes).min(self.fetch_max_bytes);
+        let per_response =
+            (partitions.max(1) * self.max_partition_fetch_bytes).min(self.fetch_max_bytes);
         self.queued_max_messages_kbytes * 1024 + FETCH_BROKERS_BUDGETED * per_response
     }
 }
@@ -186,7 +196,12 @@ pub fn tune(spec: &EventConsumerSpec, group_id: Option<String>) -> Tuning {
                 .map(|d| millis(d.into()))
                 .unwrap_or_else(|| (session / 3).min(MAX_DEFAULT_HEARTBEAT_MS))
                 .clamp(1, session / 3);
-            ("classic", Some("cooperative-sticky".to_string()), Some(session), Some(heartbeat))
+            (
+                "classic",
+                Some("cooperative-sticky".to_string()),
+                Some(session),
+                Some(heartbeat),
+            )
         }
         GroupProtocol::Consumer => ("consumer", None, None, None),
     };
@@ -206,7 +221,8 @@ pub fn tune(spec: &EventConsumerSpec, group_id: Option<String>) -> Tuning {
     let memory = memory_limit_bytes(spec.sidecar.as_ref().and_then(|s| s.resources.as_ref()))
         .max(MIN_SIDECAR_MEMORY_BYTES);
     let kafka_budget = memory.saturating_sub(BASELINE_MEMORY_BYTES);
-    let queue_kbytes = (kafka_budget / 2 / 1024).clamp(LIBRDKAFKA_MIN_QUEUE_KBYTES, LIBRDKAFKA_MAX_QUEUE_KBYTES);
+    let queue_kbytes =
+        (kafka_budget / 2 / 1024).clamp(LIBRDKAFKA_MIN_QUEUE_KBYTES, LIBRDKAFKA_MAX_QUEUE_KBYTES);
     let fetch_max = (kafka_budget / 2 / FETCH_BROKERS_BUDGETED)
         .clamp(LIBRDKAFKA_MIN_FETCH_BYTES, LIBRDKAFKA_MAX_FETCH_BYTES);
     let partition_fetch = TARGET_PARTITION_FETCH_BYTES.min(fetch_max);
@@ -269,12 +285,18 @@ pub fn parse_quantity_bytes(q: &str) -> Option<u64> {
         Some((i, f)) => (i, f),
         None => (number, ""),
     };
-    if !int_part.chars().all(|c| c.is_ascii_digit()) || !frac_part.chars().all(|c| c.is_ascii_digit()) {
+    if !int_part.chars().all(|c| c.is_ascii_digit())
+        || !frac_part.chars().all(|c| c.is_ascii_digit())
+    {
         return None;
     }
     // Work in u128 as (mantissa, 10^scale) so fractions are exact.
     let digits = format!("{int_part}{frac_part}");
-    let mantissa: u128 = if digits.is_empty() { 0 } else { digits.parse().ok()? };
+    let mantissa: u128 = if digits.is_empty() {
+        0
+    } else {
+        digits.parse().ok()?
+    };
     let mut denominator: u128 = 10u128.checked_pow(frac_part.len() as u32)?;
     let multiplier: u128 = match suffix {
         "" => 1,

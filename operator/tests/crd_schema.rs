@@ -11,8 +11,16 @@ use sluice_operator::crd::EventConsumer;
 
 fn schema() -> Value {
     let crd = EventConsumer::crd();
-    serde_json::to_value(crd.spec.versions[0].schema.as_ref().unwrap().open_api_v3_schema.as_ref().unwrap())
-        .unwrap()
+    serde_json::to_value(
+        crd.spec.versions[0]
+            .schema
+            .as_ref()
+            .unwrap()
+            .open_api_v3_schema
+            .as_ref()
+            .unwrap(),
+    )
+    .unwrap()
 }
 
 fn examples() -> Vec<(PathBuf, Value)> {
@@ -30,7 +38,11 @@ fn examples() -> Vec<(PathBuf, Value)> {
             }
         }
     }
-    assert!(out.len() >= 4, "deploy/examples holds an EventConsumer per feature, found {}", out.len());
+    assert!(
+        out.len() >= 4,
+        "deploy/examples holds an EventConsumer per feature, found {}",
+        out.len()
+    );
     out
 }
 
@@ -55,9 +67,25 @@ fn names_scope_and_subresources() {
             "labelSelectorPath": ".status.selector"
         })
     );
-    let columns: Vec<&str> =
-        version["additionalPrinterColumns"].as_array().unwrap().iter().map(|c| c["name"].as_str().unwrap()).collect();
-    assert_eq!(columns, ["Ready", "Replicas", "Available", "Lag", "Topics", "Group", "Reason", "Age"]);
+    let columns: Vec<&str> = version["additionalPrinterColumns"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        columns,
+        [
+            "Ready",
+            "Replicas",
+            "Available",
+            "Lag",
+            "Topics",
+            "Group",
+            "Reason",
+            "Age"
+        ]
+    );
 }
 
 /// Every field a user writes outside the embedded Kubernetes types has a description, so
@@ -65,14 +93,21 @@ fn names_scope_and_subresources() {
 #[test]
 fn every_sluice_field_is_documented() {
     fn walk(path: &str, node: &Value, missing: &mut Vec<String>) {
-        if node.get("description").and_then(Value::as_str).is_none_or(|d| d.trim().len() < 10) {
+        if node
+            .get("description")
+            .and_then(Value::as_str)
+            .is_none_or(|d| d.trim().len() < 10)
+        {
             missing.push(path.to_string());
         }
         if let Some(props) = node.get("properties").and_then(Value::as_object) {
             for (name, child) in props {
                 let child_path = format!("{path}.{name}");
                 // Embedded upstream types: documented upstream, descriptions stripped for size.
-                if child_path == "spec.template" || child_path == "spec.sidecar.resources" || child_path == "status.conditions" {
+                if child_path == "spec.template"
+                    || child_path == "spec.sidecar.resources"
+                    || child_path == "status.conditions"
+                {
                     if child.get("description").is_none() {
                         missing.push(child_path);
                     }
@@ -91,16 +126,23 @@ fn every_sluice_field_is_documented() {
     let mut missing = vec![];
     walk("spec", &schema["properties"]["spec"], &mut missing);
     walk("status", &schema["properties"]["status"], &mut missing);
-    assert!(missing.is_empty(), "fields without a description: {missing:?}");
+    assert!(
+        missing.is_empty(),
+        "fields without a description: {missing:?}"
+    );
 }
 
 #[test]
 fn lists_iterated_by_cel_rules_are_bounded() {
     let schema = schema();
-    let pod = &schema["properties"]["spec"]["properties"]["template"]["properties"]["spec"]["properties"];
+    let pod =
+        &schema["properties"]["spec"]["properties"]["template"]["properties"]["spec"]["properties"];
     for list in ["containers", "initContainers"] {
         assert!(pod[list]["maxItems"].is_u64(), "{list} has maxItems");
-        assert!(pod[list]["items"]["properties"]["ports"]["maxItems"].is_u64(), "{list}[].ports has maxItems");
+        assert!(
+            pod[list]["items"]["properties"]["ports"]["maxItems"].is_u64(),
+            "{list}[].ports has maxItems"
+        );
     }
     let kafka = &schema["properties"]["spec"]["properties"]["kafka"]["properties"];
     assert_eq!(kafka["topics"]["maxItems"], 64);
@@ -109,23 +151,25 @@ fn lists_iterated_by_cel_rules_are_bounded() {
 }
 
 fn cel_errors(object: &Value, old: Option<&Value>) -> Result<(), String> {
-    Validator::new().validate(&schema(), object, old).map_err(|errors| {
-        errors
-            .into_vec()
-            .into_iter()
-            .map(|e| {
-                assert!(
-                    matches!(e.kind, ErrorKind::ValidationFailure),
-                    "rule `{}` could not be evaluated: {} ({:?})",
-                    e.rule,
-                    e.message,
-                    e.kind
-                );
-                format!("{}: {}", e.field_path, e.message)
-            })
-            .collect::<Vec<_>>()
-            .join("\n")
-    })
+    Validator::new()
+        .validate(&schema(), object, old)
+        .map_err(|errors| {
+            errors
+                .into_vec()
+                .into_iter()
+                .map(|e| {
+                    assert!(
+                        matches!(e.kind, ErrorKind::ValidationFailure),
+                        "rule `{}` could not be evaluated: {} ({:?})",
+                        e.rule,
+                        e.message,
+                        e.kind
+                    );
+                    format!("{}: {}", e.field_path, e.message)
+                })
+                .collect::<Vec<_>>()
+                .join("\n")
+        })
 }
 
 #[test]
@@ -144,15 +188,26 @@ fn cel_cases_of_the_catalogue_are_rejected_with_their_message() {
         let created = case.created(&catalogue.base);
         let result = match case.updated(&catalogue.base) {
             Some(updated) => {
-                cel_errors(&created, None).unwrap_or_else(|e| panic!("{}: the create must pass: {e}", case.name));
+                cel_errors(&created, None)
+                    .unwrap_or_else(|e| panic!("{}: the create must pass: {e}", case.name));
                 cel_errors(&updated, Some(&created))
             }
             None => cel_errors(&created, None),
         };
-        let message = result.err().unwrap_or_else(|| panic!("{}: accepted", case.name));
+        let message = result
+            .err()
+            .unwrap_or_else(|| panic!("{}: accepted", case.name));
         // Field paths are formatted by the API server; here only the rules' messages count.
-        for expected in case.expect.iter().filter(|e| !e.starts_with("spec.") || e.contains(' ')) {
-            assert!(message.contains(expected.as_str()), "{}: `{expected}` not in:\n{message}", case.name);
+        for expected in case
+            .expect
+            .iter()
+            .filter(|e| !e.starts_with("spec.") || e.contains(' '))
+        {
+            assert!(
+                message.contains(expected.as_str()),
+                "{}: `{expected}` not in:\n{message}",
+                case.name
+            );
         }
         checked += 1;
     }
@@ -163,8 +218,8 @@ fn cel_cases_of_the_catalogue_are_rejected_with_their_message() {
 fn examples_pass_every_rule_and_deserialize() {
     for (path, example) in examples() {
         cel_errors(&example, None).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-        let typed: EventConsumer =
-            serde_json::from_value(example.clone()).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let typed: EventConsumer = serde_json::from_value(example.clone())
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         // Round trip: what the operator writes back is what the user wrote.
         let mut again = serde_json::to_value(&typed).unwrap();
         again.as_object_mut().unwrap().remove("status");

@@ -14,7 +14,10 @@ fn committed_crds_match_the_types() {
     for dir in CRD_PATHS {
         let path = repo_root().join(dir).join(CRD_FILE);
         let actual = std::fs::read_to_string(&path).unwrap_or_else(|e| {
-            panic!("cannot read {}: {e}; run `make generate` to write it", path.display())
+            panic!(
+                "cannot read {}: {e}; run `make generate` to write it",
+                path.display()
+            )
         });
         assert!(
             actual == expected,
