@@ -8,38 +8,85 @@ use crate::build::InvalidSpec;
 pub enum Error {
     /// The object does not match the EventConsumer schema (written around the CRD's
     /// validation, or by an incompatible version).
-    #[error("the EventConsumer cannot be read as sluice.dev/v1alpha1: {0}; fix it with kubectl edit so it matches the CRD (kubectl explain eventconsumer.spec)")]
+    #[error(
+        "the EventConsumer cannot be read as sluice.dev/v1alpha1: {0}; fix it with kubectl edit so it matches the CRD (kubectl explain eventconsumer.spec)"
+    )]
     InvalidObject(String),
 
     #[error("the spec cannot be realised: {0}")]
     InvalidSpec(#[from] InvalidSpec),
 
-    #[error("Secret {namespace}/{name}, referenced by {field}, does not exist; create it (or fix {field}); the operator retries as soon as it appears")]
-    SecretNotFound { namespace: String, name: String, field: &'static str },
+    #[error(
+        "Secret {namespace}/{name}, referenced by {field}, does not exist; create it (or fix {field}); the operator retries as soon as it appears"
+    )]
+    SecretNotFound {
+        namespace: String,
+        name: String,
+        field: &'static str,
+    },
 
-    #[error("Secret {namespace}/{name} has no key {key:?}, referenced by {field}; add the key to the Secret or point {field} at the right key")]
-    SecretKeyMissing { namespace: String, name: String, key: String, field: &'static str },
+    #[error(
+        "Secret {namespace}/{name} has no key {key:?}, referenced by {field}; add the key to the Secret or point {field} at the right key"
+    )]
+    SecretKeyMissing {
+        namespace: String,
+        name: String,
+        key: String,
+        field: &'static str,
+    },
 
-    #[error("reading Secret {namespace}/{name} failed: {source}; check the operator's RBAC (get secrets) and the API server")]
-    GetSecret { namespace: String, name: String, source: kube::Error },
+    #[error(
+        "reading Secret {namespace}/{name} failed: {source}; check the operator's RBAC (get secrets) and the API server"
+    )]
+    GetSecret {
+        namespace: String,
+        name: String,
+        source: kube::Error,
+    },
 
-    #[error("creating or reading the drain-token Secret {namespace}/{name} failed: {source}; check the operator's RBAC (get/create secrets) and the API server")]
-    DrainToken { namespace: String, name: String, source: kube::Error },
+    #[error(
+        "creating or reading the drain-token Secret {namespace}/{name} failed: {source}; check the operator's RBAC (get/create secrets) and the API server"
+    )]
+    DrainToken {
+        namespace: String,
+        name: String,
+        source: kube::Error,
+    },
 
     #[error("applying ConfigMap {namespace}/{name} failed: {source}")]
-    ApplyConfigMap { namespace: String, name: String, source: kube::Error },
+    ApplyConfigMap {
+        namespace: String,
+        name: String,
+        source: kube::Error,
+    },
 
     #[error("applying Deployment {namespace}/{name} failed: {source}")]
-    ApplyDeployment { namespace: String, name: String, source: kube::Error },
+    ApplyDeployment {
+        namespace: String,
+        name: String,
+        source: kube::Error,
+    },
 
     #[error("applying PodDisruptionBudget {namespace}/{name} failed: {source}")]
-    ApplyPodDisruptionBudget { namespace: String, name: String, source: kube::Error },
+    ApplyPodDisruptionBudget {
+        namespace: String,
+        name: String,
+        source: kube::Error,
+    },
 
     #[error("reading Deployment {namespace}/{name} failed: {source}")]
-    GetDeployment { namespace: String, name: String, source: kube::Error },
+    GetDeployment {
+        namespace: String,
+        name: String,
+        source: kube::Error,
+    },
 
     #[error("writing the status of EventConsumer {namespace}/{name} failed: {source}")]
-    PatchStatus { namespace: String, name: String, source: kube::Error },
+    PatchStatus {
+        namespace: String,
+        name: String,
+        source: kube::Error,
+    },
 }
 
 impl Error {
@@ -89,7 +136,9 @@ mod tests {
     use crate::build::Problem;
 
     fn api(code: u16) -> kube::Error {
-        kube::Error::Api(Box::new(kube::core::Status::failure("boom", "Invalid").with_code(code)))
+        kube::Error::Api(Box::new(
+            kube::core::Status::failure("boom", "Invalid").with_code(code),
+        ))
     }
 
     #[test]
@@ -99,24 +148,106 @@ mod tests {
         let cases: Vec<(Error, &str, bool)> = vec![
             (Error::InvalidObject("bad".into()), "InvalidObject", true),
             (
-                Error::InvalidSpec(InvalidSpec { problems: vec![Problem { reason: "PreStopConflict", message: "m".into() }] }),
+                Error::InvalidSpec(InvalidSpec {
+                    problems: vec![Problem {
+                        reason: "PreStopConflict",
+                        message: "m".into(),
+                    }],
+                }),
                 "PreStopConflict",
                 true,
             ),
-            (Error::SecretNotFound { namespace: ns(), name: n(), field: "f" }, "SecretNotFound", true),
-            (Error::SecretKeyMissing { namespace: ns(), name: n(), key: "k".into(), field: "f" }, "SecretKeyMissing", true),
-            (Error::GetSecret { namespace: ns(), name: n(), source: api(500) }, "GetSecretFailed", false),
-            (Error::DrainToken { namespace: ns(), name: n(), source: api(500) }, "DrainTokenFailed", false),
-            (Error::ApplyConfigMap { namespace: ns(), name: n(), source: api(500) }, "ApplyConfigMapFailed", false),
-            (Error::ApplyDeployment { namespace: ns(), name: n(), source: api(422) }, "ApplyDeploymentFailed", true),
-            (Error::ApplyDeployment { namespace: ns(), name: n(), source: api(409) }, "ApplyDeploymentFailed", false),
             (
-                Error::ApplyPodDisruptionBudget { namespace: ns(), name: n(), source: api(503) },
+                Error::SecretNotFound {
+                    namespace: ns(),
+                    name: n(),
+                    field: "f",
+                },
+                "SecretNotFound",
+                true,
+            ),
+            (
+                Error::SecretKeyMissing {
+                    namespace: ns(),
+                    name: n(),
+                    key: "k".into(),
+                    field: "f",
+                },
+                "SecretKeyMissing",
+                true,
+            ),
+            (
+                Error::GetSecret {
+                    namespace: ns(),
+                    name: n(),
+                    source: api(500),
+                },
+                "GetSecretFailed",
+                false,
+            ),
+            (
+                Error::DrainToken {
+                    namespace: ns(),
+                    name: n(),
+                    source: api(500),
+                },
+                "DrainTokenFailed",
+                false,
+            ),
+            (
+                Error::ApplyConfigMap {
+                    namespace: ns(),
+                    name: n(),
+                    source: api(500),
+                },
+                "ApplyConfigMapFailed",
+                false,
+            ),
+            (
+                Error::ApplyDeployment {
+                    namespace: ns(),
+                    name: n(),
+                    source: api(422),
+                },
+                "ApplyDeploymentFailed",
+                true,
+            ),
+            (
+                Error::ApplyDeployment {
+                    namespace: ns(),
+                    name: n(),
+                    source: api(409),
+                },
+                "ApplyDeploymentFailed",
+                false,
+            ),
+            (
+                Error::ApplyPodDisruptionBudget {
+                    namespace: ns(),
+                    name: n(),
+                    source: api(503),
+                },
                 "ApplyPodDisruptionBudgetFailed",
                 false,
             ),
-            (Error::GetDeployment { namespace: ns(), name: n(), source: api(500) }, "GetDeploymentFailed", false),
-            (Error::PatchStatus { namespace: ns(), name: n(), source: api(500) }, "PatchStatusFailed", false),
+            (
+                Error::GetDeployment {
+                    namespace: ns(),
+                    name: n(),
+                    source: api(500),
+                },
+                "GetDeploymentFailed",
+                false,
+            ),
+            (
+                Error::PatchStatus {
+                    namespace: ns(),
+                    name: n(),
+                    source: api(500),
+                },
+                "PatchStatusFailed",
+                false,
+            ),
         ];
         for (e, reason, permanent) in cases {
             assert_eq!(e.reason(), reason, "{e}");

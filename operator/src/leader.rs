@@ -45,7 +45,10 @@ impl LeaseSettings {
     /// Problems with the settings, each saying what is allowed.
     pub fn check(&self) -> Result<(), String> {
         if self.identity.is_empty() {
-            return Err("the leader-election identity is empty; set --identity (default: the pod name)".into());
+            return Err(
+                "the leader-election identity is empty; set --identity (default: the pod name)"
+                    .into(),
+            );
         }
         if self.renew_deadline >= self.lease_duration {
             return Err(format!(
@@ -90,7 +93,11 @@ pub enum Attempt {
 
 impl Elector {
     pub fn new(client: Client, settings: LeaseSettings) -> Elector {
-        Elector { api: Api::namespaced(client, &settings.namespace), settings, observed: Mutex::new(None) }
+        Elector {
+            api: Api::namespaced(client, &settings.namespace),
+            settings,
+            observed: Mutex::new(None),
+        }
     }
 
     pub fn settings(&self) -> &LeaseSettings {
@@ -104,7 +111,11 @@ impl Elector {
         let duration_secs = i32::try_from(s.lease_duration.as_secs().max(1)).unwrap_or(i32::MAX);
         let Some(mut lease) = self.api.get_opt(&s.name).await? else {
             let lease = Lease {
-                metadata: ObjectMeta { name: Some(s.name.clone()), namespace: Some(s.namespace.clone()), ..Default::default() },
+                metadata: ObjectMeta {
+                    name: Some(s.name.clone()),
+                    namespace: Some(s.namespace.clone()),
+                    ..Default::default()
+                },
                 spec: Some(LeaseSpec {
                     holder_identity: Some(s.identity.clone()),
                     lease_duration_seconds: Some(duration_secs),
@@ -124,14 +135,21 @@ impl Elector {
         let holder = spec.holder_identity.clone().filter(|h| !h.is_empty());
         let held_by_me = holder.as_deref() == Some(s.identity.as_str());
         if !held_by_me && holder.is_some() {
-            let duration = Duration::from_secs(spec.lease_duration_seconds.unwrap_or(duration_secs).max(1) as u64);
+            let duration = Duration::from_secs(
+                spec.lease_duration_seconds.unwrap_or(duration_secs).max(1) as u64,
+            );
             let mut observed = self.observed.lock().await;
             let changed = match observed.as_ref() {
                 Some(o) => o.holder != holder || o.renew_time != spec.renew_time,
                 None => true,
             };
             if changed {
-                *observed = Some(Observation { holder: holder.clone(), renew_time: spec.renew_time.clone(), duration, since: Instant::now() });
+                *observed = Some(Observation {
+                    holder: holder.clone(),
+                    renew_time: spec.renew_time.clone(),
+                    duration,
+                    since: Instant::now(),
+                });
             }
             let o = observed.as_ref().expect("set above");
             if o.since.elapsed() < o.duration {
@@ -143,12 +161,20 @@ impl Elector {
         lease.spec = Some(LeaseSpec {
             holder_identity: Some(s.identity.clone()),
             lease_duration_seconds: Some(duration_secs),
-            acquire_time: if held_by_me { spec.acquire_time.clone() } else { Some(now.clone()) },
+            acquire_time: if held_by_me {
+                spec.acquire_time.clone()
+            } else {
+                Some(now.clone())
+            },
             renew_time: Some(now),
             lease_transitions: Some(transitions),
             ..spec
         });
-        match self.api.replace(&s.name, &PostParams::default(), &lease).await {
+        match self
+            .api
+            .replace(&s.name, &PostParams::default(), &lease)
+            .await
+        {
             Ok(_) => Ok(Attempt::Leader),
             Err(kube::Error::Api(e)) if e.code == 409 => Ok(Attempt::Follower),
             Err(e) => Err(e),
@@ -166,7 +192,9 @@ impl Elector {
                     return true;
                 }
                 Ok(Attempt::Follower) => on_contact(),
-                Err(error) => warn!(%error, lease = %self.settings.name, "cannot read or write the leader Lease; retrying"),
+                Err(error) => {
+                    warn!(%error, lease = %self.settings.name, "cannot read or write the leader Lease; retrying")
+                }
             }
             tokio::select! {
                 _ = shutdown.cancelled() => return false,
@@ -184,7 +212,9 @@ impl Elector {
                 _ = stop.cancelled() => return false,
                 _ = tokio::time::sleep(self.settings.retry_period) => {}
             }
-            let attempt = tokio::time::timeout(self.settings.renew_deadline, self.try_acquire_or_renew()).await;
+            let attempt =
+                tokio::time::timeout(self.settings.renew_deadline, self.try_acquire_or_renew())
+                    .await;
             match attempt {
                 Ok(Ok(Attempt::Leader)) => last_renew = Instant::now(),
                 Ok(Ok(Attempt::Follower)) => {
@@ -204,17 +234,27 @@ impl Elector {
     /// Gives the Lease up (if held) so a standby takes over at once.
     pub async fn release(&self) {
         let s = &self.settings;
-        let Ok(Some(mut lease)) = self.api.get_opt(&s.name).await else { return };
-        let Some(spec) = lease.spec.as_mut() else { return };
+        let Ok(Some(mut lease)) = self.api.get_opt(&s.name).await else {
+            return;
+        };
+        let Some(spec) = lease.spec.as_mut() else {
+            return;
+        };
         if spec.holder_identity.as_deref() != Some(s.identity.as_str()) {
             return;
         }
         spec.holder_identity = None;
         spec.lease_duration_seconds = Some(1);
         spec.renew_time = Some(MicroTime(Timestamp::now()));
-        match self.api.replace(&s.name, &PostParams::default(), &lease).await {
+        match self
+            .api
+            .replace(&s.name, &PostParams::default(), &lease)
+            .await
+        {
             Ok(_) => info!(lease = %s.name, "released the leader Lease"),
-            Err(error) => warn!(%error, lease = %s.name, "releasing the leader Lease failed; a standby takes over when it expires"),
+            Err(error) => {
+                warn!(%error, lease = %s.name, "releasing the leader Lease failed; a standby takes over when it expires")
+            }
         }
     }
 }
@@ -237,8 +277,18 @@ mod tests {
     #[test]
     fn timing_settings_are_checked() {
         assert_eq!(settings(15, 10, 2).check(), Ok(()));
-        assert!(settings(10, 10, 2).check().unwrap_err().contains("--renew-deadline"));
-        assert!(settings(15, 10, 10).check().unwrap_err().contains("--retry-period"));
+        assert!(
+            settings(10, 10, 2)
+                .check()
+                .unwrap_err()
+                .contains("--renew-deadline")
+        );
+        assert!(
+            settings(15, 10, 10)
+                .check()
+                .unwrap_err()
+                .contains("--retry-period")
+        );
         let mut s = settings(15, 10, 2);
         s.identity.clear();
         assert!(s.check().unwrap_err().contains("--identity"));

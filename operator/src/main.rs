@@ -17,7 +17,7 @@ enum Command {
     /// Print the EventConsumer CustomResourceDefinition as YAML.
     Crd,
     /// Run the operator.
-    Run(sluice_operator::run::RunArgs),
+    Run(Box<sluice_operator::run::RunArgs>),
 }
 
 fn main() -> ExitCode {
@@ -34,7 +34,7 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match runtime.block_on(sluice_operator::run::main(args)) {
+            match runtime.block_on(sluice_operator::run::main(*args)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("sluice-operator run: {e:#}");
@@ -58,8 +58,18 @@ mod tests {
 
     #[test]
     fn crd_and_run_subcommands_parse() {
-        assert!(matches!(Cli::try_parse_from(["sluice-operator", "crd"]).unwrap().command, Command::Crd));
-        assert!(matches!(Cli::try_parse_from(["sluice-operator", "run"]).unwrap().command, Command::Run(_)));
+        assert!(matches!(
+            Cli::try_parse_from(["sluice-operator", "crd"])
+                .unwrap()
+                .command,
+            Command::Crd
+        ));
+        assert!(matches!(
+            Cli::try_parse_from(["sluice-operator", "run"])
+                .unwrap()
+                .command,
+            Command::Run(_)
+        ));
         assert!(Cli::try_parse_from(["sluice-operator"]).is_err());
     }
 }

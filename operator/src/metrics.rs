@@ -47,13 +47,38 @@ impl Metrics {
         let mut registry = Registry::with_prefix("sluice_operator");
         let reconciles = Counter::default();
         let failures = Family::<ReasonLabels, Counter>::default();
-        let duration = Histogram::new([0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]);
+        let duration = Histogram::new([
+            0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+        ]);
         let leader = Gauge::default();
-        registry.register("reconciles", "EventConsumer reconciles run", reconciles.clone());
-        registry.register("reconcile_failures", "Failed EventConsumer reconciles, by reason", failures.clone());
-        registry.register("reconcile_duration_seconds", "Duration of one EventConsumer reconcile", duration.clone());
-        registry.register("leader", "1 while this replica holds the leader Lease", leader.clone());
-        Metrics { registry, reconciles, failures, duration, leader, ready: AtomicBool::new(false) }
+        registry.register(
+            "reconciles",
+            "EventConsumer reconciles run",
+            reconciles.clone(),
+        );
+        registry.register(
+            "reconcile_failures",
+            "Failed EventConsumer reconciles, by reason",
+            failures.clone(),
+        );
+        registry.register(
+            "reconcile_duration_seconds",
+            "Duration of one EventConsumer reconcile",
+            duration.clone(),
+        );
+        registry.register(
+            "leader",
+            "1 while this replica holds the leader Lease",
+            leader.clone(),
+        );
+        Metrics {
+            registry,
+            reconciles,
+            failures,
+            duration,
+            leader,
+            ready: AtomicBool::new(false),
+        }
     }
 
     /// Records one reconcile.
@@ -96,14 +121,23 @@ pub fn router(metrics: Arc<Metrics>) -> Router {
 }
 
 async fn metrics_handler(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], m.encode())
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        m.encode(),
+    )
 }
 
 async fn readyz(State(m): State<Arc<Metrics>>) -> (StatusCode, &'static str) {
     if m.is_ready() {
         (StatusCode::OK, "ok\n")
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not connected to the API server yet\n")
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not connected to the API server yet\n",
+        )
     }
 }
 
@@ -114,7 +148,9 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(listen).await?;
-    axum::serve(listener, router(metrics)).with_graceful_shutdown(shutdown).await
+    axum::serve(listener, router(metrics))
+        .with_graceful_shutdown(shutdown)
+        .await
 }
 
 #[cfg(test)]
@@ -128,9 +164,18 @@ mod tests {
         m.observe(Duration::from_millis(30), Some("SecretNotFound"));
         m.leader.set(1);
         let text = m.encode();
-        assert!(text.contains("sluice_operator_reconciles_total 2"), "{text}");
-        assert!(text.contains("sluice_operator_reconcile_failures_total{reason=\"SecretNotFound\"} 1"), "{text}");
-        assert!(text.contains("sluice_operator_reconcile_duration_seconds_count 2"), "{text}");
+        assert!(
+            text.contains("sluice_operator_reconciles_total 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("sluice_operator_reconcile_failures_total{reason=\"SecretNotFound\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("sluice_operator_reconcile_duration_seconds_count 2"),
+            "{text}"
+        );
         assert!(text.contains("sluice_operator_leader 1"), "{text}");
         assert_eq!(m.failures_with("SecretNotFound"), 1);
     }
@@ -144,7 +189,11 @@ mod tests {
         let get = |path: &'static str| async move {
             use tokio::io::{AsyncReadExt, AsyncWriteExt};
             let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-            s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes()).await.unwrap();
+            s.write_all(
+                format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+            )
+            .await
+            .unwrap();
             let mut out = String::new();
             s.read_to_string(&mut out).await.unwrap();
             out
@@ -154,7 +203,10 @@ mod tests {
         m.set_ready();
         assert!(get("/readyz").await.starts_with("HTTP/1.1 200"));
         let metrics = get("/metrics").await;
-        assert!(metrics.contains("sluice_operator_reconciles_total 0"), "{metrics}");
+        assert!(
+            metrics.contains("sluice_operator_reconciles_total 0"),
+            "{metrics}"
+        );
         server.abort();
     }
 }

@@ -17,17 +17,18 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Patch, PatchParams};
 use kube::core::DeserializeGuard;
+use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
-use kube::core::PartialObjectMeta;
 use kube::runtime::{WatchStreamExt, predicates, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::json;
 use tracing::{debug, info, instrument, warn};
 
 use crate::build::{
-    self, CONFIG_HASH_ANNOTATION, FIELD_MANAGER, Input, MANAGED_BY_LABEL, MANAGED_BY_VALUE, SidecarDefaults, config_map_name,
+    self, CONFIG_HASH_ANNOTATION, FIELD_MANAGER, Input, MANAGED_BY_LABEL, MANAGED_BY_VALUE,
+    SidecarDefaults, config_map_name,
 };
 use crate::crd::{EventConsumer, EventConsumerStatus};
 use crate::error::Error;
@@ -55,8 +56,16 @@ pub struct Context {
 }
 
 impl Context {
-    pub fn new(client: Client, defaults: SidecarDefaults, metrics: Arc<Metrics>, identity: &str) -> Context {
-        let reporter = Reporter { controller: FIELD_MANAGER.into(), instance: Some(identity.to_owned()) };
+    pub fn new(
+        client: Client,
+        defaults: SidecarDefaults,
+        metrics: Arc<Metrics>,
+        identity: &str,
+    ) -> Context {
+        let reporter = Reporter {
+            controller: FIELD_MANAGER.into(),
+            instance: Some(identity.to_owned()),
+        };
         Context {
             recorder: Recorder::new(client.clone(), reporter),
             client,
@@ -66,7 +75,14 @@ impl Context {
         }
     }
 
-    async fn publish(&self, reference: &ObjectReference, type_: EventType, reason: &str, action: &str, note: String) {
+    async fn publish(
+        &self,
+        reference: &ObjectReference,
+        type_: EventType,
+        reason: &str,
+        action: &str,
+        note: String,
+    ) {
         let mut note = note;
         if note.len() > 1000 {
             let mut cut = 1000;
@@ -75,7 +91,13 @@ impl Context {
             }
             note.truncate(cut);
         }
-        let event = Event { type_, reason: reason.into(), note: Some(note), action: action.into(), secondary: None };
+        let event = Event {
+            type_,
+            reason: reason.into(),
+            note: Some(note),
+            action: action.into(),
+            secondary: None,
+        };
         if let Err(error) = self.recorder.publish(&event, reference).await {
             warn!(%error, reason, "publishing an event failed");
         }
@@ -102,11 +124,17 @@ pub async fn reconcile(obj: Arc<Guarded>, ctx: Arc<Context>) -> Result<Action, E
     };
     let result = match result {
         Ok(action) => {
-            ctx.failures.lock().expect("not poisoned").remove(&Context::key(&obj));
+            ctx.failures
+                .lock()
+                .expect("not poisoned")
+                .remove(&Context::key(&obj));
             Ok(action)
         }
         Err(e) if e.is_permanent() => {
-            ctx.failures.lock().expect("not poisoned").remove(&Context::key(&obj));
+            ctx.failures
+                .lock()
+                .expect("not poisoned")
+                .remove(&Context::key(&obj));
             ctx.metrics.observe(started.elapsed(), Some(e.reason()));
             info!(reason = e.reason(), error = %e, "the EventConsumer cannot be realised; waiting for a change");
             if let Err(status_error) = report_blocked(&obj, &e, &ctx).await {
@@ -119,7 +147,14 @@ pub async fn reconcile(obj: Arc<Guarded>, ctx: Arc<Context>) -> Result<Action, E
             ctx.metrics.observe(started.elapsed(), Some(e.reason()));
             warn!(reason = e.reason(), error = %e, "reconcile failed; retrying with backoff");
             let reference = obj.object_ref(&());
-            ctx.publish(&reference, EventType::Warning, e.reason(), "Reconcile", e.to_string()).await;
+            ctx.publish(
+                &reference,
+                EventType::Warning,
+                e.reason(),
+                "Reconcile",
+                e.to_string(),
+            )
+            .await;
             return Err(e);
         }
     };
@@ -167,21 +202,41 @@ async fn reconcile_valid(ec: &EventConsumer, ctx: &Context) -> Result<Action, Er
     Api::<ConfigMap>::namespaced(ctx.client.clone(), &ns)
         .patch(&cm_name, &pp, &Patch::Apply(&desired.config_map))
         .await
-        .map_err(|source| Error::ApplyConfigMap { namespace: ns.clone(), name: cm_name.clone(), source })?;
+        .map_err(|source| Error::ApplyConfigMap {
+            namespace: ns.clone(),
+            name: cm_name.clone(),
+            source,
+        })?;
     let deployments = Api::<Deployment>::namespaced(ctx.client.clone(), &ns);
     let previous_hash = deployments
         .get_metadata_opt(&name)
         .await
-        .map_err(|source| Error::GetDeployment { namespace: ns.clone(), name: name.clone(), source })?
-        .and_then(|m| m.metadata.annotations.and_then(|mut a| a.remove(CONFIG_HASH_ANNOTATION)));
+        .map_err(|source| Error::GetDeployment {
+            namespace: ns.clone(),
+            name: name.clone(),
+            source,
+        })?
+        .and_then(|m| {
+            m.metadata
+                .annotations
+                .and_then(|mut a| a.remove(CONFIG_HASH_ANNOTATION))
+        });
     let deployment = deployments
         .patch(&name, &pp, &Patch::Apply(&desired.deployment))
         .await
-        .map_err(|source| Error::ApplyDeployment { namespace: ns.clone(), name: name.clone(), source })?;
+        .map_err(|source| Error::ApplyDeployment {
+            namespace: ns.clone(),
+            name: name.clone(),
+            source,
+        })?;
     Api::<PodDisruptionBudget>::namespaced(ctx.client.clone(), &ns)
         .patch(&name, &pp, &Patch::Apply(&desired.pdb))
         .await
-        .map_err(|source| Error::ApplyPodDisruptionBudget { namespace: ns.clone(), name: name.clone(), source })?;
+        .map_err(|source| Error::ApplyPodDisruptionBudget {
+            namespace: ns.clone(),
+            name: name.clone(),
+            source,
+        })?;
     debug!(hash = %desired.config_hash, "applied");
     if let Some(previous) = previous_hash.filter(|p| *p != desired.config_hash) {
         let note = format!(
@@ -190,7 +245,14 @@ async fn reconcile_valid(ec: &EventConsumer, ctx: &Context) -> Result<Action, Er
             short(&desired.config_hash)
         );
         info!(from = %previous, to = %desired.config_hash, "configuration changed; rolling the pods");
-        ctx.publish(&ec.object_ref(&()), EventType::Normal, "ConfigChanged", "Rollout", note).await;
+        ctx.publish(
+            &ec.object_ref(&()),
+            EventType::Normal,
+            "ConfigChanged",
+            "Rollout",
+            note,
+        )
+        .await;
     }
 
     // Status.
@@ -200,7 +262,15 @@ async fn reconcile_valid(ec: &EventConsumer, ctx: &Context) -> Result<Action, Er
         desired_replicas: ec.spec.replicas,
         deployment: Some(&deployment),
     };
-    write_status(ec, &seen, &Outcome::Applied { tuning: desired.tuning }, ctx).await?;
+    write_status(
+        ec,
+        &seen,
+        &Outcome::Applied {
+            tuning: desired.tuning,
+        },
+        ctx,
+    )
+    .await?;
     Ok(Action::requeue(RESYNC))
 }
 
@@ -209,14 +279,25 @@ fn short(hash: &str) -> &str {
 }
 
 /// Computes and (if it changed) applies the status, and publishes events for transitions.
-async fn write_status(ec: &EventConsumer, seen: &Observed<'_>, outcome: &Outcome, ctx: &Context) -> Result<(), Error> {
+async fn write_status(
+    ec: &EventConsumer,
+    seen: &Observed<'_>,
+    outcome: &Outcome,
+    ctx: &Context,
+) -> Result<(), Error> {
     let old = ec.status.as_ref();
     let now = Time(Timestamp::now());
     let new = status::compute(old, seen, outcome, &now);
     if old == Some(&new) {
         return Ok(());
     }
-    patch_status(ctx, &ec.namespace().unwrap_or_default(), &ec.name_any(), &new).await?;
+    patch_status(
+        ctx,
+        &ec.namespace().unwrap_or_default(),
+        &ec.name_any(),
+        &new,
+    )
+    .await?;
     let reference = ec.object_ref(&());
     for t in status::transitions(old, &new) {
         let (type_, action) = match (t.type_.as_str(), t.status) {
@@ -225,23 +306,41 @@ async fn write_status(ec: &EventConsumer, seen: &Observed<'_>, outcome: &Outcome
             _ => (EventType::Normal, "Reconcile"),
         };
         let reason = format!("{}{}", t.type_, if t.status { "" } else { "Cleared" });
-        let reason = if type_ == EventType::Warning || t.type_ == status::PROGRESSING { t.reason.clone() } else { reason };
-        ctx.publish(&reference, type_, &reason, action, t.message).await;
+        let reason = if type_ == EventType::Warning || t.type_ == status::PROGRESSING {
+            t.reason.clone()
+        } else {
+            reason
+        };
+        ctx.publish(&reference, type_, &reason, action, t.message)
+            .await;
     }
     Ok(())
 }
 
-async fn patch_status(ctx: &Context, ns: &str, name: &str, status: &EventConsumerStatus) -> Result<(), Error> {
+async fn patch_status(
+    ctx: &Context,
+    ns: &str,
+    name: &str,
+    status: &EventConsumerStatus,
+) -> Result<(), Error> {
     let api: Api<EventConsumer> = Api::namespaced(ctx.client.clone(), ns);
     let body = json!({
         "apiVersion": EventConsumer::api_version(&()),
         "kind": EventConsumer::kind(&()),
         "status": status,
     });
-    api.patch_status(name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(body))
-        .await
-        .map(|_| ())
-        .map_err(|source| Error::PatchStatus { namespace: ns.to_owned(), name: name.to_owned(), source })
+    api.patch_status(
+        name,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(body),
+    )
+    .await
+    .map(|_| ())
+    .map_err(|source| Error::PatchStatus {
+        namespace: ns.to_owned(),
+        name: name.to_owned(),
+        source,
+    })
 }
 
 /// A permanent error: `Degraded` with its reason (the status still mirrors whatever
@@ -249,13 +348,20 @@ async fn patch_status(ctx: &Context, ns: &str, name: &str, status: &EventConsume
 async fn report_blocked(obj: &Guarded, error: &Error, ctx: &Context) -> Result<(), Error> {
     let ns = obj.namespace().unwrap_or_default();
     let name = obj.name_any();
-    let outcome = Outcome::Blocked { reason: error.reason(), message: error.to_string() };
+    let outcome = Outcome::Blocked {
+        reason: error.reason(),
+        message: error.to_string(),
+    };
     match &obj.0 {
         Ok(ec) => {
             let deployment = Api::<Deployment>::namespaced(ctx.client.clone(), &ns)
                 .get_opt(&name)
                 .await
-                .map_err(|source| Error::GetDeployment { namespace: ns.clone(), name: name.clone(), source })?;
+                .map_err(|source| Error::GetDeployment {
+                    namespace: ns.clone(),
+                    name: name.clone(),
+                    source,
+                })?;
             let seen = Observed {
                 name: &name,
                 generation: ec.meta().generation,
@@ -269,8 +375,11 @@ async fn report_blocked(obj: &Guarded, error: &Error, ctx: &Context) -> Result<(
             // condition alone, through an untyped merge patch, and say so once per generation.
             let generation = invalid.metadata.generation;
             let reference = obj.object_ref(&());
-            let api: Api<kube::api::DynamicObject> =
-                Api::namespaced_with(ctx.client.clone(), &ns, &kube::discovery::ApiResource::erase::<EventConsumer>(&()));
+            let api: Api<kube::api::DynamicObject> = Api::namespaced_with(
+                ctx.client.clone(),
+                &ns,
+                &kube::discovery::ApiResource::erase::<EventConsumer>(&()),
+            );
             let current = api.get_opt(&name).await.ok().flatten();
             let already = current
                 .as_ref()
@@ -291,11 +400,23 @@ async fn report_blocked(obj: &Guarded, error: &Error, ctx: &Context) -> Result<(
                 "message": error.to_string(), "observedGeneration": generation,
                 "lastTransitionTime": Time(Timestamp::now()),
             });
-            let patch = json!({"status": {"observedGeneration": generation, "conditions": [condition]}});
+            let patch =
+                json!({"status": {"observedGeneration": generation, "conditions": [condition]}});
             api.patch_status(&name, &PatchParams::default(), &Patch::Merge(patch))
                 .await
-                .map_err(|source| Error::PatchStatus { namespace: ns.clone(), name: name.clone(), source })?;
-            ctx.publish(&reference, EventType::Warning, "InvalidObject", "Reconcile", error.to_string()).await;
+                .map_err(|source| Error::PatchStatus {
+                    namespace: ns.clone(),
+                    name: name.clone(),
+                    source,
+                })?;
+            ctx.publish(
+                &reference,
+                EventType::Warning,
+                "InvalidObject",
+                "Reconcile",
+                error.to_string(),
+            )
+            .await;
             Ok(())
         }
     }
@@ -322,7 +443,12 @@ impl WatchScope {
 
 /// The Secret → EventConsumer mapping: the owner of a drain-token Secret, and every
 /// EventConsumer in the Secret's namespace that references it (so a rotation rolls its pods).
-pub fn secret_to_consumers(store: &Store<Guarded>, namespace: &str, name: &str, owner: Option<&str>) -> Vec<ObjectRef<Guarded>> {
+pub fn secret_to_consumers(
+    store: &Store<Guarded>,
+    namespace: &str,
+    name: &str,
+    owner: Option<&str>,
+) -> Vec<ObjectRef<Guarded>> {
     let mut out: Vec<ObjectRef<Guarded>> = store
         .state()
         .iter()
@@ -364,18 +490,34 @@ pub async fn run_controller(
         .reflect(writer)
         .applied_objects()
         .predicate_filter(predicates::generation, Default::default());
-    let owned = watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY_VALUE}")).any_semantic();
+    let owned = watcher::Config::default()
+        .labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY_VALUE}"))
+        .any_semantic();
     // `Api<PartialObjectMeta<K>>` makes metadata-only list and watch requests.
-    let deployments =
-        watcher(scope.api::<PartialObjectMeta<Deployment>>(&client), owned.clone()).default_backoff().touched_objects();
-    let config_maps =
-        watcher(scope.api::<PartialObjectMeta<ConfigMap>>(&client), owned.clone()).default_backoff().touched_objects();
-    let pdbs = watcher(scope.api::<PartialObjectMeta<PodDisruptionBudget>>(&client), owned)
-        .default_backoff()
-        .touched_objects();
-    let secrets = watcher(scope.api::<PartialObjectMeta<Secret>>(&client), watcher::Config::default().any_semantic())
-        .default_backoff()
-        .touched_objects();
+    let deployments = watcher(
+        scope.api::<PartialObjectMeta<Deployment>>(&client),
+        owned.clone(),
+    )
+    .default_backoff()
+    .touched_objects();
+    let config_maps = watcher(
+        scope.api::<PartialObjectMeta<ConfigMap>>(&client),
+        owned.clone(),
+    )
+    .default_backoff()
+    .touched_objects();
+    let pdbs = watcher(
+        scope.api::<PartialObjectMeta<PodDisruptionBudget>>(&client),
+        owned,
+    )
+    .default_backoff()
+    .touched_objects();
+    let secrets = watcher(
+        scope.api::<PartialObjectMeta<Secret>>(&client),
+        watcher::Config::default().any_semantic(),
+    )
+    .default_backoff()
+    .touched_objects();
     let store = reader.clone();
     Controller::for_stream(primary, reader)
         .with_config(ControllerConfig::default().concurrency(concurrency).debounce(Duration::from_millis(200)))
@@ -427,7 +569,11 @@ mod tests {
     #[test]
     fn secrets_map_to_referencing_consumers_and_their_owner() {
         let (reader, mut writer) = reflector::store::<Guarded>();
-        for g in [guard("a", "one", Some("creds")), guard("a", "two", None), guard("b", "three", Some("creds"))] {
+        for g in [
+            guard("a", "one", Some("creds")),
+            guard("a", "two", None),
+            guard("b", "three", Some("creds")),
+        ] {
             writer.apply_watcher_event(&watcher::Event::Apply((*g).clone()));
         }
         let bad: Guarded = serde_json::from_value(json!({
@@ -435,17 +581,43 @@ mod tests {
             "metadata": {"name": "broken", "namespace": "a"}, "spec": {"kafka": 5}
         }))
         .unwrap();
-        assert!(bad.0.is_err(), "a malformed object is kept as an error, not a broken watch");
+        assert!(
+            bad.0.is_err(),
+            "a malformed object is kept as an error, not a broken watch"
+        );
         writer.apply_watcher_event(&watcher::Event::Apply(bad));
         let names = |v: Vec<ObjectRef<Guarded>>| {
-            let mut v: Vec<String> = v.into_iter().map(|r| format!("{}/{}", r.namespace.unwrap(), r.name)).collect();
+            let mut v: Vec<String> = v
+                .into_iter()
+                .map(|r| format!("{}/{}", r.namespace.unwrap(), r.name))
+                .collect();
             v.sort();
             v
         };
-        assert_eq!(names(secret_to_consumers(&reader, "a", "creds", None)), ["a/one"]);
-        assert_eq!(names(secret_to_consumers(&reader, "b", "creds", None)), ["b/three"]);
-        assert_eq!(names(secret_to_consumers(&reader, "a", "other", None)), Vec::<String>::new());
-        assert_eq!(names(secret_to_consumers(&reader, "a", "two-sluice-drain", Some("two"))), ["a/two"]);
-        assert_eq!(names(secret_to_consumers(&reader, "a", "creds", Some("one"))), ["a/one"]);
+        assert_eq!(
+            names(secret_to_consumers(&reader, "a", "creds", None)),
+            ["a/one"]
+        );
+        assert_eq!(
+            names(secret_to_consumers(&reader, "b", "creds", None)),
+            ["b/three"]
+        );
+        assert_eq!(
+            names(secret_to_consumers(&reader, "a", "other", None)),
+            Vec::<String>::new()
+        );
+        assert_eq!(
+            names(secret_to_consumers(
+                &reader,
+                "a",
+                "two-sluice-drain",
+                Some("two")
+            )),
+            ["a/two"]
+        );
+        assert_eq!(
+            names(secret_to_consumers(&reader, "a", "creds", Some("one"))),
+            ["a/one"]
+        );
     }
 }

@@ -102,19 +102,31 @@ impl RunArgs {
         };
         let lease = LeaseSettings {
             name: self.lease_name.clone(),
-            namespace: self.lease_namespace.clone().unwrap_or_else(|| default_namespace.to_owned()),
+            namespace: self
+                .lease_namespace
+                .clone()
+                .unwrap_or_else(|| default_namespace.to_owned()),
             identity,
             lease_duration: Duration::from_secs(self.lease_duration_seconds),
             renew_deadline: Duration::from_secs(self.renew_deadline_seconds),
             retry_period: Duration::from_secs(self.retry_period_seconds),
         };
         lease.check().map_err(anyhow::Error::msg)?;
-        if self.sidecar_image.trim().is_empty() || self.sidecar_image.contains(char::is_whitespace) {
-            anyhow::bail!("--sidecar-image {:?} is not an image reference; give one such as sluice.dev/consumer:1.0", self.sidecar_image);
+        if self.sidecar_image.trim().is_empty() || self.sidecar_image.contains(char::is_whitespace)
+        {
+            anyhow::bail!(
+                "--sidecar-image {:?} is not an image reference; give one such as sluice.dev/consumer:1.0",
+                self.sidecar_image
+            );
         }
         Ok(Settings {
-            defaults: SidecarDefaults { image: self.sidecar_image.clone(), mode: self.sidecar_mode },
-            scope: WatchScope { namespace: self.watch_namespace.clone() },
+            defaults: SidecarDefaults {
+                image: self.sidecar_image.clone(),
+                mode: self.sidecar_mode,
+            },
+            scope: WatchScope {
+                namespace: self.watch_namespace.clone(),
+            },
             concurrency: self.concurrency,
             lease,
         })
@@ -122,10 +134,17 @@ impl RunArgs {
 }
 
 fn init_logging(args: &RunArgs) -> anyhow::Result<()> {
-    let filter = EnvFilter::try_new(&args.log).with_context(|| format!("invalid --log {:?}", args.log))?;
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let filter =
+        EnvFilter::try_new(&args.log).with_context(|| format!("invalid --log {:?}", args.log))?;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match args.log_format {
-        LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).try_init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .try_init(),
         LogFormat::Text => builder.try_init(),
     }
     .map_err(|e| anyhow::anyhow!("cannot set up logging: {e}"))
@@ -134,10 +153,11 @@ fn init_logging(args: &RunArgs) -> anyhow::Result<()> {
 /// The binary's `run`: logging, client, HTTP endpoint, then [`run`] until SIGTERM or Ctrl-C.
 pub async fn main(args: RunArgs) -> anyhow::Result<()> {
     init_logging(&args)?;
-    let client = Client::try_default()
-        .await
-        .context("cannot configure the Kubernetes client (in-cluster service account or KUBECONFIG)")?;
-    let default_ns = std::env::var("POD_NAMESPACE").unwrap_or_else(|_| client.default_namespace().to_owned());
+    let client = Client::try_default().await.context(
+        "cannot configure the Kubernetes client (in-cluster service account or KUBECONFIG)",
+    )?;
+    let default_ns =
+        std::env::var("POD_NAMESPACE").unwrap_or_else(|_| client.default_namespace().to_owned());
     let settings = args.settings(&default_ns)?;
     let metrics = Arc::new(Metrics::new());
     let shutdown = CancellationToken::new();
@@ -190,9 +210,19 @@ pub const GRACEFUL_STOP: Duration = Duration::from_secs(4);
 /// Campaigns for the Lease; while leader, runs the controller and renews the Lease. On losing
 /// it, stops reconciling and campaigns again. Returns after `shutdown`, having released the
 /// Lease if it held it.
-pub async fn run(client: Client, settings: Settings, metrics: Arc<Metrics>, shutdown: CancellationToken) {
+pub async fn run(
+    client: Client,
+    settings: Settings,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) {
     let elector = Elector::new(client.clone(), settings.lease.clone());
-    let ctx = Arc::new(Context::new(client, settings.defaults.clone(), metrics.clone(), &settings.lease.identity));
+    let ctx = Arc::new(Context::new(
+        client,
+        settings.defaults.clone(),
+        metrics.clone(),
+        &settings.lease.identity,
+    ));
     loop {
         let contact = || metrics.set_ready();
         if !elector.acquire(&shutdown, contact).await {
@@ -201,9 +231,12 @@ pub async fn run(client: Client, settings: Settings, metrics: Arc<Metrics>, shut
         metrics.leader.set(1);
         let stop = shutdown.child_token();
         let controller_stop = stop.clone();
-        let controller = run_controller(ctx.clone(), &settings.scope, settings.concurrency, async move {
-            controller_stop.cancelled().await
-        });
+        let controller = run_controller(
+            ctx.clone(),
+            &settings.scope,
+            settings.concurrency,
+            async move { controller_stop.cancelled().await },
+        );
         tokio::pin!(controller);
         let lost = tokio::select! {
             lost = elector.hold(&stop) => {
@@ -237,7 +270,9 @@ mod tests {
         }
         let mut argv = vec!["t"];
         argv.extend_from_slice(extra);
-        <T as clap::Parser>::try_parse_from(argv).map(|t| t.run).unwrap()
+        <T as clap::Parser>::try_parse_from(argv)
+            .map(|t| t.run)
+            .unwrap()
     }
 
     #[test]
@@ -253,15 +288,28 @@ mod tests {
 
     #[test]
     fn flags_override_and_bad_timings_are_refused() {
-        let s = args(&["--sidecar-mode", "container", "--sidecar-image", "x/y:1", "--watch-namespace", "shop", "--identity", "a"])
-            .settings("d")
-            .unwrap();
+        let s = args(&[
+            "--sidecar-mode",
+            "container",
+            "--sidecar-image",
+            "x/y:1",
+            "--watch-namespace",
+            "shop",
+            "--identity",
+            "a",
+        ])
+        .settings("d")
+        .unwrap();
         assert_eq!(s.defaults.mode, SidecarMode::Container);
         assert_eq!(s.defaults.image, "x/y:1");
         assert_eq!(s.scope.namespace.as_deref(), Some("shop"));
-        let e = args(&["--lease-duration-seconds", "5", "--identity", "a"]).settings("d").unwrap_err();
+        let e = args(&["--lease-duration-seconds", "5", "--identity", "a"])
+            .settings("d")
+            .unwrap_err();
         assert!(e.to_string().contains("--renew-deadline"), "{e}");
-        let e = args(&["--sidecar-image", "has space", "--identity", "a"]).settings("d").unwrap_err();
+        let e = args(&["--sidecar-image", "has space", "--identity", "a"])
+            .settings("d")
+            .unwrap_err();
         assert!(e.to_string().contains("--sidecar-image"), "{e}");
     }
 }

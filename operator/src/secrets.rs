@@ -11,14 +11,16 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use k8s_openapi::ByteString;
-use kube::api::{Patch, PatchParams, PostParams};
 use kube::Api;
+use kube::api::{Patch, PatchParams, PostParams};
 use rand::Rng;
 
-use crate::build::{DRAIN_TOKEN_KEY, FIELD_MANAGER, SecretData, child_labels, drain_secret_name, owner_reference};
+use crate::build::{
+    DRAIN_TOKEN_KEY, FIELD_MANAGER, SecretData, child_labels, drain_secret_name, owner_reference,
+};
 use crate::crd::EventConsumerSpec;
 use crate::error::Error;
 
@@ -33,21 +35,40 @@ pub struct KeyRef {
 pub fn referenced(spec: &EventConsumerSpec) -> BTreeMap<String, Vec<KeyRef>> {
     let mut out: BTreeMap<String, Vec<KeyRef>> = BTreeMap::new();
     let mut add = |name: &str, key: &str, field: &'static str| {
-        out.entry(name.to_owned()).or_default().push(KeyRef { key: key.to_owned(), field });
+        out.entry(name.to_owned()).or_default().push(KeyRef {
+            key: key.to_owned(),
+            field,
+        });
     };
     if let Some(auth) = &spec.kafka.auth {
         if let Some(sasl) = &auth.sasl {
             let r = &sasl.secret_ref;
-            add(&r.name, &r.username_key, "spec.kafka.auth.sasl.secretRef.usernameKey");
-            add(&r.name, &r.password_key, "spec.kafka.auth.sasl.secretRef.passwordKey");
+            add(
+                &r.name,
+                &r.username_key,
+                "spec.kafka.auth.sasl.secretRef.usernameKey",
+            );
+            add(
+                &r.name,
+                &r.password_key,
+                "spec.kafka.auth.sasl.secretRef.passwordKey",
+            );
         }
         if let Some(tls) = &auth.tls {
             if let Some(ca) = &tls.ca_secret_ref {
                 add(&ca.name, &ca.key, "spec.kafka.auth.tls.caSecretRef");
             }
             if let Some(c) = &tls.client_cert_secret_ref {
-                add(&c.name, "tls.crt", "spec.kafka.auth.tls.clientCertSecretRef");
-                add(&c.name, "tls.key", "spec.kafka.auth.tls.clientCertSecretRef");
+                add(
+                    &c.name,
+                    "tls.crt",
+                    "spec.kafka.auth.tls.clientCertSecretRef",
+                );
+                add(
+                    &c.name,
+                    "tls.key",
+                    "spec.kafka.auth.tls.clientCertSecretRef",
+                );
             }
         }
     }
@@ -60,7 +81,12 @@ pub fn referenced_names(spec: &EventConsumerSpec) -> BTreeSet<String> {
 }
 
 /// The referenced keys of one fetched Secret, or the error that names what is missing.
-pub fn extract(namespace: &str, name: &str, keys: &[KeyRef], secret: Option<&Secret>) -> Result<SecretData, Error> {
+pub fn extract(
+    namespace: &str,
+    name: &str,
+    keys: &[KeyRef],
+    secret: Option<&Secret>,
+) -> Result<SecretData, Error> {
     let Some(secret) = secret else {
         return Err(Error::SecretNotFound {
             namespace: namespace.to_owned(),
@@ -96,11 +122,14 @@ pub async fn fetch_referenced(
 ) -> Result<BTreeMap<String, SecretData>, Error> {
     let mut out = BTreeMap::new();
     for (name, keys) in referenced(spec) {
-        let secret = api.get_opt(&name).await.map_err(|source| Error::GetSecret {
-            namespace: namespace.to_owned(),
-            name: name.clone(),
-            source,
-        })?;
+        let secret = api
+            .get_opt(&name)
+            .await
+            .map_err(|source| Error::GetSecret {
+                namespace: namespace.to_owned(),
+                name: name.clone(),
+                source,
+            })?;
         let data = extract(namespace, &name, &keys, secret.as_ref())?;
         out.insert(name, data);
     }
@@ -129,7 +158,10 @@ pub fn drain_secret(namespace: &str, ec: &str, uid: &str, token: &str) -> Secret
             owner_references: Some(vec![owner_reference(ec, uid)]),
             ..Default::default()
         },
-        data: Some(BTreeMap::from([(DRAIN_TOKEN_KEY.to_owned(), ByteString(token.as_bytes().to_vec()))])),
+        data: Some(BTreeMap::from([(
+            DRAIN_TOKEN_KEY.to_owned(),
+            ByteString(token.as_bytes().to_vec()),
+        )])),
         type_: Some("Opaque".into()),
         ..Default::default()
     }
@@ -137,30 +169,58 @@ pub fn drain_secret(namespace: &str, ec: &str, uid: &str, token: &str) -> Secret
 
 /// The EventConsumer's drain token: read from its Secret, created once if absent, and
 /// replaced only if the Secret holds no usable token.
-pub async fn ensure_drain_token(api: &Api<Secret>, namespace: &str, ec: &str, uid: &str) -> Result<String, Error> {
+pub async fn ensure_drain_token(
+    api: &Api<Secret>,
+    namespace: &str,
+    ec: &str,
+    uid: &str,
+) -> Result<String, Error> {
     let name = drain_secret_name(ec);
-    let err = |source| Error::DrainToken { namespace: namespace.to_owned(), name: name.clone(), source };
-    let stored = |s: &Secret| s.data.as_ref().and_then(|d| d.get(DRAIN_TOKEN_KEY)).and_then(|v| valid_token(&v.0));
+    let err = |source| Error::DrainToken {
+        namespace: namespace.to_owned(),
+        name: name.clone(),
+        source,
+    };
+    let stored = |s: &Secret| {
+        s.data
+            .as_ref()
+            .and_then(|d| d.get(DRAIN_TOKEN_KEY))
+            .and_then(|v| valid_token(&v.0))
+    };
     if let Some(existing) = api.get_opt(&name).await.map_err(err)? {
         if let Some(token) = stored(&existing) {
             return Ok(token);
         }
         let token = new_token();
-        api.patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(drain_secret(namespace, ec, uid, &token)))
-            .await
-            .map_err(err)?;
+        api.patch(
+            &name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(drain_secret(namespace, ec, uid, &token)),
+        )
+        .await
+        .map_err(err)?;
         return Ok(token);
     }
     let token = new_token();
-    let pp = PostParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() };
-    match api.create(&pp, &drain_secret(namespace, ec, uid, &token)).await {
+    let pp = PostParams {
+        field_manager: Some(FIELD_MANAGER.into()),
+        ..Default::default()
+    };
+    match api
+        .create(&pp, &drain_secret(namespace, ec, uid, &token))
+        .await
+    {
         Ok(_) => Ok(token),
         Err(kube::Error::Api(s)) if s.code == 409 => {
             // Another pass created it first: use its token.
             let existing = api.get(&name).await.map_err(err)?;
             stored(&existing).ok_or_else(|| {
                 err(kube::Error::Api(Box::new(
-                    kube::core::Status::failure("the drain-token Secret holds no usable token", "Invalid").with_code(409),
+                    kube::core::Status::failure(
+                        "the drain-token Secret holds no usable token",
+                        "Invalid",
+                    )
+                    .with_code(409),
                 )))
             })
         }
@@ -181,19 +241,28 @@ mod tests {
 
     fn secret(data: &[(&str, &str)]) -> Secret {
         Secret {
-            data: Some(data.iter().map(|(k, v)| (k.to_string(), ByteString(v.as_bytes().to_vec()))).collect()),
+            data: Some(
+                data.iter()
+                    .map(|(k, v)| (k.to_string(), ByteString(v.as_bytes().to_vec())))
+                    .collect(),
+            ),
             ..Default::default()
         }
     }
 
     #[test]
     fn references_are_grouped_by_secret_with_their_fields() {
-        let s = spec("{sasl: {mechanism: PLAIN, secretRef: {name: shared}}, tls: {caSecretRef: {name: shared, key: ca}, clientCertSecretRef: {name: cert}}}");
+        let s = spec(
+            "{sasl: {mechanism: PLAIN, secretRef: {name: shared}}, tls: {caSecretRef: {name: shared, key: ca}, clientCertSecretRef: {name: cert}}}",
+        );
         let r = referenced(&s);
         assert_eq!(r.keys().collect::<Vec<_>>(), ["cert", "shared"]);
         let keys: Vec<_> = r["shared"].iter().map(|k| k.key.as_str()).collect();
         assert_eq!(keys, ["username", "password", "ca"]);
-        assert_eq!(r["cert"][0].field, "spec.kafka.auth.tls.clientCertSecretRef");
+        assert_eq!(
+            r["cert"][0].field,
+            "spec.kafka.auth.tls.clientCertSecretRef"
+        );
         assert_eq!(referenced_names(&s).len(), 2);
         let none: EventConsumerSpec = serde_norway::from_str(
             "kafka: {bootstrapServers: 'k:9092', topics: [a]}\ndelivery: {url: 'http://127.0.0.1:8080/'}\ntemplate: {spec: {containers: [{name: app}]}}",
@@ -205,8 +274,14 @@ mod tests {
     #[test]
     fn extract_names_the_missing_secret_or_key() {
         let keys = vec![
-            KeyRef { key: "username".into(), field: "spec.kafka.auth.sasl.secretRef.usernameKey" },
-            KeyRef { key: "password".into(), field: "spec.kafka.auth.sasl.secretRef.passwordKey" },
+            KeyRef {
+                key: "username".into(),
+                field: "spec.kafka.auth.sasl.secretRef.usernameKey",
+            },
+            KeyRef {
+                key: "password".into(),
+                field: "spec.kafka.auth.sasl.secretRef.passwordKey",
+            },
         ];
         let e = extract("ns", "user", &keys, None).unwrap_err();
         assert_eq!(e.reason(), "SecretNotFound");
@@ -214,7 +289,17 @@ mod tests {
         let e = extract("ns", "user", &keys, Some(&secret(&[("username", "u")]))).unwrap_err();
         assert_eq!(e.reason(), "SecretKeyMissing");
         assert!(e.to_string().contains("no key \"password\""));
-        let ok = extract("ns", "user", &keys, Some(&secret(&[("username", "u"), ("password", "p"), ("other", "x")]))).unwrap();
+        let ok = extract(
+            "ns",
+            "user",
+            &keys,
+            Some(&secret(&[
+                ("username", "u"),
+                ("password", "p"),
+                ("other", "x"),
+            ])),
+        )
+        .unwrap();
         assert_eq!(ok.len(), 2, "only referenced keys feed the hash");
         assert_eq!(ok["password"], b"p");
     }
@@ -235,7 +320,10 @@ mod tests {
     fn the_drain_secret_is_owned_and_labelled() {
         let s = drain_secret("ns", "ec", "uid-1", "tok");
         assert_eq!(s.metadata.name.as_deref(), Some("ec-sluice-drain"));
-        assert_eq!(s.metadata.owner_references.as_ref().unwrap()[0].uid, "uid-1");
+        assert_eq!(
+            s.metadata.owner_references.as_ref().unwrap()[0].uid,
+            "uid-1"
+        );
         assert_eq!(s.data.as_ref().unwrap()[DRAIN_TOKEN_KEY].0, b"tok");
     }
 }

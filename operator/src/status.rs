@@ -23,7 +23,10 @@ pub enum Outcome {
     /// Every object was applied; `tuning` is what the sidecars now run with.
     Applied { tuning: Tuning },
     /// The spec (or what it references) cannot be realised; waits for a change.
-    Blocked { reason: &'static str, message: String },
+    Blocked {
+        reason: &'static str,
+        message: String,
+    },
 }
 
 /// What the reconcile saw of the world.
@@ -39,7 +42,12 @@ pub struct Observed<'a> {
 
 /// The new status. `old` supplies the transition times of unchanged conditions and, when the
 /// outcome is `Blocked`, the last effective tuning (still what the running pods use).
-pub fn compute(old: Option<&EventConsumerStatus>, seen: &Observed<'_>, outcome: &Outcome, now: &Time) -> EventConsumerStatus {
+pub fn compute(
+    old: Option<&EventConsumerStatus>,
+    seen: &Observed<'_>,
+    outcome: &Outcome,
+    now: &Time,
+) -> EventConsumerStatus {
     let d = deployment_view(seen);
     let mut conditions = Vec::with_capacity(3);
 
@@ -51,7 +59,10 @@ pub fn compute(old: Option<&EventConsumerStatus>, seen: &Observed<'_>, outcome: 
             READY,
             true,
             "ReplicasReady",
-            format!("{} of {} pods are ready: their sidecars joined the consumer group and their applications answer", d.ready, seen.desired_replicas),
+            format!(
+                "{} of {} pods are ready: their sidecars joined the consumer group and their applications answer",
+                d.ready, seen.desired_replicas
+            ),
         )
     } else if let (false, Outcome::Blocked { reason, message }) = (d.exists, outcome) {
         cond(READY, false, reason, format!("no pods run: {message}"))
@@ -72,7 +83,12 @@ pub fn compute(old: Option<&EventConsumerStatus>, seen: &Observed<'_>, outcome: 
 
     // Progressing: the Deployment still moving pods to the current template.
     let progressing = if !d.exists {
-        cond(PROGRESSING, false, "NoDeployment", "the Deployment does not exist yet; see the Degraded condition".into())
+        cond(
+            PROGRESSING,
+            false,
+            "NoDeployment",
+            "the Deployment does not exist yet; see the Degraded condition".into(),
+        )
     } else if d.stalled {
         cond(PROGRESSING, false, "RolloutStalled", "the rollout made no progress within the Deployment's progress deadline; see the Degraded condition".into())
     } else if !d.rolled_out(seen.desired_replicas) {
@@ -86,7 +102,15 @@ pub fn compute(old: Option<&EventConsumerStatus>, seen: &Observed<'_>, outcome: 
             ),
         )
     } else {
-        cond(PROGRESSING, false, "RolloutComplete", format!("all {} pods run the current template", seen.desired_replicas))
+        cond(
+            PROGRESSING,
+            false,
+            "RolloutComplete",
+            format!(
+                "all {} pods run the current template",
+                seen.desired_replicas
+            ),
+        )
     };
     conditions.push(progressing);
 
@@ -101,7 +125,12 @@ pub fn compute(old: Option<&EventConsumerStatus>, seen: &Observed<'_>, outcome: 
                 selector_string(seen.name)
             ),
         ),
-        Outcome::Applied { .. } => cond(DEGRADED, false, "AsExpected", "the operator applied the spec".into()),
+        Outcome::Applied { .. } => cond(
+            DEGRADED,
+            false,
+            "AsExpected",
+            "the operator applied the spec".into(),
+        ),
     };
     conditions.push(degraded);
 
@@ -140,15 +169,18 @@ pub struct Transition {
 /// The conditions whose status or reason changed from `old` to `new`, in `new`'s order. A
 /// condition that appears for the first time counts only when it is not the quiet default
 /// (Ready=False while the first pods start, Progressing, Degraded=False).
-pub fn transitions(old: Option<&EventConsumerStatus>, new: &EventConsumerStatus) -> Vec<Transition> {
+pub fn transitions(
+    old: Option<&EventConsumerStatus>,
+    new: &EventConsumerStatus,
+) -> Vec<Transition> {
     new.conditions
         .iter()
-        .filter(|c| {
-            match old.and_then(|s| s.conditions.iter().find(|p| p.type_ == c.type_)) {
+        .filter(
+            |c| match old.and_then(|s| s.conditions.iter().find(|p| p.type_ == c.type_)) {
                 Some(p) => p.status != c.status || p.reason != c.reason,
                 None => c.type_ == DEGRADED && c.status == "True",
-            }
-        })
+            },
+        )
         .map(|c| Transition {
             type_: c.type_.clone(),
             status: c.status == "True",
@@ -181,24 +213,35 @@ struct DeploymentView {
 
 impl DeploymentView {
     fn rolled_out(&self, desired: i32) -> bool {
-        self.current && self.updated >= desired && self.replicas == self.updated && self.available >= desired
+        self.current
+            && self.updated >= desired
+            && self.replicas == self.updated
+            && self.available >= desired
     }
 }
 
 fn deployment_view(seen: &Observed<'_>) -> DeploymentView {
     let Some(dep) = seen.deployment else {
-        return DeploymentView { exists: false, current: false, replicas: 0, ready: 0, updated: 0, available: 0, stalled: false };
+        return DeploymentView {
+            exists: false,
+            current: false,
+            replicas: 0,
+            ready: 0,
+            updated: 0,
+            available: 0,
+            stalled: false,
+        };
     };
     let status = dep.status.clone().unwrap_or_default();
     let current = match (dep.metadata.generation, status.observed_generation) {
         (Some(g), Some(o)) => o >= g,
         _ => false,
     };
-    let stalled = status
-        .conditions
-        .iter()
-        .flatten()
-        .any(|c| c.type_ == "Progressing" && c.status == "False" && c.reason.as_deref() == Some("ProgressDeadlineExceeded"));
+    let stalled = status.conditions.iter().flatten().any(|c| {
+        c.type_ == "Progressing"
+            && c.status == "False"
+            && c.reason.as_deref() == Some("ProgressDeadlineExceeded")
+    });
     DeploymentView {
         exists: true,
         current,

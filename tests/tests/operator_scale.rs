@@ -24,7 +24,11 @@ fn operator_binary() -> PathBuf {
         return PathBuf::from(path);
     }
     let exe = std::env::current_exe().expect("the test's own path");
-    let bin = exe.parent().and_then(|deps| deps.parent()).expect("target/<profile>/deps").join("sluice-operator");
+    let bin = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target/<profile>/deps")
+        .join("sluice-operator");
     assert!(
         bin.is_file(),
         "{} does not exist: build it first with `cargo build -p sluice-operator` (same profile and target dir), or set SLUICE_OPERATOR_BIN",
@@ -35,7 +39,8 @@ fn operator_binary() -> PathBuf {
 
 /// (peak, current) resident set size of a process, in KiB, from /proc.
 fn rss_kib(pid: u32) -> (u64, u64) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("the operator process is alive");
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .expect("the operator process is alive");
     let field = |name: &str| {
         status
             .lines()
@@ -58,14 +63,29 @@ impl Drop for Process {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_hundred_event_consumers_converge() {
-    let count: usize = std::env::var("SLUICE_SCALE_COUNT").ok().and_then(|v| v.parse().ok()).unwrap_or(200);
+    let count: usize = std::env::var("SLUICE_SCALE_COUNT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200);
     let client = kube_env::client().await;
     install_crd(&client).await;
     let ns = Namespace::create(&client, "op-scale200").await;
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let log = std::env::temp_dir().join(format!("{}-operator.log", ns.name));
     let child = Command::new(operator_binary())
-        .args(["run", "--watch-namespace", &ns.name, "--lease-namespace", &ns.name, "--identity", "scale"])
+        .args([
+            "run",
+            "--watch-namespace",
+            &ns.name,
+            "--lease-namespace",
+            &ns.name,
+            "--identity",
+            "scale",
+        ])
         .args(["--listen", &format!("127.0.0.1:{port}"), "--log", "info"])
         .env("KUBECONFIG", kube_env::kubeconfig_path())
         .stdout(Stdio::null())
@@ -97,23 +117,37 @@ async fn two_hundred_event_consumers_converge() {
     let ecs: Api<EventConsumer> = Api::namespaced(client.clone(), &ns.name);
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns.name);
     let peak_seen = std::sync::atomic::AtomicU64::new(0);
-    wait_for(&format!("{count} EventConsumers to converge (log: {})", log.display()), Duration::from_secs(300), || async {
-        peak_seen.fetch_max(rss_kib(pid).0, std::sync::atomic::Ordering::Relaxed);
-        let list = ecs.list(&ListParams::default()).await.ok()?;
-        let converged = list
-            .items
-            .iter()
-            .filter(|ec| {
-                ec.status.as_ref().is_some_and(|s| s.observed_generation == ec.metadata.generation)
-                    && condition(ec, "Degraded").is_some_and(|d| d.0 == "False")
-                    && condition(ec, "Ready").is_some_and(|r| r.1 == "ScaledToZero")
-            })
-            .count();
-        (converged == count).then_some(())
-    })
+    wait_for(
+        &format!(
+            "{count} EventConsumers to converge (log: {})",
+            log.display()
+        ),
+        Duration::from_secs(300),
+        || async {
+            peak_seen.fetch_max(rss_kib(pid).0, std::sync::atomic::Ordering::Relaxed);
+            let list = ecs.list(&ListParams::default()).await.ok()?;
+            let converged = list
+                .items
+                .iter()
+                .filter(|ec| {
+                    ec.status
+                        .as_ref()
+                        .is_some_and(|s| s.observed_generation == ec.metadata.generation)
+                        && condition(ec, "Degraded").is_some_and(|d| d.0 == "False")
+                        && condition(ec, "Ready").is_some_and(|r| r.1 == "ScaledToZero")
+                })
+                .count();
+            (converged == count).then_some(())
+        },
+    )
     .await;
     let converged = started.elapsed();
-    let deployment_count = deployments.list_metadata(&ListParams::default()).await.unwrap().items.len();
+    let deployment_count = deployments
+        .list_metadata(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .len();
     assert_eq!(deployment_count, count);
 
     // Quiet afterwards: no reconcile storm once everything converged.
@@ -135,19 +169,34 @@ async fn two_hundred_event_consumers_converge() {
         idle_peak / 1024,
         current / 1024
     );
-    assert!(later - after <= (count as u64) / 10, "reconciles keep running after convergence: {}", later - after);
-    assert!(converged < Duration::from_secs(180), "convergence took {converged:?}");
+    assert!(
+        later - after <= (count as u64) / 10,
+        "reconciles keep running after convergence: {}",
+        later - after
+    );
+    assert!(
+        converged < Duration::from_secs(180),
+        "convergence took {converged:?}"
+    );
     assert!(peak < 512 * 1024, "operator peak RSS {} MiB", peak / 1024);
 
     // SIGTERM: a clean exit.
-    let _ = Command::new("kill").args(["-TERM", &pid.to_string()]).status();
+    let _ = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status();
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         if let Some(status) = operator.0.try_wait().unwrap() {
-            assert!(status.success(), "the operator exits cleanly on SIGTERM: {status}");
+            assert!(
+                status.success(),
+                "the operator exits cleanly on SIGTERM: {status}"
+            );
             break;
         }
-        assert!(Instant::now() < deadline, "the operator did not exit within 20 s of SIGTERM");
+        assert!(
+            Instant::now() < deadline,
+            "the operator did not exit within 20 s of SIGTERM"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -155,10 +204,14 @@ async fn two_hundred_event_consumers_converge() {
 /// A minimal HTTP/1.1 GET against the operator's endpoint.
 async fn reqwest_lite(port: u16, path: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.expect("the operator's HTTP endpoint");
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes())
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
-        .unwrap();
+        .expect("the operator's HTTP endpoint");
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).await.unwrap();
     out

@@ -4,8 +4,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use sluice_config::{
-    Admin, App, Auth, Delivery, Drain, GroupProtocol, KafkaConnection, Ordering, Retry, Sasl, SaslMechanism,
-    SidecarConfig, StartFrom, Tls,
+    Admin, App, Auth, Delivery, Drain, GroupProtocol, KafkaConnection, Ordering, Retry, Sasl,
+    SaslMechanism, SidecarConfig, StartFrom, Tls,
 };
 
 use super::MOUNT_PATH;
@@ -30,7 +30,12 @@ pub fn mounted(file: &str) -> PathBuf {
 }
 
 /// Renders the sidecar configuration of an EventConsumer from its spec and tuning.
-pub fn sidecar_config(spec: &EventConsumerSpec, tuning: &Tuning, namespace: &str, name: &str) -> SidecarConfig {
+pub fn sidecar_config(
+    spec: &EventConsumerSpec,
+    tuning: &Tuning,
+    namespace: &str,
+    name: &str,
+) -> SidecarConfig {
     let k = &spec.kafka;
     let mut kafka = KafkaConnection::new(
         k.bootstrap_servers.clone(),
@@ -66,16 +71,23 @@ pub fn sidecar_config(spec: &EventConsumerSpec, tuning: &Tuning, namespace: &str
                 Some(_) => mounted(TLS_CA_FILE),
                 None => PathBuf::from(SYSTEM_TRUST_STORE),
             },
-            cert_file: t.client_cert_secret_ref.as_ref().map(|_| mounted(TLS_CERT_FILE)),
-            key_file: t.client_cert_secret_ref.as_ref().map(|_| mounted(TLS_KEY_FILE)),
+            cert_file: t
+                .client_cert_secret_ref
+                .as_ref()
+                .map(|_| mounted(TLS_CERT_FILE)),
+            key_file: t
+                .client_cert_secret_ref
+                .as_ref()
+                .map(|_| mounted(TLS_KEY_FILE)),
         }),
     });
     kafka.properties = k.properties.clone();
     // The tuning's one setting without a dedicated configuration field (the CRD reserves the
     // key, so the user cannot have set it).
-    kafka
-        .properties
-        .insert("queued.min.messages".to_owned(), tuning.queued_min_messages.to_string());
+    kafka.properties.insert(
+        "queued.min.messages".to_owned(),
+        tuning.queued_min_messages.to_string(),
+    );
 
     let d = &spec.delivery;
     let delivery = Delivery {

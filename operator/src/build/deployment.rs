@@ -2,22 +2,26 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment};
+use k8s_openapi::api::apps::v1::{
+    Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment,
+};
 use k8s_openapi::api::core::v1::{
-    Capabilities, ConfigMapProjection, Container, ContainerPort, HTTPGetAction, HTTPHeader, KeyToPath,
-    LifecycleHandler, PodTemplateSpec, Probe, ProjectedVolumeSource, SeccompProfile, SecretProjection,
-    SecurityContext, Volume, VolumeMount, VolumeProjection,
+    Capabilities, ConfigMapProjection, Container, ContainerPort, HTTPGetAction, HTTPHeader,
+    KeyToPath, LifecycleHandler, PodTemplateSpec, Probe, ProjectedVolumeSource, SeccompProfile,
+    SecretProjection, SecurityContext, Volume, VolumeMount, VolumeProjection,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use sluice_config::DRAIN_TOKEN_HEADER;
 
 use super::config::{
-    CONFIG_FILE, DRAIN_TOKEN_FILE, SASL_PASSWORD_FILE, SASL_USERNAME_FILE, TLS_CA_FILE, TLS_CERT_FILE, TLS_KEY_FILE,
+    CONFIG_FILE, DRAIN_TOKEN_FILE, SASL_PASSWORD_FILE, SASL_USERNAME_FILE, TLS_CA_FILE,
+    TLS_CERT_FILE, TLS_KEY_FILE,
 };
 use super::{
-    CONFIG_HASH_ANNOTATION, CONFIG_KEY, DRAIN_TOKEN_KEY, Input, MOUNT_PATH, SidecarMode, VOLUME_NAME, child_meta,
-    config_map_name, default_sidecar_resources, drain_secret_name, selector_labels,
+    CONFIG_HASH_ANNOTATION, CONFIG_KEY, DRAIN_TOKEN_KEY, Input, MOUNT_PATH, SidecarMode,
+    VOLUME_NAME, child_meta, config_map_name, default_sidecar_resources, drain_secret_name,
+    selector_labels,
 };
 use crate::crd::{SIDECAR_ADMIN_PORT, SIDECAR_CONTAINER_NAME};
 use crate::tuning::Tuning;
@@ -40,17 +44,25 @@ pub fn deployment(input: &Input<'_>, tuning: &Tuning, config_hash: &str) -> Depl
     }
     let sidecar = sidecar_container(input);
     match input.defaults.mode {
-        SidecarMode::Native => pod.init_containers.get_or_insert_with(Vec::new).push(sidecar),
+        SidecarMode::Native => pod
+            .init_containers
+            .get_or_insert_with(Vec::new)
+            .push(sidecar),
         SidecarMode::Container => pod.containers.push(sidecar),
     }
-    pod.volumes.get_or_insert_with(Vec::new).push(sidecar_volume(input));
+    pod.volumes
+        .get_or_insert_with(Vec::new)
+        .push(sidecar_volume(input));
     // The grace period counts from the start of the preStop hook, so it must cover the whole
     // drain; a user's longer one (for the application's own shutdown) is kept.
     let tuned = i64::try_from(tuning.termination_grace_period_seconds).unwrap_or(i64::MAX);
-    pod.termination_grace_period_seconds = Some(pod.termination_grace_period_seconds.unwrap_or(0).max(tuned));
+    pod.termination_grace_period_seconds =
+        Some(pod.termination_grace_period_seconds.unwrap_or(0).max(tuned));
 
     let mut meta = user.metadata.clone().unwrap_or_default();
-    meta.labels.get_or_insert_with(BTreeMap::new).extend(selector_labels(input.name));
+    meta.labels
+        .get_or_insert_with(BTreeMap::new)
+        .extend(selector_labels(input.name));
     meta.annotations
         .get_or_insert_with(BTreeMap::new)
         .insert(CONFIG_HASH_ANNOTATION.to_owned(), config_hash.to_owned());
@@ -61,12 +73,18 @@ pub fn deployment(input: &Input<'_>, tuning: &Tuning, config_hash: &str) -> Depl
     // The hash also on the Deployment itself, so a metadata-only read tells the reconciler
     // whether this pass rolls the pods.
     let mut metadata = child_meta(input, input.name.to_owned());
-    metadata.annotations = Some(BTreeMap::from([(CONFIG_HASH_ANNOTATION.to_owned(), config_hash.to_owned())]));
+    metadata.annotations = Some(BTreeMap::from([(
+        CONFIG_HASH_ANNOTATION.to_owned(),
+        config_hash.to_owned(),
+    )]));
     Deployment {
         metadata,
         spec: Some(DeploymentSpec {
             replicas: Some(input.spec.replicas),
-            selector: LabelSelector { match_labels: Some(selector_labels(input.name)), ..Default::default() },
+            selector: LabelSelector {
+                match_labels: Some(selector_labels(input.name)),
+                ..Default::default()
+            },
             // One pod at a time: a new pod joins (maxSurge 1) before an old one drains and
             // leaves (maxUnavailable 0), so the group never has fewer members than asked
             // for and each rebalance moves only one member's partitions.
@@ -78,7 +96,10 @@ pub fn deployment(input: &Input<'_>, tuning: &Tuning, config_hash: &str) -> Depl
                 }),
             }),
             revision_history_limit: Some(5),
-            template: PodTemplateSpec { metadata: Some(meta), spec: Some(pod) },
+            template: PodTemplateSpec {
+                metadata: Some(meta),
+                spec: Some(pod),
+            },
             ..Default::default()
         }),
         status: None,
@@ -94,7 +115,10 @@ pub fn drain_hook(token: &str) -> LifecycleHandler {
             path: Some("/drain".into()),
             port: IntOrString::Int(SIDECAR_ADMIN_PORT),
             scheme: Some("HTTP".into()),
-            http_headers: Some(vec![HTTPHeader { name: DRAIN_TOKEN_HEADER.into(), value: token.to_owned() }]),
+            http_headers: Some(vec![HTTPHeader {
+                name: DRAIN_TOKEN_HEADER.into(),
+                value: token.to_owned(),
+            }]),
             host: None,
         }),
         ..Default::default()
@@ -128,7 +152,10 @@ fn sidecar_container(input: &Input<'_>) -> Container {
         name: SIDECAR_CONTAINER_NAME.into(),
         image: Some(image),
         image_pull_policy: Some("IfNotPresent".into()),
-        args: Some(vec!["--config".into(), format!("{MOUNT_PATH}/{CONFIG_FILE}")]),
+        args: Some(vec![
+            "--config".into(),
+            format!("{MOUNT_PATH}/{CONFIG_FILE}"),
+        ]),
         ports: Some(vec![ContainerPort {
             name: Some(ADMIN_PORT_NAME.into()),
             container_port: SIDECAR_ADMIN_PORT,
@@ -149,13 +176,19 @@ fn sidecar_container(input: &Input<'_>) -> Container {
         // The restricted Pod Security profile, plus a read-only root file system.
         security_context: Some(SecurityContext {
             allow_privilege_escalation: Some(false),
-            capabilities: Some(Capabilities { drop: Some(vec!["ALL".into()]), add: None }),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".into()]),
+                add: None,
+            }),
             privileged: Some(false),
             read_only_root_filesystem: Some(true),
             run_as_non_root: Some(true),
             run_as_user: Some(SIDECAR_UID),
             run_as_group: Some(SIDECAR_UID),
-            seccomp_profile: Some(SeccompProfile { type_: "RuntimeDefault".into(), localhost_profile: None }),
+            seccomp_profile: Some(SeccompProfile {
+                type_: "RuntimeDefault".into(),
+                localhost_profile: None,
+            }),
             ..Default::default()
         }),
         volume_mounts: Some(vec![VolumeMount {
@@ -170,12 +203,20 @@ fn sidecar_container(input: &Input<'_>) -> Container {
 }
 
 fn key(key: &str, path: &str) -> KeyToPath {
-    KeyToPath { key: key.to_owned(), path: path.to_owned(), mode: None }
+    KeyToPath {
+        key: key.to_owned(),
+        path: path.to_owned(),
+        mode: None,
+    }
 }
 
 fn secret(name: &str, items: Vec<KeyToPath>) -> VolumeProjection {
     VolumeProjection {
-        secret: Some(SecretProjection { name: name.to_owned(), items: Some(items), optional: Some(false) }),
+        secret: Some(SecretProjection {
+            name: name.to_owned(),
+            items: Some(items),
+            optional: Some(false),
+        }),
         ..Default::default()
     }
 }
@@ -192,14 +233,20 @@ fn sidecar_volume(input: &Input<'_>) -> Volume {
             }),
             ..Default::default()
         },
-        secret(&drain_secret_name(input.name), vec![key(DRAIN_TOKEN_KEY, DRAIN_TOKEN_FILE)]),
+        secret(
+            &drain_secret_name(input.name),
+            vec![key(DRAIN_TOKEN_KEY, DRAIN_TOKEN_FILE)],
+        ),
     ];
     if let Some(auth) = &input.spec.kafka.auth {
         if let Some(sasl) = &auth.sasl {
             let r = &sasl.secret_ref;
             sources.push(secret(
                 &r.name,
-                vec![key(&r.username_key, SASL_USERNAME_FILE), key(&r.password_key, SASL_PASSWORD_FILE)],
+                vec![
+                    key(&r.username_key, SASL_USERNAME_FILE),
+                    key(&r.password_key, SASL_PASSWORD_FILE),
+                ],
             ));
         }
         if let Some(tls) = &auth.tls {
@@ -216,7 +263,10 @@ fn sidecar_volume(input: &Input<'_>) -> Volume {
     }
     Volume {
         name: VOLUME_NAME.into(),
-        projected: Some(ProjectedVolumeSource { sources: Some(sources), default_mode: Some(0o444) }),
+        projected: Some(ProjectedVolumeSource {
+            sources: Some(sources),
+            default_mode: Some(0o444),
+        }),
         ..Default::default()
     }
 }

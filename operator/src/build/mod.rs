@@ -85,7 +85,10 @@ pub struct SidecarDefaults {
 
 impl Default for SidecarDefaults {
     fn default() -> Self {
-        SidecarDefaults { image: DEFAULT_SIDECAR_IMAGE.to_owned(), mode: SidecarMode::Native }
+        SidecarDefaults {
+            image: DEFAULT_SIDECAR_IMAGE.to_owned(),
+            mode: SidecarMode::Native,
+        }
     }
 }
 
@@ -99,7 +102,10 @@ pub fn default_sidecar_resources() -> ResourceRequirements {
             ("cpu".to_owned(), Quantity("50m".into())),
             ("memory".to_owned(), Quantity("64Mi".into())),
         ])),
-        limits: Some(BTreeMap::from([("memory".to_owned(), Quantity("256Mi".into()))])),
+        limits: Some(BTreeMap::from([(
+            "memory".to_owned(),
+            Quantity("256Mi".into()),
+        )])),
         ..Default::default()
     }
 }
@@ -150,7 +156,10 @@ pub struct InvalidSpec {
 impl InvalidSpec {
     /// The condition reason: the first problem's.
     pub fn reason(&self) -> &'static str {
-        self.problems.first().map(|p| p.reason).unwrap_or("InvalidSpec")
+        self.problems
+            .first()
+            .map(|p| p.reason)
+            .unwrap_or("InvalidSpec")
     }
 }
 
@@ -178,7 +187,11 @@ pub fn validate(input: &Input<'_>) -> Result<Validated, InvalidSpec> {
     }
     if let Some(pod) = &spec.template.spec {
         for c in &pod.containers {
-            if c.lifecycle.as_ref().and_then(|l| l.pre_stop.as_ref()).is_some() {
+            if c.lifecycle
+                .as_ref()
+                .and_then(|l| l.pre_stop.as_ref())
+                .is_some()
+            {
                 problems.push(Problem {
                     reason: "PreStopConflict",
                     message: format!(
@@ -216,7 +229,9 @@ pub fn validate(input: &Input<'_>) -> Result<Validated, InvalidSpec> {
     } else {
         problems.push(Problem {
             reason: "MissingContainers",
-            message: "spec.template.spec is missing; it must list at least one application container".into(),
+            message:
+                "spec.template.spec is missing; it must list at least one application container"
+                    .into(),
         });
     }
 
@@ -233,7 +248,11 @@ pub fn validate(input: &Input<'_>) -> Result<Validated, InvalidSpec> {
             });
         }
     }
-    if problems.is_empty() { Ok(Validated { tuning, config }) } else { Err(InvalidSpec { problems }) }
+    if problems.is_empty() {
+        Ok(Validated { tuning, config })
+    } else {
+        Err(InvalidSpec { problems })
+    }
 }
 
 /// Validates and builds the desired objects.
@@ -248,7 +267,13 @@ pub fn build(input: &Input<'_>) -> Result<Desired, InvalidSpec> {
     };
     let deployment = deployment(input, &tuning, &config_hash);
     let pdb = pod_disruption_budget(input);
-    Ok(Desired { config_map, deployment, pdb, tuning, config_hash })
+    Ok(Desired {
+        config_map,
+        deployment,
+        pdb,
+        tuning,
+        config_hash,
+    })
 }
 
 /// SHA-256 over the configuration and the referenced Secrets' data (names, keys and values,

@@ -13,7 +13,10 @@ pub fn pod_disruption_budget(input: &Input<'_>) -> PodDisruptionBudget {
         metadata: child_meta(input, input.name.to_owned()),
         spec: Some(PodDisruptionBudgetSpec {
             max_unavailable: Some(IntOrString::Int(1)),
-            selector: Some(LabelSelector { match_labels: Some(selector_labels(input.name)), ..Default::default() }),
+            selector: Some(LabelSelector {
+                match_labels: Some(selector_labels(input.name)),
+                ..Default::default()
+            }),
             ..Default::default()
         }),
         status: None,

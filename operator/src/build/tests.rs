@@ -127,7 +127,9 @@ fn secrets_for(spec: &EventConsumerSpec) -> BTreeMap<String, SecretData> {
         }
         if let Some(t) = &auth.tls {
             if let Some(ca) = &t.ca_secret_ref {
-                out.entry(ca.name.clone()).or_default().insert(ca.key.clone(), b"-----CA-----".to_vec());
+                out.entry(ca.name.clone())
+                    .or_default()
+                    .insert(ca.key.clone(), b"-----CA-----".to_vec());
             }
             if let Some(c) = &t.client_cert_secret_ref {
                 let e = out.entry(c.name.clone()).or_default();
@@ -139,7 +141,10 @@ fn secrets_for(spec: &EventConsumerSpec) -> BTreeMap<String, SecretData> {
     out
 }
 
-fn build_with(spec: &EventConsumerSpec, defaults: &SidecarDefaults) -> Result<Desired, InvalidSpec> {
+fn build_with(
+    spec: &EventConsumerSpec,
+    defaults: &SidecarDefaults,
+) -> Result<Desired, InvalidSpec> {
     let secrets = secrets_for(spec);
     build(&Input {
         name: "inventory",
@@ -167,7 +172,9 @@ fn render(d: &Desired) -> String {
 
 /// Compares with `snapshots/<name>.yaml`; `SLUICE_UPDATE_SNAPSHOTS=1` rewrites it.
 fn assert_snapshot(name: &str, actual: &str) {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("src/build/snapshots").join(format!("{name}.yaml"));
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("src/build/snapshots")
+        .join(format!("{name}.yaml"));
     if std::env::var("SLUICE_UPDATE_SNAPSHOTS").is_ok_and(|v| v == "1") {
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
         std::fs::write(&path, actual).unwrap();
@@ -214,13 +221,23 @@ fn golden_kip848() {
 
 #[test]
 fn golden_sidecar_overrides_as_plain_container() {
-    let defaults = SidecarDefaults { image: "ignored/by-override:0".into(), mode: SidecarMode::Container };
+    let defaults = SidecarDefaults {
+        image: "ignored/by-override:0".into(),
+        mode: SidecarMode::Container,
+    };
     let d = build_with(&spec(SIDECAR_OVERRIDES), &defaults).unwrap();
     assert_snapshot("sidecar-overrides", &render(&d));
 }
 
 fn pod(d: &Desired) -> &PodSpec {
-    d.deployment.spec.as_ref().unwrap().template.spec.as_ref().unwrap()
+    d.deployment
+        .spec
+        .as_ref()
+        .unwrap()
+        .template
+        .spec
+        .as_ref()
+        .unwrap()
 }
 
 fn sidecar(d: &Desired) -> &Container {
@@ -235,8 +252,11 @@ fn sidecar(d: &Desired) -> &Container {
 
 fn config_of(d: &Desired) -> SidecarConfig {
     let json = &d.config_map.data.as_ref().unwrap()[CONFIG_KEY];
-    let config = SidecarConfig::from_json(json).expect("the sidecar reads the rendered configuration");
-    config.validate().expect("the rendered configuration is valid for the sidecar");
+    let config =
+        SidecarConfig::from_json(json).expect("the sidecar reads the rendered configuration");
+    config
+        .validate()
+        .expect("the rendered configuration is valid for the sidecar");
     config
 }
 
@@ -244,28 +264,52 @@ fn config_of(d: &Desired) -> SidecarConfig {
 fn native_sidecar_is_the_last_init_container_with_restart_policy_always() {
     let d = build_ok(SASL_TLS);
     let inits = pod(&d).init_containers.as_ref().unwrap();
-    assert_eq!(inits.iter().map(|c| c.name.as_str()).collect::<Vec<_>>(), ["migrate", "sluice"]);
+    assert_eq!(
+        inits.iter().map(|c| c.name.as_str()).collect::<Vec<_>>(),
+        ["migrate", "sluice"]
+    );
     assert_eq!(inits[1].restart_policy.as_deref(), Some("Always"));
     assert!(pod(&d).containers.iter().all(|c| c.name != "sluice"));
 }
 
 #[test]
 fn plain_container_mode_puts_the_sidecar_among_the_containers() {
-    let defaults = SidecarDefaults { mode: SidecarMode::Container, ..Default::default() };
+    let defaults = SidecarDefaults {
+        mode: SidecarMode::Container,
+        ..Default::default()
+    };
     let d = build_with(&spec(MINIMAL), &defaults).unwrap();
     let names: Vec<_> = pod(&d).containers.iter().map(|c| c.name.as_str()).collect();
     assert_eq!(names, ["app", "sluice"]);
     assert_eq!(sidecar(&d).restart_policy, None);
-    assert!(pod(&d).init_containers.as_ref().is_none_or(|v| v.is_empty()));
+    assert!(
+        pod(&d)
+            .init_containers
+            .as_ref()
+            .is_none_or(|v| v.is_empty())
+    );
 }
 
 #[test]
 fn every_application_container_drains_the_sidecar_with_the_token() {
     let d = build_ok(KEY_ORDERING);
-    let apps: Vec<_> = pod(&d).containers.iter().filter(|c| c.name != "sluice").collect();
+    let apps: Vec<_> = pod(&d)
+        .containers
+        .iter()
+        .filter(|c| c.name != "sluice")
+        .collect();
     assert_eq!(apps.len(), 2);
     for c in apps {
-        let get = c.lifecycle.as_ref().unwrap().pre_stop.as_ref().unwrap().http_get.as_ref().unwrap();
+        let get = c
+            .lifecycle
+            .as_ref()
+            .unwrap()
+            .pre_stop
+            .as_ref()
+            .unwrap()
+            .http_get
+            .as_ref()
+            .unwrap();
         assert_eq!(get.path.as_deref(), Some("/drain"));
         assert_eq!(get.port, IntOrString::Int(9898));
         assert_eq!(get.host, None, "the kubelet must call the pod IP");
@@ -274,7 +318,10 @@ fn every_application_container_drains_the_sidecar_with_the_token() {
         assert_eq!(headers[0].name, "X-Sluice-Drain-Token");
         assert_eq!(headers[0].value, TOKEN);
     }
-    assert!(sidecar(&d).lifecycle.is_none(), "the sidecar drains on SIGTERM, not via a hook");
+    assert!(
+        sidecar(&d).lifecycle.is_none(),
+        "the sidecar drains on SIGTERM, not via a hook"
+    );
 }
 
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -287,7 +334,11 @@ fn a_user_prestop_is_a_validation_error_not_replaced() {
     );
     let err = build_with(&spec(&yaml), &SidecarDefaults::default()).unwrap_err();
     assert_eq!(err.reason(), "PreStopConflict");
-    assert!(err.to_string().contains("containers[\"app\"].lifecycle.preStop"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("containers[\"app\"].lifecycle.preStop"),
+        "{err}"
+    );
     assert!(err.to_string().contains("remove the preStop hook"), "{err}");
 }
 
@@ -310,7 +361,15 @@ fn reserved_volume_names_long_names_and_several_problems_are_all_reported() {
     })
     .unwrap_err();
     let reasons: Vec<_> = err.problems.iter().map(|p| p.reason).collect();
-    assert_eq!(reasons, ["NameTooLong", "PreStopConflict", "VolumeNameConflict", "VolumeNameConflict"]);
+    assert_eq!(
+        reasons,
+        [
+            "NameTooLong",
+            "PreStopConflict",
+            "VolumeNameConflict",
+            "VolumeNameConflict"
+        ]
+    );
     assert_eq!(err.reason(), "NameTooLong");
 }
 
@@ -332,7 +391,10 @@ fn a_template_without_a_pod_spec_is_refused() {
 #[test]
 fn properties_the_sidecar_refuses_surface_as_invalid_sidecar_config() {
     // `acks` passes the CRD's rules but the sidecar configuration owns it.
-    let yaml = MINIMAL.replace("topics: [orders]", "topics: [orders]\n  properties: {acks: '1'}");
+    let yaml = MINIMAL.replace(
+        "topics: [orders]",
+        "topics: [orders]\n  properties: {acks: '1'}",
+    );
     let err = build_with(&spec(&yaml), &SidecarDefaults::default()).unwrap_err();
     assert_eq!(err.reason(), "InvalidSidecarConfig");
     assert!(err.to_string().contains("acks"), "{err}");
@@ -347,19 +409,46 @@ fn the_rendered_configuration_is_what_the_sidecar_reads() {
     assert_eq!(c.kafka.start_from, sluice_config::StartFrom::Latest);
     let auth = c.kafka.auth.as_ref().unwrap();
     let sasl = auth.sasl.as_ref().unwrap();
-    assert_eq!(sasl.username_file, PathBuf::from("/etc/sluice/sasl/username"));
-    assert_eq!(sasl.password_file, PathBuf::from("/etc/sluice/sasl/password"));
+    assert_eq!(
+        sasl.username_file,
+        PathBuf::from("/etc/sluice/sasl/username")
+    );
+    assert_eq!(
+        sasl.password_file,
+        PathBuf::from("/etc/sluice/sasl/password")
+    );
     let tls = auth.tls.as_ref().unwrap();
     assert_eq!(tls.ca_file, PathBuf::from("/etc/sluice/tls/ca.crt"));
-    assert_eq!(tls.cert_file.as_deref(), Some(std::path::Path::new("/etc/sluice/tls/client.crt")));
+    assert_eq!(
+        tls.cert_file.as_deref(),
+        Some(std::path::Path::new("/etc/sluice/tls/client.crt"))
+    );
     assert_eq!(c.kafka.properties["isolation.level"], "read_committed");
-    assert_eq!(c.kafka.properties["queued.min.messages"], d.tuning.queued_min_messages.to_string());
-    assert_eq!(c.delivery.dead_letter_topic.as_deref(), Some("orders.inventory.dlq"));
+    assert_eq!(
+        c.kafka.properties["queued.min.messages"],
+        d.tuning.queued_min_messages.to_string()
+    );
+    assert_eq!(
+        c.delivery.dead_letter_topic.as_deref(),
+        Some("orders.inventory.dlq")
+    );
     assert_eq!(c.delivery.retry.max_attempts, 8);
-    assert_eq!(c.drain.token_file.as_deref(), Some(std::path::Path::new("/etc/sluice/drain/token")));
-    assert_eq!(c.drain.timeout.as_millis() as u64, d.tuning.in_flight_timeout_ms);
-    assert_eq!(u64::from(c.kafka.max_poll_interval_ms.unwrap()), d.tuning.max_poll_interval_ms);
-    assert!(!d.config_map.data.as_ref().unwrap()[CONFIG_KEY].contains(TOKEN), "the token is not in the ConfigMap");
+    assert_eq!(
+        c.drain.token_file.as_deref(),
+        Some(std::path::Path::new("/etc/sluice/drain/token"))
+    );
+    assert_eq!(
+        c.drain.timeout.as_millis() as u64,
+        d.tuning.in_flight_timeout_ms
+    );
+    assert_eq!(
+        u64::from(c.kafka.max_poll_interval_ms.unwrap()),
+        d.tuning.max_poll_interval_ms
+    );
+    assert!(
+        !d.config_map.data.as_ref().unwrap()[CONFIG_KEY].contains(TOKEN),
+        "the token is not in the ConfigMap"
+    );
 }
 
 #[test]
@@ -370,15 +459,24 @@ fn default_group_is_namespace_dot_name_and_tls_without_ca_probes_the_system_stor
     assert_eq!(c.kafka.protocol, sluice_config::GroupProtocol::Consumer);
     assert_eq!(c.kafka.session_timeout_ms, None);
     assert_eq!(c.kafka.heartbeat_interval_ms, None);
-    assert_eq!(c.kafka.auth.unwrap().tls.unwrap().ca_file, PathBuf::from("probe"));
+    assert_eq!(
+        c.kafka.auth.unwrap().tls.unwrap().ca_file,
+        PathBuf::from("probe")
+    );
     assert_eq!(d.tuning.group_id.as_deref(), Some("shop.inventory"));
 }
 
 #[test]
 fn grace_period_comes_from_the_tuning_unless_the_user_asks_for_more() {
     let d = build_ok(SASL_TLS);
-    assert_eq!(pod(&d).termination_grace_period_seconds, Some(d.tuning.termination_grace_period_seconds as i64));
-    assert!(d.tuning.termination_grace_period_seconds > 120, "covers processing.maxDuration 2m");
+    assert_eq!(
+        pod(&d).termination_grace_period_seconds,
+        Some(d.tuning.termination_grace_period_seconds as i64)
+    );
+    assert!(
+        d.tuning.termination_grace_period_seconds > 120,
+        "covers processing.maxDuration 2m"
+    );
     let d = build_ok(KIP848);
     assert_eq!(pod(&d).termination_grace_period_seconds, Some(600));
 }
@@ -388,19 +486,39 @@ fn rollout_changes_one_pod_at_a_time_and_the_pdb_allows_one_disruption() {
     let d = build_ok(SASL_TLS);
     let spec = d.deployment.spec.as_ref().unwrap();
     assert_eq!(spec.replicas, Some(3));
-    let ru = spec.strategy.as_ref().unwrap().rolling_update.as_ref().unwrap();
+    let ru = spec
+        .strategy
+        .as_ref()
+        .unwrap()
+        .rolling_update
+        .as_ref()
+        .unwrap();
     assert_eq!(ru.max_surge, Some(IntOrString::Int(1)));
     assert_eq!(ru.max_unavailable, Some(IntOrString::Int(0)));
     let pdb = d.pdb.spec.as_ref().unwrap();
     assert_eq!(pdb.max_unavailable, Some(IntOrString::Int(1)));
-    assert_eq!(pdb.selector.as_ref().unwrap().match_labels, Some(selector_labels("inventory")));
-    assert_eq!(spec.selector.match_labels, Some(selector_labels("inventory")));
+    assert_eq!(
+        pdb.selector.as_ref().unwrap().match_labels,
+        Some(selector_labels("inventory"))
+    );
+    assert_eq!(
+        spec.selector.match_labels,
+        Some(selector_labels("inventory"))
+    );
 }
 
 #[test]
 fn user_labels_and_annotations_are_kept_and_the_selector_label_added() {
     let d = build_ok(SASL_TLS);
-    let meta = d.deployment.spec.as_ref().unwrap().template.metadata.as_ref().unwrap();
+    let meta = d
+        .deployment
+        .spec
+        .as_ref()
+        .unwrap()
+        .template
+        .metadata
+        .as_ref()
+        .unwrap();
     let labels = meta.labels.as_ref().unwrap();
     assert_eq!(labels["app"], "inventory");
     assert_eq!(labels["team"], "shop");
@@ -409,22 +527,39 @@ fn user_labels_and_annotations_are_kept_and_the_selector_label_added() {
     assert_eq!(ann["prometheus.io/scrape"], "true");
     assert_eq!(ann[CONFIG_HASH_ANNOTATION], d.config_hash);
     assert_eq!(pod(&d).service_account_name.as_deref(), Some("inventory"));
-    assert!(pod(&d).volumes.as_ref().unwrap().iter().any(|v| v.name == "cache"));
+    assert!(
+        pod(&d)
+            .volumes
+            .as_ref()
+            .unwrap()
+            .iter()
+            .any(|v| v.name == "cache")
+    );
 }
 
 #[test]
 fn every_child_is_owned_by_the_event_consumer_and_labelled() {
     let d = build_ok(MINIMAL);
-    for meta in [&d.config_map.metadata, &d.deployment.metadata, &d.pdb.metadata] {
+    for meta in [
+        &d.config_map.metadata,
+        &d.deployment.metadata,
+        &d.pdb.metadata,
+    ] {
         let owners = meta.owner_references.as_ref().unwrap();
         assert_eq!(owners.len(), 1);
         assert_eq!(owners[0].kind, "EventConsumer");
         assert_eq!(owners[0].api_version, "sluice.dev/v1alpha1");
         assert_eq!(owners[0].controller, Some(true));
-        assert_eq!(meta.labels.as_ref().unwrap()[MANAGED_BY_LABEL], MANAGED_BY_VALUE);
+        assert_eq!(
+            meta.labels.as_ref().unwrap()[MANAGED_BY_LABEL],
+            MANAGED_BY_VALUE
+        );
         assert_eq!(meta.namespace.as_deref(), Some("shop"));
     }
-    assert_eq!(d.config_map.metadata.name.as_deref(), Some("inventory-sluice"));
+    assert_eq!(
+        d.config_map.metadata.name.as_deref(),
+        Some("inventory-sluice")
+    );
     assert_eq!(d.deployment.metadata.name.as_deref(), Some("inventory"));
     assert_eq!(d.pdb.metadata.name.as_deref(), Some("inventory"));
 }
@@ -434,15 +569,27 @@ fn the_sidecar_is_restricted_probed_and_sized() {
     let d = build_ok(MINIMAL);
     let s = sidecar(&d);
     assert_eq!(s.image.as_deref(), Some(DEFAULT_SIDECAR_IMAGE));
-    assert_eq!(s.args.as_ref().unwrap(), &["--config", "/etc/sluice/config.json"]);
+    assert_eq!(
+        s.args.as_ref().unwrap(),
+        &["--config", "/etc/sluice/config.json"]
+    );
     let sc = s.security_context.as_ref().unwrap();
     assert_eq!(sc.run_as_non_root, Some(true));
     assert_eq!(sc.allow_privilege_escalation, Some(false));
     assert_eq!(sc.read_only_root_filesystem, Some(true));
-    assert_eq!(sc.capabilities.as_ref().unwrap().drop.as_ref().unwrap(), &["ALL"]);
+    assert_eq!(
+        sc.capabilities.as_ref().unwrap().drop.as_ref().unwrap(),
+        &["ALL"]
+    );
     assert_eq!(sc.seccomp_profile.as_ref().unwrap().type_, "RuntimeDefault");
-    let path = |p: &Option<k8s_openapi::api::core::v1::Probe>| p.as_ref().unwrap().http_get.as_ref().unwrap().path.clone();
-    assert_eq!(path(&s.startup_probe).as_deref(), Some("/healthz"), "startup never waits for the app");
+    let path = |p: &Option<k8s_openapi::api::core::v1::Probe>| {
+        p.as_ref().unwrap().http_get.as_ref().unwrap().path.clone()
+    };
+    assert_eq!(
+        path(&s.startup_probe).as_deref(),
+        Some("/healthz"),
+        "startup never waits for the app"
+    );
     assert_eq!(path(&s.liveness_probe).as_deref(), Some("/healthz"));
     assert_eq!(path(&s.readiness_probe).as_deref(), Some("/readyz"));
     assert_eq!(s.resources, Some(default_sidecar_resources()));
@@ -450,16 +597,34 @@ fn the_sidecar_is_restricted_probed_and_sized() {
 
 #[test]
 fn sidecar_overrides_replace_image_and_resources() {
-    let d = build_with(&spec(SIDECAR_OVERRIDES), &SidecarDefaults { image: "flag/image:9".into(), ..Default::default() })
-        .unwrap();
+    let d = build_with(
+        &spec(SIDECAR_OVERRIDES),
+        &SidecarDefaults {
+            image: "flag/image:9".into(),
+            ..Default::default()
+        },
+    )
+    .unwrap();
     let s = sidecar(&d);
-    assert_eq!(s.image.as_deref(), Some("registry.example/sluice/consumer:1.2.3"));
+    assert_eq!(
+        s.image.as_deref(),
+        Some("registry.example/sluice/consumer:1.2.3")
+    );
     let limits = s.resources.as_ref().unwrap().limits.as_ref().unwrap();
     assert_eq!(limits["memory"].0, "1Gi");
     // The memory limit sizes the Kafka buffers.
-    assert!(d.tuning.queued_max_messages_kbytes > build_ok(MINIMAL).tuning.queued_max_messages_kbytes);
+    assert!(
+        d.tuning.queued_max_messages_kbytes > build_ok(MINIMAL).tuning.queued_max_messages_kbytes
+    );
     // Without an override, the operator flag's image.
-    let d = build_with(&spec(MINIMAL), &SidecarDefaults { image: "flag/image:9".into(), ..Default::default() }).unwrap();
+    let d = build_with(
+        &spec(MINIMAL),
+        &SidecarDefaults {
+            image: "flag/image:9".into(),
+            ..Default::default()
+        },
+    )
+    .unwrap();
     assert_eq!(sidecar(&d).image.as_deref(), Some("flag/image:9"));
 }
 
@@ -472,8 +637,24 @@ fn only_referenced_keys_of_secrets_are_projected() {
     let items: Vec<(String, Vec<(String, String)>)> = sources
         .iter()
         .map(|s| match (&s.config_map, &s.secret) {
-            (Some(c), None) => (c.name.clone(), c.items.clone().unwrap().into_iter().map(|i| (i.key, i.path)).collect()),
-            (None, Some(s)) => (s.name.clone(), s.items.clone().unwrap().into_iter().map(|i| (i.key, i.path)).collect()),
+            (Some(c), None) => (
+                c.name.clone(),
+                c.items
+                    .clone()
+                    .unwrap()
+                    .into_iter()
+                    .map(|i| (i.key, i.path))
+                    .collect(),
+            ),
+            (None, Some(s)) => (
+                s.name.clone(),
+                s.items
+                    .clone()
+                    .unwrap()
+                    .into_iter()
+                    .map(|i| (i.key, i.path))
+                    .collect(),
+            ),
             _ => panic!("one source per projection"),
         })
         .collect();
@@ -481,15 +662,37 @@ fn only_referenced_keys_of_secrets_are_projected() {
     assert_eq!(
         items,
         vec![
-            ("inventory-sluice".to_owned(), vec![kv("config.json", "config.json")]),
-            ("inventory-sluice-drain".to_owned(), vec![kv("drain-token", "drain/token")]),
-            ("inventory-user".to_owned(), vec![kv("user", "sasl/username"), kv("pass", "sasl/password")]),
+            (
+                "inventory-sluice".to_owned(),
+                vec![kv("config.json", "config.json")]
+            ),
+            (
+                "inventory-sluice-drain".to_owned(),
+                vec![kv("drain-token", "drain/token")]
+            ),
+            (
+                "inventory-user".to_owned(),
+                vec![kv("user", "sasl/username"), kv("pass", "sasl/password")]
+            ),
             ("cluster-ca".to_owned(), vec![kv("ca.crt", "tls/ca.crt")]),
-            ("inventory-cert".to_owned(), vec![kv("tls.crt", "tls/client.crt"), kv("tls.key", "tls/client.key")]),
+            (
+                "inventory-cert".to_owned(),
+                vec![
+                    kv("tls.crt", "tls/client.crt"),
+                    kv("tls.key", "tls/client.key")
+                ]
+            ),
         ]
     );
     let mount = &sidecar(&d).volume_mounts.as_ref().unwrap()[0];
-    assert_eq!((mount.name.as_str(), mount.mount_path.as_str(), mount.read_only), (VOLUME_NAME, MOUNT_PATH, Some(true)));
+    assert_eq!(
+        (
+            mount.name.as_str(),
+            mount.mount_path.as_str(),
+            mount.read_only
+        ),
+        (VOLUME_NAME, MOUNT_PATH, Some(true))
+    );
 }
 
 #[test]
@@ -500,7 +703,10 @@ fn the_template_hash_follows_configuration_and_secret_data_only() {
     assert_eq!(base, build_with(&s, &SidecarDefaults::default()).unwrap());
     // A rotated password rolls the pods.
     let mut secrets = secrets_for(&s);
-    secrets.get_mut("inventory-user").unwrap().insert("pass".into(), b"rotated".to_vec());
+    secrets
+        .get_mut("inventory-user")
+        .unwrap()
+        .insert("pass".into(), b"rotated".to_vec());
     let rotated = build(&Input {
         name: "inventory",
         namespace: "shop",
@@ -515,17 +721,33 @@ fn the_template_hash_follows_configuration_and_secret_data_only() {
     // A configuration change rolls the pods.
     let mut changed = s.clone();
     changed.delivery.max_in_flight = 7;
-    assert_ne!(build_with(&changed, &SidecarDefaults::default()).unwrap().config_hash, base.config_hash);
+    assert_ne!(
+        build_with(&changed, &SidecarDefaults::default())
+            .unwrap()
+            .config_hash,
+        base.config_hash
+    );
     // Scaling does not.
     let mut scaled = s.clone();
     scaled.replicas = 9;
-    assert_eq!(build_with(&scaled, &SidecarDefaults::default()).unwrap().config_hash, base.config_hash);
+    assert_eq!(
+        build_with(&scaled, &SidecarDefaults::default())
+            .unwrap()
+            .config_hash,
+        base.config_hash
+    );
 }
 
 #[test]
 fn config_hash_separates_fields() {
-    let a = BTreeMap::from([("ab".to_owned(), BTreeMap::from([("c".to_owned(), b"d".to_vec())]))]);
-    let b = BTreeMap::from([("a".to_owned(), BTreeMap::from([("bc".to_owned(), b"d".to_vec())]))]);
+    let a = BTreeMap::from([(
+        "ab".to_owned(),
+        BTreeMap::from([("c".to_owned(), b"d".to_vec())]),
+    )]);
+    let b = BTreeMap::from([(
+        "a".to_owned(),
+        BTreeMap::from([("bc".to_owned(), b"d".to_vec())]),
+    )]);
     assert_ne!(config_hash("{}", &a), config_hash("{}", &b));
     assert_eq!(config_hash("{}", &a).len(), 64);
 }

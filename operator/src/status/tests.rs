@@ -18,9 +18,19 @@ fn tuning() -> Tuning {
     tune(&spec, Some("ns.ec".into()))
 }
 
-fn dep(generation: i64, observed: i64, replicas: i32, ready: i32, updated: i32, available: i32) -> Deployment {
+fn dep(
+    generation: i64,
+    observed: i64,
+    replicas: i32,
+    ready: i32,
+    updated: i32,
+    available: i32,
+) -> Deployment {
     Deployment {
-        metadata: ObjectMeta { generation: Some(generation), ..Default::default() },
+        metadata: ObjectMeta {
+            generation: Some(generation),
+            ..Default::default()
+        },
         spec: None,
         status: Some(DeploymentStatus {
             observed_generation: Some(observed),
@@ -34,7 +44,12 @@ fn dep(generation: i64, observed: i64, replicas: i32, ready: i32, updated: i32, 
 }
 
 fn seen<'a>(d: Option<&'a Deployment>, desired: i32) -> Observed<'a> {
-    Observed { name: "ec", generation: Some(4), desired_replicas: desired, deployment: d }
+    Observed {
+        name: "ec",
+        generation: Some(4),
+        desired_replicas: desired,
+        deployment: d,
+    }
 }
 
 fn applied() -> Outcome {
@@ -46,7 +61,10 @@ fn get<'a>(s: &'a EventConsumerStatus, type_: &str) -> &'a Condition {
 }
 
 fn brief(s: &EventConsumerStatus) -> Vec<(String, String, String)> {
-    s.conditions.iter().map(|c| (c.type_.clone(), c.status.clone(), c.reason.clone())).collect()
+    s.conditions
+        .iter()
+        .map(|c| (c.type_.clone(), c.status.clone(), c.reason.clone()))
+        .collect()
 }
 
 fn tri(r: (&str, &str), p: (&str, &str), d: (&str, &str)) -> Vec<(String, String, String)> {
@@ -60,12 +78,23 @@ fn tri(r: (&str, &str), p: (&str, &str), d: (&str, &str)) -> Vec<(String, String
 fn all_ready_and_rolled_out() {
     let d = dep(2, 2, 3, 3, 3, 3);
     let s = compute(None, &seen(Some(&d), 3), &applied(), &t(0));
-    assert_eq!(brief(&s), tri(("True", "ReplicasReady"), ("False", "RolloutComplete"), ("False", "AsExpected")));
+    assert_eq!(
+        brief(&s),
+        tri(
+            ("True", "ReplicasReady"),
+            ("False", "RolloutComplete"),
+            ("False", "AsExpected")
+        )
+    );
     assert_eq!((s.replicas, s.ready_replicas), (3, 3));
     assert_eq!(s.observed_generation, Some(4));
     assert_eq!(s.selector.as_deref(), Some("sluice.dev/consumer=ec"));
     assert_eq!(s.effective, Some(tuning()));
-    assert!(s.conditions.iter().all(|c| c.observed_generation == Some(4) && c.last_transition_time == t(0)));
+    assert!(
+        s.conditions
+            .iter()
+            .all(|c| c.observed_generation == Some(4) && c.last_transition_time == t(0))
+    );
 }
 
 #[test]
@@ -73,8 +102,19 @@ fn rolling_out_while_old_pods_still_serve() {
     // 3 desired, a surge pod of the new template exists, old ones still ready.
     let d = dep(3, 3, 4, 3, 1, 3);
     let s = compute(None, &seen(Some(&d), 3), &applied(), &t(0));
-    assert_eq!(brief(&s), tri(("True", "ReplicasReady"), ("True", "RollingOut"), ("False", "AsExpected")));
-    assert!(get(&s, PROGRESSING).message.contains("1 of 3 pods run the current template (4 in total)"));
+    assert_eq!(
+        brief(&s),
+        tri(
+            ("True", "ReplicasReady"),
+            ("True", "RollingOut"),
+            ("False", "AsExpected")
+        )
+    );
+    assert!(
+        get(&s, PROGRESSING)
+            .message
+            .contains("1 of 3 pods run the current template (4 in total)")
+    );
 }
 
 #[test]
@@ -89,16 +129,31 @@ fn pods_not_ready_says_where_to_look() {
     let d = dep(1, 1, 2, 1, 2, 1);
     let s = compute(None, &seen(Some(&d), 2), &applied(), &t(0));
     let r = get(&s, READY);
-    assert_eq!((r.status.as_str(), r.reason.as_str()), ("False", "ReplicasNotReady"));
+    assert_eq!(
+        (r.status.as_str(), r.reason.as_str()),
+        ("False", "ReplicasNotReady")
+    );
     assert!(r.message.contains("1 of 2 pods are ready"), "{}", r.message);
-    assert!(r.message.contains("kubectl describe pods -l sluice.dev/consumer=ec"), "{}", r.message);
+    assert!(
+        r.message
+            .contains("kubectl describe pods -l sluice.dev/consumer=ec"),
+        "{}",
+        r.message
+    );
 }
 
 #[test]
 fn scaled_to_zero_is_ready() {
     let d = dep(1, 1, 0, 0, 0, 0);
     let s = compute(None, &seen(Some(&d), 0), &applied(), &t(0));
-    assert_eq!(brief(&s), tri(("True", "ScaledToZero"), ("False", "RolloutComplete"), ("False", "AsExpected")));
+    assert_eq!(
+        brief(&s),
+        tri(
+            ("True", "ScaledToZero"),
+            ("False", "RolloutComplete"),
+            ("False", "AsExpected")
+        )
+    );
 }
 
 #[test]
@@ -111,16 +166,36 @@ fn stalled_rollout_is_degraded() {
         ..Default::default()
     }]);
     let s = compute(None, &seen(Some(&d), 1), &applied(), &t(0));
-    assert_eq!(brief(&s), tri(("True", "ReplicasReady"), ("False", "RolloutStalled"), ("True", "RolloutStalled")));
+    assert_eq!(
+        brief(&s),
+        tri(
+            ("True", "ReplicasReady"),
+            ("False", "RolloutStalled"),
+            ("True", "RolloutStalled")
+        )
+    );
     assert!(get(&s, DEGRADED).message.contains("progress deadline"));
 }
 
 #[test]
 fn blocked_without_deployment_explains_in_ready_and_degraded() {
-    let outcome = Outcome::Blocked { reason: "SecretNotFound", message: "Secret x not found; create it".into() };
+    let outcome = Outcome::Blocked {
+        reason: "SecretNotFound",
+        message: "Secret x not found; create it".into(),
+    };
     let s = compute(None, &seen(None, 2), &outcome, &t(0));
-    assert_eq!(brief(&s), tri(("False", "SecretNotFound"), ("False", "NoDeployment"), ("True", "SecretNotFound")));
-    assert_eq!(get(&s, READY).message, "no pods run: Secret x not found; create it");
+    assert_eq!(
+        brief(&s),
+        tri(
+            ("False", "SecretNotFound"),
+            ("False", "NoDeployment"),
+            ("True", "SecretNotFound")
+        )
+    );
+    assert_eq!(
+        get(&s, READY).message,
+        "no pods run: Secret x not found; create it"
+    );
     assert_eq!(get(&s, DEGRADED).message, "Secret x not found; create it");
     assert_eq!(s.effective, None);
     assert_eq!((s.replicas, s.ready_replicas), (0, 0));
@@ -130,10 +205,23 @@ fn blocked_without_deployment_explains_in_ready_and_degraded() {
 fn blocked_with_running_pods_keeps_their_readiness_and_last_tuning() {
     let d = dep(1, 1, 2, 2, 2, 2);
     let first = compute(None, &seen(Some(&d), 2), &applied(), &t(0));
-    let outcome = Outcome::Blocked { reason: "PreStopConflict", message: "remove the preStop hook".into() };
+    let outcome = Outcome::Blocked {
+        reason: "PreStopConflict",
+        message: "remove the preStop hook".into(),
+    };
     let s = compute(Some(&first), &seen(Some(&d), 2), &outcome, &t(10));
-    assert_eq!(brief(&s), tri(("True", "ReplicasReady"), ("False", "RolloutComplete"), ("True", "PreStopConflict")));
-    assert_eq!(s.effective, first.effective, "the running pods still use the last applied tuning");
+    assert_eq!(
+        brief(&s),
+        tri(
+            ("True", "ReplicasReady"),
+            ("False", "RolloutComplete"),
+            ("True", "PreStopConflict")
+        )
+    );
+    assert_eq!(
+        s.effective, first.effective,
+        "the running pods still use the last applied tuning"
+    );
 }
 
 #[test]
@@ -168,18 +256,42 @@ fn lag_reported_elsewhere_is_kept() {
 fn transitions_report_flips_and_first_degradation_only() {
     let d = dep(1, 1, 1, 0, 1, 0);
     let s0 = compute(None, &seen(Some(&d), 1), &applied(), &t(0));
-    assert_eq!(transitions(None, &s0), vec![], "a fresh, healthy consumer starting is not news");
-    let blocked = Outcome::Blocked { reason: "InvalidSidecarConfig", message: "m".into() };
+    assert_eq!(
+        transitions(None, &s0),
+        vec![],
+        "a fresh, healthy consumer starting is not news"
+    );
+    let blocked = Outcome::Blocked {
+        reason: "InvalidSidecarConfig",
+        message: "m".into(),
+    };
     let s1 = compute(Some(&s0), &seen(Some(&d), 1), &blocked, &t(1));
     let tr = transitions(Some(&s0), &s1);
     assert_eq!(tr.len(), 1);
-    assert_eq!((tr[0].type_.as_str(), tr[0].status, tr[0].reason.as_str()), (DEGRADED, true, "InvalidSidecarConfig"));
+    assert_eq!(
+        (tr[0].type_.as_str(), tr[0].status, tr[0].reason.as_str()),
+        (DEGRADED, true, "InvalidSidecarConfig")
+    );
     let ready = dep(1, 1, 1, 1, 1, 1);
     let s2 = compute(Some(&s1), &seen(Some(&ready), 1), &applied(), &t(2));
-    let types: Vec<_> = transitions(Some(&s1), &s2).into_iter().map(|t| (t.type_, t.status)).collect();
+    let types: Vec<_> = transitions(Some(&s1), &s2)
+        .into_iter()
+        .map(|t| (t.type_, t.status))
+        .collect();
     // The one pod became available: ready, rollout complete, no longer degraded.
-    assert_eq!(types, vec![(READY.to_owned(), true), (PROGRESSING.to_owned(), false), (DEGRADED.to_owned(), false)]);
+    assert_eq!(
+        types,
+        vec![
+            (READY.to_owned(), true),
+            (PROGRESSING.to_owned(), false),
+            (DEGRADED.to_owned(), false)
+        ]
+    );
     assert_eq!(transitions(Some(&s2), &s2), vec![]);
     let s_new = compute(None, &seen(None, 1), &blocked, &t(0));
-    assert_eq!(transitions(None, &s_new).len(), 1, "a consumer blocked from the start is reported");
+    assert_eq!(
+        transitions(None, &s_new).len(),
+        1,
+        "a consumer blocked from the start is reported"
+    );
 }

@@ -25,18 +25,29 @@ pub async fn install_crd(client: &Client) {
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
     let crd = EventConsumer::crd();
     let name = crd.metadata.name.clone().unwrap();
-    crds.patch(&name, &PatchParams::apply("sluice-tests").force(), &Patch::Apply(&crd))
-        .await
-        .unwrap_or_else(|e| panic!("the API server refused the EventConsumer CRD: {e}"));
-    wait_for("the EventConsumer CRD to be established", Duration::from_secs(30), || async {
-        let current = crds.get(&name).await.ok()?;
-        let ok = current
-            .status
-            .as_ref()
-            .and_then(|s| s.conditions.as_ref())
-            .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Established" && c.status == "True"));
-        ok.then_some(())
-    })
+    crds.patch(
+        &name,
+        &PatchParams::apply("sluice-tests").force(),
+        &Patch::Apply(&crd),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("the API server refused the EventConsumer CRD: {e}"));
+    wait_for(
+        "the EventConsumer CRD to be established",
+        Duration::from_secs(30),
+        || async {
+            let current = crds.get(&name).await.ok()?;
+            let ok = current
+                .status
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .is_some_and(|cs| {
+                    cs.iter()
+                        .any(|c| c.type_ == "Established" && c.status == "True")
+                });
+            ok.then_some(())
+        },
+    )
     .await;
 }
 
@@ -51,7 +62,10 @@ where
         if let Some(v) = probe().await {
             return v;
         }
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
@@ -82,17 +96,34 @@ impl Operator {
         Self::start_with(client, namespace, identity, SidecarDefaults::default())
     }
 
-    pub fn start_with(client: &Client, namespace: &str, identity: &str, defaults: SidecarDefaults) -> Operator {
+    pub fn start_with(
+        client: &Client,
+        namespace: &str,
+        identity: &str,
+        defaults: SidecarDefaults,
+    ) -> Operator {
         let settings = Settings {
             defaults,
-            scope: WatchScope { namespace: Some(namespace.to_owned()) },
+            scope: WatchScope {
+                namespace: Some(namespace.to_owned()),
+            },
             concurrency: 8,
             lease: lease(namespace, "sluice-operator", identity),
         };
         let metrics = Arc::new(Metrics::new());
         let shutdown = CancellationToken::new();
-        let handle = tokio::spawn(run(client.clone(), settings, metrics.clone(), shutdown.clone()));
-        Operator { metrics, identity: identity.to_owned(), shutdown, handle: Some(handle) }
+        let handle = tokio::spawn(run(
+            client.clone(),
+            settings,
+            metrics.clone(),
+            shutdown.clone(),
+        ));
+        Operator {
+            metrics,
+            identity: identity.to_owned(),
+            shutdown,
+            handle: Some(handle),
+        }
     }
 
     pub fn is_leader(&self) -> bool {
@@ -132,8 +163,8 @@ impl Drop for Operator {
 
 /// Creates an EventConsumer from YAML (metadata.name is set here).
 pub async fn create_ec(client: &Client, namespace: &str, name: &str, yaml: &str) -> EventConsumer {
-    let mut ec: EventConsumer =
-        serde_norway::from_str(yaml).unwrap_or_else(|e| panic!("test EventConsumer does not parse: {e}\n{yaml}"));
+    let mut ec: EventConsumer = serde_norway::from_str(yaml)
+        .unwrap_or_else(|e| panic!("test EventConsumer does not parse: {e}\n{yaml}"));
     ec.metadata.name = Some(name.to_owned());
     ec.metadata.namespace = Some(namespace.to_owned());
     let api: Api<EventConsumer> = Api::namespaced(client.clone(), namespace);
