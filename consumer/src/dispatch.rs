@@ -464,7 +464,11 @@ impl Dispatcher {
                 continue;
             }
             let advanced = state.tracker.take_commit();
-            let offset = if refresh { state.tracker.committable() } else { advanced };
+            let offset = if refresh {
+                state.tracker.committable()
+            } else {
+                advanced
+            };
             if let Some(o) = offset {
                 offsets.push((tp.clone(), state.epoch, o));
             }

@@ -237,8 +237,14 @@ impl ConsumerContext for SluiceContext {
         }
     }
 
-    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(tpl) = rebalance {
+            // librdkafka remembers a partition's pause across a lost assignment (and a new
+            // assignment of the same partition); a fresh assignment starts unpaused here, so
+            // it must start unpaused in librdkafka too, or it would never be fetched again.
+            if let Err(e) = consumer.resume(tpl) {
+                warn!(error = %e, "resuming newly assigned partitions");
+            }
             let mut fresh = Vec::new();
             {
                 let mut assigned = self.assigned();
