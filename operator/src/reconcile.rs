@@ -305,13 +305,13 @@ async fn write_status(
             (status::PROGRESSING, true) => (EventType::Normal, "Rollout"),
             _ => (EventType::Normal, "Reconcile"),
         };
-        let reason = format!("{}{}", t.type_, if t.status { "" } else { "Cleared" });
-        let reason = if type_ == EventType::Warning || t.type_ == status::PROGRESSING {
-            t.reason.clone()
-        } else {
-            reason
+        // The condition's reason, except for the end of a degradation ("AsExpected" says
+        // nothing as an event).
+        let reason = match (t.type_.as_str(), t.status) {
+            (status::DEGRADED, false) => "Recovered",
+            _ => t.reason.as_str(),
         };
-        ctx.publish(&reference, type_, &reason, action, t.message)
+        ctx.publish(&reference, type_, reason, action, t.message.clone())
             .await;
     }
     Ok(())

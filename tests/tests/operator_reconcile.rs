@@ -426,6 +426,15 @@ async fn invalid_spec_is_degraded_with_its_reason_without_a_hot_loop() {
         (condition(&ec, "Degraded")?.0 == "False").then_some(())
     })
     .await;
+    let events = Api::<Event>::namespaced(client.clone(), &ns.name);
+    wait_for("a Recovered event", LONG, || async {
+        let list = events.list(&ListParams::default()).await.ok()?;
+        list.items
+            .iter()
+            .any(|e| e.reason.as_deref() == Some("Recovered"))
+            .then_some(())
+    })
+    .await;
     operator.stop().await;
 }
 
