@@ -130,14 +130,12 @@ fn wait_for_leaders(name: &str, partitions: i32) {
         .create()
         .unwrap_or_else(|e| panic!("cannot create a Kafka client: {e}"));
     for _ in 0..100 {
-        if let Ok(md) = consumer.fetch_metadata(Some(name), Duration::from_secs(5)) {
-            if let Some(t) = md.topics().iter().find(|t| t.name() == name) {
-                let ready = t.partitions().len() == partitions as usize
-                    && t.partitions().iter().all(|p| p.leader() >= 0);
-                if ready {
-                    return;
-                }
-            }
+        if let Ok(md) = consumer.fetch_metadata(Some(name), Duration::from_secs(5))
+            && let Some(t) = md.topics().iter().find(|t| t.name() == name)
+            && t.partitions().len() == partitions as usize
+            && t.partitions().iter().all(|p| p.leader() >= 0)
+        {
+            return;
         }
         std::thread::sleep(Duration::from_millis(100));
     }

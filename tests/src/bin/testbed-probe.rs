@@ -28,11 +28,11 @@ async fn report(event: &str, detail: &str) {
     println!("{line}");
     if let Ok(target) = std::env::var("PROBE_REPORT") {
         for _ in 0..20 {
-            if let Ok(mut stream) = TcpStream::connect(&target).await {
-                if stream.write_all(format!("{line}\n").as_bytes()).await.is_ok() {
-                    let _ = stream.shutdown().await;
-                    return;
-                }
+            if let Ok(mut stream) = TcpStream::connect(&target).await
+                && stream.write_all(format!("{line}\n").as_bytes()).await.is_ok()
+            {
+                let _ = stream.shutdown().await;
+                return;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
