@@ -180,20 +180,24 @@ async fn reconcile_valid(ec: &EventConsumer, ctx: &Context) -> Result<Action, Er
     }
     let secrets_api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
 
-    // Fetch.
+    // Fetch the referenced Secrets, then validate (pure; the token plays no part in it)
+    // before the drain-token Secret is created, so an invalid spec writes nothing but its
+    // status.
     let secret_data = secrets::fetch_referenced(&secrets_api, &ns, &ec.spec).await?;
-    let token = secrets::ensure_drain_token(&secrets_api, &ns, &name, &uid).await?;
-
-    // Validate and build (pure).
-    let input = Input {
+    let mut input = Input {
         name: &name,
         namespace: &ns,
         uid: &uid,
         spec: &ec.spec,
-        drain_token: &token,
+        drain_token: "",
         secrets: &secret_data,
         defaults: &ctx.defaults,
     };
+    build::validate(&input)?;
+    let token = secrets::ensure_drain_token(&secrets_api, &ns, &name, &uid).await?;
+
+    // Build (pure).
+    input.drain_token = &token;
     let desired = build::build(&input)?;
 
     // Apply: the ConfigMap before the Deployment whose pods mount it.

@@ -384,9 +384,18 @@ async fn invalid_spec_is_degraded_with_its_reason_without_a_hot_loop() {
             .unwrap()
             .is_none()
     );
+    assert!(
+        Api::<Secret>::namespaced(client.clone(), &ns.name)
+            .get_opt("prestop-sluice-drain")
+            .await
+            .unwrap()
+            .is_none(),
+        "an invalid spec creates nothing, not even the drain-token Secret"
+    );
 
     // Bounded: count reconciles over 10 s once Degraded is set. Without a hot loop the
-    // number stays put (at most the one pass the operator's own status write can cause).
+    // number stays put (the status write does not change the generation, so it does not
+    // retrigger; the bound leaves room for one stray watch event).
     let before = operator.reconciles();
     tokio::time::sleep(Duration::from_secs(10)).await;
     let during = operator.reconciles() - before;
