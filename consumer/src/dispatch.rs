@@ -457,7 +457,7 @@ impl Dispatcher {
     /// repeated even when nothing new finished.
     fn commit_async(&mut self) {
         self.commit_rounds += 1;
-        let refresh = self.commit_rounds % 10 == 0;
+        let refresh = self.commit_rounds.is_multiple_of(10);
         let mut offsets = Vec::new();
         for (tp, state) in &mut self.partitions {
             if state.revoking {
