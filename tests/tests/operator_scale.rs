@@ -169,9 +169,11 @@ async fn two_hundred_event_consumers_converge() {
         idle_peak / 1024,
         current / 1024
     );
+    // The Deployment controller may still be writing the new Deployments' status (each
+    // write retriggers its owner once, a no-op); a loop would be many times one per EC.
     assert!(
-        later - after <= (count as u64) / 10,
-        "reconciles keep running after convergence: {}",
+        later - after <= count as u64,
+        "reconciles keep running after convergence: {} in 5 s for {count} EventConsumers",
         later - after
     );
     assert!(
