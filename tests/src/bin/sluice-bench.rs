@@ -181,9 +181,10 @@ async fn idle_rss() -> u64 {
 
 /// Time from the end of the last in-flight delivery to the sidecar's exit after SIGTERM.
 async fn drain_overhead() -> (Duration, Duration) {
+    const DELAY: Duration = Duration::from_secs(1);
     let topic = Topic::create("bench-drain", 4).await;
     topic.produce_numbered(200, 50).await;
-    let app = TestApp::start(|_| Reply::ok().after(Duration::from_secs(1))).await;
+    let app = TestApp::start(|_| Reply::ok().after(DELAY)).await;
     let mut cfg = sidecar_config(&topic.name, &group("bench-drain"), &app.url());
     cfg["delivery"]["ordering"] = "none".into();
     cfg["delivery"]["maxInFlight"] = 20.into();
@@ -202,10 +203,11 @@ async fn drain_overhead() -> (Duration, Duration) {
         }
         std::thread::sleep(Duration::from_millis(1));
     };
+    // `Received::at` is the arrival time; each delivery then takes exactly DELAY.
     let last_delivery_end = app
         .received()
         .iter()
-        .map(|r| r.at)
+        .map(|r| r.at + DELAY)
         .max()
         .expect("deliveries finished");
     (
