@@ -6,6 +6,7 @@ pub mod catalogue;
 pub mod crd;
 pub mod error;
 pub mod generate;
+pub mod lag;
 pub mod leader;
 pub mod metrics;
 pub mod reconcile;

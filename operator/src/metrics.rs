@@ -32,6 +32,10 @@ pub struct Metrics {
     pub duration: Histogram,
     /// 1 while this replica holds the leader Lease.
     pub leader: Gauge,
+    /// Consumer-group lag computations (for `status.lag`) started.
+    pub lag_queries: Counter,
+    /// Lag computations that failed (lag unknown), by the error's static reason.
+    pub lag_errors: Family<ReasonLabels, Counter>,
     /// Set once the replica has reached the API server (leader or follower).
     ready: AtomicBool,
 }
@@ -51,6 +55,8 @@ impl Metrics {
             0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
         ]);
         let leader = Gauge::default();
+        let lag_queries = Counter::default();
+        let lag_errors = Family::<ReasonLabels, Counter>::default();
         registry.register(
             "reconciles",
             "EventConsumer reconciles run",
@@ -71,12 +77,24 @@ impl Metrics {
             "1 while this replica holds the leader Lease",
             leader.clone(),
         );
+        registry.register(
+            "lag_queries",
+            "Consumer-group lag computations for status.lag",
+            lag_queries.clone(),
+        );
+        registry.register(
+            "lag_errors",
+            "Consumer-group lag computations that failed (status.lag unknown), by reason",
+            lag_errors.clone(),
+        );
         Metrics {
             registry,
             reconciles,
             failures,
             duration,
             leader,
+            lag_queries,
+            lag_errors,
             ready: AtomicBool::new(false),
         }
     }
@@ -88,6 +106,23 @@ impl Metrics {
         if let Some(reason) = failure {
             self.failures.get_or_create(&vec![("reason", reason)]).inc();
         }
+    }
+
+    /// Records one lag computation and, if it failed, its reason.
+    pub fn observe_lag(&self, failure: Option<&'static str>) {
+        self.lag_queries.inc();
+        if let Some(reason) = failure {
+            self.lag_errors
+                .get_or_create(&vec![("reason", reason)])
+                .inc();
+        }
+    }
+
+    /// Lag computations that failed with this reason so far.
+    pub fn lag_errors_with(&self, reason: &'static str) -> u64 {
+        self.lag_errors
+            .get_or_create(&vec![("reason", reason)])
+            .get()
     }
 
     /// Failures with this reason so far.
@@ -163,6 +198,8 @@ mod tests {
         m.observe(Duration::from_millis(20), None);
         m.observe(Duration::from_millis(30), Some("SecretNotFound"));
         m.leader.set(1);
+        m.observe_lag(None);
+        m.observe_lag(Some("Timeout"));
         let text = m.encode();
         assert!(
             text.contains("sluice_operator_reconciles_total 2"),
@@ -177,6 +214,15 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("sluice_operator_leader 1"), "{text}");
+        assert!(
+            text.contains("sluice_operator_lag_queries_total 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("sluice_operator_lag_errors_total{reason=\"Timeout\"} 1"),
+            "{text}"
+        );
+        assert_eq!(m.lag_errors_with("Timeout"), 1);
         assert_eq!(m.failures_with("SecretNotFound"), 1);
     }
 

@@ -4,8 +4,13 @@
 //! `Degraded` with their reason, publish a Warning event and wait for a change of the
 //! EventConsumer or of a Secret it references — never a hot loop. Transient errors publish a
 //! Warning event and are retried with per-object exponential backoff.
+//!
+//! After a successful apply the reconcile also measures the consumer group's lag in Kafka
+//! ([`crate::lag`]) for `status.lag`, and requeues the EventConsumer every lag interval to
+//! keep it fresh. A failed measurement leaves the lag unknown (unset) and is counted and
+//! logged, never reported as `Degraded`: Kafka's reachability is the sidecars' concern.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -26,12 +31,14 @@ use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::json;
 use tracing::{debug, info, instrument, warn};
 
+use crate::build::SecretData;
 use crate::build::{
     self, CONFIG_HASH_ANNOTATION, FIELD_MANAGER, Input, MANAGED_BY_LABEL, MANAGED_BY_VALUE,
     SidecarDefaults, config_map_name,
 };
 use crate::crd::{EventConsumer, EventConsumerStatus};
 use crate::error::Error;
+use crate::lag::{self, LagSettings};
 use crate::metrics::Metrics;
 use crate::secrets;
 use crate::status::{self, Observed, Outcome};
@@ -53,6 +60,10 @@ pub struct Context {
     recorder: Recorder,
     /// Consecutive transient failures per object, for the backoff.
     failures: Mutex<HashMap<(String, String), u32>>,
+    /// How `status.lag` is measured and refreshed.
+    lag: LagSettings,
+    /// Objects whose last lag measurement failed (to warn once per outage, not every pass).
+    lag_failing: Mutex<HashSet<(String, String)>>,
 }
 
 impl Context {
@@ -72,6 +83,67 @@ impl Context {
             defaults,
             metrics,
             failures: Mutex::new(HashMap::new()),
+            lag: LagSettings::default(),
+            lag_failing: Mutex::new(HashSet::new()),
+        }
+    }
+
+    /// Replaces the default lag settings.
+    pub fn with_lag(mut self, lag: LagSettings) -> Context {
+        self.lag = lag;
+        self
+    }
+
+    /// How long until a healthy (applied) EventConsumer is reconciled again: the lag
+    /// interval with ±10% jitter (so EventConsumers started together spread out), or the
+    /// resync period when lag is off.
+    fn requeue_after(&self) -> Duration {
+        if !self.lag.enabled() {
+            return RESYNC;
+        }
+        let factor = rand::random_range(0.9..1.1);
+        self.lag.interval.mul_f64(factor).min(RESYNC)
+    }
+
+    /// Measures the consumer group's lag; `None` (unknown) when lag is off or Kafka did not
+    /// answer. Counted in the metrics; a failure is logged at warn once, then at debug until
+    /// a measurement succeeds again.
+    async fn measure_lag(
+        &self,
+        ec: &EventConsumer,
+        ns: &str,
+        name: &str,
+        secrets: &BTreeMap<String, SecretData>,
+    ) -> Option<i64> {
+        if !self.lag.enabled() {
+            return None;
+        }
+        let group = ec.spec.kafka.effective_group_id(ns, name);
+        let started = Instant::now();
+        let result = lag::compute(&ec.spec.kafka, &group, secrets, self.lag.budget).await;
+        let key = (ns.to_owned(), name.to_owned());
+        match result {
+            Ok(lag) => {
+                self.metrics.observe_lag(None);
+                let recovered = self.lag_failing.lock().expect("not poisoned").remove(&key);
+                if recovered {
+                    info!(group, lag, "consumer-group lag is known again");
+                }
+                debug!(group, lag, elapsed = ?started.elapsed(), "measured the consumer-group lag");
+                Some(lag)
+            }
+            Err(e) => {
+                self.metrics.observe_lag(Some(e.reason()));
+                let first = self.lag_failing.lock().expect("not poisoned").insert(key);
+                if first {
+                    warn!(group, reason = e.reason(), error = %e, elapsed = ?started.elapsed(),
+                        "cannot measure the consumer-group lag; status.lag is unknown until Kafka answers");
+                } else {
+                    debug!(group, reason = e.reason(), error = %e, elapsed = ?started.elapsed(),
+                        "cannot measure the consumer-group lag");
+                }
+                None
+            }
         }
     }
 
@@ -259,6 +331,9 @@ async fn reconcile_valid(ec: &EventConsumer, ctx: &Context) -> Result<Action, Er
         .await;
     }
 
+    // Lag, from Kafka (bounded by the lag budget; never an error of the reconcile).
+    let lag = ctx.measure_lag(ec, &ns, &name, &secret_data).await;
+
     // Status.
     let seen = Observed {
         name: &name,
@@ -272,10 +347,11 @@ async fn reconcile_valid(ec: &EventConsumer, ctx: &Context) -> Result<Action, Er
         &Outcome::Applied {
             tuning: desired.tuning,
         },
+        lag,
         ctx,
     )
     .await?;
-    Ok(Action::requeue(RESYNC))
+    Ok(Action::requeue(ctx.requeue_after()))
 }
 
 fn short(hash: &str) -> &str {
@@ -283,15 +359,19 @@ fn short(hash: &str) -> &str {
 }
 
 /// Computes and (if it changed) applies the status, and publishes events for transitions.
+/// `lag` is this pass's measurement: `None` means unknown, and clears a previous value
+/// rather than keeping a stale one.
 async fn write_status(
     ec: &EventConsumer,
     seen: &Observed<'_>,
     outcome: &Outcome,
+    lag: Option<i64>,
     ctx: &Context,
 ) -> Result<(), Error> {
     let old = ec.status.as_ref();
     let now = Time(Timestamp::now());
-    let new = status::compute(old, seen, outcome, &now);
+    let mut new = status::compute(old, seen, outcome, &now);
+    new.lag = lag;
     if old == Some(&new) {
         return Ok(());
     }
@@ -372,7 +452,8 @@ async fn report_blocked(obj: &Guarded, error: &Error, ctx: &Context) -> Result<(
                 desired_replicas: ec.spec.replicas,
                 deployment: deployment.as_ref(),
             };
-            write_status(ec, &seen, &outcome, ctx).await
+            // Not measured while the spec cannot be realised: unknown.
+            write_status(ec, &seen, &outcome, None, ctx).await
         }
         Err(invalid) => {
             // The object does not parse, so neither does its status: write the Degraded

@@ -13,6 +13,7 @@ use tracing::{error, info};
 use tracing_subscriber::EnvFilter;
 
 use crate::build::{DEFAULT_SIDECAR_IMAGE, SidecarDefaults, SidecarMode};
+use crate::lag::LagSettings;
 use crate::leader::{Elector, LeaseSettings};
 use crate::metrics::{self, Metrics};
 use crate::reconcile::{Context, WatchScope, run_controller};
@@ -65,6 +66,12 @@ pub struct RunArgs {
     /// Seconds between attempts to acquire or renew the Lease.
     #[arg(long, env = "SLUICE_RETRY_PERIOD_SECONDS", default_value_t = 2)]
     pub retry_period_seconds: u64,
+
+    /// How often the consumer-group lag of each applied EventConsumer is read from Kafka
+    /// for status.lag (the EventConsumer is reconciled again at this interval, ±10%), e.g.
+    /// `30s` or `2m`; `0s` turns lag off (status.lag stays unset).
+    #[arg(long, env = "SLUICE_LAG_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub lag_interval: Duration,
 
     /// Log filter (tracing EnvFilter syntax), e.g. `info` or `sluice_operator=debug`.
     #[arg(long, env = "SLUICE_LOG", default_value = "info")]
@@ -133,6 +140,22 @@ impl RunArgs {
     }
 }
 
+impl RunArgs {
+    /// The lag settings from `--lag-interval`: zero (off) or at least one second.
+    pub fn lag_settings(&self) -> anyhow::Result<LagSettings> {
+        if !self.lag_interval.is_zero() && self.lag_interval < Duration::from_secs(1) {
+            anyhow::bail!(
+                "--lag-interval {:?} is too short; give at least 1s, or 0s to turn lag off",
+                self.lag_interval
+            );
+        }
+        Ok(LagSettings {
+            interval: self.lag_interval,
+            ..LagSettings::default()
+        })
+    }
+}
+
 fn init_logging(args: &RunArgs) -> anyhow::Result<()> {
     let filter =
         EnvFilter::try_new(&args.log).with_context(|| format!("invalid --log {:?}", args.log))?;
@@ -159,6 +182,7 @@ pub async fn main(args: RunArgs) -> anyhow::Result<()> {
     let default_ns =
         std::env::var("POD_NAMESPACE").unwrap_or_else(|_| client.default_namespace().to_owned());
     let settings = args.settings(&default_ns)?;
+    let lag = args.lag_settings()?;
     let metrics = Arc::new(Metrics::new());
     let shutdown = CancellationToken::new();
 
@@ -180,7 +204,7 @@ pub async fn main(args: RunArgs) -> anyhow::Result<()> {
     });
     info!(listen = %args.listen, identity = %settings.lease.identity, lease = %settings.lease.name,
         lease_namespace = %settings.lease.namespace, "sluice-operator starting");
-    run(client, settings, metrics, shutdown).await;
+    run_with_lag(client, settings, lag, metrics, shutdown).await;
     if let Ok(Err(e)) = server.await {
         error!(error = %e, "the HTTP endpoint failed");
     }
@@ -216,13 +240,27 @@ pub async fn run(
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) {
+    run_with_lag(client, settings, LagSettings::default(), metrics, shutdown).await
+}
+
+/// [`run`] with explicit lag settings (`--lag-interval`).
+pub async fn run_with_lag(
+    client: Client,
+    settings: Settings,
+    lag: LagSettings,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) {
     let elector = Elector::new(client.clone(), settings.lease.clone());
-    let ctx = Arc::new(Context::new(
-        client,
-        settings.defaults.clone(),
-        metrics.clone(),
-        &settings.lease.identity,
-    ));
+    let ctx = Arc::new(
+        Context::new(
+            client,
+            settings.defaults.clone(),
+            metrics.clone(),
+            &settings.lease.identity,
+        )
+        .with_lag(lag),
+    );
     loop {
         let contact = || metrics.set_ready();
         if !elector.acquire(&shutdown, contact).await {
@@ -284,6 +322,21 @@ mod tests {
         assert_eq!(s.defaults, SidecarDefaults::default());
         assert_eq!(s.scope.namespace, None);
         assert_eq!(s.concurrency, 16);
+        let a = args(&["--identity", "pod-1"]);
+        assert_eq!(a.lag_settings().unwrap(), LagSettings::default());
+    }
+
+    #[test]
+    fn lag_interval_parses_durations_and_zero_turns_it_off() {
+        let l = args(&["--lag-interval", "2m"]).lag_settings().unwrap();
+        assert_eq!(l.interval, Duration::from_secs(120));
+        assert!(l.enabled());
+        let l = args(&["--lag-interval", "0s"]).lag_settings().unwrap();
+        assert!(!l.enabled());
+        let e = args(&["--lag-interval", "100ms"])
+            .lag_settings()
+            .unwrap_err();
+        assert!(e.to_string().contains("--lag-interval"), "{e}");
     }
 
     #[test]

@@ -149,6 +149,8 @@ pub fn compute(
         replicas: d.replicas,
         ready_replicas: d.ready,
         selector: Some(selector_string(seen.name)),
+        // Carried over; the reconciler replaces it with its own measurement from Kafka (or
+        // None, unknown) before writing (see `crate::lag`).
         lag: old.and_then(|s| s.lag),
         effective: match outcome {
             Outcome::Applied { tuning } => Some(tuning.clone()),
