@@ -514,8 +514,9 @@ pub struct EventConsumerStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub selector: Option<String>,
 
-    /// Records not yet committed, summed over all partitions, as last reported by the
-    /// sidecars.
+    /// Records not yet committed by the consumer group, summed over all partitions of its
+    /// topics (high watermark minus committed offset), measured by the operator from Kafka
+    /// every lag interval (30s by default). Unset while it cannot be measured.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lag: Option<i64>,
 

@@ -116,10 +116,10 @@ fn every_sluice_field_is_documented() {
                 walk(&child_path, child, missing);
             }
         }
-        if let Some(items) = node.get("items") {
-            if items.get("properties").is_some() {
-                walk(&format!("{path}[]"), items, missing);
-            }
+        if let Some(items) = node.get("items")
+            && items.get("properties").is_some()
+        {
+            walk(&format!("{path}[]"), items, missing);
         }
     }
     let schema = schema();
