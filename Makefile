@@ -8,7 +8,7 @@ ENV_DIR := tests/env
 RELEASE := $(CARGO_TARGET_DIR)/release
 IMAGE_TAG ?= dev
 
-.PHONY: all deps env-up env-down images test test-unit lint generate bench demo clean-env
+.PHONY: all deps env-up env-down images test test-unit lint generate manifests bench demo clean-env
 
 all: test
 
@@ -51,6 +51,30 @@ lint:
 ## generate: rewrite generated artefacts (the CRD YAML and the chart's copy)
 generate:
 	bash operator/generate.sh
+	@$(MAKE) --no-print-directory manifests
+
+## manifests: render the chart into deploy/manifests/sluice.yaml (for kubectl-only users)
+manifests:
+	if [[ -f $(SLUICE_CACHE)/state/env ]]; then set -a; source $(SLUICE_CACHE)/state/env; set +a; fi; \
+	  bash deploy/manifests/render.sh > deploy/manifests/sluice.yaml.tmp && \
+	  mv deploy/manifests/sluice.yaml.tmp deploy/manifests/sluice.yaml
+
+## demo: the order -> inventory scenario on the test bed: chart, 3 inventory pods, a
+## rolling restart halfway, a summary (about 2 minutes once the test bed is up)
+DEMO_NS ?= sluice-demo
+demo: env-up images
+	set -a; source $(SLUICE_CACHE)/state/env; set +a; set -e; \
+	  kubectl create namespace sluice-system --dry-run=client -o yaml | kubectl apply -f - >/dev/null; \
+	  kubectl label namespace sluice-system --overwrite \
+	    pod-security.kubernetes.io/enforce=restricted pod-security.kubernetes.io/enforce-version=latest >/dev/null; \
+	  echo "== helm upgrade --install sluice charts/sluice (operator: 2 replicas, leader election; watching $(DEMO_NS))"; \
+	  helm upgrade --install sluice charts/sluice --namespace sluice-system \
+	    --set operator.image.tag=$(IMAGE_TAG) --set sidecar.image.tag=$(IMAGE_TAG) \
+	    --set operator.watchNamespace=$(DEMO_NS) \
+	    --set-string operator.podAnnotations.sluice\.dev/build=$$(sha256sum $(RELEASE)/sluice-operator | cut -c1-12) \
+	    --wait --timeout 180s >/dev/null; \
+	  kubectl -n sluice-system get pods -l app.kubernetes.io/component=operator; \
+	  DEMO_NAMESPACE=$(DEMO_NS) $(RELEASE)/order-service
 
 ## bench: performance figures against the local broker
 bench: env-up

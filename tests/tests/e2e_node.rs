@@ -1,0 +1,1000 @@
+//! End-to-end tests on the test bed's real node: the Helm chart installs the operator (two
+//! replicas, leader election), `kubectl apply` creates EventConsumers whose application is
+//! `sluice-testapp`, and the pods consume from the real broker while the tests roll, scale,
+//! delete and SIGKILL them.
+//!
+//! Every record the application accepts is reported to a collector in this process (a TCP
+//! listener on the bridge gateway) *before* the application answers the sidecar, so nothing
+//! the sidecar considers delivered can go uncounted when a pod dies. Each test prints its
+//! figures — delivered, duplicates, lost, longest gap per partition, elapsed — and asserts
+//! the invariants: nothing lost ever, nothing duplicated on graceful churn, and after a
+//! SIGKILL no more duplicates than the killed sidecar's uncommitted window.
+//!
+//! Each test has its own namespace (Pod Security `restricted` enforced), its own release of
+//! the chart watching only that namespace, its own topic and group. They run one at a time
+//! (the node has two cores). Needs `make images` (the images `sluice.dev/{operator,
+//! consumer,testapp}:dev`). Run: `cargo test --release -p sluice-tests --test e2e_node --
+//! --nocapture`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Write as _;
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::ListParams;
+use kube::{Api, Client};
+use rdkafka::Message as _;
+use rdkafka::message::Headers as _;
+use rdkafka::producer::FutureRecord;
+use serde_json::{Value, json};
+use sluice_tests::kafka::{self, Topic};
+use sluice_tests::kube_env::{self, Namespace};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpListener;
+
+/// One test at a time: each runs three consumer pods, two operator replicas and the
+/// collector on a two-core node.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+const EC: &str = "recorder";
+const TESTAPP_IMAGE: &str = "sluice.dev/testapp:dev";
+const MAX_IN_FLIGHT: usize = 64;
+/// The containerd socket of the test bed's node (tests/env/lib.sh).
+const CONTAINERD_SOCK: &str = "/run/sluice/containerd/containerd.sock";
+
+// ---------------------------------------------------------------------------------------
+// Tools
+
+fn kubectl(args: &[&str], stdin: Option<&str>) -> Output {
+    run_tool("SLUICE_KUBECTL", args, stdin)
+}
+
+fn run_tool(tool: &str, args: &[&str], stdin: Option<&str>) -> Output {
+    let mut cmd = Command::new(sluice_tests::tool(tool));
+    cmd.args(args)
+        .env("KUBECONFIG", kube_env::kubeconfig_path())
+        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().unwrap_or_else(|e| panic!("running {tool} {args:?}: {e}"));
+    if let Some(input) = stdin {
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(input.as_bytes())
+            .expect("writing to the tool's stdin");
+    }
+    child.wait_with_output().unwrap_or_else(|e| panic!("waiting for {tool} {args:?}: {e}"))
+}
+
+fn ok(out: Output, what: &str) -> String {
+    assert!(
+        out.status.success(),
+        "{what} failed ({}):\n{}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn chart_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../charts/sluice")
+}
+
+// ---------------------------------------------------------------------------------------
+// The installation: a restricted namespace with its own release of the chart
+
+struct Sluice {
+    ns: Namespace,
+    release: String,
+    client: Client,
+}
+
+impl Sluice {
+    /// A namespace enforcing Pod Security `restricted`, with the chart installed into it
+    /// (operator watching only it), ready.
+    async fn install(prefix: &str) -> Sluice {
+        let client = kube_env::client().await;
+        kafka::ensure_reachable();
+        let labels = [
+            ("pod-security.kubernetes.io/enforce", "restricted"),
+            ("pod-security.kubernetes.io/enforce-version", "latest"),
+            ("pod-security.kubernetes.io/warn", "restricted"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+        let ns = Namespace::create_with_labels(&client, prefix, labels).await;
+        let release = format!("sluice-{}", ns.name).chars().take(53).collect::<String>();
+        let release = release.trim_end_matches('-').to_owned();
+        let chart = chart_dir();
+        let started = Instant::now();
+        let out = run_tool(
+            "SLUICE_HELM",
+            &[
+                "install",
+                &release,
+                chart.to_str().expect("utf-8 path"),
+                "--namespace",
+                &ns.name,
+                "--set",
+                "operator.image.tag=dev",
+                "--set",
+                "operator.image.pullPolicy=Never",
+                "--set",
+                "sidecar.image.tag=dev",
+                "--set",
+                &format!("operator.watchNamespace={}", ns.name),
+                "--set",
+                "operator.logLevel=info",
+                "--wait",
+                "--timeout",
+                "180s",
+            ],
+            None,
+        );
+        let sluice = Sluice { ns, release, client };
+        if !out.status.success() {
+            let pods = kubectl(&["get", "pods", "-n", &sluice.ns.name, "-o", "wide"], None);
+            let events = kubectl(&["get", "events", "-n", &sluice.ns.name], None);
+            panic!(
+                "helm install failed (are the images imported? `make images`):\n{}\n{}\npods:\n{}\nevents:\n{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr),
+                String::from_utf8_lossy(&pods.stdout),
+                String::from_utf8_lossy(&events.stdout),
+            );
+        }
+        println!(
+            "[{}] chart installed as {} (2 operator replicas ready) in {:.1?}",
+            sluice.ns.name,
+            sluice.release,
+            started.elapsed()
+        );
+        sluice
+    }
+
+    fn ns(&self) -> &str {
+        &self.ns.name
+    }
+
+    fn apply(&self, object: &Value) -> Output {
+        kubectl(
+            &["apply", "-n", self.ns(), "-f", "-"],
+            Some(&object.to_string()),
+        )
+    }
+
+    fn ec_status(&self, name: &str) -> Value {
+        let out = ok(
+            kubectl(&["get", "ec", name, "-n", self.ns(), "-o", "json"], None),
+            "kubectl get ec",
+        );
+        serde_json::from_str::<Value>(&out).expect("EventConsumer JSON")["status"].clone()
+    }
+
+    /// Waits until the EventConsumer's Deployment runs `replicas` updated, ready pods and
+    /// nothing else.
+    async fn wait_rolled_out(&self, name: &str, replicas: i32, timeout: Duration) {
+        let api: Api<Deployment> = Api::namespaced(self.client.clone(), self.ns());
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(d)) = api.get_opt(name).await {
+                let generation = d.metadata.generation.unwrap_or(0);
+                let want = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(-1);
+                let s = d.status.clone().unwrap_or_default();
+                if want == replicas
+                    && s.observed_generation.unwrap_or(0) >= generation
+                    && s.replicas.unwrap_or(0) == replicas
+                    && s.updated_replicas.unwrap_or(0) == replicas
+                    && s.ready_replicas.unwrap_or(0) == replicas
+                    && self.consumer_pods().await.len() == replicas as usize
+                {
+                    return;
+                }
+            }
+            if Instant::now() > deadline {
+                let pods = kubectl(&["get", "pods", "-n", self.ns(), "-o", "wide"], None);
+                let events = kubectl(&["get", "events", "-n", self.ns()], None);
+                panic!(
+                    "Deployment {name} did not roll out to {replicas} ready pods within {timeout:?}; EventConsumer status: {}\npods:\n{}\nevents:\n{}",
+                    self.ec_status(name),
+                    String::from_utf8_lossy(&pods.stdout),
+                    String::from_utf8_lossy(&events.stdout)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
+    /// The EventConsumer's pods (they carry the `sluice` sidecar), not yet being deleted.
+    async fn consumer_pods(&self) -> Vec<Pod> {
+        let api: Api<Pod> = Api::namespaced(self.client.clone(), self.ns());
+        let list = api.list(&ListParams::default()).await.expect("list pods");
+        list.items
+            .into_iter()
+            .filter(|p| p.metadata.deletion_timestamp.is_none())
+            .filter(|p| {
+                p.spec.as_ref().is_some_and(|s| {
+                    s.containers
+                        .iter()
+                        .chain(s.init_containers.iter().flatten())
+                        .any(|c| c.name == "sluice")
+                })
+            })
+            .collect()
+    }
+
+    async fn operator_pods(&self) -> Vec<Pod> {
+        let api: Api<Pod> = Api::namespaced(self.client.clone(), self.ns());
+        api.list(&ListParams::default().labels("app.kubernetes.io/component=operator"))
+            .await
+            .expect("list operator pods")
+            .items
+    }
+}
+
+impl Drop for Sluice {
+    fn drop(&mut self) {
+        // The namespace (and so the release's namespaced objects) goes when `ns` drops;
+        // uninstalling first removes the cluster-scoped RBAC too.
+        let out = run_tool(
+            "SLUICE_HELM",
+            &["uninstall", &self.release, "--namespace", &self.ns.name, "--timeout", "60s"],
+            None,
+        );
+        if !out.status.success() {
+            eprintln!(
+                "helm uninstall {} failed: {}",
+                self.release,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The collector: what the test applications received
+
+#[derive(Default)]
+struct PartitionTally {
+    offsets: Vec<i64>,
+    last: Option<Instant>,
+    longest_gap: Duration,
+}
+
+#[derive(Default)]
+struct Tally {
+    /// Deliveries per record number (the record's value).
+    counts: Vec<u32>,
+    partitions: BTreeMap<i32, PartitionTally>,
+    per_pod: BTreeMap<String, u64>,
+    /// Poison records the application refused: (partition, offset, value).
+    poison: Vec<(i32, i64, String)>,
+    malformed: Vec<String>,
+    first: Option<Instant>,
+}
+
+impl Tally {
+    fn record(&mut self, line: &str) {
+        let now = Instant::now();
+        let parts: Vec<&str> = line.splitn(6, ' ').collect();
+        let [kind, pod, partition, offset, _attempt, value] = parts[..] else {
+            self.malformed.push(line.to_owned());
+            return;
+        };
+        let (Ok(partition), Ok(offset)) = (partition.parse::<i32>(), offset.parse::<i64>()) else {
+            self.malformed.push(line.to_owned());
+            return;
+        };
+        match kind {
+            "rec" => {
+                let Ok(n) = value.parse::<usize>() else {
+                    self.malformed.push(line.to_owned());
+                    return;
+                };
+                if n >= self.counts.len() {
+                    self.counts.resize(n + 1, 0);
+                }
+                self.counts[n] += 1;
+                *self.per_pod.entry(pod.to_owned()).or_default() += 1;
+                let first = *self.first.get_or_insert(now);
+                let p = self.partitions.entry(partition).or_default();
+                let gap = now - p.last.unwrap_or(first);
+                p.longest_gap = p.longest_gap.max(gap);
+                p.last = Some(now);
+                p.offsets.push(offset);
+            }
+            "poison" => self.poison.push((partition, offset, value.to_owned())),
+            _ => self.malformed.push(line.to_owned()),
+        }
+    }
+
+    fn distinct(&self) -> usize {
+        self.counts.iter().filter(|&&c| c > 0).count()
+    }
+
+    /// Records delivered at offsets at or beyond the group's committed offsets.
+    fn beyond(&self, committed: &[Option<i64>]) -> usize {
+        self.partitions
+            .iter()
+            .map(|(p, t)| {
+                let c = committed.get(*p as usize).copied().flatten().unwrap_or(0);
+                t.offsets.iter().filter(|&&o| o >= c).collect::<BTreeSet<_>>().len()
+            })
+            .sum()
+    }
+}
+
+struct Collector {
+    addr: String,
+    tally: Arc<Mutex<Tally>>,
+}
+
+impl Collector {
+    /// Listens on the bridge gateway (the host as pods see it).
+    async fn start() -> Collector {
+        let host_ip =
+            sluice_tests::env_value("SLUICE_HOST_IP").unwrap_or_else(|| "10.88.0.1".into());
+        let listener = TcpListener::bind((host_ip.as_str(), 0))
+            .await
+            .unwrap_or_else(|e| panic!("cannot listen on {host_ip} (the node's bridge): {e}"));
+        let addr = listener.local_addr().expect("local addr").to_string();
+        let tally: Arc<Mutex<Tally>> = Arc::default();
+        let shared = tally.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let _ = stream.set_nodelay(true);
+                let tally = shared.clone();
+                tokio::spawn(async move {
+                    let (read, mut write) = stream.into_split();
+                    let mut lines = BufReader::new(read).lines();
+                    while let Ok(Some(line)) = lines.next_line().await {
+                        tally.lock().unwrap().record(&line);
+                        if write.write_all(b"ok\n").await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        Collector { addr, tally }
+    }
+
+    fn distinct(&self) -> usize {
+        self.tally.lock().unwrap().distinct()
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Figures
+
+struct Figures {
+    records: usize,
+    delivered: usize,
+    duplicates: usize,
+    lost: usize,
+    gaps: BTreeMap<i32, Duration>,
+    per_pod: BTreeMap<String, u64>,
+    elapsed: Duration,
+}
+
+impl Figures {
+    fn of(collector: &Collector, expected: &[usize], elapsed: Duration) -> Figures {
+        let t = collector.tally.lock().unwrap();
+        let count = |n: usize| t.counts.get(n).copied().unwrap_or(0) as usize;
+        let delivered = expected.iter().filter(|&&n| count(n) > 0).count();
+        let duplicates: usize = t.counts.iter().map(|&c| (c as usize).saturating_sub(1)).sum();
+        assert!(
+            t.malformed.is_empty(),
+            "the collector received malformed lines: {:?}",
+            &t.malformed[..t.malformed.len().min(5)]
+        );
+        Figures {
+            records: expected.len(),
+            delivered,
+            duplicates,
+            lost: expected.len() - delivered,
+            gaps: t.partitions.iter().map(|(p, pt)| (*p, pt.longest_gap)).collect(),
+            per_pod: t.per_pod.clone(),
+            elapsed,
+        }
+    }
+
+    fn longest_gap(&self) -> Duration {
+        self.gaps.values().copied().max().unwrap_or_default()
+    }
+
+    fn print(&self, test: &str, extra: &str) {
+        let gaps = self
+            .gaps
+            .iter()
+            .map(|(p, g)| format!("p{p}={:.2}s", g.as_secs_f64()))
+            .collect::<Vec<_>>()
+            .join(" ");
+        let pods = self
+            .per_pod
+            .iter()
+            .map(|(p, n)| format!("{p}={n}"))
+            .collect::<Vec<_>>()
+            .join(" ");
+        println!(
+            "\n=== e2e {test} ===\n\
+             | records | delivered | duplicates | lost | longest gap | elapsed |\n\
+             | {:>7} | {:>9} | {:>10} | {:>4} | {:>10.2}s | {:>6.1}s |\n\
+             longest gap per partition: {gaps}\n\
+             per pod: {pods}\n{extra}",
+            self.records,
+            self.delivered,
+            self.duplicates,
+            self.lost,
+            self.longest_gap().as_secs_f64(),
+            self.elapsed.as_secs_f64(),
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The stream
+
+/// Record `i`'s value: its number, or `poison-<i>` for the poison records.
+fn value_of(i: usize, poison_every: Option<usize>) -> String {
+    match poison_every {
+        Some(every) if i % every == every / 2 => format!("poison-{i}"),
+        _ => i.to_string(),
+    }
+}
+
+/// Produces `count` records at about `rate` per second (keys `k-<i % 500>`), in the
+/// background; resolves when every record is acknowledged.
+fn produce(
+    topic: &str,
+    count: usize,
+    rate: usize,
+    poison_every: Option<usize>,
+) -> tokio::task::JoinHandle<()> {
+    let topic = topic.to_owned();
+    tokio::spawn(async move {
+        let producer = kafka::producer();
+        let started = Instant::now();
+        let mut pending = Vec::new();
+        for i in 0..count {
+            let due = started + Duration::from_secs_f64(i as f64 / rate as f64);
+            if due > Instant::now() + Duration::from_millis(20) {
+                tokio::time::sleep_until(due.into()).await;
+            }
+            let key = format!("k-{}", i % 500);
+            let value = value_of(i, poison_every);
+            match producer.send_result(FutureRecord::to(&topic).key(&key).payload(&value)) {
+                Ok(fut) => pending.push(fut),
+                Err((e, _)) => panic!("enqueueing record {i} for {topic}: {e}"),
+            }
+            if pending.len() >= 5_000 {
+                for fut in pending.drain(..) {
+                    assert!(matches!(fut.await, Ok(Ok(_))), "producing a record to {topic} failed");
+                }
+            }
+        }
+        for fut in pending {
+            assert!(matches!(fut.await, Ok(Ok(_))), "producing a record to {topic} failed");
+        }
+    })
+}
+
+/// The EventConsumer under test: `sluice-testapp` behind the sidecar, `replicas` pods.
+fn event_consumer(
+    topic: &str,
+    group: &str,
+    collector: &str,
+    replicas: i32,
+    dead_letter: Option<&str>,
+) -> Value {
+    let mut delivery = json!({
+        "url": "http://127.0.0.1:8080/events",
+        "timeout": "5s",
+        "ordering": "partition",
+        "maxInFlight": MAX_IN_FLIGHT,
+        "retry": {"maxAttempts": 3, "initialBackoff": "100ms", "maxBackoff": "1s"},
+    });
+    if let Some(dlq) = dead_letter {
+        delivery["deadLetterTopic"] = dlq.into();
+    }
+    json!({
+        "apiVersion": "sluice.dev/v1alpha1",
+        "kind": "EventConsumer",
+        "metadata": {"name": EC},
+        "spec": {
+            "kafka": {
+                "bootstrapServers": kafka::pod_bootstrap(),
+                "topics": [topic],
+                "groupId": group,
+                "startFrom": "earliest",
+            },
+            "delivery": delivery,
+            "processing": {"maxDuration": "5s"},
+            "membership": {"protocol": "classic", "sessionTimeout": "10s"},
+            "replicas": replicas,
+            "template": {
+                "metadata": {"labels": {"app.kubernetes.io/name": "recorder"}},
+                "spec": {
+                    "securityContext": {
+                        "runAsNonRoot": true,
+                        "runAsUser": 65532,
+                        "runAsGroup": 65532,
+                        "seccompProfile": {"type": "RuntimeDefault"}
+                    },
+                    "containers": [{
+                        "name": "app",
+                        "image": TESTAPP_IMAGE,
+                        "imagePullPolicy": "Never",
+                        "ports": [{"containerPort": 8080}],
+                        "env": [
+                            {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+                            {"name": "TESTAPP_COLLECTOR", "value": collector},
+                        ],
+                        "resources": {"requests": {"cpu": "10m", "memory": "16Mi"}, "limits": {"memory": "64Mi"}},
+                        "securityContext": {
+                            "allowPrivilegeEscalation": false,
+                            "readOnlyRootFilesystem": true,
+                            "capabilities": {"drop": ["ALL"]}
+                        }
+                    }]
+                }
+            }
+        }
+    })
+}
+
+/// A consumer run: the installation, topic, group, collector and EventConsumer.
+struct Run {
+    sluice: Sluice,
+    topic: Topic,
+    group: String,
+    collector: Collector,
+    started: Instant,
+}
+
+impl Run {
+    async fn start(prefix: &str, partitions: i32, replicas: i32, dead_letter: Option<&str>) -> Run {
+        let sluice = Sluice::install(prefix).await;
+        let topic = Topic::create(prefix, partitions).await;
+        let group = kafka::group(prefix);
+        let collector = Collector::start().await;
+        let started = Instant::now();
+        let ec = event_consumer(&topic.name, &group, &collector.addr, replicas, dead_letter);
+        ok(sluice.apply(&ec), "kubectl apply EventConsumer");
+        Run { sluice, topic, group, collector, started }
+    }
+
+    fn ns(&self) -> &str {
+        self.sluice.ns()
+    }
+
+    /// Waits until `n` distinct records were delivered, or panics after `timeout`.
+    async fn wait_delivered(&self, n: usize, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while self.collector.distinct() < n {
+            if Instant::now() > deadline {
+                panic!(
+                    "only {} of {n} records delivered after {timeout:?}; EventConsumer status: {}",
+                    self.collector.distinct(),
+                    self.sluice.ec_status(EC)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Waits until every expected record was delivered and the group committed to the end
+    /// of every partition (so nothing can come again), then returns the figures. Missing
+    /// records after `timeout` are reported as lost.
+    async fn finish(&self, expected: &[usize], timeout: Duration) -> Figures {
+        let deadline = Instant::now() + timeout;
+        let topic = self.topic.name.clone();
+        let partitions = self.topic.partitions;
+        loop {
+            let t = Figures::of(&self.collector, expected, self.started.elapsed());
+            if t.lost == 0 {
+                let (group, topic) = (self.group.clone(), topic.clone());
+                let done = tokio::task::spawn_blocking(move || {
+                    let end = kafka::end_offsets(&topic, partitions);
+                    let committed = kafka::committed(&group, &topic, partitions);
+                    end.iter()
+                        .zip(&committed)
+                        .all(|(e, c)| *e == 0 || *c == Some(*e))
+                })
+                .await
+                .expect("reading offsets");
+                if done {
+                    return t;
+                }
+            }
+            if Instant::now() > deadline {
+                return t;
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    }
+
+    fn committed(&self) -> Vec<Option<i64>> {
+        kafka::committed(&self.group, &self.topic.name, self.topic.partitions)
+    }
+}
+
+/// The expected record numbers of a stream of `count` (poison records excluded).
+fn expected(count: usize, poison_every: Option<usize>) -> Vec<usize> {
+    (0..count).filter(|&i| !value_of(i, poison_every).starts_with("poison")).collect()
+}
+
+fn assert_no_loss(f: &Figures) {
+    assert_eq!(f.lost, 0, "records lost: {} of {}", f.lost, f.records);
+    assert_eq!(f.delivered, f.records);
+}
+
+// ---------------------------------------------------------------------------------------
+// The tests
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hundred_thousand_records_through_three_replicas() {
+    let _serial = SERIAL.lock().await;
+    const RECORDS: usize = 100_000;
+    let prefix = "e2e-100k";
+    // The stream is in Kafka before the consumer starts: this measures the pods' pace.
+    let sluice = Sluice::install(prefix).await;
+    let topic = Topic::create(prefix, 12).await;
+    topic.produce_numbered(RECORDS, 1000).await;
+    let group = kafka::group(prefix);
+    let collector = Collector::start().await;
+    let started = Instant::now();
+    let ec = event_consumer(&topic.name, &group, &collector.addr, 3, None);
+    ok(sluice.apply(&ec), "kubectl apply EventConsumer");
+    let run = Run { sluice, topic, group, collector, started };
+    run.sluice.wait_rolled_out(EC, 3, Duration::from_secs(120)).await;
+    let f = run.finish(&expected(RECORDS, None), Duration::from_secs(600)).await;
+    f.print("100 000 records through 3 replicas", "");
+    assert_no_loss(&f);
+    assert_eq!(f.duplicates, 0, "duplicates without any churn");
+    assert_eq!(f.per_pod.len(), 3, "every replica consumed: {:?}", f.per_pod);
+    // The status reports what runs and that the group caught up.
+    let status = run.sluice.ec_status(EC);
+    assert_eq!(status["readyReplicas"], 3, "status: {status}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rolling_update_mid_stream_loses_and_duplicates_nothing() {
+    let _serial = SERIAL.lock().await;
+    const RECORDS: usize = 30_000;
+    let run = Run::start("e2e-roll", 6, 3, None).await;
+    run.sluice.wait_rolled_out(EC, 3, Duration::from_secs(120)).await;
+    let producer = produce(&run.topic.name, RECORDS, 600, None);
+    run.wait_delivered(RECORDS / 4, Duration::from_secs(120)).await;
+    let at = run.collector.distinct();
+    // A spec change: a new pod-template annotation rolls every pod.
+    let patch = json!({"spec": {"template": {"metadata": {"annotations": {"e2e.sluice.dev/rev": "2"}}}}});
+    ok(
+        kubectl(
+            &["patch", "ec", EC, "-n", run.ns(), "--type", "merge", "-p", &patch.to_string()],
+            None,
+        ),
+        "kubectl patch ec",
+    );
+    let before: BTreeSet<String> =
+        run.sluice.consumer_pods().await.into_iter().filter_map(|p| p.metadata.name).collect();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    run.sluice.wait_rolled_out(EC, 3, Duration::from_secs(240)).await;
+    let after: BTreeSet<String> =
+        run.sluice.consumer_pods().await.into_iter().filter_map(|p| p.metadata.name).collect();
+    assert!(before.is_disjoint(&after), "every pod was replaced: before {before:?}, after {after:?}");
+    producer.await.expect("producer");
+    let f = run.finish(&expected(RECORDS, None), Duration::from_secs(300)).await;
+    f.print(
+        "rolling update mid-stream",
+        &format!("rolled at {at} delivered; pods before {before:?} after {after:?}"),
+    );
+    assert!(at < RECORDS / 2, "the rollout started mid-stream ({at} of {RECORDS} delivered)");
+    assert_no_loss(&f);
+    assert_eq!(f.duplicates, 0, "duplicates on a rolling update");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scale_down_and_up_mid_stream_loses_and_duplicates_nothing() {
+    let _serial = SERIAL.lock().await;
+    const RECORDS: usize = 30_000;
+    let run = Run::start("e2e-scale", 6, 3, None).await;
+    run.sluice.wait_rolled_out(EC, 3, Duration::from_secs(120)).await;
+    let producer = produce(&run.topic.name, RECORDS, 600, None);
+    run.wait_delivered(RECORDS / 5, Duration::from_secs(120)).await;
+    let down_at = run.collector.distinct();
+    ok(kubectl(&["scale", "ec", EC, "-n", run.ns(), "--replicas=1"], None), "kubectl scale 3 -> 1");
+    run.sluice.wait_rolled_out(EC, 1, Duration::from_secs(120)).await;
+    run.wait_delivered(down_at + RECORDS / 5, Duration::from_secs(120)).await;
+    let up_at = run.collector.distinct();
+    ok(kubectl(&["scale", "ec", EC, "-n", run.ns(), "--replicas=3"], None), "kubectl scale 1 -> 3");
+    run.sluice.wait_rolled_out(EC, 3, Duration::from_secs(120)).await;
+    producer.await.expect("producer");
+    let f = run.finish(&expected(RECORDS, None), Duration::from_secs(300)).await;
+    f.print(
+        "scale 3 -> 1 -> 3 mid-stream",
+        &format!("scaled down at {down_at}, up at {up_at} delivered"),
+    );
+    assert!(up_at < RECORDS, "the scale-up happened mid-stream ({up_at} of {RECORDS})");
+    assert_no_loss(&f);
+    assert_eq!(f.duplicates, 0, "duplicates on scale-down/up");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_delete_pod_mid_stream_loses_and_duplicates_nothing() {
+    let _serial = SERIAL.lock().await;
+    const RECORDS: usize = 30_000;
+    let run = Run::start("e2e-delete", 6, 3, None).await;
+    run.sluice.wait_rolled_out(EC, 3, Duration::from_secs(120)).await;
+    let producer = produce(&run.topic.name, RECORDS, 600, None);
+    run.wait_delivered(RECORDS / 4, Duration::from_secs(120)).await;
+    let at = run.collector.distinct();
+    let victim = run.sluice.consumer_pods().await[0].metadata.name.clone().expect("pod name");
+    ok(
+        kubectl(&["delete", "pod", &victim, "-n", run.ns(), "--wait=false"], None),
+        "kubectl delete pod",
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    run.sluice.wait_rolled_out(EC, 3, Duration::from_secs(120)).await;
+    producer.await.expect("producer");
+    let f = run.finish(&expected(RECORDS, None), Duration::from_secs(300)).await;
+    f.print("kubectl delete pod mid-stream", &format!("deleted {victim} at {at} delivered"));
+    assert!(at < RECORDS / 2, "the delete happened mid-stream");
+    assert_no_loss(&f);
+    assert_eq!(f.duplicates, 0, "duplicates on kubectl delete pod");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_mid_stream_loses_nothing_and_duplicates_within_the_uncommitted_window() {
+    let _serial = SERIAL.lock().await;
+    const RECORDS: usize = 30_000;
+    let run = Run::start("e2e-kill", 6, 3, None).await;
+    run.sluice.wait_rolled_out(EC, 3, Duration::from_secs(120)).await;
+    let producer = produce(&run.topic.name, RECORDS, 600, None);
+    run.wait_delivered(RECORDS / 4, Duration::from_secs(120)).await;
+    let at = run.collector.distinct();
+    // The sidecar (the group member) of one pod is killed without warning: no drain, no
+    // commit, no LeaveGroup. Its partitions stall until the session times out (10 s), then
+    // move; what it delivered but had not committed comes again.
+    let pod = run.sluice.consumer_pods().await.remove(0);
+    let pod_name = pod.metadata.name.clone().expect("pod name");
+    let statuses = pod.status.clone().unwrap_or_default();
+    let sidecar = statuses
+        .init_container_statuses
+        .iter()
+        .flatten()
+        .chain(statuses.container_statuses.iter().flatten())
+        .find(|c| c.name == "sluice")
+        .unwrap_or_else(|| panic!("pod {pod_name} has no sluice container status"))
+        .clone();
+    let id = sidecar
+        .container_id
+        .as_deref()
+        .and_then(|id| id.strip_prefix("containerd://"))
+        .unwrap_or_else(|| panic!("the sluice container of {pod_name} has no containerd id"))
+        .to_owned();
+    let kill = Command::new("ctr")
+        .args(["--address", CONTAINERD_SOCK, "-n", "k8s.io", "tasks", "kill", "-s", "SIGKILL", &id])
+        .output()
+        .expect("running ctr");
+    assert!(
+        kill.status.success(),
+        "ctr tasks kill failed: {}",
+        String::from_utf8_lossy(&kill.stderr)
+    );
+    // The window, measured right after the kill: every record delivered at or beyond the
+    // group's committed offsets may come again, plus what was in flight to the
+    // application when the sidecar died (at most maxInFlight).
+    let committed = tokio::task::block_in_place(|| run.committed());
+    let window = run.collector.tally.lock().unwrap().beyond(&committed) + MAX_IN_FLIGHT;
+    // The kubelet restarts the sidecar.
+    let pods: Api<Pod> = Api::namespaced(run.sluice.client.clone(), run.ns());
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let p = pods.get(&pod_name).await.expect("get pod");
+        let st = p.status.unwrap_or_default();
+        let restarted = st
+            .init_container_statuses
+            .iter()
+            .flatten()
+            .chain(st.container_statuses.iter().flatten())
+            .find(|c| c.name == "sluice")
+            .is_some_and(|c| c.restart_count > sidecar.restart_count && c.ready);
+        if restarted {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the killed sidecar of {pod_name} was not restarted");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    producer.await.expect("producer");
+    let f = run.finish(&expected(RECORDS, None), Duration::from_secs(300)).await;
+    f.print(
+        "SIGKILL of a sidecar mid-stream",
+        &format!("killed the sluice container of {pod_name} at {at} delivered; uncommitted window {window}"),
+    );
+    assert!(at < RECORDS / 2, "the kill happened mid-stream");
+    assert_no_loss(&f);
+    assert!(
+        f.duplicates <= window,
+        "{} duplicates exceed the uncommitted window of {window}",
+        f.duplicates
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_records_land_in_the_dead_letter_topic_while_the_partition_flows() {
+    let _serial = SERIAL.lock().await;
+    const RECORDS: usize = 6_000;
+    const POISON_EVERY: usize = 200;
+    let dlq = Topic::create("e2e-dlq", 1).await;
+    let run = Run::start("e2e-poison", 3, 2, Some(&dlq.name)).await;
+    run.sluice.wait_rolled_out(EC, 2, Duration::from_secs(120)).await;
+    produce(&run.topic.name, RECORDS, 1000, Some(POISON_EVERY)).await.expect("producer");
+    let wanted = expected(RECORDS, Some(POISON_EVERY));
+    let poison_count = RECORDS - wanted.len();
+    let f = run.finish(&wanted, Duration::from_secs(300)).await;
+    let dead = tokio::task::block_in_place(|| {
+        kafka::read_all(&dlq.name, poison_count, Duration::from_secs(60))
+    });
+    let (poison_seen, flowing) = {
+        let t = run.collector.tally.lock().unwrap();
+        // Each poison record's partition kept flowing: records after it on that partition
+        // were delivered.
+        let flowing = t.poison.iter().all(|(p, o, _)| {
+            t.partitions.get(p).is_some_and(|pt| pt.offsets.iter().any(|x| x > o))
+        });
+        (t.poison.len(), flowing)
+    };
+    f.print(
+        "poison records",
+        &format!("{poison_count} poison records produced, {poison_seen} refused by the app, {} in the dead-letter topic", dead.len()),
+    );
+    assert_no_loss(&f);
+    assert_eq!(f.duplicates, 0);
+    assert_eq!(dead.len(), poison_count, "dead-lettered records");
+    let mut values = BTreeSet::new();
+    for m in &dead {
+        let header = |name: &str| {
+            m.headers()
+                .and_then(|h| h.iter().find(|x| x.key == name))
+                .and_then(|x| x.value)
+                .map(|v| String::from_utf8_lossy(v).into_owned())
+        };
+        let value = String::from_utf8_lossy(m.payload().unwrap_or_default()).into_owned();
+        assert!(value.starts_with("poison-"), "only poison records are dead-lettered, got {value}");
+        assert_eq!(header("sluice-dlq-reason").as_deref(), Some("http_4xx"), "reason of {value}");
+        assert_eq!(header("sluice-dlq-topic").as_deref(), Some(run.topic.name.as_str()));
+        assert_eq!(header("sluice-dlq-group").as_deref(), Some(run.group.as_str()));
+        assert_eq!(header("sluice-dlq-attempts").as_deref(), Some("1"), "a 4xx is not retried");
+        assert!(header("sluice-dlq-partition").is_some() && header("sluice-dlq-offset").is_some());
+        assert!(m.key().is_some_and(|k| k.starts_with(b"k-")), "the original key is kept");
+        values.insert(value);
+    }
+    assert_eq!(values.len(), poison_count, "each poison record dead-lettered once");
+    assert!(flowing, "a partition stopped at a poison record");
+    assert!(
+        f.longest_gap() < Duration::from_secs(5),
+        "a partition stalled for {:?} around poison records",
+        f.longest_gap()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_eventconsumer_is_rejected_and_a_missing_secret_shows_degraded() {
+    let _serial = SERIAL.lock().await;
+    let sluice = Sluice::install("e2e-invalid").await;
+    // The API server rejects what the schema and CEL rules forbid.
+    let mut invalid = event_consumer("orders", "g", "10.88.0.1:1", 1, None);
+    invalid["spec"]["delivery"]["url"] = "http://10.1.2.3:8080/events".into();
+    let out = sluice.apply(&invalid);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    println!("\n=== e2e invalid EventConsumer ===\nkubectl apply: {}", stderr.trim());
+    assert!(!out.status.success(), "the API server accepted a non-loopback delivery.url");
+    assert!(
+        stderr.contains("spec.delivery.url")
+            && stderr.contains("must be an http URL on the pod's loopback interface"),
+        "unexpected rejection: {stderr}"
+    );
+    let mut invalid = event_consumer("orders", "g", "10.88.0.1:1", 1, None);
+    invalid["spec"]["delivery"]["retry"] = json!({"initialBackoff": "10s", "maxBackoff": "1s"});
+    let out = sluice.apply(&invalid);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    println!("kubectl apply: {}", stderr.trim());
+    assert!(!out.status.success(), "the API server accepted initialBackoff > maxBackoff");
+    assert!(stderr.contains("initialBackoff"), "unexpected rejection: {stderr}");
+
+    // A missing Secret is something only the operator can tell: Degraded with the reason.
+    let mut missing = event_consumer("orders", "g", "10.88.0.1:1", 1, None);
+    missing["spec"]["kafka"]["auth"] =
+        json!({"sasl": {"mechanism": "SCRAM-SHA-512", "secretRef": {"name": "no-such-user"}}});
+    ok(sluice.apply(&missing), "kubectl apply (missing Secret)");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let degraded = loop {
+        let status = sluice.ec_status(EC);
+        let found = status["conditions"]
+            .as_array()
+            .and_then(|cs| cs.iter().find(|c| c["type"] == "Degraded" && c["status"] == "True"))
+            .cloned();
+        if let Some(c) = found {
+            break c;
+        }
+        assert!(Instant::now() < deadline, "no Degraded condition within 60 s; status: {status}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    println!("Degraded: reason={} message={}", degraded["reason"], degraded["message"]);
+    assert_eq!(degraded["reason"], "SecretNotFound");
+    assert!(
+        degraded["message"].as_str().is_some_and(|m| m.contains("no-such-user")),
+        "the message names the Secret: {degraded}"
+    );
+    let events = ok(
+        kubectl(&["get", "events", "-n", sluice.ns(), "--field-selector", "type=Warning", "-o", "json"], None),
+        "kubectl get events",
+    );
+    assert!(events.contains("SecretNotFound"), "a Warning event with the reason: {events}");
+    // Never a crash loop: the operator pods did not restart.
+    for p in sluice.operator_pods().await {
+        let restarts: i32 = p
+            .status
+            .and_then(|s| s.container_statuses)
+            .unwrap_or_default()
+            .iter()
+            .map(|c| c.restart_count)
+            .sum();
+        assert_eq!(restarts, 0, "operator pod {:?} restarted", p.metadata.name);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restricted_pod_security_admits_everything_sluice_creates() {
+    let _serial = SERIAL.lock().await;
+    let run = Run::start("e2e-psa", 2, 2, None).await;
+    // Enforcement is on: a pod that is not restricted-compliant is refused.
+    let rogue = json!({
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "rogue"},
+        "spec": {"containers": [{"name": "c", "image": TESTAPP_IMAGE, "imagePullPolicy": "Never"}]}
+    });
+    let out = run.sluice.apply(&rogue);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("violates PodSecurity \"restricted:latest\""),
+        "a non-compliant pod was not refused: {stderr}"
+    );
+    // Everything Sluice creates runs: both operator replicas and the consumer pods.
+    run.sluice.wait_rolled_out(EC, 2, Duration::from_secs(120)).await;
+    let operators = run.sluice.operator_pods().await;
+    assert_eq!(operators.len(), 2, "two operator replicas");
+    let producer = produce(&run.topic.name, 1000, 1000, None);
+    producer.await.expect("producer");
+    let f = run.finish(&expected(1000, None), Duration::from_secs(120)).await;
+    // No pod was refused along the way.
+    let events = ok(
+        kubectl(&["get", "events", "-n", run.ns(), "-o", "json"], None),
+        "kubectl get events",
+    );
+    f.print(
+        "restricted Pod Security",
+        &format!(
+            "namespace {} enforces restricted; rogue pod refused: {}",
+            run.ns(),
+            stderr.lines().next().unwrap_or_default()
+        ),
+    );
+    assert!(!events.contains("violates PodSecurity"), "Sluice created a refused pod: {events}");
+    assert_no_loss(&f);
+    // The leader holds the Lease.
+    let lease = ok(
+        kubectl(&["get", "lease", "-n", run.ns(), "-o", "jsonpath={.items[*].spec.holderIdentity}"], None),
+        "kubectl get lease",
+    );
+    let names: Vec<String> = operators.iter().filter_map(|p| p.metadata.name.clone()).collect();
+    assert!(names.iter().any(|n| lease.contains(n.as_str())), "the Lease holder {lease:?} is one of {names:?}");
+}
