@@ -44,7 +44,13 @@ impl Receipt {
     pub fn to_line(&self) -> String {
         format!(
             "receipt {} {} {} {} {} {} {}\n",
-            self.pod, self.partition, self.offset, self.seq, self.sku, self.quantity, self.remaining
+            self.pod,
+            self.partition,
+            self.offset,
+            self.seq,
+            self.sku,
+            self.quantity,
+            self.remaining
         )
     }
 

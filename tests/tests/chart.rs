@@ -23,13 +23,22 @@ fn run(tool: &str, args: &[&str], stdin: Option<&str>) -> Output {
     let mut child = Command::new(sluice_tests::tool(tool))
         .args(args)
         .env("KUBECONFIG", kube_env::kubeconfig_path())
-        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap_or_else(|e| panic!("running {tool}: {e}"));
     if let Some(input) = stdin {
-        child.stdin.take().expect("stdin").write_all(input.as_bytes()).expect("stdin");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(input.as_bytes())
+            .expect("stdin");
     }
     child.wait_with_output().expect("waiting for the tool")
 }
@@ -48,10 +57,22 @@ fn helm_lint_passes_strictly() {
     assert!(out.status.success(), "helm lint failed:\n{}", text(&out));
     let out = run(
         "SLUICE_HELM",
-        &["lint", "--strict", &chart(), "--set", "metrics.serviceMonitor.enabled=true", "--set", "operator.watchNamespace=shop"],
+        &[
+            "lint",
+            "--strict",
+            &chart(),
+            "--set",
+            "metrics.serviceMonitor.enabled=true",
+            "--set",
+            "operator.watchNamespace=shop",
+        ],
         None,
     );
-    assert!(out.status.success(), "helm lint (ServiceMonitor, one namespace) failed:\n{}", text(&out));
+    assert!(
+        out.status.success(),
+        "helm lint (ServiceMonitor, one namespace) failed:\n{}",
+        text(&out)
+    );
 }
 
 #[tokio::test]
@@ -66,7 +87,15 @@ async fn rendered_chart_is_accepted_by_the_api_server_under_restricted_pod_secur
     .map(|(k, v)| (k.to_owned(), v.to_owned()))
     .collect();
     let ns = Namespace::create_with_labels(&client, "chart", labels).await;
-    for extra in [&[][..], &["--set", "operator.watchNamespace=shop", "--set", "networkPolicy.enabled=false"][..]] {
+    for extra in [
+        &[][..],
+        &[
+            "--set",
+            "operator.watchNamespace=shop",
+            "--set",
+            "networkPolicy.enabled=false",
+        ][..],
+    ] {
         let chart_path = chart();
         let mut args = vec![
             "template",
@@ -79,10 +108,25 @@ async fn rendered_chart_is_accepted_by_the_api_server_under_restricted_pod_secur
         ];
         args.extend_from_slice(extra);
         let rendered = run("SLUICE_HELM", &args, None);
-        assert!(rendered.status.success(), "helm template {extra:?} failed:\n{}", text(&rendered));
+        assert!(
+            rendered.status.success(),
+            "helm template {extra:?} failed:\n{}",
+            text(&rendered)
+        );
         let manifests = String::from_utf8_lossy(&rendered.stdout).into_owned();
-        for kind in ["ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding", "Deployment", "Service"] {
-            assert!(manifests.contains(&format!("kind: {kind}\n")), "the chart renders no {kind}");
+        for kind in [
+            "ServiceAccount",
+            "ClusterRole",
+            "ClusterRoleBinding",
+            "Role",
+            "RoleBinding",
+            "Deployment",
+            "Service",
+        ] {
+            assert!(
+                manifests.contains(&format!("kind: {kind}\n")),
+                "the chart renders no {kind}"
+            );
         }
         let applied = run(
             "SLUICE_KUBECTL",
@@ -90,12 +134,18 @@ async fn rendered_chart_is_accepted_by_the_api_server_under_restricted_pod_secur
             Some(&manifests),
         );
         let out = text(&applied);
-        assert!(applied.status.success(), "the API server refused the rendered chart {extra:?}:\n{out}");
+        assert!(
+            applied.status.success(),
+            "the API server refused the rendered chart {extra:?}:\n{out}"
+        );
         assert!(
             !out.contains("would violate PodSecurity"),
             "the operator's pods are not Pod Security restricted:\n{out}"
         );
-        assert!(out.contains("deployment.apps/sluice-chart-test created (server dry run)"), "{out}");
+        assert!(
+            out.contains("deployment.apps/sluice-chart-test created (server dry run)"),
+            "{out}"
+        );
     }
 }
 
@@ -108,22 +158,35 @@ fn values_schema_refuses_bad_values() {
         ("operator.watchNamespace=Not_A_Namespace", "watchNamespace"),
         ("unknownKey=1", "unknownKey"),
     ] {
-        let out = run("SLUICE_HELM", &["template", "x", &chart(), "--set", set], None);
+        let out = run(
+            "SLUICE_HELM",
+            &["template", "x", &chart(), "--set", set],
+            None,
+        );
         let all = text(&out);
         assert!(!out.status.success(), "helm template accepted --set {set}");
-        assert!(all.contains("schema") && all.contains(why), "--set {set}: unexpected error:\n{all}");
+        assert!(
+            all.contains("schema") && all.contains(why),
+            "--set {set}: unexpected error:\n{all}"
+        );
     }
 }
 
 #[test]
 fn every_rbac_rule_says_why() {
-    let rbac = std::fs::read_to_string(repo().join("charts/sluice/templates/rbac.yaml")).expect("rbac.yaml");
+    let rbac = std::fs::read_to_string(repo().join("charts/sluice/templates/rbac.yaml"))
+        .expect("rbac.yaml");
     let lines: Vec<&str> = rbac.lines().collect();
     let mut rules = 0;
     for (i, line) in lines.iter().enumerate() {
         if line.trim_start().starts_with("- apiGroups:") {
             rules += 1;
-            let previous = lines[..i].iter().rev().find(|l| !l.trim().is_empty()).copied().unwrap_or("");
+            let previous = lines[..i]
+                .iter()
+                .rev()
+                .find(|l| !l.trim().is_empty())
+                .copied()
+                .unwrap_or("");
             assert!(
                 previous.trim_start().starts_with('#'),
                 "RBAC rule at line {} has no comment saying why: {line}",
@@ -131,10 +194,18 @@ fn every_rbac_rule_says_why() {
             );
         }
         if line.contains("verbs:") {
-            assert!(!line.contains('*'), "wildcard verbs at line {}: {line}", i + 1);
+            assert!(
+                !line.contains('*'),
+                "wildcard verbs at line {}: {line}",
+                i + 1
+            );
         }
         if line.contains("resources:") || line.contains("apiGroups:") {
-            assert!(!line.contains("\"*\"") && !line.contains("[*]"), "wildcard at line {}: {line}", i + 1);
+            assert!(
+                !line.contains("\"*\"") && !line.contains("[*]"),
+                "wildcard at line {}: {line}",
+                i + 1
+            );
         }
     }
     assert!(rules >= 8, "expected the operator's rules, found {rules}");
@@ -147,12 +218,19 @@ fn plain_manifests_are_rendered_from_the_current_chart() {
         .env("SLUICE_HELM", sluice_tests::tool("SLUICE_HELM"))
         .output()
         .expect("running deploy/manifests/render.sh");
-    assert!(out.status.success(), "render.sh failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "render.sh failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let committed = std::fs::read_to_string(repo().join("deploy/manifests/sluice.yaml"))
         .expect("deploy/manifests/sluice.yaml (run `make manifests`)");
     assert!(
         committed == String::from_utf8_lossy(&out.stdout),
         "deploy/manifests/sluice.yaml is stale: run `make manifests` and commit it"
     );
-    assert!(committed.contains("kind: CustomResourceDefinition"), "the manifests include the CRD");
+    assert!(
+        committed.contains("kind: CustomResourceDefinition"),
+        "the manifests include the CRD"
+    );
 }

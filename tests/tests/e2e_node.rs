@@ -57,10 +57,16 @@ fn run_tool(tool: &str, args: &[&str], stdin: Option<&str>) -> Output {
     let mut cmd = Command::new(sluice_tests::tool(tool));
     cmd.args(args)
         .env("KUBECONFIG", kube_env::kubeconfig_path())
-        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    let mut child = cmd.spawn().unwrap_or_else(|e| panic!("running {tool} {args:?}: {e}"));
+    let mut child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("running {tool} {args:?}: {e}"));
     if let Some(input) = stdin {
         child
             .stdin
@@ -69,7 +75,9 @@ fn run_tool(tool: &str, args: &[&str], stdin: Option<&str>) -> Output {
             .write_all(input.as_bytes())
             .expect("writing to the tool's stdin");
     }
-    child.wait_with_output().unwrap_or_else(|e| panic!("waiting for {tool} {args:?}: {e}"))
+    child
+        .wait_with_output()
+        .unwrap_or_else(|e| panic!("waiting for {tool} {args:?}: {e}"))
 }
 
 fn ok(out: Output, what: &str) -> String {
@@ -111,7 +119,10 @@ impl Sluice {
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
         .collect();
         let ns = Namespace::create_with_labels(&client, prefix, labels).await;
-        let release = format!("sluice-{}", ns.name).chars().take(53).collect::<String>();
+        let release = format!("sluice-{}", ns.name)
+            .chars()
+            .take(53)
+            .collect::<String>();
         let release = release.trim_end_matches('-').to_owned();
         let chart = chart_dir();
         let started = Instant::now();
@@ -139,7 +150,11 @@ impl Sluice {
             ],
             None,
         );
-        let sluice = Sluice { ns, release, client };
+        let sluice = Sluice {
+            ns,
+            release,
+            client,
+        };
         if !out.status.success() {
             let pods = kubectl(&["get", "pods", "-n", &sluice.ns.name, "-o", "wide"], None);
             let events = kubectl(&["get", "events", "-n", &sluice.ns.name], None);
@@ -246,7 +261,14 @@ impl Drop for Sluice {
         // uninstalling first removes the cluster-scoped RBAC too.
         let out = run_tool(
             "SLUICE_HELM",
-            &["uninstall", &self.release, "--namespace", &self.ns.name, "--timeout", "60s"],
+            &[
+                "uninstall",
+                &self.release,
+                "--namespace",
+                &self.ns.name,
+                "--timeout",
+                "60s",
+            ],
             None,
         );
         if !out.status.success() {
@@ -326,7 +348,11 @@ impl Tally {
             .iter()
             .map(|(p, t)| {
                 let c = committed.get(*p as usize).copied().flatten().unwrap_or(0);
-                t.offsets.iter().filter(|&&o| o >= c).collect::<BTreeSet<_>>().len()
+                t.offsets
+                    .iter()
+                    .filter(|&&o| o >= c)
+                    .collect::<BTreeSet<_>>()
+                    .len()
             })
             .sum()
     }
@@ -390,7 +416,11 @@ impl Figures {
         let t = collector.tally.lock().unwrap();
         let count = |n: usize| t.counts.get(n).copied().unwrap_or(0) as usize;
         let delivered = expected.iter().filter(|&&n| count(n) > 0).count();
-        let duplicates: usize = t.counts.iter().map(|&c| (c as usize).saturating_sub(1)).sum();
+        let duplicates: usize = t
+            .counts
+            .iter()
+            .map(|&c| (c as usize).saturating_sub(1))
+            .sum();
         assert!(
             t.malformed.is_empty(),
             "the collector received malformed lines: {:?}",
@@ -401,7 +431,11 @@ impl Figures {
             delivered,
             duplicates,
             lost: expected.len() - delivered,
-            gaps: t.partitions.iter().map(|(p, pt)| (*p, pt.longest_gap)).collect(),
+            gaps: t
+                .partitions
+                .iter()
+                .map(|(p, pt)| (*p, pt.longest_gap))
+                .collect(),
             per_pod: t.per_pod.clone(),
             elapsed,
         }
@@ -477,12 +511,18 @@ fn produce(
             }
             if pending.len() >= 5_000 {
                 for fut in pending.drain(..) {
-                    assert!(matches!(fut.await, Ok(Ok(_))), "producing a record to {topic} failed");
+                    assert!(
+                        matches!(fut.await, Ok(Ok(_))),
+                        "producing a record to {topic} failed"
+                    );
                 }
             }
         }
         for fut in pending {
-            assert!(matches!(fut.await, Ok(Ok(_))), "producing a record to {topic} failed");
+            assert!(
+                matches!(fut.await, Ok(Ok(_))),
+                "producing a record to {topic} failed"
+            );
         }
     })
 }
@@ -569,7 +609,13 @@ impl Run {
         let started = Instant::now();
         let ec = event_consumer(&topic.name, &group, &collector.addr, replicas, dead_letter);
         ok(sluice.apply(&ec), "kubectl apply EventConsumer");
-        Run { sluice, topic, group, collector, started }
+        Run {
+            sluice,
+            topic,
+            group,
+            collector,
+            started,
+        }
     }
 
     fn ns(&self) -> &str {
@@ -629,7 +675,9 @@ impl Run {
 
 /// The expected record numbers of a stream of `count` (poison records excluded).
 fn expected(count: usize, poison_every: Option<usize>) -> Vec<usize> {
-    (0..count).filter(|&i| !value_of(i, poison_every).starts_with("poison")).collect()
+    (0..count)
+        .filter(|&i| !value_of(i, poison_every).starts_with("poison"))
+        .collect()
 }
 
 fn assert_no_loss(f: &Figures) {
@@ -654,13 +702,28 @@ async fn hundred_thousand_records_through_three_replicas() {
     let started = Instant::now();
     let ec = event_consumer(&topic.name, &group, &collector.addr, 3, None);
     ok(sluice.apply(&ec), "kubectl apply EventConsumer");
-    let run = Run { sluice, topic, group, collector, started };
-    run.sluice.wait_rolled_out(EC, 3, Duration::from_secs(120)).await;
-    let f = run.finish(&expected(RECORDS, None), Duration::from_secs(600)).await;
+    let run = Run {
+        sluice,
+        topic,
+        group,
+        collector,
+        started,
+    };
+    run.sluice
+        .wait_rolled_out(EC, 3, Duration::from_secs(120))
+        .await;
+    let f = run
+        .finish(&expected(RECORDS, None), Duration::from_secs(600))
+        .await;
     f.print("100 000 records through 3 replicas", "");
     assert_no_loss(&f);
     assert_eq!(f.duplicates, 0, "duplicates without any churn");
-    assert_eq!(f.per_pod.len(), 3, "every replica consumed: {:?}", f.per_pod);
+    assert_eq!(
+        f.per_pod.len(),
+        3,
+        "every replica consumed: {:?}",
+        f.per_pod
+    );
     // The status reports what runs and that the group caught up.
     let status = run.sluice.ec_status(EC);
     assert_eq!(status["readyReplicas"], 3, "status: {status}");
@@ -671,33 +734,67 @@ async fn rolling_update_mid_stream_loses_and_duplicates_nothing() {
     let _serial = SERIAL.lock().await;
     const RECORDS: usize = 30_000;
     let run = Run::start("e2e-roll", 6, 3, None).await;
-    run.sluice.wait_rolled_out(EC, 3, Duration::from_secs(120)).await;
+    run.sluice
+        .wait_rolled_out(EC, 3, Duration::from_secs(120))
+        .await;
     let producer = produce(&run.topic.name, RECORDS, 600, None);
-    run.wait_delivered(RECORDS / 4, Duration::from_secs(120)).await;
+    run.wait_delivered(RECORDS / 4, Duration::from_secs(120))
+        .await;
     let at = run.collector.distinct();
     // A spec change: a new pod-template annotation rolls every pod.
-    let patch = json!({"spec": {"template": {"metadata": {"annotations": {"e2e.sluice.dev/rev": "2"}}}}});
+    let patch =
+        json!({"spec": {"template": {"metadata": {"annotations": {"e2e.sluice.dev/rev": "2"}}}}});
     ok(
         kubectl(
-            &["patch", "ec", EC, "-n", run.ns(), "--type", "merge", "-p", &patch.to_string()],
+            &[
+                "patch",
+                "ec",
+                EC,
+                "-n",
+                run.ns(),
+                "--type",
+                "merge",
+                "-p",
+                &patch.to_string(),
+            ],
             None,
         ),
         "kubectl patch ec",
     );
-    let before: BTreeSet<String> =
-        run.sluice.consumer_pods().await.into_iter().filter_map(|p| p.metadata.name).collect();
+    let before: BTreeSet<String> = run
+        .sluice
+        .consumer_pods()
+        .await
+        .into_iter()
+        .filter_map(|p| p.metadata.name)
+        .collect();
     tokio::time::sleep(Duration::from_secs(2)).await;
-    run.sluice.wait_rolled_out(EC, 3, Duration::from_secs(240)).await;
-    let after: BTreeSet<String> =
-        run.sluice.consumer_pods().await.into_iter().filter_map(|p| p.metadata.name).collect();
-    assert!(before.is_disjoint(&after), "every pod was replaced: before {before:?}, after {after:?}");
+    run.sluice
+        .wait_rolled_out(EC, 3, Duration::from_secs(240))
+        .await;
+    let after: BTreeSet<String> = run
+        .sluice
+        .consumer_pods()
+        .await
+        .into_iter()
+        .filter_map(|p| p.metadata.name)
+        .collect();
+    assert!(
+        before.is_disjoint(&after),
+        "every pod was replaced: before {before:?}, after {after:?}"
+    );
     producer.await.expect("producer");
-    let f = run.finish(&expected(RECORDS, None), Duration::from_secs(300)).await;
+    let f = run
+        .finish(&expected(RECORDS, None), Duration::from_secs(300))
+        .await;
     f.print(
         "rolling update mid-stream",
         &format!("rolled at {at} delivered; pods before {before:?} after {after:?}"),
     );
-    assert!(at < RECORDS / 2, "the rollout started mid-stream ({at} of {RECORDS} delivered)");
+    assert!(
+        at < RECORDS / 2,
+        "the rollout started mid-stream ({at} of {RECORDS} delivered)"
+    );
     assert_no_loss(&f);
     assert_eq!(f.duplicates, 0, "duplicates on a rolling update");
 }
@@ -707,23 +804,42 @@ async fn scale_down_and_up_mid_stream_loses_and_duplicates_nothing() {
     let _serial = SERIAL.lock().await;
     const RECORDS: usize = 30_000;
     let run = Run::start("e2e-scale", 6, 3, None).await;
-    run.sluice.wait_rolled_out(EC, 3, Duration::from_secs(120)).await;
+    run.sluice
+        .wait_rolled_out(EC, 3, Duration::from_secs(120))
+        .await;
     let producer = produce(&run.topic.name, RECORDS, 600, None);
-    run.wait_delivered(RECORDS / 5, Duration::from_secs(120)).await;
+    run.wait_delivered(RECORDS / 5, Duration::from_secs(120))
+        .await;
     let down_at = run.collector.distinct();
-    ok(kubectl(&["scale", "ec", EC, "-n", run.ns(), "--replicas=1"], None), "kubectl scale 3 -> 1");
-    run.sluice.wait_rolled_out(EC, 1, Duration::from_secs(120)).await;
-    run.wait_delivered(down_at + RECORDS / 5, Duration::from_secs(120)).await;
+    ok(
+        kubectl(&["scale", "ec", EC, "-n", run.ns(), "--replicas=1"], None),
+        "kubectl scale 3 -> 1",
+    );
+    run.sluice
+        .wait_rolled_out(EC, 1, Duration::from_secs(120))
+        .await;
+    run.wait_delivered(down_at + RECORDS / 5, Duration::from_secs(120))
+        .await;
     let up_at = run.collector.distinct();
-    ok(kubectl(&["scale", "ec", EC, "-n", run.ns(), "--replicas=3"], None), "kubectl scale 1 -> 3");
-    run.sluice.wait_rolled_out(EC, 3, Duration::from_secs(120)).await;
+    ok(
+        kubectl(&["scale", "ec", EC, "-n", run.ns(), "--replicas=3"], None),
+        "kubectl scale 1 -> 3",
+    );
+    run.sluice
+        .wait_rolled_out(EC, 3, Duration::from_secs(120))
+        .await;
     producer.await.expect("producer");
-    let f = run.finish(&expected(RECORDS, None), Duration::from_secs(300)).await;
+    let f = run
+        .finish(&expected(RECORDS, None), Duration::from_secs(300))
+        .await;
     f.print(
         "scale 3 -> 1 -> 3 mid-stream",
         &format!("scaled down at {down_at}, up at {up_at} delivered"),
     );
-    assert!(up_at < RECORDS, "the scale-up happened mid-stream ({up_at} of {RECORDS})");
+    assert!(
+        up_at < RECORDS,
+        "the scale-up happened mid-stream ({up_at} of {RECORDS})"
+    );
     assert_no_loss(&f);
     assert_eq!(f.duplicates, 0, "duplicates on scale-down/up");
 }
@@ -733,20 +849,37 @@ async fn kubectl_delete_pod_mid_stream_loses_and_duplicates_nothing() {
     let _serial = SERIAL.lock().await;
     const RECORDS: usize = 30_000;
     let run = Run::start("e2e-delete", 6, 3, None).await;
-    run.sluice.wait_rolled_out(EC, 3, Duration::from_secs(120)).await;
+    run.sluice
+        .wait_rolled_out(EC, 3, Duration::from_secs(120))
+        .await;
     let producer = produce(&run.topic.name, RECORDS, 600, None);
-    run.wait_delivered(RECORDS / 4, Duration::from_secs(120)).await;
+    run.wait_delivered(RECORDS / 4, Duration::from_secs(120))
+        .await;
     let at = run.collector.distinct();
-    let victim = run.sluice.consumer_pods().await[0].metadata.name.clone().expect("pod name");
+    let victim = run.sluice.consumer_pods().await[0]
+        .metadata
+        .name
+        .clone()
+        .expect("pod name");
     ok(
-        kubectl(&["delete", "pod", &victim, "-n", run.ns(), "--wait=false"], None),
+        kubectl(
+            &["delete", "pod", &victim, "-n", run.ns(), "--wait=false"],
+            None,
+        ),
         "kubectl delete pod",
     );
     tokio::time::sleep(Duration::from_secs(2)).await;
-    run.sluice.wait_rolled_out(EC, 3, Duration::from_secs(120)).await;
+    run.sluice
+        .wait_rolled_out(EC, 3, Duration::from_secs(120))
+        .await;
     producer.await.expect("producer");
-    let f = run.finish(&expected(RECORDS, None), Duration::from_secs(300)).await;
-    f.print("kubectl delete pod mid-stream", &format!("deleted {victim} at {at} delivered"));
+    let f = run
+        .finish(&expected(RECORDS, None), Duration::from_secs(300))
+        .await;
+    f.print(
+        "kubectl delete pod mid-stream",
+        &format!("deleted {victim} at {at} delivered"),
+    );
     assert!(at < RECORDS / 2, "the delete happened mid-stream");
     assert_no_loss(&f);
     assert_eq!(f.duplicates, 0, "duplicates on kubectl delete pod");
@@ -757,9 +890,12 @@ async fn sigkill_mid_stream_loses_nothing_and_duplicates_within_the_uncommitted_
     let _serial = SERIAL.lock().await;
     const RECORDS: usize = 30_000;
     let run = Run::start("e2e-kill", 6, 3, None).await;
-    run.sluice.wait_rolled_out(EC, 3, Duration::from_secs(120)).await;
+    run.sluice
+        .wait_rolled_out(EC, 3, Duration::from_secs(120))
+        .await;
     let producer = produce(&run.topic.name, RECORDS, 600, None);
-    run.wait_delivered(RECORDS / 4, Duration::from_secs(120)).await;
+    run.wait_delivered(RECORDS / 4, Duration::from_secs(120))
+        .await;
     let at = run.collector.distinct();
     // The sidecar (the group member) of one pod is killed without warning: no drain, no
     // commit, no LeaveGroup. Its partitions stall until the session times out (10 s), then
@@ -782,7 +918,17 @@ async fn sigkill_mid_stream_loses_nothing_and_duplicates_within_the_uncommitted_
         .unwrap_or_else(|| panic!("the sluice container of {pod_name} has no containerd id"))
         .to_owned();
     let kill = Command::new("ctr")
-        .args(["--address", CONTAINERD_SOCK, "-n", "k8s.io", "tasks", "kill", "-s", "SIGKILL", &id])
+        .args([
+            "--address",
+            CONTAINERD_SOCK,
+            "-n",
+            "k8s.io",
+            "tasks",
+            "kill",
+            "-s",
+            "SIGKILL",
+            &id,
+        ])
         .output()
         .expect("running ctr");
     assert!(
@@ -811,11 +957,16 @@ async fn sigkill_mid_stream_loses_nothing_and_duplicates_within_the_uncommitted_
         if restarted {
             break;
         }
-        assert!(Instant::now() < deadline, "the killed sidecar of {pod_name} was not restarted");
+        assert!(
+            Instant::now() < deadline,
+            "the killed sidecar of {pod_name} was not restarted"
+        );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     producer.await.expect("producer");
-    let f = run.finish(&expected(RECORDS, None), Duration::from_secs(300)).await;
+    let f = run
+        .finish(&expected(RECORDS, None), Duration::from_secs(300))
+        .await;
     f.print(
         "SIGKILL of a sidecar mid-stream",
         &format!("killed the sluice container of {pod_name} at {at} delivered; uncommitted window {window}"),
@@ -836,8 +987,12 @@ async fn poison_records_land_in_the_dead_letter_topic_while_the_partition_flows(
     const POISON_EVERY: usize = 200;
     let dlq = Topic::create("e2e-dlq", 1).await;
     let run = Run::start("e2e-poison", 3, 2, Some(&dlq.name)).await;
-    run.sluice.wait_rolled_out(EC, 2, Duration::from_secs(120)).await;
-    produce(&run.topic.name, RECORDS, 1000, Some(POISON_EVERY)).await.expect("producer");
+    run.sluice
+        .wait_rolled_out(EC, 2, Duration::from_secs(120))
+        .await;
+    produce(&run.topic.name, RECORDS, 1000, Some(POISON_EVERY))
+        .await
+        .expect("producer");
     let wanted = expected(RECORDS, Some(POISON_EVERY));
     let poison_count = RECORDS - wanted.len();
     let f = run.finish(&wanted, Duration::from_secs(300)).await;
@@ -849,7 +1004,9 @@ async fn poison_records_land_in_the_dead_letter_topic_while_the_partition_flows(
         // Each poison record's partition kept flowing: records after it on that partition
         // were delivered.
         let flowing = t.poison.iter().all(|(p, o, _)| {
-            t.partitions.get(p).is_some_and(|pt| pt.offsets.iter().any(|x| x > o))
+            t.partitions
+                .get(p)
+                .is_some_and(|pt| pt.offsets.iter().any(|x| x > o))
         });
         (t.poison.len(), flowing)
     };
@@ -869,16 +1026,40 @@ async fn poison_records_land_in_the_dead_letter_topic_while_the_partition_flows(
                 .map(|v| String::from_utf8_lossy(v).into_owned())
         };
         let value = String::from_utf8_lossy(m.payload().unwrap_or_default()).into_owned();
-        assert!(value.starts_with("poison-"), "only poison records are dead-lettered, got {value}");
-        assert_eq!(header("sluice-dlq-reason").as_deref(), Some("http_4xx"), "reason of {value}");
-        assert_eq!(header("sluice-dlq-topic").as_deref(), Some(run.topic.name.as_str()));
-        assert_eq!(header("sluice-dlq-group").as_deref(), Some(run.group.as_str()));
-        assert_eq!(header("sluice-dlq-attempts").as_deref(), Some("1"), "a 4xx is not retried");
+        assert!(
+            value.starts_with("poison-"),
+            "only poison records are dead-lettered, got {value}"
+        );
+        assert_eq!(
+            header("sluice-dlq-reason").as_deref(),
+            Some("http_4xx"),
+            "reason of {value}"
+        );
+        assert_eq!(
+            header("sluice-dlq-topic").as_deref(),
+            Some(run.topic.name.as_str())
+        );
+        assert_eq!(
+            header("sluice-dlq-group").as_deref(),
+            Some(run.group.as_str())
+        );
+        assert_eq!(
+            header("sluice-dlq-attempts").as_deref(),
+            Some("1"),
+            "a 4xx is not retried"
+        );
         assert!(header("sluice-dlq-partition").is_some() && header("sluice-dlq-offset").is_some());
-        assert!(m.key().is_some_and(|k| k.starts_with(b"k-")), "the original key is kept");
+        assert!(
+            m.key().is_some_and(|k| k.starts_with(b"k-")),
+            "the original key is kept"
+        );
         values.insert(value);
     }
-    assert_eq!(values.len(), poison_count, "each poison record dead-lettered once");
+    assert_eq!(
+        values.len(),
+        poison_count,
+        "each poison record dead-lettered once"
+    );
     assert!(flowing, "a partition stopped at a poison record");
     assert!(
         f.longest_gap() < Duration::from_secs(5),
@@ -896,8 +1077,14 @@ async fn invalid_eventconsumer_is_rejected_and_a_missing_secret_shows_degraded()
     invalid["spec"]["delivery"]["url"] = "http://10.1.2.3:8080/events".into();
     let out = sluice.apply(&invalid);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    println!("\n=== e2e invalid EventConsumer ===\nkubectl apply: {}", stderr.trim());
-    assert!(!out.status.success(), "the API server accepted a non-loopback delivery.url");
+    println!(
+        "\n=== e2e invalid EventConsumer ===\nkubectl apply: {}",
+        stderr.trim()
+    );
+    assert!(
+        !out.status.success(),
+        "the API server accepted a non-loopback delivery.url"
+    );
     assert!(
         stderr.contains("spec.delivery.url")
             && stderr.contains("must be an http URL on the pod's loopback interface"),
@@ -908,8 +1095,14 @@ async fn invalid_eventconsumer_is_rejected_and_a_missing_secret_shows_degraded()
     let out = sluice.apply(&invalid);
     let stderr = String::from_utf8_lossy(&out.stderr);
     println!("kubectl apply: {}", stderr.trim());
-    assert!(!out.status.success(), "the API server accepted initialBackoff > maxBackoff");
-    assert!(stderr.contains("initialBackoff"), "unexpected rejection: {stderr}");
+    assert!(
+        !out.status.success(),
+        "the API server accepted initialBackoff > maxBackoff"
+    );
+    assert!(
+        stderr.contains("initialBackoff"),
+        "unexpected rejection: {stderr}"
+    );
 
     // A missing Secret is something only the operator can tell: Degraded with the reason.
     let mut missing = event_consumer("orders", "g", "10.88.0.1:1", 1, None);
@@ -921,25 +1114,51 @@ async fn invalid_eventconsumer_is_rejected_and_a_missing_secret_shows_degraded()
         let status = sluice.ec_status(EC);
         let found = status["conditions"]
             .as_array()
-            .and_then(|cs| cs.iter().find(|c| c["type"] == "Degraded" && c["status"] == "True"))
+            .and_then(|cs| {
+                cs.iter()
+                    .find(|c| c["type"] == "Degraded" && c["status"] == "True")
+            })
             .cloned();
         if let Some(c) = found {
             break c;
         }
-        assert!(Instant::now() < deadline, "no Degraded condition within 60 s; status: {status}");
+        assert!(
+            Instant::now() < deadline,
+            "no Degraded condition within 60 s; status: {status}"
+        );
         tokio::time::sleep(Duration::from_millis(500)).await;
     };
-    println!("Degraded: reason={} message={}", degraded["reason"], degraded["message"]);
+    println!(
+        "Degraded: reason={} message={}",
+        degraded["reason"], degraded["message"]
+    );
     assert_eq!(degraded["reason"], "SecretNotFound");
     assert!(
-        degraded["message"].as_str().is_some_and(|m| m.contains("no-such-user")),
+        degraded["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("no-such-user")),
         "the message names the Secret: {degraded}"
     );
     let events = ok(
-        kubectl(&["get", "events", "-n", sluice.ns(), "--field-selector", "type=Warning", "-o", "json"], None),
+        kubectl(
+            &[
+                "get",
+                "events",
+                "-n",
+                sluice.ns(),
+                "--field-selector",
+                "type=Warning",
+                "-o",
+                "json",
+            ],
+            None,
+        ),
         "kubectl get events",
     );
-    assert!(events.contains("SecretNotFound"), "a Warning event with the reason: {events}");
+    assert!(
+        events.contains("SecretNotFound"),
+        "a Warning event with the reason: {events}"
+    );
     // Never a crash loop: the operator pods did not restart.
     for p in sluice.operator_pods().await {
         let restarts: i32 = p
@@ -969,12 +1188,16 @@ async fn restricted_pod_security_admits_everything_sluice_creates() {
         "a non-compliant pod was not refused: {stderr}"
     );
     // Everything Sluice creates runs: both operator replicas and the consumer pods.
-    run.sluice.wait_rolled_out(EC, 2, Duration::from_secs(120)).await;
+    run.sluice
+        .wait_rolled_out(EC, 2, Duration::from_secs(120))
+        .await;
     let operators = run.sluice.operator_pods().await;
     assert_eq!(operators.len(), 2, "two operator replicas");
     let producer = produce(&run.topic.name, 1000, 1000, None);
     producer.await.expect("producer");
-    let f = run.finish(&expected(1000, None), Duration::from_secs(120)).await;
+    let f = run
+        .finish(&expected(1000, None), Duration::from_secs(120))
+        .await;
     // No pod was refused along the way.
     let events = ok(
         kubectl(&["get", "events", "-n", run.ns(), "-o", "json"], None),
@@ -988,13 +1211,32 @@ async fn restricted_pod_security_admits_everything_sluice_creates() {
             stderr.lines().next().unwrap_or_default()
         ),
     );
-    assert!(!events.contains("violates PodSecurity"), "Sluice created a refused pod: {events}");
+    assert!(
+        !events.contains("violates PodSecurity"),
+        "Sluice created a refused pod: {events}"
+    );
     assert_no_loss(&f);
     // The leader holds the Lease.
     let lease = ok(
-        kubectl(&["get", "lease", "-n", run.ns(), "-o", "jsonpath={.items[*].spec.holderIdentity}"], None),
+        kubectl(
+            &[
+                "get",
+                "lease",
+                "-n",
+                run.ns(),
+                "-o",
+                "jsonpath={.items[*].spec.holderIdentity}",
+            ],
+            None,
+        ),
         "kubectl get lease",
     );
-    let names: Vec<String> = operators.iter().filter_map(|p| p.metadata.name.clone()).collect();
-    assert!(names.iter().any(|n| lease.contains(n.as_str())), "the Lease holder {lease:?} is one of {names:?}");
+    let names: Vec<String> = operators
+        .iter()
+        .filter_map(|p| p.metadata.name.clone())
+        .collect();
+    assert!(
+        names.iter().any(|n| lease.contains(n.as_str())),
+        "the Lease holder {lease:?} is one of {names:?}"
+    );
 }

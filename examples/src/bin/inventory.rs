@@ -87,7 +87,10 @@ fn reply(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
     resp
 }
 
-async fn handle(inv: Arc<Inventory>, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, hyper::Error> {
+async fn handle(
+    inv: Arc<Inventory>,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, hyper::Error> {
     if req.method() != Method::POST {
         return Ok(reply(StatusCode::OK, "ok\n"));
     }
@@ -102,10 +105,18 @@ async fn handle(inv: Arc<Inventory>, req: Request<Incoming>) -> Result<Response<
     let body = req.into_body().collect().await?.to_bytes();
     let order: OrderCreated = match serde_json::from_slice(&body) {
         Ok(o) => o,
-        Err(_) => return Ok(reply(StatusCode::BAD_REQUEST, "not an OrderCreated event\n")),
+        Err(_) => {
+            return Ok(reply(
+                StatusCode::BAD_REQUEST,
+                "not an OrderCreated event\n",
+            ));
+        }
     };
     if order.kind != "OrderCreated" {
-        return Ok(reply(StatusCode::BAD_REQUEST, "not an OrderCreated event\n"));
+        return Ok(reply(
+            StatusCode::BAD_REQUEST,
+            "not an OrderCreated event\n",
+        ));
     }
     tokio::time::sleep(inv.work).await;
     let remaining = {
@@ -129,7 +140,10 @@ async fn handle(inv: Arc<Inventory>, req: Request<Incoming>) -> Result<Response<
     {
         // Not recorded: let the sidecar retry (stock is re-reserved on retry; a real
         // service would make the reservation idempotent by order id).
-        return Ok(reply(StatusCode::SERVICE_UNAVAILABLE, "receipt not recorded\n"));
+        return Ok(reply(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "receipt not recorded\n",
+        ));
     }
     Ok(reply(StatusCode::OK, "reserved\n"))
 }
@@ -138,10 +152,15 @@ async fn handle(inv: Arc<Inventory>, req: Request<Incoming>) -> Result<Response<
 async fn main() {
     let listen = std::env::var("INVENTORY_LISTEN").unwrap_or_else(|_| "0.0.0.0:8080".into());
     let Ok(receipts_addr) = std::env::var("INVENTORY_RECEIPTS") else {
-        eprintln!("inventory: INVENTORY_RECEIPTS (the order service's receipt listener, IP:PORT) is not set");
+        eprintln!(
+            "inventory: INVENTORY_RECEIPTS (the order service's receipt listener, IP:PORT) is not set"
+        );
         std::process::exit(2);
     };
-    let work_ms = std::env::var("INVENTORY_WORK_MS").ok().and_then(|v| v.parse().ok()).unwrap_or(2);
+    let work_ms = std::env::var("INVENTORY_WORK_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2);
     let (tx, rx) = mpsc::channel(1024);
     tokio::spawn(receipt_link(receipts_addr.clone(), rx));
     let inv = Arc::new(Inventory {
@@ -164,7 +183,10 @@ async fn main() {
             std::process::exit(2);
         }
     };
-    println!("inventory {} listening on {listen}; receipts to {receipts_addr}", inv.pod);
+    println!(
+        "inventory {} listening on {listen}; receipts to {receipts_addr}",
+        inv.pod
+    );
     loop {
         tokio::select! {
             accepted = listener.accept() => {

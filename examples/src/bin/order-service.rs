@@ -31,7 +31,9 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpListener;
 
 #[derive(Parser, Debug)]
-#[command(about = "The order -> inventory demo: publishes OrderCreated events and watches the inventory EventConsumer")]
+#[command(
+    about = "The order -> inventory demo: publishes OrderCreated events and watches the inventory EventConsumer"
+)]
 struct Cli {
     /// Kafka bootstrap servers as this host reaches them.
     #[arg(long, env = "DEMO_KAFKA", default_value = "127.0.0.1:9092")]
@@ -70,17 +72,34 @@ const EC: &str = "inventory";
 fn kubectl(cli: &Cli, args: &[&str], stdin: Option<&str>) -> anyhow::Result<String> {
     let mut child = Command::new(&cli.kubectl)
         .args(args)
-        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .with_context(|| format!("running {} (set SLUICE_KUBECTL or put kubectl on PATH)", cli.kubectl))?;
+        .with_context(|| {
+            format!(
+                "running {} (set SLUICE_KUBECTL or put kubectl on PATH)",
+                cli.kubectl
+            )
+        })?;
     if let Some(input) = stdin {
-        child.stdin.take().context("kubectl stdin")?.write_all(input.as_bytes())?;
+        child
+            .stdin
+            .take()
+            .context("kubectl stdin")?
+            .write_all(input.as_bytes())?;
     }
     let out = child.wait_with_output()?;
     if !out.status.success() {
-        bail!("kubectl {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "kubectl {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
@@ -93,9 +112,9 @@ struct Receipts {
 }
 
 async fn receipt_listener(ip: &str) -> anyhow::Result<(String, Arc<Mutex<Receipts>>)> {
-    let listener = TcpListener::bind((ip, 0))
-        .await
-        .with_context(|| format!("cannot listen on {ip} (the node's bridge; is the test bed up?)"))?;
+    let listener = TcpListener::bind((ip, 0)).await.with_context(|| {
+        format!("cannot listen on {ip} (the node's bridge; is the test bed up?)")
+    })?;
     let addr = listener.local_addr()?.to_string();
     let receipts: Arc<Mutex<Receipts>> = Arc::default();
     let shared = receipts.clone();
@@ -126,7 +145,13 @@ async fn receipt_listener(ip: &str) -> anyhow::Result<(String, Arc<Mutex<Receipt
     Ok((addr, receipts))
 }
 
-fn event_consumer(cli: &Cli, topic: &str, group: &str, receipts: &str, restart: Option<&str>) -> serde_json::Value {
+fn event_consumer(
+    cli: &Cli,
+    topic: &str,
+    group: &str,
+    receipts: &str,
+    restart: Option<&str>,
+) -> serde_json::Value {
     let mut annotations = serde_json::Map::new();
     if let Some(at) = restart {
         annotations.insert("demo.sluice.dev/restartedAt".into(), at.into());
@@ -214,7 +239,10 @@ fn deployment_state(cli: &Cli) -> (i64, bool) {
         None,
     )
     .unwrap_or_default();
-    let f: Vec<i64> = out.split_whitespace().map(|x| x.parse().unwrap_or(-1)).collect();
+    let f: Vec<i64> = out
+        .split_whitespace()
+        .map(|x| x.parse().unwrap_or(-1))
+        .collect();
     let want = i64::from(cli.replicas);
     let done = f.len() == 5 && f[0] == f[1] && f[2] == want && f[3] == want && f[4] == want;
     (f.first().copied().unwrap_or(-1), done)
@@ -227,7 +255,10 @@ async fn wait_ready(cli: &Cli) -> anyhow::Result<()> {
             return Ok(());
         }
         if Instant::now() > deadline {
-            bail!("the inventory Deployment is not ready after 180 s; see `kubectl -n {} get pods,events`", cli.namespace);
+            bail!(
+                "the inventory Deployment is not ready after 180 s; see `kubectl -n {} get pods,events`",
+                cli.namespace
+            );
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
@@ -239,20 +270,40 @@ async fn main() -> anyhow::Result<()> {
     let run = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
     let topic = format!("orders-{run}");
     let group = format!("shop.inventory-{run}");
-    println!("== Sluice demo: order service -> Kafka topic {topic} -> inventory (3 pods behind the Sluice sidecar)");
+    println!(
+        "== Sluice demo: order service -> Kafka topic {topic} -> inventory (3 pods behind the Sluice sidecar)"
+    );
 
     // The namespace, restricted like production should be.
     let ns = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": cli.namespace, "labels": {
         "pod-security.kubernetes.io/enforce": "restricted", "pod-security.kubernetes.io/enforce-version": "latest"}}});
     kubectl(&cli, &["apply", "-f", "-"], Some(&ns.to_string()))?;
     // A previous run's consumer goes first (its pods would keep reporting to a dead port).
-    let _ = kubectl(&cli, &["delete", "ec", EC, "-n", &cli.namespace, "--ignore-not-found", "--wait=true", "--timeout=120s"], None);
+    let _ = kubectl(
+        &cli,
+        &[
+            "delete",
+            "ec",
+            EC,
+            "-n",
+            &cli.namespace,
+            "--ignore-not-found",
+            "--wait=true",
+            "--timeout=120s",
+        ],
+        None,
+    );
 
-    let admin: AdminClient<DefaultClientContext> =
-        ClientConfig::new().set("bootstrap.servers", &cli.kafka).create()?;
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", &cli.kafka)
+        .create()?;
     let created = admin
         .create_topics(
-            &[NewTopic::new(&topic, cli.partitions, TopicReplication::Fixed(1))],
+            &[NewTopic::new(
+                &topic,
+                cli.partitions,
+                TopicReplication::Fixed(1),
+            )],
             &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30))),
         )
         .await
@@ -262,10 +313,22 @@ async fn main() -> anyhow::Result<()> {
     }
 
     let (receipts_addr, receipts) = receipt_listener(&cli.listen_ip).await?;
-    kubectl(&cli, &["apply", "-f", "-"], Some(&event_consumer(&cli, &topic, &group, &receipts_addr, None).to_string()))?;
-    println!("== kubectl apply ec/{EC} -n {}: waiting for {} pods", cli.namespace, cli.replicas);
+    kubectl(
+        &cli,
+        &["apply", "-f", "-"],
+        Some(&event_consumer(&cli, &topic, &group, &receipts_addr, None).to_string()),
+    )?;
+    println!(
+        "== kubectl apply ec/{EC} -n {}: waiting for {} pods",
+        cli.namespace, cli.replicas
+    );
     wait_ready(&cli).await?;
-    println!("== {}; publishing {} OrderCreated events at {}/s", rollout(&cli), cli.orders, cli.rate);
+    println!(
+        "== {}; publishing {} OrderCreated events at {}/s",
+        rollout(&cli),
+        cli.orders,
+        cli.rate
+    );
 
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", &cli.kafka)
@@ -276,7 +339,8 @@ async fn main() -> anyhow::Result<()> {
     let produced = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let started = Instant::now();
     let producing = {
-        let (topic, produced, orders, rate) = (topic.clone(), produced.clone(), cli.orders, cli.rate);
+        let (topic, produced, orders, rate) =
+            (topic.clone(), produced.clone(), cli.orders, cli.rate);
         tokio::spawn(async move {
             let mut pending = Vec::new();
             for seq in 0..orders {
@@ -290,19 +354,29 @@ async fn main() -> anyhow::Result<()> {
                     quantity: 1 + (seq % 3) as u32,
                 };
                 let payload = serde_json::to_vec(&order).expect("JSON");
-                match producer.send_result(FutureRecord::to(&topic).key(&order.order_id).payload(&payload)) {
+                match producer.send_result(
+                    FutureRecord::to(&topic)
+                        .key(&order.order_id)
+                        .payload(&payload),
+                ) {
                     Ok(f) => pending.push(f),
-                    Err((e, _)) => return Err(anyhow::anyhow!("publishing {}: {e}", order.order_id)),
+                    Err((e, _)) => {
+                        return Err(anyhow::anyhow!("publishing {}: {e}", order.order_id));
+                    }
                 }
                 if pending.len() >= 200 {
                     for f in pending.drain(..) {
-                        f.await.map_err(|_| anyhow::anyhow!("producer gone"))?.map_err(|(e, _)| anyhow::anyhow!("publishing: {e}"))?;
+                        f.await
+                            .map_err(|_| anyhow::anyhow!("producer gone"))?
+                            .map_err(|(e, _)| anyhow::anyhow!("publishing: {e}"))?;
                         produced.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     }
                 }
             }
             for f in pending {
-                f.await.map_err(|_| anyhow::anyhow!("producer gone"))?.map_err(|(e, _)| anyhow::anyhow!("publishing: {e}"))?;
+                f.await
+                    .map_err(|_| anyhow::anyhow!("producer gone"))?
+                    .map_err(|(e, _)| anyhow::anyhow!("publishing: {e}"))?;
                 produced.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
             Ok::<(), anyhow::Error>(())
@@ -319,8 +393,15 @@ async fn main() -> anyhow::Result<()> {
             let r = receipts.lock().unwrap_or_else(|p| p.into_inner());
             (r.counts.len() as u64, r.per_pod.clone())
         };
-        let (kafka, g, t, parts) = (cli.kafka.clone(), group.clone(), topic.clone(), cli.partitions);
-        let lag = tokio::task::spawn_blocking(move || lag(&kafka, &g, &t, parts)).await?.unwrap_or(-1);
+        let (kafka, g, t, parts) = (
+            cli.kafka.clone(),
+            group.clone(),
+            topic.clone(),
+            cli.partitions,
+        );
+        let lag = tokio::task::spawn_blocking(move || lag(&kafka, &g, &t, parts))
+            .await?
+            .unwrap_or(-1);
         let per_pod = pods
             .iter()
             .map(|(pod, n)| format!("{}={n}", pod.rsplit('-').next().unwrap_or(pod)))
@@ -336,20 +417,43 @@ async fn main() -> anyhow::Result<()> {
         );
         if restarted.is_none() && p >= cli.orders / 2 {
             let generation = deployment_state(&cli).0;
-            let at = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs().to_string();
+            let at = SystemTime::now()
+                .duration_since(UNIX_EPOCH)?
+                .as_secs()
+                .to_string();
             let patch = json!({"spec": {"template": {"metadata": {"annotations": {"demo.sluice.dev/restartedAt": at}}}}});
-            kubectl(&cli, &["patch", "ec", EC, "-n", &cli.namespace, "--type", "merge", "-p", &patch.to_string()], None)?;
-            println!("== halfway: rolling restart (kubectl patch ec/{EC}: new pod-template annotation); the stream keeps flowing");
+            kubectl(
+                &cli,
+                &[
+                    "patch",
+                    "ec",
+                    EC,
+                    "-n",
+                    &cli.namespace,
+                    "--type",
+                    "merge",
+                    "-p",
+                    &patch.to_string(),
+                ],
+                None,
+            )?;
+            println!(
+                "== halfway: rolling restart (kubectl patch ec/{EC}: new pod-template annotation); the stream keeps flowing"
+            );
             restarted = Some((Instant::now(), generation));
         }
         if let (Some((at, generation)), None) = (restarted, rollout_done) {
             let (now, done) = deployment_state(&cli);
             if now > generation && done {
                 rollout_done = Some(at.elapsed());
-                println!("== rolling restart finished in {:.1}s", at.elapsed().as_secs_f64());
+                println!(
+                    "== rolling restart finished in {:.1}s",
+                    at.elapsed().as_secs_f64()
+                );
             }
         }
-        if producing.is_finished() && delivered >= cli.orders && lag == 0 && rollout_done.is_some() {
+        if producing.is_finished() && delivered >= cli.orders && lag == 0 && rollout_done.is_some()
+        {
             break;
         }
         if Instant::now() > deadline {
@@ -361,7 +465,11 @@ async fn main() -> anyhow::Result<()> {
     let elapsed = started.elapsed();
     let r = receipts.lock().unwrap_or_else(|p| p.into_inner());
     let delivered = (0..cli.orders).filter(|s| r.counts.contains_key(s)).count() as u64;
-    let duplicates: u64 = r.counts.values().map(|&c| u64::from(c.saturating_sub(1))).sum();
+    let duplicates: u64 = r
+        .counts
+        .values()
+        .map(|&c| u64::from(c.saturating_sub(1)))
+        .sum();
     let lost = cli.orders - delivered;
     println!("\n== Summary");
     println!("   orders published      {}", cli.orders);
@@ -370,18 +478,44 @@ async fn main() -> anyhow::Result<()> {
     println!("   lost                  {lost}");
     println!("   elapsed               {:.1}s", elapsed.as_secs_f64());
     if let Some(d) = rollout_done {
-        println!("   rolling restart       {:.1}s, {} pods replaced mid-stream", d.as_secs_f64(), cli.replicas);
+        println!(
+            "   rolling restart       {:.1}s, {} pods replaced mid-stream",
+            d.as_secs_f64(),
+            cli.replicas
+        );
     }
-    println!("   orders per pod        {}", r.per_pod.iter().map(|(p, n)| format!("{p}={n}")).collect::<Vec<_>>().join(" "));
+    println!(
+        "   orders per pod        {}",
+        r.per_pod
+            .iter()
+            .map(|(p, n)| format!("{p}={n}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
     println!("\n== Look around (set -a; source ~/.cache/sluice/state/env; set +a):");
-    println!("   kubectl get ec -n {}                      # READY, REPLICAS, LAG", cli.namespace);
-    println!("   kubectl get ec {EC} -n {} -o yaml         # derived timings in status.effective", cli.namespace);
+    println!(
+        "   kubectl get ec -n {}                      # READY, REPLICAS, LAG",
+        cli.namespace
+    );
+    println!(
+        "   kubectl get ec {EC} -n {} -o yaml         # derived timings in status.effective",
+        cli.namespace
+    );
     println!("   kubectl get pods,deploy,pdb,cm -n {}", cli.namespace);
-    println!("   kubectl logs -n {} deploy/{EC} -c sluice  # the sidecar's JSON logs", cli.namespace);
-    println!("   kubectl get events -n {} --sort-by=.lastTimestamp", cli.namespace);
+    println!(
+        "   kubectl logs -n {} deploy/{EC} -c sluice  # the sidecar's JSON logs",
+        cli.namespace
+    );
+    println!(
+        "   kubectl get events -n {} --sort-by=.lastTimestamp",
+        cli.namespace
+    );
     println!("   kubectl -n sluice-system get pods,lease   # the operator, 2 replicas, one leader");
     if lost > 0 || r.malformed > 0 {
-        bail!("{lost} orders were not processed ({} malformed receipts)", r.malformed);
+        bail!(
+            "{lost} orders were not processed ({} malformed receipts)",
+            r.malformed
+        );
     }
     Ok(())
 }

@@ -87,7 +87,8 @@ async fn link(addr: String, mut rx: mpsc::Receiver<(String, oneshot::Sender<()>)
                     eprintln!("sluice-testapp: unexpected collector answer {line:?}");
                     return;
                 }
-                let Some(waiter) = acks.lock().unwrap_or_else(|p| p.into_inner()).pop_front() else {
+                let Some(waiter) = acks.lock().unwrap_or_else(|p| p.into_inner()).pop_front()
+                else {
                     eprintln!("sluice-testapp: an acknowledgement for no line");
                     return;
                 };
@@ -127,7 +128,10 @@ fn reply(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
     resp
 }
 
-async fn handle(app: Arc<App>, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, hyper::Error> {
+async fn handle(
+    app: Arc<App>,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, hyper::Error> {
     if req.method() != Method::POST {
         return Ok(reply(StatusCode::OK, "ok\n"));
     }
@@ -147,9 +151,15 @@ async fn handle(app: Arc<App>, req: Request<Incoming>) -> Result<Response<Full<B
     let value = String::from_utf8_lossy(&body).replace(['\n', '\r'], " ");
     let poison = !app.poison_prefix.is_empty() && value.starts_with(&app.poison_prefix);
     let kind = if poison { "poison" } else { "rec" };
-    let line = format!("{kind} {} {partition} {offset} {attempt} {value}\n", app.pod);
+    let line = format!(
+        "{kind} {} {partition} {offset} {attempt} {value}\n",
+        app.pod
+    );
     if !app.collector.report(line).await {
-        return Ok(reply(StatusCode::SERVICE_UNAVAILABLE, "collector unavailable\n"));
+        return Ok(reply(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "collector unavailable\n",
+        ));
     }
     Ok(if poison {
         reply(StatusCode::UNPROCESSABLE_ENTITY, "poison record refused\n")
@@ -184,7 +194,10 @@ async fn main() {
             std::process::exit(2);
         }
     };
-    println!("sluice-testapp {} listening on {listen}, reporting to {collector}", app.pod);
+    println!(
+        "sluice-testapp {} listening on {listen}, reporting to {collector}",
+        app.pod
+    );
     loop {
         tokio::select! {
             accepted = listener.accept() => {
