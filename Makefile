@@ -71,7 +71,7 @@ demo: env-up images
 	  helm upgrade --install sluice charts/sluice --namespace sluice-system \
 	    --set operator.image.tag=$(IMAGE_TAG) --set sidecar.image.tag=$(IMAGE_TAG) \
 	    --set operator.watchNamespace=$(DEMO_NS) \
-	    --set-string operator.podAnnotations.sluice\.dev/build=$$(sha256sum $(RELEASE)/sluice-operator | cut -c1-12) \
+	    --set-string 'operator.podAnnotations.sluice\.dev/build='$$(sha256sum $(RELEASE)/sluice-operator | cut -c1-12) \
 	    --wait --timeout 180s >/dev/null; \
 	  kubectl -n sluice-system get pods -l app.kubernetes.io/component=operator; \
 	  DEMO_NAMESPACE=$(DEMO_NS) $(RELEASE)/order-service
