@@ -28,16 +28,20 @@ use crate::error::Error;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct KeyRef {
     pub key: String,
+    /// The spec field that names the key (for a missing key).
     pub field: &'static str,
+    /// The spec field that names the Secret (for a missing Secret).
+    pub secret_field: &'static str,
 }
 
 /// The Secrets the spec references, by name, with the keys needed from each.
 pub fn referenced(spec: &EventConsumerSpec) -> BTreeMap<String, Vec<KeyRef>> {
     let mut out: BTreeMap<String, Vec<KeyRef>> = BTreeMap::new();
-    let mut add = |name: &str, key: &str, field: &'static str| {
+    let mut add = |name: &str, key: &str, field: &'static str, secret_field: &'static str| {
         out.entry(name.to_owned()).or_default().push(KeyRef {
             key: key.to_owned(),
             field,
+            secret_field,
         });
     };
     if let Some(auth) = &spec.kafka.auth {
@@ -47,27 +51,36 @@ pub fn referenced(spec: &EventConsumerSpec) -> BTreeMap<String, Vec<KeyRef>> {
                 &r.name,
                 &r.username_key,
                 "spec.kafka.auth.sasl.secretRef.usernameKey",
+                "spec.kafka.auth.sasl.secretRef.name",
             );
             add(
                 &r.name,
                 &r.password_key,
                 "spec.kafka.auth.sasl.secretRef.passwordKey",
+                "spec.kafka.auth.sasl.secretRef.name",
             );
         }
         if let Some(tls) = &auth.tls {
             if let Some(ca) = &tls.ca_secret_ref {
-                add(&ca.name, &ca.key, "spec.kafka.auth.tls.caSecretRef");
+                add(
+                    &ca.name,
+                    &ca.key,
+                    "spec.kafka.auth.tls.caSecretRef.key",
+                    "spec.kafka.auth.tls.caSecretRef.name",
+                );
             }
             if let Some(c) = &tls.client_cert_secret_ref {
                 add(
                     &c.name,
                     "tls.crt",
                     "spec.kafka.auth.tls.clientCertSecretRef",
+                    "spec.kafka.auth.tls.clientCertSecretRef.name",
                 );
                 add(
                     &c.name,
                     "tls.key",
                     "spec.kafka.auth.tls.clientCertSecretRef",
+                    "spec.kafka.auth.tls.clientCertSecretRef.name",
                 );
             }
         }
@@ -91,7 +104,10 @@ pub fn extract(
         return Err(Error::SecretNotFound {
             namespace: namespace.to_owned(),
             name: name.to_owned(),
-            field: keys.first().map(|k| k.field).unwrap_or("spec.kafka.auth"),
+            field: keys
+                .first()
+                .map(|k| k.secret_field)
+                .unwrap_or("spec.kafka.auth"),
         });
     };
     let data = secret.data.as_ref();
@@ -277,15 +293,19 @@ mod tests {
             KeyRef {
                 key: "username".into(),
                 field: "spec.kafka.auth.sasl.secretRef.usernameKey",
+                secret_field: "spec.kafka.auth.sasl.secretRef.name",
             },
             KeyRef {
                 key: "password".into(),
                 field: "spec.kafka.auth.sasl.secretRef.passwordKey",
+                secret_field: "spec.kafka.auth.sasl.secretRef.name",
             },
         ];
         let e = extract("ns", "user", &keys, None).unwrap_err();
         assert_eq!(e.reason(), "SecretNotFound");
-        assert!(e.to_string().contains("Secret ns/user, referenced by spec.kafka.auth.sasl.secretRef.usernameKey, does not exist"));
+        assert!(e.to_string().contains(
+            "Secret ns/user, referenced by spec.kafka.auth.sasl.secretRef.name, does not exist"
+        ));
         let e = extract("ns", "user", &keys, Some(&secret(&[("username", "u")]))).unwrap_err();
         assert_eq!(e.reason(), "SecretKeyMissing");
         assert!(e.to_string().contains("no key \"password\""));
