@@ -87,9 +87,8 @@ impl Topic {
         for i in 0..count {
             let key = format!("key-{}", i % keys.max(1));
             let value = i.to_string();
-            let delivery = producer.send_result(
-                FutureRecord::to(&self.name).key(&key).payload(&value),
-            );
+            let delivery =
+                producer.send_result(FutureRecord::to(&self.name).key(&key).payload(&value));
             match delivery {
                 Ok(fut) => pending.push(fut),
                 Err((e, _)) => panic!("enqueueing record {i} for {}: {e}", self.name),
@@ -165,7 +164,11 @@ pub fn group(prefix: &str) -> String {
 
 /// Reads `topic` from the beginning with a throwaway consumer (no commits) until `expected`
 /// records were read or `timeout` passed, and returns what it read.
-pub fn read_all(topic: &str, expected: usize, timeout: Duration) -> Vec<rdkafka::message::OwnedMessage> {
+pub fn read_all(
+    topic: &str,
+    expected: usize,
+    timeout: Duration,
+) -> Vec<rdkafka::message::OwnedMessage> {
     use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
     let consumer: BaseConsumer = client_config()
         .set("group.id", unique_name("reader"))
@@ -178,10 +181,13 @@ pub fn read_all(topic: &str, expected: usize, timeout: Duration) -> Vec<rdkafka:
     let mut tpl = TopicPartitionList::new();
     for t in md.topics().iter().filter(|t| t.name() == topic) {
         for p in t.partitions() {
-            tpl.add_partition_offset(topic, p.id(), Offset::Beginning).unwrap();
+            tpl.add_partition_offset(topic, p.id(), Offset::Beginning)
+                .unwrap();
         }
     }
-    consumer.assign(&tpl).unwrap_or_else(|e| panic!("assigning {topic}: {e}"));
+    consumer
+        .assign(&tpl)
+        .unwrap_or_else(|e| panic!("assigning {topic}: {e}"));
     let deadline = std::time::Instant::now() + timeout;
     let mut out = Vec::new();
     while out.len() < expected && std::time::Instant::now() < deadline {

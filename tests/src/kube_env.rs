@@ -20,7 +20,10 @@ pub fn kubeconfig_path() -> std::path::PathBuf {
 pub async fn client() -> Client {
     let path = kubeconfig_path();
     let kubeconfig = Kubeconfig::read_from(&path).unwrap_or_else(|e| {
-        panic!("cannot read the test bed's kubeconfig {}: {e}; {START_HINT}", path.display())
+        panic!(
+            "cannot read the test bed's kubeconfig {}: {e}; {START_HINT}",
+            path.display()
+        )
     });
     let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
         .await
@@ -73,17 +76,24 @@ impl Drop for Namespace {
         // used here. Deletion itself is asynchronous (the namespace controller finishes it).
         let name = self.name.clone();
         let _ = std::thread::spawn(move || {
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
                 return;
             };
             rt.block_on(async move {
-                let Ok(kubeconfig) = Kubeconfig::read_from(kubeconfig_path()) else { return };
+                let Ok(kubeconfig) = Kubeconfig::read_from(kubeconfig_path()) else {
+                    return;
+                };
                 let Ok(config) =
                     Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await
                 else {
                     return;
                 };
-                let Ok(client) = Client::try_from(config) else { return };
+                let Ok(client) = Client::try_from(config) else {
+                    return;
+                };
                 let _ = Api::<NamespaceObject>::all(client)
                     .delete(&name, &DeleteParams::background())
                     .await;

@@ -30,10 +30,12 @@ pub fn state_dir() -> PathBuf {
     if let Ok(dir) = std::env::var("SLUICE_STATE") {
         return PathBuf::from(dir);
     }
-    let cache = std::env::var("SLUICE_CACHE").map(PathBuf::from).unwrap_or_else(|_| {
-        PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| "/root".into()))
-            .join(".cache/sluice")
-    });
+    let cache = std::env::var("SLUICE_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| {
+            PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| "/root".into()))
+                .join(".cache/sluice")
+        });
     cache.join("state")
 }
 

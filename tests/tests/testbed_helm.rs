@@ -19,7 +19,10 @@ fn helm(args: &[&str]) -> String {
 #[test]
 fn helm_is_version_3() {
     let version = helm(&["version", "--short"]);
-    assert!(version.starts_with("v3."), "unexpected helm version {version:?}");
+    assert!(
+        version.starts_with("v3."),
+        "unexpected helm version {version:?}"
+    );
 }
 
 #[test]
@@ -32,6 +35,12 @@ fn helm_template_renders_a_chart_with_values() {
         "--set",
         "greeting=from-the-test",
     ]);
-    assert!(out.contains("name: smoke-tiny"), "release name not rendered:\n{out}");
-    assert!(out.contains("greeting: \"FROM-THE-TEST\""), "value not rendered:\n{out}");
+    assert!(
+        out.contains("name: smoke-tiny"),
+        "release name not rendered:\n{out}"
+    );
+    assert!(
+        out.contains("greeting: \"FROM-THE-TEST\""),
+        "value not rendered:\n{out}"
+    );
 }

@@ -25,7 +25,10 @@ fn broker_info() -> Vec<(String, String)> {
     );
     String::from_utf8_lossy(&out.stdout)
         .lines()
-        .filter_map(|l| l.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())))
+        .filter_map(|l| {
+            l.split_once('=')
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+        })
         .collect()
 }
 
@@ -45,9 +48,15 @@ fn broker_reports_kafka_4_with_the_consumer_protocol() {
         .next()
         .and_then(|m| m.parse().ok())
         .unwrap_or_else(|| panic!("unparsable metadata.version {metadata_version}"));
-    assert!(major >= 4, "broker metadata.version {metadata_version} is older than Kafka 4.0");
+    assert!(
+        major >= 4,
+        "broker metadata.version {metadata_version} is older than Kafka 4.0"
+    );
     let group_version: u32 = get("group.version").parse().expect("numeric group.version");
-    assert!(group_version >= 1, "KIP-848 consumer protocol not enabled (group.version 0)");
+    assert!(
+        group_version >= 1,
+        "KIP-848 consumer protocol not enabled (group.version 0)"
+    );
 }
 
 /// Consumes `topic` through a new group until `expected` records arrived, returning the
@@ -89,11 +98,17 @@ async fn consume_all(topic: &Topic, protocol: &str, expected: usize) -> BTreeSet
             .expect("utf8")
             .parse()
             .expect("numeric value");
-        assert!(values.insert(value), "{protocol}: record {value} delivered twice");
+        assert!(
+            values.insert(value),
+            "{protocol}: record {value} delivered twice"
+        );
         partitions.insert(msg.partition());
     }
     assert_eq!(values.len(), expected);
-    assert!(values.iter().all(|v| (*v as usize) < expected), "unexpected values");
+    assert!(
+        values.iter().all(|v| (*v as usize) < expected),
+        "unexpected values"
+    );
     partitions
 }
 
@@ -102,7 +117,11 @@ async fn ten_thousand_records_through_a_classic_cooperative_sticky_group() {
     let topic = Topic::create("smoke-classic", 6).await;
     topic.produce_numbered(10_000, 100).await;
     let partitions = consume_all(&topic, "classic", 10_000).await;
-    assert_eq!(partitions, (0..6).collect(), "records did not come from all 6 partitions");
+    assert_eq!(
+        partitions,
+        (0..6).collect(),
+        "records did not come from all 6 partitions"
+    );
 }
 
 #[tokio::test]
@@ -110,5 +129,9 @@ async fn ten_thousand_records_through_a_kip848_consumer_group() {
     let topic = Topic::create("smoke-kip848", 6).await;
     topic.produce_numbered(10_000, 100).await;
     let partitions = consume_all(&topic, "consumer", 10_000).await;
-    assert_eq!(partitions, (0..6).collect(), "records did not come from all 6 partitions");
+    assert_eq!(
+        partitions,
+        (0..6).collect(),
+        "records did not come from all 6 partitions"
+    );
 }

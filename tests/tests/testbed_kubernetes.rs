@@ -129,7 +129,10 @@ async fn a_real_node_runs_pods_streams_logs_and_runs_prestop_before_sigterm() {
 
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns.name);
     deployments
-        .create(&PostParams::default(), &probe_deployment("probe", &report_addr))
+        .create(
+            &PostParams::default(),
+            &probe_deployment("probe", &report_addr),
+        )
         .await
         .expect("create Deployment");
 
@@ -137,7 +140,11 @@ async fn a_real_node_runs_pods_streams_logs_and_runs_prestop_before_sigterm() {
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         let d = deployments.get("probe").await.expect("get Deployment");
-        let ready = d.status.as_ref().and_then(|s| s.ready_replicas).unwrap_or(0);
+        let ready = d
+            .status
+            .as_ref()
+            .and_then(|s| s.ready_replicas)
+            .unwrap_or(0);
         if ready == 2 {
             break;
         }
@@ -171,7 +178,10 @@ async fn a_real_node_runs_pods_streams_logs_and_runs_prestop_before_sigterm() {
             _ => {}
         }
     }
-    assert!(started >= 2, "expected a start report from both pods, got {started}");
+    assert!(
+        started >= 2,
+        "expected a start report from both pods, got {started}"
+    );
     for (pod, brokers) in &kafka_ok {
         assert_eq!(
             brokers,
@@ -188,14 +198,26 @@ async fn a_real_node_runs_pods_streams_logs_and_runs_prestop_before_sigterm() {
         .output()
         .expect("kubectl logs");
     let logs = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "kubectl logs failed: {}", String::from_utf8_lossy(&out.stderr));
-    assert!(logs.contains(&format!("started {pod_name} ")), "kubectl logs lacks the start line:\n{logs}");
-    assert!(logs.contains(&format!("kafka-ok {pod_name} ")), "kubectl logs lacks the Kafka line:\n{logs}");
+    assert!(
+        out.status.success(),
+        "kubectl logs failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        logs.contains(&format!("started {pod_name} ")),
+        "kubectl logs lacks the start line:\n{logs}"
+    );
+    assert!(
+        logs.contains(&format!("kafka-ok {pod_name} ")),
+        "kubectl logs lacks the Kafka line:\n{logs}"
+    );
 
     // Deleting a pod runs its preStop hook, then delivers SIGTERM, within the grace period.
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
     let deleted_at = Instant::now();
-    pods.delete(&pod_name, &DeleteParams::default()).await.expect("delete pod");
+    pods.delete(&pod_name, &DeleteParams::default())
+        .await
+        .expect("delete pod");
     let mut prestop = None;
     let mut sigterm = None;
     while prestop.is_none() || sigterm.is_none() {

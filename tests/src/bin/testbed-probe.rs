@@ -19,7 +19,10 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::signal::unix::{SignalKind, signal};
 
 fn now_millis() -> u128 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or(0)
 }
 
 async fn report(event: &str, detail: &str) {
@@ -29,7 +32,10 @@ async fn report(event: &str, detail: &str) {
     if let Ok(target) = std::env::var("PROBE_REPORT") {
         for _ in 0..20 {
             if let Ok(mut stream) = TcpStream::connect(&target).await
-                && stream.write_all(format!("{line}\n").as_bytes()).await.is_ok()
+                && stream
+                    .write_all(format!("{line}\n").as_bytes())
+                    .await
+                    .is_ok()
             {
                 let _ = stream.shutdown().await;
                 return;
@@ -46,8 +52,9 @@ fn kafka_brokers(bootstrap: &str) -> Result<String, String> {
         .set("bootstrap.servers", bootstrap)
         .create()
         .map_err(|e| e.to_string())?;
-    let metadata =
-        consumer.fetch_metadata(None, Duration::from_secs(10)).map_err(|e| e.to_string())?;
+    let metadata = consumer
+        .fetch_metadata(None, Duration::from_secs(10))
+        .map_err(|e| e.to_string())?;
     Ok(metadata
         .brokers()
         .iter()
@@ -58,7 +65,9 @@ fn kafka_brokers(bootstrap: &str) -> Result<String, String> {
 
 async fn serve(listener: TcpListener) {
     loop {
-        let Ok((mut stream, _)) = listener.accept().await else { continue };
+        let Ok((mut stream, _)) = listener.accept().await else {
+            continue;
+        };
         tokio::spawn(async move {
             let mut buf = [0u8; 1024];
             let n = stream.read(&mut buf).await.unwrap_or(0);
