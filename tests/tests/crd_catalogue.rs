@@ -6,52 +6,18 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{ApiResource, DynamicObject, Patch, PatchParams, PostParams};
 use kube::core::Status;
-use kube::{Api, Client, CustomResourceExt};
+use kube::{Api, Client};
 use serde_json::{Value, json};
 use sluice_operator::catalogue::{self, Layer};
 use sluice_operator::crd::EventConsumer;
 use sluice_tests::kube_env::{self, Namespace};
 
-const FIELD_MANAGER: &str = "sluice-tests";
+mod operator_common;
+use operator_common::install_crd;
 
-/// Installs (server-side applies) the CRD the types generate and waits until it is
-/// established and served.
-async fn install_crd(client: &Client) {
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    let crd = EventConsumer::crd();
-    let name = crd.metadata.name.clone().unwrap();
-    crds.patch(
-        &name,
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(&crd),
-    )
-    .await
-    .unwrap_or_else(|e| panic!("the API server refused the EventConsumer CRD: {e}"));
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let current = crds.get(&name).await.unwrap();
-        let established = current
-            .status
-            .as_ref()
-            .and_then(|s| s.conditions.as_ref())
-            .is_some_and(|cs| {
-                cs.iter()
-                    .any(|c| c.type_ == "Established" && c.status == "True")
-            });
-        if established {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "CRD {name} not established after 30 s: {:?}",
-            current.status
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
+const FIELD_MANAGER: &str = "sluice-tests";
 
 fn api(client: &Client, namespace: &str) -> Api<DynamicObject> {
     Api::namespaced_with(
