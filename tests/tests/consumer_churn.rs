@@ -14,6 +14,15 @@ use sluice_tests::testapp::{Received, Reply, Sidecar, TestApp, sidecar_config};
 const RECORDS: usize = 100_000;
 const PARTITIONS: i32 = 6;
 const MAX_IN_FLIGHT: usize = 32;
+/// The application's time per record. With partition ordering over 6 partitions this keeps
+/// the run at roughly 40 s, so the churn (a restart every 3 s) hits the stream many times
+/// instead of finishing after two or three restarts in a fast release build.
+const APP_DELAY: Duration = Duration::from_millis(2);
+
+/// The churn tests run one at a time: each already runs three sidecars, an application and
+/// the broker on the same two cores, and running them together starves the processes
+/// whose timing the tests are about.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 struct ChurnResult {
     counts: HashMap<usize, usize>,
@@ -38,9 +47,10 @@ fn uncommitted_now(app: &TestApp, group: &str, topic: &Topic) -> usize {
 }
 
 async fn churn(signal: &str, prefix: &str, protocol: &str) -> ChurnResult {
+    let _serial = SERIAL.lock().await;
     let topic = Topic::create(prefix, PARTITIONS).await;
     let group = group(prefix);
-    let app = TestApp::start(|_| Reply::ok()).await;
+    let app = TestApp::start(|_| Reply::ok().after(APP_DELAY)).await;
     topic.produce_numbered(RECORDS, 1000).await;
     let mut cfg = sidecar_config(&topic.name, &group, &app.url());
     cfg["delivery"]["maxInFlight"] = MAX_IN_FLIGHT.into();
