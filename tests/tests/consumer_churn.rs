@@ -14,10 +14,12 @@ use sluice_tests::testapp::{Received, Reply, Sidecar, TestApp, sidecar_config};
 const RECORDS: usize = 100_000;
 const PARTITIONS: i32 = 6;
 const MAX_IN_FLIGHT: usize = 32;
-/// The application's time per record. With partition ordering over 6 partitions this keeps
-/// the run at roughly 40 s, so the churn (a restart every 3 s) hits the stream many times
-/// instead of finishing after two or three restarts in a fast release build.
-const APP_DELAY: Duration = Duration::from_millis(2);
+/// The application's time per record in the graceful (SIGTERM) tests. With partition
+/// ordering over 6 partitions it keeps those runs near a minute, so the churn (a restart
+/// every 3 s) hits the stream many times instead of finishing after two or three restarts
+/// in a fast release build. The SIGKILL test needs no pacing: every kill stalls the
+/// victim's partitions for the session timeout.
+const GRACEFUL_APP_DELAY: Duration = Duration::from_millis(2);
 
 /// The churn tests run one at a time: each already runs three sidecars, an application and
 /// the broker on the same two cores, and running them together starves the processes
@@ -50,7 +52,12 @@ async fn churn(signal: &str, prefix: &str, protocol: &str) -> ChurnResult {
     let _serial = SERIAL.lock().await;
     let topic = Topic::create(prefix, PARTITIONS).await;
     let group = group(prefix);
-    let app = TestApp::start(|_| Reply::ok().after(APP_DELAY)).await;
+    let delay = if signal == "TERM" {
+        GRACEFUL_APP_DELAY
+    } else {
+        Duration::ZERO
+    };
+    let app = TestApp::start(move |_| Reply::ok().after(delay)).await;
     topic.produce_numbered(RECORDS, 1000).await;
     let mut cfg = sidecar_config(&topic.name, &group, &app.url());
     cfg["delivery"]["maxInFlight"] = MAX_IN_FLIGHT.into();
