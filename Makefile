@@ -77,9 +77,11 @@ demo: env-up images
 	  DEMO_NAMESPACE=$(DEMO_NS) $(RELEASE)/order-service
 
 ## bench: performance figures against the local broker
+# Built with the same workspace-wide command as `images`, so the two share one build (a
+# `-p` build resolves features differently and would compile the dependencies again).
 bench: env-up
-	set -a; source $(SLUICE_CACHE)/state/env; set +a; \
-	  cargo run --release --locked -p sluice-tests --bin sluice-bench
+	cargo build --release --locked --workspace --bins
+	set -a; source $(SLUICE_CACHE)/state/env; set +a; $(RELEASE)/sluice-bench
 
 ## help: list the targets
 help:
