@@ -8,7 +8,7 @@ ENV_DIR := tests/env
 RELEASE := $(CARGO_TARGET_DIR)/release
 IMAGE_TAG ?= dev
 
-.PHONY: all deps env-up env-down images test test-unit lint generate manifests bench demo clean-env
+.PHONY: all deps env-up env-down images test test-unit lint generate manifests bench demo help
 
 all: test
 
