@@ -386,6 +386,17 @@ pub fn read_secret_file(field: &'static str, path: &Path) -> Result<String, Cred
     Ok(value)
 }
 
+/// librdkafka's `security.protocol` for a connection with or without SASL and TLS. Every
+/// client of an EventConsumer's cluster (the sidecar, the operator's lag check) uses this.
+pub fn security_protocol(sasl: bool, tls: bool) -> &'static str {
+    match (sasl, tls) {
+        (false, false) => "plaintext",
+        (false, true) => "ssl",
+        (true, false) => "sasl_plaintext",
+        (true, true) => "sasl_ssl",
+    }
+}
+
 impl KafkaConnection {
     /// A minimal connection: the given servers, topics and group with every default.
     pub fn new(
@@ -422,12 +433,7 @@ impl KafkaConnection {
             Some(auth) => (auth.sasl.as_ref(), auth.tls.as_ref()),
             None => (None, None),
         };
-        let protocol = match (sasl.is_some(), tls.is_some()) {
-            (false, false) => "plaintext",
-            (false, true) => "ssl",
-            (true, false) => "sasl_plaintext",
-            (true, true) => "sasl_ssl",
-        };
+        let protocol = security_protocol(sasl.is_some(), tls.is_some());
         props.insert("security.protocol".to_owned(), protocol.to_owned());
         if let Some(sasl) = sasl {
             props.insert(

@@ -183,13 +183,10 @@ pub fn client_properties(
         Some(a) => (a.sasl.as_ref(), a.tls.as_ref()),
         None => (None, None),
     };
-    let protocol = match (sasl.is_some(), tls.is_some()) {
-        (false, false) => "plaintext",
-        (false, true) => "ssl",
-        (true, false) => "sasl_plaintext",
-        (true, true) => "sasl_ssl",
-    };
-    set("security.protocol", protocol.into());
+    set(
+        "security.protocol",
+        sluice_config::security_protocol(sasl.is_some(), tls.is_some()).into(),
+    );
     if let Some(sasl) = sasl {
         let r = &sasl.secret_ref;
         let mechanism = match sasl.mechanism {
