@@ -185,9 +185,16 @@ pub struct Delivery {
     /// paused instead.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dead_letter_topic: Option<String>,
-    /// How often finished offsets are committed (asynchronously) while running.
+    /// How often finished offsets are committed (asynchronously) while running. Each round
+    /// sends every partition's finished prefix that the broker has not acknowledged yet, so a
+    /// commit that failed (during a rebalance, say) is sent again the next round.
     #[serde(default = "default_commit_interval", with = "humantime_serde")]
     pub commit_interval: Duration,
+    /// The sidecar's memory budget for records: bytes queued for delivery plus bytes in
+    /// flight, over all partitions. At the budget every partition pauses fetching; below
+    /// three quarters of it fetching resumes. One partition may use at most a quarter.
+    #[serde(default = "default_max_buffered_bytes")]
+    pub max_buffered_bytes: u64,
 }
 
 /// Delivery ordering.
@@ -243,6 +250,12 @@ pub struct Drain {
     /// Bound on waiting for in-flight deliveries on drain and on a partition revoke.
     #[serde(default = "default_drain_timeout", with = "humantime_serde")]
     pub timeout: Duration,
+    /// Bound on committing the finished offsets of partitions that leave (drain or revoke):
+    /// retriable commit errors (a rebalance in progress, a stale generation or member epoch,
+    /// a coordinator move) are retried until it runs out. It should cover a rebalance: about
+    /// two heartbeat intervals plus a round trip.
+    #[serde(default = "default_commit_timeout", with = "humantime_serde")]
+    pub commit_timeout: Duration,
     /// File holding the token `GET /drain` must send in `X-Sluice-Drain-Token`. Unset: `/drain`
     /// refuses every request (signals still drain).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -253,6 +266,7 @@ impl Default for Drain {
     fn default() -> Self {
         Drain {
             timeout: default_drain_timeout(),
+            commit_timeout: default_commit_timeout(),
             token_file: None,
         }
     }
@@ -305,6 +319,15 @@ fn default_commit_interval() -> Duration {
 }
 fn default_drain_timeout() -> Duration {
     Duration::from_secs(30)
+}
+fn default_commit_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+/// 64 MiB: the operator's default sidecar memory limit (256 MiB) leaves room for it beside
+/// librdkafka's prefetch queue and fetch buffers.
+pub const DEFAULT_MAX_BUFFERED_BYTES: u64 = 64 << 20;
+fn default_max_buffered_bytes() -> u64 {
+    DEFAULT_MAX_BUFFERED_BYTES
 }
 fn default_admin_listen() -> SocketAddr {
     SocketAddr::from(([0, 0, 0, 0], ADMIN_PORT))

@@ -290,6 +290,15 @@ impl SidecarConfig {
             Duration::from_millis(10),
             Duration::from_secs(60),
         );
+        if !(MIN_BUFFERED_BYTES..=MAX_BUFFERED_BYTES).contains(&d.max_buffered_bytes) {
+            p.add(
+                "delivery.maxBufferedBytes",
+                format!(
+                    "{} is out of range; allowed: {MIN_BUFFERED_BYTES} (1 MiB) to {MAX_BUFFERED_BYTES} (16 GiB)",
+                    d.max_buffered_bytes
+                ),
+            );
+        }
         if let Some(url) = &self.app.readiness_url {
             match HttpUrl::parse(url) {
                 Err(e) => p.add("app.readinessUrl", e),
@@ -323,16 +332,23 @@ impl SidecarConfig {
                 ),
             );
         }
+        p.duration(
+            "drain.commitTimeout",
+            drain.commit_timeout,
+            Duration::from_millis(100),
+            Duration::from_secs(600),
+        );
         let max_poll = self
             .kafka
             .max_poll_interval_ms
             .unwrap_or(DEFAULT_MAX_POLL_INTERVAL_MS);
-        if drain.timeout >= Duration::from_millis(u64::from(max_poll)) {
+        if drain.timeout + drain.commit_timeout >= Duration::from_millis(u64::from(max_poll)) {
             p.add(
                 "drain.timeout",
                 format!(
-                    "{} is not shorter than kafka.maxPollIntervalMs ({max_poll} ms); a revoke that waits for in-flight deliveries would exceed the poll interval",
-                    humantime::format_duration(drain.timeout)
+                    "{} plus drain.commitTimeout ({}) is not shorter than kafka.maxPollIntervalMs ({max_poll} ms); a revoke that waits for in-flight deliveries and then commits would exceed the poll interval",
+                    humantime::format_duration(drain.timeout),
+                    humantime::format_duration(drain.commit_timeout)
                 ),
             );
         }
@@ -346,6 +362,10 @@ impl SidecarConfig {
         }
     }
 }
+
+/// Bounds of `delivery.maxBufferedBytes`.
+pub const MIN_BUFFERED_BYTES: u64 = 1 << 20;
+pub const MAX_BUFFERED_BYTES: u64 = 16 << 30;
 
 fn validate_kafka(k: &KafkaConnection, p: &mut Problems) {
     if k.bootstrap_servers.trim().is_empty() {

@@ -16,6 +16,8 @@ use tracing::{info, warn};
 
 use crate::metrics::Metrics;
 use crate::sidecar::{DrainControl, Readiness};
+#[cfg(test)]
+use crate::{kafka::GroupHealth, sidecar::AppGate};
 
 #[derive(Clone)]
 pub struct AdminState {
@@ -36,6 +38,7 @@ pub fn router(state: AdminState) -> Router {
 }
 
 async fn metrics(State(s): State<AdminState>) -> Response {
+    let _ = s.readiness.export(&s.metrics);
     (
         [(
             header::CONTENT_TYPE,
@@ -46,22 +49,10 @@ async fn metrics(State(s): State<AdminState>) -> Response {
         .into_response()
 }
 
-async fn readyz(State(s): State<AdminState>) -> (StatusCode, &'static str) {
-    if s.drain.is_requested() {
-        (StatusCode::SERVICE_UNAVAILABLE, "draining\n")
-    } else if s.readiness.is_ready() {
-        (StatusCode::OK, "ready\n")
-    } else if !s
-        .readiness
-        .app_reachable
-        .load(std::sync::atomic::Ordering::SeqCst)
-    {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "waiting for the application\n",
-        )
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "consumer not started\n")
+async fn readyz(State(s): State<AdminState>) -> (StatusCode, String) {
+    match s.readiness.export(&s.metrics) {
+        Ok(()) => (StatusCode::OK, "ready\n".into()),
+        Err((_, text)) => (StatusCode::SERVICE_UNAVAILABLE, format!("{text}\n")),
     }
 }
 
@@ -95,6 +86,12 @@ async fn drain(State(s): State<AdminState>, headers: HeaderMap) -> (StatusCode, 
     }
     if !s.drain.is_requested() {
         info!("drain requested over HTTP");
+        s.metrics
+            .drains
+            .get_or_create(&crate::metrics::ReasonLabel {
+                reason: "prestop_hook",
+            })
+            .inc();
     }
     s.drain.request();
     let summary = s.drain.wait_done().await;
@@ -133,10 +130,19 @@ mod tests {
     }
 
     fn state(token: Option<&str>) -> AdminState {
+        let config = sluice_config::SidecarConfig::from_json(
+            r#"{"kafka": {"bootstrapServers": "127.0.0.1:9", "topics": ["t"], "groupId": "g"}, "delivery": {"url": "http://127.0.0.1:9/"}}"#,
+        )
+        .unwrap();
+        let drain = DrainControl::new();
         AdminState {
             metrics: Arc::new(Metrics::new()),
-            readiness: Arc::new(Readiness::default()),
-            drain: DrainControl::new(),
+            readiness: Arc::new(Readiness {
+                app: AppGate::new(&config),
+                group: Arc::new(GroupHealth::default()),
+                drain: drain.clone(),
+            }),
+            drain,
             drain_token: token.map(Arc::from),
         }
     }
@@ -193,17 +199,51 @@ mod tests {
                 "waiting for the application\n"
             )
         );
-        s.readiness
-            .app_reachable
-            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let (_, body) = call(s.clone(), "/metrics", None).await;
+        assert!(body.contains("sluice_ready 0"), "{body}");
+        assert!(
+            body.contains("sluice_not_ready{reason=\"app_unreachable\"} 1"),
+            "{body}"
+        );
+        s.readiness.app.set_up(true);
         assert_eq!(
-            call(s.clone(), "/readyz", None).await.0,
-            StatusCode::SERVICE_UNAVAILABLE
+            call(s.clone(), "/readyz", None).await,
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "joining the consumer group\n".into()
+            )
+        );
+        s.readiness.group.set_joined(true);
+        assert_eq!(call(s.clone(), "/readyz", None).await.0, StatusCode::OK);
+        let (_, body) = call(s.clone(), "/metrics", None).await;
+        assert!(body.contains("sluice_ready 1"), "{body}");
+        assert!(
+            body.contains("sluice_not_ready{reason=\"joining\"} 0"),
+            "{body}"
         );
         s.readiness
-            .consuming
-            .store(true, std::sync::atomic::Ordering::SeqCst);
-        assert_eq!(call(s.clone(), "/readyz", None).await.0, StatusCode::OK);
+            .group
+            .set_problem(Some(crate::kafka::KafkaProblem {
+                reason: "kafka_auth",
+                detail: "Kafka refused the credentials or permissions: SASL authentication failed"
+                    .into(),
+            }));
+        let (status, body) = call(s.clone(), "/readyz", None).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(body.contains("SASL authentication failed"), "{body}");
+        let (_, body) = call(s.clone(), "/metrics", None).await;
+        assert!(
+            body.contains("sluice_not_ready{reason=\"kafka_auth\"} 1"),
+            "{body}"
+        );
+        s.readiness.group.set_problem(None);
+        s.readiness.app.set_up(false);
+        assert_eq!(
+            call(s.clone(), "/readyz", None).await.1,
+            "waiting for the application\n",
+            "an application outage turns the sidecar not ready"
+        );
+        s.readiness.app.set_up(true);
         s.drain.request();
         assert_eq!(
             call(s.clone(), "/readyz", None).await,

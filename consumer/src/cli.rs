@@ -11,8 +11,10 @@ use tracing::{error, info};
 use tracing_subscriber::EnvFilter;
 
 use crate::admin::{self, AdminState};
+use crate::kafka::GroupHealth;
 use crate::metrics::Metrics;
-use crate::sidecar::{self, DrainControl, Readiness};
+use crate::metrics::ReasonLabel;
+use crate::sidecar::{self, AppGate, DrainControl, Ended, Readiness};
 
 /// The Sluice consumer sidecar: consumes Kafka records and delivers them to the application
 /// over HTTP on localhost.
@@ -148,8 +150,14 @@ pub fn main() -> ExitCode {
 
 async fn run(config: SidecarConfig, drain_token: Option<Arc<str>>) -> ExitCode {
     let metrics = Arc::new(Metrics::new());
-    let readiness = Arc::new(Readiness::default());
     let drain = DrainControl::new();
+    let app = AppGate::new(&config);
+    let group = Arc::new(GroupHealth::default());
+    let readiness = Arc::new(Readiness {
+        app: app.clone(),
+        group: group.clone(),
+        drain: drain.clone(),
+    });
     let listener = match tokio::net::TcpListener::bind(config.admin.listen).await {
         Ok(l) => l,
         Err(e) => {
@@ -174,6 +182,7 @@ async fn run(config: SidecarConfig, drain_token: Option<Arc<str>>) -> ExitCode {
     {
         let drain = drain.clone();
         let signalled = signalled.clone();
+        let metrics_for_signals = metrics.clone();
         tokio::spawn(async move {
             use tokio::signal::unix::{SignalKind, signal};
             let (Ok(mut term), Ok(mut int)) = (
@@ -189,17 +198,30 @@ async fn run(config: SidecarConfig, drain_token: Option<Arc<str>>) -> ExitCode {
                     _ = int.recv() => "SIGINT",
                 };
                 info!(signal = name, "signal received: draining");
+                if !drain.is_requested() {
+                    metrics_for_signals
+                        .drains
+                        .get_or_create(&ReasonLabel { reason: "signal" })
+                        .inc();
+                }
                 signalled.cancel();
                 drain.request();
             }
         });
     }
 
-    let result = sidecar::run(config, drain.clone(), readiness, metrics).await;
-    if let Err(e) = result {
-        error!(error = format!("{e:#}"), "the sidecar failed");
-        drain.finish(format!("failed: {e:#}"));
-        return ExitCode::from(1);
+    let result = sidecar::run(config, drain.clone(), app, group, metrics).await;
+    match result {
+        Err(e) => {
+            error!(error = format!("{e:#}"), "the sidecar failed");
+            drain.finish(format!("failed: {e:#}"));
+            return ExitCode::from(1);
+        }
+        Ok(Ended::Fatal(reason)) => {
+            error!(%reason, "the Kafka consumer failed fatally; drained and exiting");
+            return ExitCode::from(1);
+        }
+        Ok(Ended::Drained) => {}
     }
     // Drained (by a signal or /drain). After /drain, stay up, serving health and metrics,
     // until the container is told to stop.

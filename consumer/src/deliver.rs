@@ -1,5 +1,7 @@
 //! Delivery of one record: HTTP attempts with retries, then the dead-letter topic.
 
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -20,7 +22,9 @@ use tracing::{debug, error, warn};
 use crate::cloudevents::request_headers;
 use crate::metrics::{Metrics, OutcomeLabel, ReasonLabel};
 use crate::policy::{AttemptResult, Backoff, Next, OUTCOME_HEADER, Verdict, classify, next_step};
+use crate::progress::Progress;
 use crate::record::{Record, Tp};
+use crate::sidecar::AppGate;
 
 /// How a record's delivery ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,15 +37,16 @@ pub enum Outcome {
     Abandoned,
 }
 
-/// What delivery tasks tell the dispatcher.
+/// What delivery tasks tell the dispatcher. (The record's offset is settled in its
+/// partition's [`Progress`] before `Done` is sent; the dispatcher only does its bookkeeping.)
 #[derive(Debug)]
 pub enum TaskEvent {
     Done {
         tp: Tp,
         epoch: u64,
-        offset: i64,
         key: Option<Bytes>,
-        outcome: Outcome,
+        /// The record's size, released from the memory budget.
+        bytes: usize,
     },
     /// The record cannot currently be finished (dead-letter topic unwritable, or no
     /// dead-letter topic): its partition pauses until `blocked: false`.
@@ -151,7 +156,8 @@ impl DeadLetterWriter {
             .map_err(|(e, _)| e)
     }
 
-    /// Waits (bounded) for queued dead-letter writes on shutdown.
+    /// Waits (bounded) for queued dead-letter writes on shutdown. Blocking: call it off the
+    /// async runtime.
     pub fn flush(&self, timeout: Duration) {
         let producer = self.producer();
         if let Err(e) = producer.flush(timeout) {
@@ -170,6 +176,11 @@ pub struct Deliverer {
     dead_letter: Option<DeadLetterWriter>,
     metrics: Arc<Metrics>,
     events: UnboundedSender<TaskEvent>,
+    app: Arc<AppGate>,
+    /// Start times of the deliveries running, by a sequence number (so the first is the
+    /// oldest).
+    running: Mutex<BTreeMap<u64, Instant>>,
+    seq: AtomicU64,
 }
 
 /// A hyper client for the application on localhost: keep-alive, no Nagle.
@@ -194,6 +205,7 @@ impl Deliverer {
         dead_letter: Option<DeadLetterWriter>,
         metrics: Arc<Metrics>,
         events: UnboundedSender<TaskEvent>,
+        app: Arc<AppGate>,
     ) -> Self {
         Deliverer {
             client: http_client(max_in_flight),
@@ -204,17 +216,42 @@ impl Deliverer {
             dead_letter,
             metrics,
             events,
+            app,
+            running: Mutex::new(BTreeMap::new()),
+            seq: AtomicU64::new(0),
         }
+    }
+
+    /// How long the oldest running delivery has been running.
+    pub fn oldest_in_flight_age(&self) -> Duration {
+        let running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        running
+            .values()
+            .next()
+            .map_or(Duration::ZERO, |t| t.elapsed())
     }
 
     pub fn dead_letter(&self) -> Option<&DeadLetterWriter> {
         self.dead_letter.as_ref()
     }
 
-    /// Delivers one record to the end and reports the outcome to the dispatcher.
-    pub async fn run(self: Arc<Self>, record: Record, epoch: u64, cancel: CancellationToken) {
+    /// Delivers one record to the end, settles it in its partition's progress and tells the
+    /// dispatcher. The record must have been started in `progress` ([`Progress::start`]).
+    pub async fn run(self: Arc<Self>, record: Record, progress: Arc<Progress>) {
+        let epoch = progress.epoch;
+        let cancel = progress.cancelled().clone();
         let mut blocked = false;
+        let id = self.seq.fetch_add(1, AtomicOrdering::Relaxed);
+        self.running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, Instant::now());
         let outcome = self.deliver(&record, epoch, &cancel, &mut blocked).await;
+        progress.end(record.offset, outcome != Outcome::Abandoned);
+        self.running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
         if blocked {
             let _ = self.events.send(TaskEvent::Blocked {
                 tp: record.tp.clone(),
@@ -222,12 +259,12 @@ impl Deliverer {
                 blocked: false,
             });
         }
+        let bytes = record.size();
         let _ = self.events.send(TaskEvent::Done {
             tp: record.tp,
             epoch,
-            offset: record.offset,
             key: record.key,
-            outcome,
+            bytes,
         });
     }
 
@@ -251,19 +288,29 @@ impl Deliverer {
     ) -> Outcome {
         let mut sent = 0u32;
         let mut failures = 0u32;
+        let mut retries = 0u32;
         loop {
             if cancel.is_cancelled() {
+                return Outcome::Abandoned;
+            }
+            if !self.app.is_up() && !self.app.wait_up(cancel).await {
                 return Outcome::Abandoned;
             }
             sent += 1;
             let result = self.attempt(rec, sent).await;
             let verdict = classify(&result, SystemTime::now());
-            if matches!(verdict, Verdict::Retry { counts: true, .. }) {
-                failures += 1;
+            match &verdict {
+                Verdict::Retry { counts: true, .. } => failures += 1,
+                Verdict::AppDown { .. } => sent -= 1,
+                _ => {}
+            }
+            if !matches!(verdict, Verdict::AppDown { .. }) {
+                retries += 1;
             }
             let step = next_step(
                 &verdict,
                 failures,
+                retries,
                 self.max_attempts,
                 &self.backoff,
                 rand::random::<f64>(),
@@ -284,6 +331,17 @@ impl Deliverer {
                     } else {
                         Outcome::Delivered
                     };
+                }
+                Some(Next::WaitForApp) => {
+                    if let Verdict::AppDown { detail } = &verdict {
+                        self.app.mark_down(detail);
+                    }
+                    self.metrics
+                        .retries
+                        .get_or_create(&ReasonLabel {
+                            reason: "app_unreachable",
+                        })
+                        .inc();
                 }
                 Some(Next::RetryAfter(delay)) => {
                     if let Verdict::Retry { reason, detail, .. } = &verdict {
@@ -375,11 +433,13 @@ impl Deliverer {
         *req.headers_mut() = request_headers(rec, attempt);
         let started = Instant::now();
         let exchange = async {
-            let resp = self
-                .client
-                .request(req)
-                .await
-                .map_err(|e| error_chain(&e))?;
+            let resp = self.client.request(req).await.map_err(|e| {
+                if e.is_connect() {
+                    AttemptResult::Unreachable(error_chain(&e))
+                } else {
+                    AttemptResult::ConnectionError(error_chain(&e))
+                }
+            })?;
             let header = |name: &str| {
                 resp.headers()
                     .get(name)
@@ -394,13 +454,12 @@ impl Deliverer {
             // Read the whole body so the connection goes back to the pool.
             let mut body = resp.into_body();
             while let Some(frame) = body.frame().await {
-                frame.map_err(|e| error_chain(&e))?;
+                frame.map_err(|e| AttemptResult::ConnectionError(error_chain(&e)))?;
             }
-            Ok::<_, String>(result)
+            Ok::<_, AttemptResult>(result)
         };
         let result = match tokio::time::timeout(self.timeout, exchange).await {
-            Ok(Ok(r)) => r,
-            Ok(Err(e)) => AttemptResult::ConnectionError(e),
+            Ok(Ok(r)) | Ok(Err(r)) => r,
             Err(_) => AttemptResult::Timeout,
         };
         self.metrics
@@ -420,6 +479,7 @@ impl Deliverer {
             AttemptResult::Response { .. } => "other",
             AttemptResult::Timeout => "timeout",
             AttemptResult::ConnectionError(_) => "connection_error",
+            AttemptResult::Unreachable(_) => "unreachable",
         };
         self.metrics
             .attempts

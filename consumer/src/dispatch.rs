@@ -1,23 +1,28 @@
-//! The dispatcher: owns every assigned partition's buffered records and offset tracker,
-//! decides what is delivered next under the ordering mode and the in-flight bound, applies
-//! backpressure by pausing partitions, commits the finished prefix, and runs revokes and the
-//! drain.
+//! The dispatcher: owns every assigned partition's buffered records, decides what is
+//! delivered next under the ordering mode and the in-flight bound, and applies backpressure
+//! by pausing partitions — per partition (records beyond the committed prefix, bytes queued)
+//! and over the whole sidecar (one memory budget for queued and in-flight bytes).
+//!
+//! Offsets and in-flight counts live in each partition's [`Progress`], which delivery tasks
+//! settle themselves and the Kafka thread reads directly when a partition leaves; the
+//! dispatcher never has to answer for a revoke or a drain.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::sync::mpsc::Sender;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use sluice_config::Ordering;
-use tokio::sync::mpsc::UnboundedReceiver;
+use tokio::sync::mpsc::{Receiver, UnboundedReceiver};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::deliver::{Deliverer, Outcome, TaskEvent};
-use crate::kafka::{EpochOffset, FromKafka, ToKafka};
+use crate::deliver::{Deliverer, TaskEvent};
+use crate::kafka::{DrainReport, FromKafka, ToKafka};
 use crate::metrics::{Metrics, TpLabel};
-use crate::offsets::OffsetTracker;
+use crate::progress::Progress;
 use crate::record::{Record, Tp};
 
 /// How far ahead of the committed prefix a partition may be fetched before it pauses.
@@ -30,57 +35,76 @@ pub struct Watermarks {
 }
 
 impl Watermarks {
-    pub fn for_in_flight(max_in_flight: usize) -> Self {
+    /// Per-partition bounds: records from the in-flight bound, bytes a quarter of the
+    /// sidecar's memory budget (so one hot partition cannot take all of it).
+    pub fn new(max_in_flight: usize, budget_bytes: usize) -> Self {
         let high = (max_in_flight * 4).max(2000);
+        let high_bytes = (budget_bytes / 4).max(1);
         Watermarks {
             high_records: high,
             low_records: high / 2,
-            high_bytes: 16 << 20,
-            low_bytes: 8 << 20,
+            high_bytes,
+            low_bytes: high_bytes / 2,
         }
     }
 }
 
-/// One assigned partition.
+/// The sidecar-wide memory budget: bytes of records queued plus bytes in flight. Over the
+/// budget every partition pauses; under three quarters of it they resume.
+#[derive(Debug, Clone, Copy)]
+pub struct MemoryBudget {
+    pub max_bytes: usize,
+}
+
+impl MemoryBudget {
+    /// Whether fetching must stop, with hysteresis: from `max_bytes` up until it falls to
+    /// three quarters of it.
+    pub fn over(&self, used: usize, was_over: bool) -> bool {
+        if was_over {
+            used > self.max_bytes / 4 * 3
+        } else {
+            used >= self.max_bytes
+        }
+    }
+}
+
+/// One assigned partition, as the dispatcher sees it.
 #[derive(Debug)]
 pub struct PartitionState {
-    pub epoch: u64,
+    pub progress: Arc<Progress>,
     queue: VecDeque<Record>,
     queued_bytes: usize,
-    tracker: OffsetTracker,
+    /// Deliveries of this epoch still running (the partition mode allows one).
     in_flight: usize,
     in_flight_keys: HashSet<Bytes>,
-    in_flight_since: BTreeMap<i64, Instant>,
     blocked: usize,
     paused: bool,
-    revoking: bool,
-    cancel: CancellationToken,
 }
 
 /// How many queued records the key mode looks past a blocked key.
 const KEY_SCAN_LIMIT: usize = 512;
 
 impl PartitionState {
-    pub fn new(epoch: u64) -> Self {
+    pub fn new(progress: Arc<Progress>) -> Self {
         PartitionState {
-            epoch,
+            progress,
             queue: VecDeque::new(),
             queued_bytes: 0,
-            tracker: OffsetTracker::new(),
             in_flight: 0,
             in_flight_keys: HashSet::new(),
-            in_flight_since: BTreeMap::new(),
             blocked: 0,
             paused: false,
-            revoking: false,
-            cancel: CancellationToken::new(),
         }
     }
 
-    /// Buffers a fetched record. False if its offset does not follow the last one (it is
-    /// then dropped: it was fetched twice).
+    pub fn epoch(&self) -> u64 {
+        self.progress.epoch
+    }
+
+    /// Buffers a fetched record. False if it was not accepted (fetched twice, or the
+    /// partition is leaving); it is then dropped.
     pub fn push(&mut self, record: Record) -> bool {
-        if self.tracker.track(record.offset).is_err() {
+        if !self.progress.track(record.offset) {
             return false;
         }
         self.queued_bytes += record.size();
@@ -88,16 +112,16 @@ impl PartitionState {
         true
     }
 
-    /// The next record that may be delivered now under `mode`, marked in flight.
-    pub fn take_next(&mut self, mode: Ordering, now: Instant) -> Option<Record> {
-        if self.revoking {
-            return None;
-        }
+    /// The next record that may be delivered now under `mode`, started in its progress.
+    pub fn take_next(&mut self, mode: Ordering) -> Option<Record> {
         let idx = match mode {
             Ordering::Partition if self.in_flight > 0 => return None,
             Ordering::Partition | Ordering::None => (!self.queue.is_empty()).then_some(0)?,
             Ordering::Key => self.next_free_key()?,
         };
+        if !self.progress.start() {
+            return None;
+        }
         let record = self.queue.remove(idx)?;
         self.queued_bytes -= record.size();
         self.in_flight += 1;
@@ -106,7 +130,6 @@ impl PartitionState {
         {
             self.in_flight_keys.insert(k.clone());
         }
-        self.in_flight_since.insert(record.offset, now);
         Some(record)
     }
 
@@ -126,17 +149,11 @@ impl PartitionState {
         None
     }
 
-    /// A delivery finished. Abandoned records stay unfinished (never committed).
-    pub fn finish(&mut self, offset: i64, key: Option<&Bytes>, outcome: Outcome) {
+    /// A delivery of this epoch ended (its offset is already settled in the progress).
+    pub fn done(&mut self, key: Option<&Bytes>) {
         self.in_flight = self.in_flight.saturating_sub(1);
         if let Some(k) = key {
             self.in_flight_keys.remove(k);
-        }
-        self.in_flight_since.remove(&offset);
-        if outcome != Outcome::Abandoned
-            && let Err(e) = self.tracker.finish(offset)
-        {
-            warn!(offset, error = %e, "unexpected delivery result");
         }
     }
 
@@ -145,7 +162,7 @@ impl PartitionState {
         if self.blocked > 0 {
             return true;
         }
-        let pending = self.tracker.pending();
+        let pending = self.progress.snapshot().pending;
         if self.paused {
             pending > w.low_records || self.queued_bytes > w.low_bytes
         } else {
@@ -153,22 +170,12 @@ impl PartitionState {
         }
     }
 
-    /// Drops the buffered records and cancels retries (revoke or drain).
-    fn stop(&mut self) -> usize {
-        self.revoking = true;
-        self.cancel.cancel();
-        let dropped = self.queue.len();
+    /// Drops the buffered records; returns (records, bytes) dropped.
+    fn clear(&mut self) -> (usize, usize) {
+        let dropped = (self.queue.len(), self.queued_bytes);
         self.queue.clear();
         self.queued_bytes = 0;
         dropped
-    }
-
-    pub fn committable(&self) -> Option<i64> {
-        self.tracker.committable()
-    }
-
-    pub fn in_flight(&self) -> usize {
-        self.in_flight
     }
 
     pub fn queued(&self) -> usize {
@@ -176,55 +183,24 @@ impl PartitionState {
     }
 }
 
-struct PendingRevoke {
-    partitions: Vec<Tp>,
-    reply: Sender<Vec<EpochOffset>>,
-    deadline: Instant,
-}
-
-/// What a drain did.
-#[derive(Debug, Clone)]
-pub struct DrainReport {
-    pub waited: Duration,
-    /// In-flight deliveries still running at the drain timeout (not committed).
-    pub abandoned: usize,
-    pub committed: Vec<(String, i64)>,
-    pub commit_error: Option<String>,
-}
-
-impl std::fmt::Display for DrainReport {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "drained in {:?}; {} abandoned; committed",
-            self.waited, self.abandoned
-        )?;
-        for (tp, o) in &self.committed {
-            write!(f, " {tp}@{o}")?;
-        }
-        if let Some(e) = &self.commit_error {
-            write!(f, "; commit failed: {e}")?;
-        }
-        Ok(())
-    }
-}
-
 pub struct Dispatcher {
     mode: Ordering,
     max_in_flight: usize,
     watermarks: Watermarks,
-    stop_timeout: Duration,
-    commit_interval: Duration,
+    budget: MemoryBudget,
     partitions: HashMap<Tp, PartitionState>,
     order: Vec<Tp>,
     round_robin: usize,
+    /// Delivery tasks running (of any epoch: each holds an HTTP slot until it ends).
     in_flight: usize,
+    bytes_queued: usize,
+    bytes_in_flight: usize,
+    over_budget: bool,
     deliverer: Arc<Deliverer>,
     to_kafka: Sender<ToKafka>,
     metrics: Arc<Metrics>,
-    revokes: Vec<PendingRevoke>,
-    drain_deadline: Option<(Instant, Instant)>,
-    commit_rounds: u64,
+    app_up: watch::Receiver<bool>,
+    draining: bool,
 }
 
 impl Dispatcher {
@@ -232,41 +208,43 @@ impl Dispatcher {
     pub fn new(
         mode: Ordering,
         max_in_flight: usize,
-        stop_timeout: Duration,
-        commit_interval: Duration,
+        budget: MemoryBudget,
         deliverer: Arc<Deliverer>,
         to_kafka: Sender<ToKafka>,
         metrics: Arc<Metrics>,
+        app_up: watch::Receiver<bool>,
     ) -> Self {
         Dispatcher {
             mode,
             max_in_flight,
-            watermarks: Watermarks::for_in_flight(max_in_flight),
-            stop_timeout,
-            commit_interval,
+            watermarks: Watermarks::new(max_in_flight, budget.max_bytes),
+            budget,
             partitions: HashMap::new(),
             order: Vec::new(),
             round_robin: 0,
             in_flight: 0,
+            bytes_queued: 0,
+            bytes_in_flight: 0,
+            over_budget: false,
             deliverer,
             to_kafka,
             metrics,
-            revokes: Vec::new(),
-            drain_deadline: None,
-            commit_rounds: 0,
+            app_up,
+            draining: false,
         }
     }
 
-    /// Runs until the drain is complete (or the Kafka thread is gone).
+    /// Runs until the Kafka thread reports the drain complete (requested through `drain`,
+    /// or forced by a fatal consumer error), or is gone.
     pub async fn run(
         mut self,
-        mut from_kafka: UnboundedReceiver<FromKafka>,
+        mut from_kafka: Receiver<FromKafka>,
         mut events: UnboundedReceiver<TaskEvent>,
         drain: CancellationToken,
     ) -> DrainReport {
-        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut last_commit = Instant::now();
+        let mut app_up = self.app_up.clone();
         loop {
             tokio::select! {
                 // Not biased: a flood of results must not starve fetched records or revokes.
@@ -277,28 +255,35 @@ impl Dispatcher {
                     }
                 }
                 msg = from_kafka.recv() => match msg {
+                    Some(FromKafka::Drained(report)) => {
+                        self.drop_all();
+                        return report;
+                    }
                     Some(m) => self.on_kafka(m),
                     None => {
-                        warn!("the Kafka thread ended");
-                        return DrainReport { waited: Duration::ZERO, abandoned: self.in_flight, committed: vec![], commit_error: Some("the Kafka consumer stopped".into()) };
+                        warn!("the Kafka thread ended without a drain");
+                        return DrainReport {
+                            abandoned: self.in_flight,
+                            commit_error: Some("the Kafka consumer stopped".into()),
+                            ..DrainReport::default()
+                        };
                     }
                 },
-                _ = drain.cancelled(), if self.drain_deadline.is_none() => self.start_drain(),
-                _ = tick.tick() => {
-                    if self.drain_deadline.is_none() && last_commit.elapsed() >= self.commit_interval {
-                        last_commit = Instant::now();
-                        self.commit_async();
+                _ = drain.cancelled(), if !self.draining => {
+                    self.draining = true;
+                    info!(in_flight = self.in_flight, "drain requested: no new deliveries");
+                    if self.to_kafka.send(ToKafka::Drain).is_err() {
+                        return DrainReport {
+                            commit_error: Some("the Kafka thread is gone".into()),
+                            ..DrainReport::default()
+                        };
                     }
-                    self.update_gauges();
+                    self.drop_all();
                 }
+                Ok(()) = app_up.changed() => {}
+                _ = tick.tick() => self.update_gauges(),
             }
             self.dispatch();
-            self.settle_revokes();
-            if let Some((started, deadline)) = self.drain_deadline
-                && (self.in_flight == 0 || Instant::now() >= deadline)
-            {
-                return self.finish_drain(started).await;
-            }
         }
     }
 
@@ -311,56 +296,66 @@ impl Dispatcher {
                     let Some(state) = self.partitions.get_mut(&record.tp) else {
                         continue;
                     };
-                    if state.epoch != epoch || state.revoking {
+                    if state.epoch() != epoch {
                         continue;
                     }
                     if touched.last() != Some(&record.tp) && !touched.contains(&record.tp) {
                         touched.push(record.tp.clone());
                     }
+                    let size = record.size();
                     if state.push(record) {
                         buffered += 1;
+                        self.bytes_queued += size;
                     }
                 }
                 self.metrics.buffered.inc_by(buffered);
+                self.check_budget();
                 for tp in touched {
                     self.apply_backpressure(&tp);
                 }
             }
             FromKafka::Assigned(parts) => {
-                for (tp, epoch) in parts {
-                    if let Some(old) = self
+                for progress in parts {
+                    let tp = progress.tp.clone();
+                    if let Some(mut old) = self
                         .partitions
-                        .insert(tp.clone(), PartitionState::new(epoch))
+                        .insert(tp.clone(), PartitionState::new(progress))
                     {
-                        self.in_flight -= old.in_flight;
+                        self.forget(&mut old);
                     }
                     if !self.order.contains(&tp) {
                         self.order.push(tp);
                     }
                 }
             }
-            FromKafka::Revoked {
-                partitions,
-                lost,
-                reply,
-            } => {
-                for tp in &partitions {
-                    if let Some(state) = self.partitions.get_mut(tp) {
-                        let dropped = state.stop();
-                        self.metrics.buffered.dec_by(dropped as i64);
+            FromKafka::Released(parts) => {
+                for (tp, epoch) in parts {
+                    if self.partitions.get(&tp).is_some_and(|s| s.epoch() == epoch) {
+                        if let Some(mut state) = self.partitions.remove(&tp) {
+                            self.forget(&mut state);
+                        }
+                        self.order.retain(|t| *t != tp);
                     }
                 }
-                info!(
-                    count = partitions.len(),
-                    lost, "stopping revoked partitions"
-                );
-                self.revokes.push(PendingRevoke {
-                    partitions,
-                    reply,
-                    deadline: Instant::now() + self.stop_timeout,
-                });
+                self.check_budget();
             }
+            FromKafka::Drained(_) => {}
         }
+    }
+
+    /// Drops a partition's buffer from the books.
+    fn forget(&mut self, state: &mut PartitionState) {
+        let (records, bytes) = state.clear();
+        self.bytes_queued -= bytes;
+        self.metrics.buffered.dec_by(records as i64);
+    }
+
+    fn drop_all(&mut self) {
+        let mut states: Vec<PartitionState> = self.partitions.drain().map(|(_, s)| s).collect();
+        for s in &mut states {
+            self.forget(s);
+        }
+        self.order.clear();
     }
 
     fn on_task_event(&mut self, ev: TaskEvent) {
@@ -368,23 +363,27 @@ impl Dispatcher {
             TaskEvent::Done {
                 tp,
                 epoch,
-                offset,
                 key,
-                outcome,
-            } => match self.partitions.get_mut(&tp) {
-                Some(state) if state.epoch == epoch => {
-                    state.finish(offset, key.as_ref(), outcome);
-                    self.in_flight -= 1;
-                    self.metrics.in_flight.dec();
-                    self.apply_backpressure(&tp);
+                bytes,
+            } => {
+                self.in_flight -= 1;
+                self.bytes_in_flight -= bytes;
+                self.metrics.in_flight.dec();
+                match self.partitions.get_mut(&tp) {
+                    Some(state) if state.epoch() == epoch => {
+                        state.done(key.as_ref());
+                        self.check_budget();
+                        self.apply_backpressure(&tp);
+                    }
+                    _ => {
+                        self.metrics.late_results.inc();
+                        self.check_budget();
+                    }
                 }
-                _ => {
-                    self.metrics.late_results.inc();
-                }
-            },
+            }
             TaskEvent::Blocked { tp, epoch, blocked } => {
                 if let Some(state) = self.partitions.get_mut(&tp)
-                    && state.epoch == epoch
+                    && state.epoch() == epoch
                 {
                     if blocked {
                         state.blocked += 1;
@@ -397,17 +396,38 @@ impl Dispatcher {
         }
     }
 
+    /// Re-evaluates the sidecar-wide memory budget; on a change every partition's pause is
+    /// re-evaluated.
+    fn check_budget(&mut self) {
+        let used = self.bytes_queued + self.bytes_in_flight;
+        let over = self.budget.over(used, self.over_budget);
+        self.metrics.buffered_bytes.set(used as i64);
+        if over != self.over_budget {
+            self.over_budget = over;
+            if over {
+                warn!(
+                    used,
+                    budget = self.budget.max_bytes,
+                    "memory budget reached: fetching paused on every partition"
+                );
+            } else {
+                info!(used, "back under the memory budget: fetching resumes");
+            }
+            let tps: Vec<Tp> = self.partitions.keys().cloned().collect();
+            for tp in tps {
+                self.apply_backpressure(&tp);
+            }
+        }
+    }
+
     fn apply_backpressure(&mut self, tp: &Tp) {
         let Some(state) = self.partitions.get_mut(tp) else {
             return;
         };
-        if state.revoking {
-            return;
-        }
-        let want = state.wants_pause(&self.watermarks);
+        let want = self.over_budget || state.wants_pause(&self.watermarks);
         if want != state.paused {
             state.paused = want;
-            let parts = vec![(tp.clone(), state.epoch)];
+            let parts = vec![(tp.clone(), state.epoch())];
             let _ = self.to_kafka.send(if want {
                 ToKafka::Pause(parts)
             } else {
@@ -417,15 +437,14 @@ impl Dispatcher {
                 .paused
                 .get_or_create(&TpLabel::from(tp))
                 .set(i64::from(want));
-            info!(partition = %tp, paused = want, blocked = state.blocked, pending = state.tracker.pending(), "backpressure");
+            tracing::debug!(partition = %tp, paused = want, blocked = state.blocked, over_budget = self.over_budget, "backpressure");
         }
     }
 
     fn dispatch(&mut self) {
-        if self.drain_deadline.is_some() || self.order.is_empty() {
+        if self.draining || self.order.is_empty() || !*self.app_up.borrow() {
             return;
         }
-        let now = Instant::now();
         let n = self.order.len();
         let mut progress = true;
         while self.in_flight < self.max_in_flight && progress {
@@ -438,148 +457,31 @@ impl Dispatcher {
                 let Some(state) = self.partitions.get_mut(tp) else {
                     continue;
                 };
-                if let Some(record) = state.take_next(self.mode, now) {
-                    let epoch = state.epoch;
-                    let cancel = state.cancel.clone();
+                if let Some(record) = state.take_next(self.mode) {
+                    let size = record.size();
+                    self.bytes_queued -= size;
+                    self.bytes_in_flight += size;
                     self.in_flight += 1;
                     self.metrics.in_flight.inc();
                     self.metrics.buffered.dec();
                     progress = true;
-                    tokio::spawn(self.deliverer.clone().run(record, epoch, cancel));
+                    tokio::spawn(self.deliverer.clone().run(record, state.progress.clone()));
                 }
             }
             self.round_robin = (self.round_robin + 1) % n;
         }
     }
 
-    /// Commits what advanced since the last round. Every tenth round re-commits every
-    /// partition's finished prefix, so a commit that failed (e.g. during a rebalance) is
-    /// repeated even when nothing new finished.
-    fn commit_async(&mut self) {
-        self.commit_rounds += 1;
-        let refresh = self.commit_rounds.is_multiple_of(10);
-        let mut offsets = Vec::new();
-        for (tp, state) in &mut self.partitions {
-            if state.revoking {
-                continue;
-            }
-            let advanced = state.tracker.take_commit();
-            let offset = if refresh {
-                state.tracker.committable()
-            } else {
-                advanced
-            };
-            if let Some(o) = offset {
-                offsets.push((tp.clone(), state.epoch, o));
-            }
-        }
-        if !offsets.is_empty() {
-            let _ = self.to_kafka.send(ToKafka::Commit(offsets));
-        }
-    }
-
-    fn settle_revokes(&mut self) {
-        if self.revokes.is_empty() {
-            return;
-        }
-        let now = Instant::now();
-        let mut i = 0;
-        while i < self.revokes.len() {
-            let r = &self.revokes[i];
-            let idle = r
-                .partitions
-                .iter()
-                .all(|tp| self.partitions.get(tp).is_none_or(|s| s.in_flight == 0));
-            if !idle && now < r.deadline {
-                i += 1;
-                continue;
-            }
-            let r = self.revokes.swap_remove(i);
-            let mut offsets = Vec::new();
-            for tp in &r.partitions {
-                if let Some(state) = self.partitions.remove(tp) {
-                    if state.in_flight > 0 {
-                        warn!(partition = %tp, in_flight = state.in_flight, "revoke timeout: in-flight deliveries abandoned");
-                    }
-                    self.in_flight -= state.in_flight;
-                    self.metrics.in_flight.dec_by(state.in_flight as i64);
-                    self.metrics.buffered.dec_by(state.queue.len() as i64);
-                    if let Some(o) = state.committable() {
-                        offsets.push((tp.clone(), state.epoch, o));
-                    }
-                }
-                self.order.retain(|t| t != tp);
-            }
-            let _ = r.reply.send(offsets);
-        }
-    }
-
-    fn start_drain(&mut self) {
-        let now = Instant::now();
-        info!(
-            in_flight = self.in_flight,
-            "drain: stopped fetching, waiting for in-flight deliveries"
-        );
-        self.drain_deadline = Some((now, now + self.stop_timeout));
-        let _ = self.to_kafka.send(ToKafka::PauseAll);
-        for state in self.partitions.values_mut() {
-            let dropped = state.stop();
-            self.metrics.buffered.dec_by(dropped as i64);
-        }
-    }
-
-    async fn finish_drain(self, started: Instant) -> DrainReport {
-        let waited = started.elapsed();
-        let mut offsets = Vec::new();
-        for (tp, state) in &self.partitions {
-            if let Some(o) = state.committable() {
-                offsets.push((tp.clone(), state.epoch, o));
-            }
-        }
-        let committed = offsets
-            .iter()
-            .map(|(tp, _, o)| (tp.to_string(), *o))
-            .collect();
-        let (done, result) = tokio::sync::oneshot::channel();
-        let commit_error = if self
-            .to_kafka
-            .send(ToKafka::Finish { offsets, done })
-            .is_err()
-        {
-            Some("the Kafka thread is gone".to_owned())
-        } else {
-            match tokio::time::timeout(Duration::from_secs(60), result).await {
-                Ok(Ok(Ok(()))) => None,
-                Ok(Ok(Err(e))) => Some(e.to_string()),
-                Ok(Err(_)) => Some("the Kafka thread ended without answering".to_owned()),
-                Err(_) => Some("closing the consumer took more than 60 s".to_owned()),
-            }
-        };
-        // Abandoned deliveries are cancelled and their results ignored.
-        let report = DrainReport {
-            waited,
-            abandoned: self.in_flight,
-            committed,
-            commit_error,
-        };
-        info!(%report, "drain finished");
-        report
-    }
-
     fn update_gauges(&self) {
-        let now = Instant::now();
-        let mut oldest: Option<Instant> = None;
         for (tp, state) in &self.partitions {
-            if let Some(t) = state.in_flight_since.values().min() {
-                oldest = Some(oldest.map_or(*t, |o| o.min(*t)));
-            }
             self.metrics
                 .uncommitted
                 .get_or_create(&TpLabel::from(tp))
-                .set(state.tracker.pending() as i64);
+                .set(state.progress.snapshot().pending as i64);
         }
-        let age = oldest.map_or(0.0, |t| now.duration_since(t).as_secs_f64());
-        self.metrics.oldest_in_flight.set(age);
+        self.metrics
+            .oldest_in_flight
+            .set(self.deliverer.oldest_in_flight_age().as_secs_f64());
     }
 }
 
@@ -599,7 +501,7 @@ mod tests {
     }
 
     fn state_with(records: &[(i64, Option<&'static str>)]) -> PartitionState {
-        let mut s = PartitionState::new(1);
+        let mut s = PartitionState::new(Progress::new(Tp::new("t", 0), 1));
         for (o, k) in records {
             assert!(s.push(rec(*o, *k)));
         }
@@ -607,21 +509,27 @@ mod tests {
     }
 
     fn take_all(s: &mut PartitionState, mode: Ordering) -> Vec<i64> {
-        let now = Instant::now();
-        std::iter::from_fn(|| s.take_next(mode, now).map(|r| r.offset)).collect()
+        std::iter::from_fn(|| s.take_next(mode).map(|r| r.offset)).collect()
+    }
+
+    /// What a delivery task does when a record ends.
+    fn end(s: &mut PartitionState, offset: i64, key: Option<&'static str>, finished: bool) {
+        s.progress.end(offset, finished);
+        let key = key.map(|k| Bytes::from_static(k.as_bytes()));
+        s.done(key.as_ref());
     }
 
     #[test]
     fn partition_mode_has_one_in_flight_in_order() {
         let mut s = state_with(&[(0, Some("a")), (1, Some("b")), (2, None)]);
         assert_eq!(take_all(&mut s, Ordering::Partition), [0]);
-        s.finish(0, None, Outcome::Delivered);
+        end(&mut s, 0, Some("a"), true);
         assert_eq!(take_all(&mut s, Ordering::Partition), [1]);
-        s.finish(1, None, Outcome::Delivered);
+        end(&mut s, 1, Some("b"), true);
         assert_eq!(take_all(&mut s, Ordering::Partition), [2]);
-        assert_eq!(s.committable(), Some(2));
-        s.finish(2, None, Outcome::DeadLettered);
-        assert_eq!(s.committable(), Some(3));
+        assert_eq!(s.progress.snapshot().committable, Some(2));
+        end(&mut s, 2, None, true);
+        assert_eq!(s.progress.snapshot().committable, Some(3));
     }
 
     #[test]
@@ -634,21 +542,19 @@ mod tests {
             [0, 2, 3, 5],
             "one per key; keyless records are free"
         );
-        let key_a = Bytes::from_static(b"a");
-        s.finish(0, Some(&key_a), Outcome::Delivered);
+        end(&mut s, 0, a, true);
         assert_eq!(take_all(&mut s, Ordering::Key), [1]);
-        let key_b = Bytes::from_static(b"b");
-        s.finish(2, Some(&key_b), Outcome::Delivered);
+        end(&mut s, 2, b, true);
         assert_eq!(take_all(&mut s, Ordering::Key), [4]);
         assert_eq!(s.queued(), 0);
-        assert_eq!(s.in_flight(), 4);
+        assert_eq!(s.progress.snapshot().in_flight, 4);
     }
 
     #[test]
     fn key_mode_never_overtakes_an_earlier_record_of_the_same_key() {
         let mut s = state_with(&[(0, Some("a")), (1, Some("a")), (2, Some("a"))]);
         assert_eq!(take_all(&mut s, Ordering::Key), [0]);
-        s.finish(0, Some(&Bytes::from_static(b"a")), Outcome::Delivered);
+        end(&mut s, 0, Some("a"), true);
         assert_eq!(take_all(&mut s, Ordering::Key), [1]);
     }
 
@@ -656,36 +562,36 @@ mod tests {
     fn none_mode_takes_everything() {
         let mut s = state_with(&[(0, Some("a")), (1, Some("a")), (2, None)]);
         assert_eq!(take_all(&mut s, Ordering::None), [0, 1, 2]);
-        s.finish(1, None, Outcome::Delivered);
-        s.finish(2, None, Outcome::Delivered);
-        assert_eq!(s.committable(), None, "0 still in flight");
-        s.finish(0, None, Outcome::Delivered);
-        assert_eq!(s.committable(), Some(3));
+        end(&mut s, 1, None, true);
+        end(&mut s, 2, None, true);
+        assert_eq!(s.progress.snapshot().committable, None, "0 still in flight");
+        end(&mut s, 0, None, true);
+        assert_eq!(s.progress.snapshot().committable, Some(3));
     }
 
     #[test]
     fn abandoned_records_hold_the_commit_point() {
         let mut s = state_with(&[(0, None), (1, None), (2, None)]);
         assert_eq!(take_all(&mut s, Ordering::None), [0, 1, 2]);
-        s.finish(0, None, Outcome::Delivered);
-        s.finish(1, None, Outcome::Abandoned);
-        s.finish(2, None, Outcome::Delivered);
-        assert_eq!(s.committable(), Some(1));
+        end(&mut s, 0, None, true);
+        end(&mut s, 1, None, false);
+        end(&mut s, 2, None, true);
+        assert_eq!(s.progress.snapshot().committable, Some(1));
     }
 
     #[test]
-    fn stopping_drops_the_buffer_and_keeps_unfinished_offsets_uncommitted() {
+    fn a_released_partition_dispatches_nothing_and_keeps_unfinished_offsets_uncommitted() {
         let mut s = state_with(&[(0, None), (1, None), (2, None)]);
         assert_eq!(take_all(&mut s, Ordering::Partition), [0]);
-        assert_eq!(s.stop(), 2);
-        assert!(s.cancel.is_cancelled());
+        s.progress.release();
         assert_eq!(
             take_all(&mut s, Ordering::None),
             Vec::<i64>::new(),
-            "nothing is dispatched once stopped"
+            "nothing is dispatched once released"
         );
-        s.finish(0, None, Outcome::Delivered);
-        assert_eq!(s.committable(), Some(1));
+        assert_eq!(s.clear(), (2, 2));
+        end(&mut s, 0, None, true);
+        assert_eq!(s.progress.snapshot().committable, Some(1));
     }
 
     #[test]
@@ -710,9 +616,9 @@ mod tests {
         assert!(s.wants_pause(&w));
         s.paused = true;
         assert_eq!(take_all(&mut s, Ordering::None), [0, 1, 2, 3]);
-        s.finish(0, None, Outcome::Delivered);
+        end(&mut s, 0, None, true);
         assert!(s.wants_pause(&w), "3 pending > low watermark 2");
-        s.finish(1, None, Outcome::Delivered);
+        end(&mut s, 1, None, true);
         assert!(!s.wants_pause(&w), "2 pending: resume");
         s.paused = false;
         s.blocked = 1;
@@ -731,5 +637,20 @@ mod tests {
         s.paused = true;
         let _ = take_all(&mut s, Ordering::None);
         assert!(!s.wants_pause(&bytes));
+    }
+
+    #[test]
+    fn the_memory_budget_pauses_at_the_bound_and_resumes_at_three_quarters() {
+        let b = MemoryBudget { max_bytes: 1000 };
+        assert!(!b.over(999, false));
+        assert!(b.over(1000, false));
+        assert!(b.over(751, true), "hysteresis: still over above 3/4");
+        assert!(!b.over(750, true));
+        let w = Watermarks::new(64, 64 << 20);
+        assert_eq!((w.high_records, w.low_records), (2000, 1000));
+        assert_eq!((w.high_bytes, w.low_bytes), (16 << 20, 8 << 20));
+        let w = Watermarks::new(1000, 1 << 20);
+        assert_eq!(w.high_records, 4000);
+        assert_eq!(w.high_bytes, 256 << 10, "a quarter of the budget");
     }
 }

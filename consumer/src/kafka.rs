@@ -1,16 +1,24 @@
-//! The Kafka side: one OS thread owns the consumer, polls it, runs the rebalance callbacks and
-//! executes the dispatcher's commands (pause, resume, commit, finish).
+//! The Kafka side: one OS thread owns the consumer, polls it, runs the rebalance callbacks,
+//! commits, and runs the drain.
 //!
-//! The thread never waits for the application except inside a revoke callback, where it must:
-//! the revoked partitions' in-flight deliveries are allowed to finish (bounded) and their
-//! offsets are committed synchronously before the partitions are given up. Every assignment
-//! of a partition gets a new epoch; records, commits and results carry it, so anything that
-//! belongs to an earlier assignment is recognised and dropped.
+//! A partition leaves this member in one of three ways — revoked, lost, or drained — and all
+//! three are one operation, [`SluiceContext::release`]: stop dispatching it, wait (bounded)
+//! for its in-flight deliveries, commit its finished prefix with a valid generation, give it
+//! up. The state that operation needs (in-flight count, committable offset, what the broker
+//! acknowledged) lives in the partition's [`Progress`], which this thread reads directly; no
+//! request/reply round trip through the dispatcher.
+//!
+//! Commits: every commit round re-sends each partition's finished prefix while it is ahead of
+//! what the broker acknowledged (the commit callback records acknowledgements), so a commit
+//! that failed during a rebalance is repeated until it lands. The revoke-time and final
+//! commits are synchronous and retried on retriable errors within the commit budget; the
+//! drain's final commit polls the consumer between tries, so a rebalance in progress settles
+//! and the commit goes out with the group's current generation (or member epoch).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering as AtomicOrdering};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
-use std::sync::{Arc, Mutex};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, TryRecvError};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -22,29 +30,26 @@ use rdkafka::error::{KafkaError, KafkaResult};
 use rdkafka::message::{BorrowedMessage, Headers, Message};
 use rdkafka::statistics::Statistics;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
-use tokio::sync::mpsc::UnboundedSender;
+use rdkafka::types::RDKafkaErrorCode;
+use tokio::sync::mpsc::error::TrySendError;
 use tracing::{debug, error, info, warn};
 
 use crate::metrics::{KindLabel, Metrics, TpLabel};
+use crate::progress::Progress;
 use crate::record::{Record, Tp};
-
-/// A partition's offset in one assignment epoch.
-pub type EpochOffset = (Tp, u64, i64);
 
 /// What the Kafka thread tells the dispatcher.
 #[derive(Debug)]
 pub enum FromKafka {
     /// Fetched records, each with the epoch of its partition's assignment.
     Records(Vec<(u64, Record)>),
-    /// Newly assigned partitions with their epochs.
-    Assigned(Vec<(Tp, u64)>),
-    /// Partitions being revoked. The dispatcher stops them, waits (bounded) for their
-    /// in-flight deliveries and replies with the offsets to commit.
-    Revoked {
-        partitions: Vec<Tp>,
-        lost: bool,
-        reply: Sender<Vec<EpochOffset>>,
-    },
+    /// Newly assigned partitions.
+    Assigned(Vec<Arc<Progress>>),
+    /// Partitions that left this member (revoked, lost or drained): drop their buffers.
+    Released(Vec<(Tp, u64)>),
+    /// The drain is complete (requested, or forced by a fatal error); the consumer closes
+    /// next.
+    Drained(DrainReport),
 }
 
 /// What the dispatcher asks of the Kafka thread.
@@ -54,76 +59,427 @@ pub enum ToKafka {
     Wake,
     Pause(Vec<(Tp, u64)>),
     Resume(Vec<(Tp, u64)>),
-    /// Commit asynchronously (aggregated, at the commit interval).
-    Commit(Vec<EpochOffset>),
-    /// Stop fetching everything (drain has begun).
-    PauseAll,
-    /// Commit synchronously, leave the group, close the consumer, then acknowledge.
-    Finish {
-        offsets: Vec<EpochOffset>,
-        done: tokio::sync::oneshot::Sender<KafkaResult<()>>,
-    },
+    /// Drain: stop fetching, wait for in-flight work, commit, and close.
+    Drain,
+}
+
+/// What a drain did.
+#[derive(Debug, Clone, Default)]
+pub struct DrainReport {
+    pub waited: Duration,
+    /// In-flight deliveries still running at the in-flight timeout (not committed).
+    pub abandoned: usize,
+    pub committed: Vec<(String, i64)>,
+    pub commit_error: Option<String>,
+    /// Finished records whose offsets were not committed when the budget ran out: the next
+    /// owner delivers them again.
+    pub uncommitted: u64,
+    /// Set when the drain was forced by a fatal consumer error.
+    pub fatal: Option<String>,
+}
+
+impl std::fmt::Display for DrainReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if let Some(fatal) = &self.fatal {
+            write!(f, "fatal consumer error ({fatal}); ")?;
+        }
+        write!(
+            f,
+            "drained in {:?}; {} abandoned; committed",
+            self.waited, self.abandoned
+        )?;
+        for (tp, o) in &self.committed {
+            write!(f, " {tp}@{o}")?;
+        }
+        if let Some(e) = &self.commit_error {
+            write!(
+                f,
+                "; commit failed: {e} ({} finished records uncommitted)",
+                self.uncommitted
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// Time budgets for giving partitions up.
+#[derive(Debug, Clone, Copy)]
+pub struct Budget {
+    /// Waiting for in-flight deliveries of a partition that leaves.
+    pub in_flight: Duration,
+    /// Retrying the synchronous commit of a partition that leaves.
+    pub commit: Duration,
+    /// Between asynchronous commit rounds.
+    pub commit_interval: Duration,
+}
+
+/// Why the member is not (or no longer) consuming, as `/readyz` and a metric report it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KafkaProblem {
+    /// Static: `kafka_unreachable`, `kafka_auth`.
+    pub reason: &'static str,
+    pub detail: String,
+}
+
+/// The member's standing in its group, for readiness.
+#[derive(Debug, Default)]
+pub struct GroupHealth {
+    joined: AtomicBool,
+    problem: Mutex<Option<KafkaProblem>>,
+}
+
+impl GroupHealth {
+    /// True while the member holds its group membership (it has been given an assignment,
+    /// possibly empty, and has not lost it since).
+    pub fn joined(&self) -> bool {
+        self.joined.load(AtomicOrdering::SeqCst)
+    }
+
+    pub fn problem(&self) -> Option<KafkaProblem> {
+        self.problem
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub fn set_joined(&self, joined: bool) {
+        self.joined.store(joined, AtomicOrdering::SeqCst);
+    }
+
+    pub fn set_problem(&self, problem: Option<KafkaProblem>) {
+        *self.problem.lock().unwrap_or_else(|p| p.into_inner()) = problem;
+    }
+
+    /// Something worked that needs a broker: a problem of reaching it is over.
+    fn broker_answered(&self) {
+        let mut p = self.problem.lock().unwrap_or_else(|p| p.into_inner());
+        if p.as_ref().is_some_and(|p| p.reason == "kafka_unreachable") {
+            info!("Kafka is reachable again");
+            *p = None;
+        }
+    }
+}
+
+/// Logs each kind of repeated message at most once per interval, with the count of the
+/// ones suppressed since.
+#[derive(Debug)]
+pub struct LogLimiter {
+    every: Duration,
+    seen: Mutex<HashMap<String, (Instant, u64)>>,
+}
+
+impl LogLimiter {
+    pub fn new(every: Duration) -> Self {
+        LogLimiter {
+            every,
+            seen: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// `Some(suppressed)` if a message of this kind may be logged now.
+    pub fn allow(&self, kind: &str, now: Instant) -> Option<u64> {
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        if seen.len() > 256 {
+            seen.retain(|_, (t, _)| now.duration_since(*t) < self.every);
+        }
+        match seen.get_mut(kind) {
+            Some((last, suppressed)) if now.duration_since(*last) < self.every => {
+                *suppressed += 1;
+                None
+            }
+            Some((last, suppressed)) => {
+                *last = now;
+                Some(std::mem::take(suppressed))
+            }
+            None => {
+                seen.insert(kind.to_owned(), (now, 0));
+                Some(0)
+            }
+        }
+    }
+}
+
+/// The kind of a librdkafka log line for rate limiting: its facility and its text up to the
+/// first parenthesis, without the numbers (addresses, durations and counts differ between
+/// repeats of one problem; librdkafka appends its own details in parentheses).
+fn log_kind(facility: &str, message: &str) -> String {
+    let mut kind = String::with_capacity(facility.len() + 64);
+    kind.push_str(facility);
+    kind.push(' ');
+    kind.extend(
+        message
+            .chars()
+            .take_while(|c| *c != '(')
+            .filter(|c| !c.is_ascii_digit())
+            .take(96),
+    );
+    kind
+}
+
+/// Commit errors that a later try can overcome: the group is rebalancing, the generation or
+/// member epoch moved on, the coordinator moved or is loading, or the request timed out.
+pub fn commit_error_is_retriable(e: &KafkaError) -> bool {
+    use RDKafkaErrorCode as C;
+    matches!(
+        e.rdkafka_error_code(),
+        Some(
+            C::RebalanceInProgress
+                | C::IllegalGeneration
+                | C::UnknownMemberId
+                | C::StaleMemberEpoch
+                | C::NotCoordinator
+                | C::CoordinatorNotAvailable
+                | C::CoordinatorLoadInProgress
+                | C::RequestTimedOut
+                | C::NetworkException
+                | C::OperationTimedOut
+                | C::TimedOutQueue
+                | C::MessageTimedOut
+                | C::WaitingForCoordinator
+                | C::BrokerTransportFailure
+                | C::AllBrokersDown
+                | C::Retry
+                | C::InProgress
+        )
+    )
 }
 
 /// The consumer's context: rebalance callbacks, commit results, statistics, logs.
 pub struct SluiceContext {
-    to_dispatcher: UnboundedSender<FromKafka>,
+    to_dispatcher: tokio::sync::mpsc::Sender<FromKafka>,
     metrics: Arc<Metrics>,
-    assigned: Mutex<Vec<(Tp, u64)>>,
+    health: Arc<GroupHealth>,
+    assigned: Mutex<HashMap<Tp, Arc<Progress>>>,
     next_epoch: AtomicU64,
+    draining: AtomicBool,
     closing: AtomicBool,
-    revoke_wait: Duration,
+    fatal: AtomicBool,
+    /// Callbacks served; lets the poll loop tell "queue empty" from "served an event".
+    served: AtomicU64,
+    budget: Budget,
+    limiter: LogLimiter,
 }
 
 impl SluiceContext {
     pub fn new(
-        to_dispatcher: UnboundedSender<FromKafka>,
+        to_dispatcher: tokio::sync::mpsc::Sender<FromKafka>,
         metrics: Arc<Metrics>,
-        revoke_wait: Duration,
+        health: Arc<GroupHealth>,
+        budget: Budget,
     ) -> Self {
         SluiceContext {
             to_dispatcher,
             metrics,
-            assigned: Mutex::new(Vec::new()),
+            health,
+            assigned: Mutex::new(HashMap::new()),
             next_epoch: AtomicU64::new(1),
+            draining: AtomicBool::new(false),
             closing: AtomicBool::new(false),
-            revoke_wait,
+            fatal: AtomicBool::new(false),
+            served: AtomicU64::new(0),
+            budget,
+            limiter: LogLimiter::new(Duration::from_secs(10)),
         }
     }
 
-    fn assigned(&self) -> std::sync::MutexGuard<'_, Vec<(Tp, u64)>> {
+    fn assigned(&self) -> MutexGuard<'_, HashMap<Tp, Arc<Progress>>> {
         self.assigned.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The current epoch of a partition, if it is assigned.
+    fn served(&self) -> u64 {
+        self.served.load(AtomicOrdering::SeqCst)
+    }
+
+    fn serve(&self) {
+        self.served.fetch_add(1, AtomicOrdering::SeqCst);
+    }
+
+    /// The current epoch of a partition, if it is assigned and still active.
     fn epoch_of(&self, topic: &str, partition: i32) -> Option<(Tp, u64)> {
-        self.assigned()
-            .iter()
-            .find(|(tp, _)| tp.partition == partition && &*tp.topic == topic)
-            .cloned()
+        let assigned = self.assigned();
+        let tp = Tp::new(topic, partition);
+        let p = assigned.get(&tp)?;
+        Some((tp, p.epoch))
     }
 
-    /// A list for librdkafka of the offsets whose epoch is still current.
-    fn current_offsets(&self, offsets: &[EpochOffset]) -> TopicPartitionList {
+    fn current(&self, parts: &[(Tp, u64)]) -> TopicPartitionList {
         let assigned = self.assigned();
         let mut tpl = TopicPartitionList::new();
-        for (tp, epoch, offset) in offsets {
-            if assigned.iter().any(|(a, e)| a == tp && e == epoch) {
-                let _ = tpl.add_partition_offset(&tp.topic, tp.partition, Offset::Offset(*offset));
-            }
-        }
-        tpl
-    }
-
-    fn current_partitions(&self, partitions: &[(Tp, u64)]) -> TopicPartitionList {
-        let assigned = self.assigned();
-        let mut tpl = TopicPartitionList::new();
-        for (tp, epoch) in partitions {
-            if assigned.iter().any(|(a, e)| a == tp && e == epoch) {
+        for (tp, epoch) in parts {
+            if assigned.get(tp).is_some_and(|p| p.epoch == *epoch) {
                 tpl.add_partition(&tp.topic, tp.partition);
             }
         }
         tpl
+    }
+
+    /// Sends to the dispatcher from the Kafka thread, waiting for room: the dispatcher never
+    /// waits for this thread, so the wait is short.
+    fn tell(&self, msg: FromKafka) {
+        let _ = self.to_dispatcher.blocking_send(msg);
+    }
+
+    fn warn_limited(&self, kind: &str, f: impl FnOnce(u64)) {
+        if let Some(suppressed) = self.limiter.allow(kind, Instant::now()) {
+            f(suppressed);
+        }
+    }
+
+    /// Gives partitions up: the one path for revoke, loss and drain. Stops them, waits
+    /// (bounded) for their in-flight deliveries unless they are lost, and commits their
+    /// finished prefix. `poll` lets the commit retries serve the consumer between tries;
+    /// it is `None` inside a rebalance callback, where polling is not allowed.
+    fn release(
+        &self,
+        consumer: &BaseConsumer<SluiceContext>,
+        parts: &[Arc<Progress>],
+        lost: bool,
+        poll: bool,
+    ) -> Result<(), String> {
+        if parts.is_empty() {
+            return Ok(());
+        }
+        for p in parts {
+            p.release();
+            self.metrics.forget_partition(&p.tp);
+        }
+        self.tell(FromKafka::Released(
+            parts.iter().map(|p| (p.tp.clone(), p.epoch)).collect(),
+        ));
+        if lost {
+            // Another member may own them already: committing now could move its offsets
+            // back. Their in-flight results are dropped; the new owner delivers them again.
+            let unacked: u64 = parts.iter().map(|p| p.unacknowledged()).sum();
+            warn!(
+                partitions = parts.len(),
+                unacknowledged = unacked,
+                "partitions lost (the group moved on without this member); nothing committed for them"
+            );
+            return Ok(());
+        }
+        let started = Instant::now();
+        let deadline = started + self.budget.in_flight;
+        let mut abandoned = 0;
+        for p in parts {
+            if !p.wait_idle(deadline) {
+                abandoned += p.snapshot().in_flight;
+            }
+        }
+        if abandoned > 0 {
+            warn!(
+                abandoned,
+                "in-flight deliveries still running at the in-flight timeout; not committed, the next owner delivers them again"
+            );
+        }
+        let budget = if self.closing.load(AtomicOrdering::SeqCst) {
+            Duration::ZERO
+        } else {
+            self.budget.commit
+        };
+        let result = self.commit_sync(consumer, parts, Instant::now() + budget, poll);
+        match &result {
+            Ok(()) => {
+                info!(partitions = parts.len(), waited = ?started.elapsed(), "released partitions and committed their finished offsets")
+            }
+            Err(e) => {
+                let unacked: u64 = parts.iter().map(|p| p.unacknowledged()).sum();
+                self.metrics.uncommitted_on_release.inc_by(unacked);
+                error!(error = %e, uncommitted = unacked, "giving partitions up without committing their finished offsets: the commit budget ran out; the next owner delivers them again");
+            }
+        }
+        result
+    }
+
+    /// Commits the finished prefix of `parts` synchronously, retrying retriable errors until
+    /// `deadline`. Between tries it polls the consumer if `poll` (serving a rebalance that
+    /// must settle before a commit can carry a valid generation), else it sleeps.
+    fn commit_sync(
+        &self,
+        consumer: &BaseConsumer<SluiceContext>,
+        parts: &[Arc<Progress>],
+        deadline: Instant,
+        poll: bool,
+    ) -> Result<(), String> {
+        let mut tries = 0u32;
+        loop {
+            // A partition lost meanwhile (poll served the loss) is no longer ours to commit.
+            let assigned: Vec<Arc<Progress>> = {
+                let current = self.assigned();
+                parts
+                    .iter()
+                    .filter(|p| !poll || current.get(&p.tp).is_some_and(|c| Arc::ptr_eq(c, p)))
+                    .cloned()
+                    .collect()
+            };
+            let mut tpl = TopicPartitionList::new();
+            let mut sent = Vec::new();
+            for p in &assigned {
+                if let Some(o) = p.snapshot().to_commit() {
+                    let _ =
+                        tpl.add_partition_offset(&p.tp.topic, p.tp.partition, Offset::Offset(o));
+                    sent.push((p.clone(), o));
+                }
+            }
+            if sent.is_empty() {
+                return Ok(());
+            }
+            tries += 1;
+            match consumer.commit(&tpl, CommitMode::Sync) {
+                Ok(()) => {
+                    self.metrics.commits.inc();
+                    for (p, o) in &sent {
+                        p.acknowledge(*o);
+                        self.metrics
+                            .committed_offset
+                            .get_or_create(&TpLabel::from(&p.tp))
+                            .set(*o);
+                    }
+                    if tries > 1 {
+                        info!(tries, "synchronous commit succeeded after retries");
+                    }
+                    return Ok(());
+                }
+                Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => return Ok(()),
+                Err(e) if commit_error_is_retriable(&e) && Instant::now() < deadline => {
+                    self.metrics.commit_failures.inc();
+                    self.warn_limited("sync commit retry", |suppressed| {
+                        warn!(error = %e, suppressed, "synchronous commit failed; retrying within the commit budget");
+                    });
+                    if poll {
+                        poll_and_drop(consumer, Duration::from_millis(100));
+                    } else {
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                }
+                Err(e) => {
+                    self.metrics.commit_failures.inc();
+                    return Err(e.to_string());
+                }
+            }
+        }
+    }
+
+    /// Sends every active partition's finished prefix that is ahead of what the broker
+    /// acknowledged, asynchronously.
+    fn commit_round(&self, consumer: &BaseConsumer<SluiceContext>) {
+        let mut tpl = TopicPartitionList::new();
+        for p in self.assigned().values() {
+            let s = p.snapshot();
+            if s.released {
+                continue;
+            }
+            if let Some(o) = s.to_commit() {
+                let _ = tpl.add_partition_offset(&p.tp.topic, p.tp.partition, Offset::Offset(o));
+            }
+        }
+        if tpl.count() > 0
+            && let Err(e) = consumer.commit(&tpl, CommitMode::Async)
+        {
+            self.metrics.commit_failures.inc();
+            self.warn_limited("async commit not sent", |suppressed| {
+                warn!(error = %e, suppressed, "asynchronous commit could not be sent; it is sent again next round");
+            });
+        }
     }
 }
 
@@ -134,17 +490,30 @@ fn partitions_of(tpl: &TopicPartitionList) -> Vec<Tp> {
         .collect()
 }
 
+/// Polls once, serving callbacks; records (of paused or released partitions) are dropped.
+fn poll_and_drop(consumer: &BaseConsumer<SluiceContext>, timeout: Duration) {
+    let _ = consumer.poll(timeout);
+}
+
 impl ClientContext for SluiceContext {
     fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
+        let limited = || {
+            self.limiter
+                .allow(&log_kind(fac, log_message), Instant::now())
+        };
         match level {
             RDKafkaLogLevel::Emerg
             | RDKafkaLogLevel::Alert
             | RDKafkaLogLevel::Critical
             | RDKafkaLogLevel::Error => {
-                error!(target: "librdkafka", facility = fac, "{log_message}")
+                if let Some(suppressed) = limited() {
+                    error!(target: "librdkafka", facility = fac, suppressed, "{log_message}")
+                }
             }
             RDKafkaLogLevel::Warning => {
-                warn!(target: "librdkafka", facility = fac, "{log_message}")
+                if let Some(suppressed) = limited() {
+                    warn!(target: "librdkafka", facility = fac, suppressed, "{log_message}")
+                }
             }
             RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => {
                 info!(target: "librdkafka", facility = fac, "{log_message}")
@@ -154,42 +523,80 @@ impl ClientContext for SluiceContext {
     }
 
     fn stats(&self, statistics: Statistics) {
+        self.serve();
+        if statistics.brokers.values().any(|b| b.state == "UP") {
+            self.health.broker_answered();
+        }
+        if let Some(cgrp) = &statistics.cgrp {
+            if cgrp.state == "up" && cgrp.join_state == "steady" {
+                self.health.set_joined(true);
+            } else if cgrp.state != "up" || cgrp.join_state == "init" {
+                self.health.set_joined(false);
+            }
+        }
         let assigned = self.assigned();
         for (topic, t) in &statistics.topics {
             for (partition, p) in &t.partitions {
                 if *partition < 0 || p.consumer_lag < 0 {
                     continue;
                 }
-                if assigned
-                    .iter()
-                    .any(|(tp, _)| tp.partition == *partition && &*tp.topic == topic.as_str())
-                {
-                    let label = TpLabel {
-                        topic: topic.clone(),
-                        partition: partition.to_string(),
-                    };
-                    self.metrics.lag.get_or_create(&label).set(p.consumer_lag);
+                let tp = Tp::new(topic, *partition);
+                if assigned.contains_key(&tp) {
+                    self.metrics
+                        .lag
+                        .get_or_create(&TpLabel::from(&tp))
+                        .set(p.consumer_lag);
                 }
             }
         }
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
+        self.serve();
         self.metrics.kafka_errors.inc();
-        warn!(error = %error, reason, "Kafka client error");
+        let code = error.rdkafka_error_code();
+        use RDKafkaErrorCode as C;
+        match code {
+            Some(C::Fatal) => {
+                self.fatal.store(true, AtomicOrdering::SeqCst);
+                error!(error = %error, reason, "fatal Kafka client error: draining and exiting");
+                return;
+            }
+            Some(C::AllBrokersDown) => self.health.set_problem(Some(KafkaProblem {
+                reason: "kafka_unreachable",
+                detail: format!("no Kafka broker is reachable: {reason}"),
+            })),
+            Some(
+                C::Authentication
+                | C::SaslAuthenticationFailed
+                | C::GroupAuthorizationFailed
+                | C::TopicAuthorizationFailed
+                | C::ClusterAuthorizationFailed
+                | C::SSL,
+            ) => self.health.set_problem(Some(KafkaProblem {
+                reason: "kafka_auth",
+                detail: format!("Kafka refused the credentials or permissions: {reason}"),
+            })),
+            _ => {}
+        }
+        let kind = format!("client error {code:?}");
+        self.warn_limited(&kind, |suppressed| {
+            warn!(error = %error, reason, suppressed, "Kafka client error");
+        });
     }
 }
 
 impl ConsumerContext for SluiceContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        self.serve();
         let Rebalance::Revoke(tpl) = rebalance else {
             if let Rebalance::Error(e) = rebalance {
                 warn!(error = %e, "rebalance error");
             }
             return;
         };
-        let partitions = partitions_of(tpl);
         let lost = consumer.assignment_lost();
+        let partitions = partitions_of(tpl);
         self.metrics
             .rebalances
             .get_or_create(&KindLabel {
@@ -197,91 +604,97 @@ impl ConsumerContext for SluiceContext {
             })
             .inc();
         info!(partitions = ?partitions.iter().map(ToString::to_string).collect::<Vec<_>>(), lost, "partitions revoked");
-        if !self.closing.load(AtomicOrdering::SeqCst) {
-            let (reply, answer) = std::sync::mpsc::channel();
-            let started = Instant::now();
-            if self
-                .to_dispatcher
-                .send(FromKafka::Revoked {
-                    partitions: partitions.clone(),
-                    lost,
-                    reply,
-                })
-                .is_ok()
-            {
-                match answer.recv_timeout(self.revoke_wait + Duration::from_secs(5)) {
-                    Ok(offsets) if !lost && !offsets.is_empty() => {
-                        let tpl = self.current_offsets(&offsets);
-                        if tpl.count() > 0 {
-                            match consumer.commit(&tpl, CommitMode::Sync) {
-                                Ok(()) => {
-                                    info!(?offsets, waited = ?started.elapsed(), "committed revoked partitions")
-                                }
-                                Err(e) => {
-                                    error!(error = %e, "synchronous commit on revoke failed; the next owner may redeliver")
-                                }
-                            }
-                        }
-                    }
-                    Ok(_) => {}
-                    Err(_) => warn!(
-                        "the dispatcher did not release revoked partitions in time; nothing committed for them"
-                    ),
-                }
-            }
+        if lost {
+            self.health.set_joined(false);
         }
-        let mut assigned = self.assigned();
-        assigned.retain(|(tp, _)| !partitions.contains(tp));
-        for tp in &partitions {
-            self.metrics.forget_partition(tp);
-        }
+        let parts: Vec<Arc<Progress>> = {
+            let mut assigned = self.assigned();
+            partitions
+                .iter()
+                .filter_map(|tp| assigned.remove(tp))
+                .collect()
+        };
+        let _ = self.release(consumer, &parts, lost, false);
     }
 
     fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        if let Rebalance::Assign(tpl) = rebalance {
-            // librdkafka remembers a partition's pause across a lost assignment (and a new
-            // assignment of the same partition); a fresh assignment starts unpaused here, so
-            // it must start unpaused in librdkafka too, or it would never be fetched again.
-            if let Err(e) = consumer.resume(tpl) {
-                warn!(error = %e, "resuming newly assigned partitions");
-            }
-            let mut fresh = Vec::new();
-            {
-                let mut assigned = self.assigned();
-                for tp in partitions_of(tpl) {
-                    let epoch = self.next_epoch.fetch_add(1, AtomicOrdering::SeqCst);
-                    assigned.retain(|(a, _)| *a != tp);
-                    assigned.push((tp.clone(), epoch));
-                    fresh.push((tp, epoch));
+        self.serve();
+        let Rebalance::Assign(tpl) = rebalance else {
+            return;
+        };
+        let draining = self.draining.load(AtomicOrdering::SeqCst);
+        // librdkafka remembers a partition's pause across a lost assignment; a fresh
+        // assignment starts unpaused here, so it must start unpaused in librdkafka too. A
+        // draining member never starts new partitions: they stay paused until it leaves.
+        let result = if draining {
+            consumer.pause(tpl)
+        } else {
+            consumer.resume(tpl)
+        };
+        if let Err(e) = result {
+            warn!(error = %e, draining, "pausing or resuming newly assigned partitions");
+        }
+        let mut fresh = Vec::new();
+        let mut replaced = Vec::new();
+        {
+            let mut assigned = self.assigned();
+            for tp in partitions_of(tpl) {
+                let epoch = self.next_epoch.fetch_add(1, AtomicOrdering::SeqCst);
+                let p = Progress::new(tp.clone(), epoch);
+                if draining {
+                    p.release();
                 }
+                if let Some(old) = assigned.insert(tp, p.clone()) {
+                    replaced.push(old);
+                }
+                fresh.push(p);
             }
-            self.metrics
-                .rebalances
-                .get_or_create(&KindLabel { kind: "assign" })
-                .inc();
-            info!(partitions = ?fresh.iter().map(|(tp, _)| tp.to_string()).collect::<Vec<_>>(), "partitions assigned");
-            let _ = self.to_dispatcher.send(FromKafka::Assigned(fresh));
+        }
+        for old in replaced {
+            // An assignment of a partition this member still held: the old epoch is over.
+            old.release();
+        }
+        self.health.set_joined(true);
+        self.health.broker_answered();
+        self.metrics
+            .rebalances
+            .get_or_create(&KindLabel { kind: "assign" })
+            .inc();
+        info!(partitions = ?fresh.iter().map(|p| p.tp.to_string()).collect::<Vec<_>>(), draining, "partitions assigned");
+        if !draining && !fresh.is_empty() {
+            self.tell(FromKafka::Assigned(fresh));
         }
     }
 
     fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
+        self.serve();
         match result {
             Ok(()) => {
                 self.metrics.commits.inc();
+                self.health.broker_answered();
+                let assigned = self.assigned();
                 for e in offsets.elements() {
+                    if e.error().is_err() {
+                        continue;
+                    }
                     if let Offset::Offset(o) = e.offset() {
-                        let label = TpLabel {
-                            topic: e.topic().to_owned(),
-                            partition: e.partition().to_string(),
-                        };
-                        self.metrics.committed_offset.get_or_create(&label).set(o);
+                        let tp = Tp::new(e.topic(), e.partition());
+                        if let Some(p) = assigned.get(&tp) {
+                            p.acknowledge(o);
+                        }
+                        self.metrics
+                            .committed_offset
+                            .get_or_create(&TpLabel::from(&tp))
+                            .set(o);
                     }
                 }
             }
-            Err(KafkaError::ConsumerCommit(rdkafka::types::RDKafkaErrorCode::NoOffset)) => {}
+            Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
             Err(e) => {
                 self.metrics.commit_failures.inc();
-                warn!(error = %e, "offset commit failed");
+                self.warn_limited("async commit failed", |suppressed| {
+                    warn!(error = %e, suppressed, "offset commit failed; the finished offsets are sent again next round");
+                });
             }
         }
     }
@@ -319,7 +732,8 @@ pub fn create_consumer(
     for (k, v) in properties {
         config.set(k, v);
     }
-    config.set("statistics.interval.ms", "5000");
+    // Statistics feed the lag metric and readiness (group state, brokers up).
+    config.set("statistics.interval.ms", "1000");
     let mut consumer: BaseConsumer<SluiceContext> = config.create_with_context(context)?;
     let wake = Mutex::new(wake);
     consumer.set_nonempty_callback(move || {
@@ -330,27 +744,55 @@ pub fn create_consumer(
     Ok(consumer)
 }
 
-/// The Kafka thread's loop. Returns when the consumer was closed after `Finish`, or when
-/// the dispatcher went away.
-pub fn run(
-    consumer: BaseConsumer<SluiceContext>,
-    commands: Receiver<ToKafka>,
-    metrics: Arc<Metrics>,
-) {
-    const BATCH: usize = 1024;
+/// Records handed to the dispatcher per message.
+const BATCH: usize = 512;
+
+/// The Kafka thread's loop. Returns after a drain (having sent its report), or when the
+/// dispatcher went away. The consumer is closed once, when it is dropped at the end: the
+/// drop leaves the group, serving the final revoke (which finds nothing left to commit).
+pub fn run(consumer: BaseConsumer<SluiceContext>, commands: Receiver<ToKafka>) {
     let ctx = consumer.context().clone();
+    let mut held: Option<Vec<(u64, Record)>> = None;
+    let mut next_commit = Instant::now() + ctx.budget.commit_interval;
     loop {
         loop {
             match commands.try_recv() {
-                Ok(cmd) => {
-                    if execute(&consumer, &ctx, cmd) {
-                        return;
-                    }
+                Ok(ToKafka::Drain) => {
+                    let report = drain(&consumer, &ctx, None);
+                    ctx.tell(FromKafka::Drained(report));
+                    return;
                 }
-                Err(std::sync::mpsc::TryRecvError::Empty) => break,
-                Err(std::sync::mpsc::TryRecvError::Disconnected) => return,
+                Ok(cmd) => execute(&consumer, &ctx, cmd),
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => return,
             }
         }
+        if ctx.fatal.load(AtomicOrdering::SeqCst)
+            && let Some((code, reason)) = consumer.client().fatal_error()
+        {
+            let report = drain(&consumer, &ctx, Some(format!("{code:?}: {reason}")));
+            ctx.tell(FromKafka::Drained(report));
+            return;
+        }
+        let now = Instant::now();
+        if now >= next_commit {
+            ctx.commit_round(&consumer);
+            next_commit = now + ctx.budget.commit_interval;
+        }
+        if let Some(batch) = held.take() {
+            match ctx.to_dispatcher.try_send(FromKafka::Records(batch)) {
+                Ok(()) => {}
+                Err(TrySendError::Full(FromKafka::Records(batch))) => {
+                    // The hand-off is full: hold the batch (bounded memory) and try again
+                    // shortly, still serving commands.
+                    held = Some(batch);
+                    wait_command(&consumer, &ctx, &commands, Duration::from_millis(5));
+                    continue;
+                }
+                Err(_) => return,
+            }
+        }
+        let served = ctx.served();
         let mut batch = Vec::new();
         while batch.len() < BATCH {
             match consumer.poll(Duration::ZERO) {
@@ -363,37 +805,64 @@ pub fn run(
                     ),
                 },
                 Some(Err(e)) => {
-                    metrics.kafka_errors.inc();
-                    warn!(error = %e, "consumer error");
+                    ctx.metrics.kafka_errors.inc();
+                    ctx.warn_limited("consumer error", |suppressed| {
+                        warn!(error = %e, suppressed, "consumer error");
+                    });
                 }
                 None => break,
             }
         }
         if !batch.is_empty() {
-            metrics.records_consumed.inc_by(batch.len() as u64);
-            if ctx.to_dispatcher.send(FromKafka::Records(batch)).is_err() {
-                return;
-            }
+            ctx.metrics.records_consumed.inc_by(batch.len() as u64);
+            ctx.health.broker_answered();
+            held = Some(batch);
             continue;
         }
-        match commands.recv_timeout(Duration::from_millis(200)) {
-            Ok(cmd) => {
-                if execute(&consumer, &ctx, cmd) {
-                    return;
-                }
-            }
-            Err(RecvTimeoutError::Timeout) => {}
-            Err(RecvTimeoutError::Disconnected) => return,
+        if ctx.served() != served {
+            // poll returned after serving a callback, not because the queue was empty.
+            continue;
+        }
+        let until_commit = next_commit.saturating_duration_since(Instant::now());
+        if !wait_command(
+            &consumer,
+            &ctx,
+            &commands,
+            until_commit.min(Duration::from_millis(200)),
+        ) {
+            return;
         }
     }
 }
 
-/// Executes one command; true when the consumer is closed and the thread must end.
-fn execute(consumer: &BaseConsumer<SluiceContext>, ctx: &SluiceContext, cmd: ToKafka) -> bool {
+/// Waits up to `timeout` for one command and executes it (a drain is left for the loop).
+/// False when the dispatcher went away.
+fn wait_command(
+    consumer: &BaseConsumer<SluiceContext>,
+    ctx: &SluiceContext,
+    commands: &Receiver<ToKafka>,
+    timeout: Duration,
+) -> bool {
+    match commands.recv_timeout(timeout) {
+        Ok(ToKafka::Drain) => {
+            let report = drain(consumer, ctx, None);
+            ctx.tell(FromKafka::Drained(report));
+            false
+        }
+        Ok(cmd) => {
+            execute(consumer, ctx, cmd);
+            true
+        }
+        Err(RecvTimeoutError::Timeout) => true,
+        Err(RecvTimeoutError::Disconnected) => false,
+    }
+}
+
+fn execute(consumer: &BaseConsumer<SluiceContext>, ctx: &SluiceContext, cmd: ToKafka) {
     match cmd {
-        ToKafka::Wake => {}
+        ToKafka::Wake | ToKafka::Drain => {}
         ToKafka::Pause(parts) => {
-            let tpl = ctx.current_partitions(&parts);
+            let tpl = ctx.current(&parts);
             if tpl.count() > 0
                 && let Err(e) = consumer.pause(&tpl)
             {
@@ -401,59 +870,180 @@ fn execute(consumer: &BaseConsumer<SluiceContext>, ctx: &SluiceContext, cmd: ToK
             }
         }
         ToKafka::Resume(parts) => {
-            let tpl = ctx.current_partitions(&parts);
+            if ctx.draining.load(AtomicOrdering::SeqCst) {
+                return;
+            }
+            let tpl = ctx.current(&parts);
             if tpl.count() > 0
                 && let Err(e) = consumer.resume(&tpl)
             {
                 warn!(error = %e, "resuming partitions");
             }
         }
-        ToKafka::Commit(offsets) => {
-            let tpl = ctx.current_offsets(&offsets);
-            if tpl.count() > 0
-                && let Err(e) = consumer.commit(&tpl, CommitMode::Async)
-            {
-                ctx.metrics.commit_failures.inc();
-                warn!(error = %e, "asynchronous commit could not be sent");
-            }
-        }
-        ToKafka::PauseAll => match consumer.assignment() {
-            Ok(tpl) if tpl.count() > 0 => {
-                if let Err(e) = consumer.pause(&tpl) {
-                    warn!(error = %e, "pausing all partitions");
-                }
-            }
-            Ok(_) => {}
-            Err(e) => warn!(error = %e, "reading the assignment"),
-        },
-        ToKafka::Finish { offsets, done } => {
-            let tpl = ctx.current_offsets(&offsets);
-            let mut result = Ok(());
-            if tpl.count() > 0 {
-                result = consumer.commit(&tpl, CommitMode::Sync);
-                match &result {
-                    Ok(()) => info!(?offsets, "final commit done"),
-                    Err(e) => error!(error = %e, "final commit failed"),
-                }
-            }
-            ctx.closing.store(true, AtomicOrdering::SeqCst);
-            close(consumer);
-            let _ = done.send(result);
-            return true;
-        }
     }
-    false
 }
 
-/// Leaves the group and closes the consumer (bounded to 30 s).
-fn close(consumer: &BaseConsumer<SluiceContext>) {
+/// The drain: every partition is released at once (fetching stops, nothing new starts),
+/// in-flight deliveries get the in-flight budget while the consumer keeps being polled
+/// (so rebalance callbacks and heartbeats are served), then the finished prefix is committed
+/// with retries that poll between tries until the group is stable and the commit carries a
+/// valid generation. Assignments that arrive meanwhile stay paused and are never started.
+fn drain(
+    consumer: &BaseConsumer<SluiceContext>,
+    ctx: &SluiceContext,
+    fatal: Option<String>,
+) -> DrainReport {
     let started = Instant::now();
-    if let Err(e) = consumer.close_queue() {
-        warn!(error = %e, "closing the consumer");
-        return;
+    ctx.draining.store(true, AtomicOrdering::SeqCst);
+    match consumer.assignment() {
+        Ok(tpl) if tpl.count() > 0 => {
+            if let Err(e) = consumer.pause(&tpl) {
+                warn!(error = %e, "pausing all partitions");
+            }
+        }
+        Ok(_) => {}
+        Err(e) => warn!(error = %e, "reading the assignment"),
     }
-    while !consumer.closed() && started.elapsed() < Duration::from_secs(30) {
-        let _ = consumer.poll(Duration::from_millis(50));
+    let parts: Vec<Arc<Progress>> = ctx.assigned().values().cloned().collect();
+    for p in &parts {
+        p.release();
     }
-    info!(took = ?started.elapsed(), "left the consumer group");
+    ctx.tell(FromKafka::Released(
+        parts.iter().map(|p| (p.tp.clone(), p.epoch)).collect(),
+    ));
+    let in_flight = |ctx: &SluiceContext| -> usize {
+        ctx.assigned()
+            .values()
+            .map(|p| p.snapshot().in_flight)
+            .sum()
+    };
+    info!(
+        partitions = parts.len(),
+        in_flight = in_flight(ctx),
+        "drain: stopped fetching, waiting for in-flight deliveries"
+    );
+    let deadline = started + ctx.budget.in_flight;
+    let abandoned = loop {
+        let busy = in_flight(ctx);
+        if busy == 0 || Instant::now() >= deadline {
+            break busy;
+        }
+        poll_and_drop(consumer, Duration::from_millis(20));
+    };
+    let waited = started.elapsed();
+    let parts: Vec<Arc<Progress>> = ctx.assigned().values().cloned().collect();
+    let commit_result = ctx.commit_sync(consumer, &parts, Instant::now() + ctx.budget.commit, true);
+    let current: Vec<Arc<Progress>> = ctx.assigned().values().cloned().collect();
+    let committed = current
+        .iter()
+        .filter_map(|p| p.snapshot().acked.map(|o| (p.tp.to_string(), o)))
+        .collect();
+    let uncommitted: u64 = current.iter().map(|p| p.unacknowledged()).sum();
+    if uncommitted > 0 {
+        ctx.metrics.uncommitted_on_release.inc_by(uncommitted);
+        error!(
+            uncommitted,
+            error = commit_result
+                .as_ref()
+                .err()
+                .map(String::as_str)
+                .unwrap_or(""),
+            "leaving the group with finished records uncommitted: the commit budget ran out; the next owner delivers them again"
+        );
+    }
+    ctx.closing.store(true, AtomicOrdering::SeqCst);
+    let report = DrainReport {
+        waited,
+        abandoned,
+        committed,
+        commit_error: commit_result.err(),
+        uncommitted,
+        fatal,
+    };
+    info!(%report, "drain finished; leaving the group");
+    report
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_limiter_lets_one_message_of_a_kind_through_per_interval_and_counts_the_rest() {
+        let l = LogLimiter::new(Duration::from_secs(10));
+        let t0 = Instant::now();
+        assert_eq!(l.allow("a", t0), Some(0));
+        assert_eq!(l.allow("b", t0), Some(0), "kinds are independent");
+        for i in 1..=40 {
+            assert_eq!(l.allow("a", t0 + Duration::from_millis(i * 25)), None);
+        }
+        assert_eq!(l.allow("a", t0 + Duration::from_secs(10)), Some(40));
+        assert_eq!(l.allow("a", t0 + Duration::from_secs(11)), None);
+        assert_eq!(l.allow("a", t0 + Duration::from_secs(20)), Some(1));
+    }
+
+    #[test]
+    fn log_kinds_ignore_numbers() {
+        assert_eq!(
+            log_kind(
+                "FAIL",
+                "127.0.0.1:9/bootstrap: Connect to ipv4#127.0.0.1:9 failed: Connection refused (after 0ms in state CONNECT)"
+            ),
+            log_kind(
+                "FAIL",
+                "127.0.0.1:9/bootstrap: Connect to ipv4#127.0.0.1:9 failed: Connection refused (after 12ms in state CONNECT, 3 identical error(s) suppressed)"
+            )
+        );
+        assert_ne!(log_kind("FAIL", "x"), log_kind("REQTMOUT", "x"));
+    }
+
+    #[test]
+    fn retriable_commit_errors() {
+        use RDKafkaErrorCode as C;
+        for c in [
+            C::RebalanceInProgress,
+            C::IllegalGeneration,
+            C::UnknownMemberId,
+            C::StaleMemberEpoch,
+            C::NotCoordinator,
+            C::CoordinatorNotAvailable,
+            C::RequestTimedOut,
+            C::WaitingForCoordinator,
+        ] {
+            assert!(
+                commit_error_is_retriable(&KafkaError::ConsumerCommit(c)),
+                "{c:?}"
+            );
+        }
+        for c in [
+            C::NoOffset,
+            C::State,
+            C::OffsetOutOfRange,
+            C::GroupAuthorizationFailed,
+            C::Fatal,
+        ] {
+            assert!(
+                !commit_error_is_retriable(&KafkaError::ConsumerCommit(c)),
+                "{c:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_drain_report_says_what_was_left_uncommitted() {
+        let r = DrainReport {
+            waited: Duration::from_millis(5),
+            abandoned: 1,
+            committed: vec![("t[0]".into(), 7)],
+            commit_error: Some("Broker: Specified group generation id is not valid".into()),
+            uncommitted: 12,
+            fatal: None,
+        };
+        let text = r.to_string();
+        assert!(
+            text.contains("1 abandoned") && text.contains("t[0]@7"),
+            "{text}"
+        );
+        assert!(text.contains("12 finished records uncommitted"), "{text}");
+    }
 }

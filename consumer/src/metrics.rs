@@ -67,6 +67,15 @@ pub struct Metrics {
     pub late_results: Counter,
     pub kafka_errors: Counter,
     pub ready: Gauge,
+    /// 1 for the reason the sidecar is not ready now (at most one is 1).
+    pub not_ready: Family<ReasonLabel, Gauge>,
+    /// Finished records whose offsets could not be committed before their partition left
+    /// this member (the commit budget ran out): the next owner delivers them again.
+    pub uncommitted_on_release: Counter,
+    /// Bytes of records queued and in flight, against the memory budget.
+    pub buffered_bytes: Gauge,
+    /// Drains started, by what asked for them (signal, prestop_hook, fatal_error).
+    pub drains: Family<ReasonLabel, Counter>,
 }
 
 impl Metrics {
@@ -93,6 +102,10 @@ impl Metrics {
             late_results: Counter::default(),
             kafka_errors: Counter::default(),
             ready: Gauge::default(),
+            not_ready: Family::default(),
+            uncommitted_on_release: Counter::default(),
+            buffered_bytes: Gauge::default(),
+            drains: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -188,8 +201,28 @@ impl Metrics {
         );
         registry.register(
             "ready",
-            "1 once the application is reachable and the consumer has started",
+            "1 while the application answers and the member holds its group membership",
             m.ready.clone(),
+        );
+        registry.register(
+            "not_ready",
+            "1 for the reason the sidecar is not ready (app_unreachable, kafka_unreachable, kafka_auth, joining, draining)",
+            m.not_ready.clone(),
+        );
+        registry.register(
+            "uncommitted_on_release",
+            "Finished records left uncommitted when a partition left this member because the commit budget ran out (the next owner delivers them again)",
+            m.uncommitted_on_release.clone(),
+        );
+        registry.register(
+            "buffered_bytes",
+            "Bytes of records queued and in flight, against delivery.maxBufferedBytes",
+            m.buffered_bytes.clone(),
+        );
+        registry.register(
+            "drains",
+            "Drains started, by trigger (signal, prestop_hook, fatal_error)",
+            m.drains.clone(),
         );
         Metrics { registry, ..m }
     }

@@ -22,8 +22,12 @@ pub enum AttemptResult {
     },
     /// No answer within `delivery.timeout`.
     Timeout,
-    /// Connection refused, reset, or a malformed response.
+    /// The request was sent (or may have been) and the connection failed before an answer:
+    /// reset, closed, or a malformed response. The application may have seen the record.
     ConnectionError(String),
+    /// The application could not be reached at all (connection refused, connect timeout):
+    /// the request was never sent.
+    Unreachable(String),
 }
 
 /// What an attempt means for the record.
@@ -46,6 +50,10 @@ pub enum Verdict {
         reason: &'static str,
         detail: String,
     },
+    /// The application is not there (it is restarting, or not started): wait until it
+    /// answers again, then send the record again. Not an attempt: an application outage
+    /// never uses up `maxAttempts`, so it never dead-letters a healthy record.
+    AppDown { detail: String },
 }
 
 /// Classifies an attempt. An explicit `X-Sluice-Outcome` header wins over the status code.
@@ -56,6 +64,9 @@ pub fn classify(result: &AttemptResult, now: SystemTime) -> Verdict {
             after: None,
             counts: true,
             detail: "no response within delivery.timeout".into(),
+        },
+        AttemptResult::Unreachable(e) => Verdict::AppDown {
+            detail: format!("the application is unreachable: {e}"),
         },
         AttemptResult::ConnectionError(e) => Verdict::Retry {
             reason: "connection_error",
@@ -173,19 +184,28 @@ pub enum Next {
         reason: &'static str,
         detail: String,
     },
+    /// Wait until the application answers again, then attempt again (no attempt used up).
+    WaitForApp,
 }
 
 /// Decides what follows a non-final verdict. `failures` counts attempts that counted so far,
-/// including this one; `unit` is a random number in `[0, 1)` for jitter.
+/// including this one; `retries` counts every retry of the record so far, including this
+/// one (counted or not); `unit` is a random number in `[0, 1)` for jitter.
+///
+/// A `Retry-After` shorter than the backoff for `retries` is raised to it: an application
+/// that keeps answering `Retry-After: 0` (or a date in the past) is retried at the backoff's
+/// pace, never in a tight loop.
 pub fn next_step(
     verdict: &Verdict,
     failures: u32,
+    retries: u32,
     max_attempts: u32,
     backoff: &Backoff,
     unit: f64,
 ) -> Option<Next> {
     match verdict {
         Verdict::Delivered | Verdict::Skipped => None,
+        Verdict::AppDown { .. } => Some(Next::WaitForApp),
         Verdict::DeadLetter { reason, detail } => Some(Next::DeadLetter {
             reason,
             detail: detail.clone(),
@@ -203,7 +223,7 @@ pub fn next_step(
                 });
             }
             let delay = match after {
-                Some(d) => *d,
+                Some(d) => (*d).max(backoff.delay(retries.max(1), unit)),
                 None => backoff.delay(failures.max(1), unit),
             };
             Some(Next::RetryAfter(delay))
@@ -266,7 +286,7 @@ mod tests {
             (response(100), "unexpected_status"),
             (AttemptResult::Timeout, "timeout"),
             (
-                AttemptResult::ConnectionError("refused".into()),
+                AttemptResult::ConnectionError("connection reset".into()),
                 "connection_error",
             ),
         ] {
@@ -407,14 +427,14 @@ mod tests {
         };
         let fail = classify(&response(500), now());
         assert_eq!(
-            next_step(&fail, 1, 3, &b, 0.0),
+            next_step(&fail, 1, 1, 3, &b, 0.0),
             Some(Next::RetryAfter(Duration::from_millis(50)))
         );
         assert_eq!(
-            next_step(&fail, 2, 3, &b, 0.0),
+            next_step(&fail, 2, 2, 3, &b, 0.0),
             Some(Next::RetryAfter(Duration::from_millis(100)))
         );
-        match next_step(&fail, 3, 3, &b, 0.0) {
+        match next_step(&fail, 3, 3, 3, &b, 0.0) {
             Some(Next::DeadLetter {
                 reason: "max_attempts",
                 detail,
@@ -428,27 +448,78 @@ mod tests {
         }
         let throttled = classify(&with(429, Some("4"), None), now());
         assert_eq!(
-            next_step(&throttled, 3, 3, &b, 0.0),
+            next_step(&throttled, 3, 3, 3, &b, 0.0),
             Some(Next::RetryAfter(Duration::from_secs(4))),
             "throttling never dead-letters"
         );
         let bad = classify(&response(400), now());
         assert!(matches!(
-            next_step(&bad, 1, 3, &b, 0.0),
+            next_step(&bad, 1, 1, 3, &b, 0.0),
             Some(Next::DeadLetter {
                 reason: "http_4xx",
                 ..
             })
         ));
-        assert_eq!(next_step(&Verdict::Delivered, 1, 3, &b, 0.0), None);
-        assert_eq!(next_step(&Verdict::Skipped, 1, 3, &b, 0.0), None);
+        assert_eq!(next_step(&Verdict::Delivered, 1, 1, 3, &b, 0.0), None);
+        assert_eq!(next_step(&Verdict::Skipped, 1, 1, 3, &b, 0.0), None);
         let one = classify(&AttemptResult::Timeout, now());
         assert!(
             matches!(
-                next_step(&one, 1, 1, &b, 0.0),
+                next_step(&one, 1, 1, 1, &b, 0.0),
                 Some(Next::DeadLetter { .. })
             ),
             "maxAttempts 1: no retry"
+        );
+    }
+
+    #[test]
+    fn an_unreachable_application_is_waited_for_and_never_counts() {
+        let b = Backoff {
+            initial: Duration::from_millis(100),
+            max: Duration::from_secs(1),
+        };
+        let v = classify(
+            &AttemptResult::Unreachable("connection refused".into()),
+            now(),
+        );
+        assert!(
+            matches!(&v, Verdict::AppDown { detail } if detail.contains("refused")),
+            "{v:?}"
+        );
+        for failures in [0, 1, 3, 100] {
+            assert_eq!(
+                next_step(&v, failures, failures, 3, &b, 0.0),
+                Some(Next::WaitForApp),
+                "an outage never dead-letters"
+            );
+        }
+    }
+
+    #[test]
+    fn retry_after_zero_or_in_the_past_is_floored_by_the_backoff() {
+        let b = Backoff {
+            initial: Duration::from_millis(100),
+            max: Duration::from_secs(1),
+        };
+        for header in ["0", "Sun, 06 Nov 1994 08:49:00 GMT"] {
+            let v = classify(&with(429, Some(header), None), now());
+            let delays: Vec<_> = (1..=6)
+                .map(|n| match next_step(&v, 0, n, 3, &b, 0.0) {
+                    Some(Next::RetryAfter(d)) => d,
+                    n => panic!("{n:?}"),
+                })
+                .collect();
+            assert_eq!(
+                delays,
+                [50, 100, 200, 400, 500, 500].map(Duration::from_millis),
+                "{header}: the backoff's lower half, growing to its cap"
+            );
+        }
+        let v = classify(&with(503, Some("3"), None), now());
+        assert_eq!(
+            next_step(&v, 0, 1, 3, &b, 0.0),
+            Some(Next::RetryAfter(Duration::from_secs(3))),
+            "a longer Retry-After is honoured as sent"
         );
     }
 }

@@ -1,8 +1,8 @@
 //! Wiring: wait for the application, create the consumer and its thread, run the dispatcher
-//! until the drain is complete.
+//! until the drain is complete. Also what the sidecar knows about the application's
+//! availability ([`AppGate`]) and its own readiness ([`Readiness`]).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
@@ -12,12 +12,12 @@ use rdkafka::ClientConfig;
 use sluice_config::{HttpUrl, SidecarConfig};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::deliver::{DeadLetterWriter, Deliverer, http_client};
-use crate::dispatch::Dispatcher;
-use crate::kafka::{self, SluiceContext};
-use crate::metrics::Metrics;
+use crate::dispatch::{Dispatcher, MemoryBudget};
+use crate::kafka::{self, Budget, GroupHealth, SluiceContext};
+use crate::metrics::{Metrics, ReasonLabel};
 use crate::policy::Backoff;
 
 /// The drain handshake shared by signals, `/drain` and the pipeline. Requesting it any number
@@ -72,40 +72,81 @@ impl DrainControl {
     }
 }
 
-/// Readiness as `/readyz` reports it.
-#[derive(Default)]
-pub struct Readiness {
-    pub app_reachable: AtomicBool,
-    pub consuming: AtomicBool,
+/// Whether the application answers, shared by the deliveries, the dispatcher and readiness.
+///
+/// It starts down. When a delivery cannot reach the application (connection refused), the
+/// gate closes: deliveries wait instead of using up attempts, the dispatcher starts nothing
+/// new, readiness turns false, and a prober checks the application every 200 ms until it
+/// answers again.
+pub struct AppGate {
+    up: watch::Sender<bool>,
+    delivery: HttpUrl,
+    readiness: Option<http::Uri>,
+    client: hyper_util::client::legacy::Client<
+        hyper_util::client::legacy::connect::HttpConnector,
+        Full<Bytes>,
+    >,
+    down_since: std::sync::Mutex<Option<Instant>>,
 }
 
-impl Readiness {
-    pub fn is_ready(&self) -> bool {
-        self.app_reachable.load(AtomicOrdering::SeqCst)
-            && self.consuming.load(AtomicOrdering::SeqCst)
+impl AppGate {
+    pub fn new(config: &SidecarConfig) -> Arc<AppGate> {
+        Arc::new(AppGate {
+            up: watch::channel(false).0,
+            delivery: HttpUrl::parse(&config.delivery.url).expect("validated"),
+            readiness: config
+                .app
+                .readiness_url
+                .as_deref()
+                .map(|u| u.parse::<http::Uri>().expect("validated")),
+            client: http_client(1),
+            down_since: std::sync::Mutex::new(Some(Instant::now())),
+        })
     }
-}
 
-/// Waits until the application accepts connections (or the readiness URL answers 2xx).
-pub async fn wait_for_app(config: &SidecarConfig) {
-    let delivery = HttpUrl::parse(&config.delivery.url).expect("validated");
-    let readiness = config
-        .app
-        .readiness_url
-        .as_deref()
-        .map(|u| u.parse::<http::Uri>().expect("validated"));
-    let client = http_client(1);
-    let started = Instant::now();
-    let mut last_log = None::<Instant>;
-    loop {
-        let ok = match &readiness {
+    pub fn is_up(&self) -> bool {
+        *self.up.borrow()
+    }
+
+    /// Sets the state directly (tests).
+    pub fn set_up(&self, up: bool) {
+        self.up.send_replace(up);
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<bool> {
+        self.up.subscribe()
+    }
+
+    /// Waits until the application is up; false if `cancel` fired first.
+    pub async fn wait_up(&self, cancel: &CancellationToken) -> bool {
+        let mut rx = self.up.subscribe();
+        tokio::select! {
+            r = rx.wait_for(|up| *up) => r.is_ok(),
+            _ = cancel.cancelled() => false,
+        }
+    }
+
+    /// A delivery found the application unreachable: close the gate and probe until it
+    /// answers again.
+    pub fn mark_down(self: &Arc<Self>, detail: &str) {
+        if self.up.send_if_modified(|up| std::mem::replace(up, false)) {
+            *self.down_since.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+            warn!(%detail, "the application is unreachable: deliveries wait (no attempts are used up) until it answers again");
+            tokio::spawn(self.clone().watch_until_up());
+        }
+    }
+
+    /// One check: the readiness URL answers 2xx, or (without one) the delivery address
+    /// accepts a TCP connection.
+    async fn probe(&self) -> bool {
+        match &self.readiness {
             Some(uri) => {
                 let req = http::Request::get(uri.clone())
                     .body(Full::new(Bytes::new()))
                     .expect("valid request");
                 matches!(
                     tokio::time::timeout(Duration::from_secs(1), async {
-                        let resp = client.request(req).await.ok()?;
+                        let resp = self.client.request(req).await.ok()?;
                         let ok = resp.status().is_success();
                         let _ = resp.into_body().collect().await;
                         Some(ok)
@@ -117,47 +158,116 @@ pub async fn wait_for_app(config: &SidecarConfig) {
             None => matches!(
                 tokio::time::timeout(
                     Duration::from_secs(1),
-                    tokio::net::TcpStream::connect(delivery.authority())
+                    tokio::net::TcpStream::connect(self.delivery.authority())
                 )
                 .await,
                 Ok(Ok(_))
             ),
-        };
-        if ok {
-            info!(waited = ?started.elapsed(), "the application is reachable");
-            return;
         }
-        if last_log.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
-            info!(
-                target = config
-                    .app
-                    .readiness_url
-                    .as_deref()
-                    .unwrap_or(&config.delivery.url),
-                "waiting for the application"
-            );
-            last_log = Some(Instant::now());
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
     }
+
+    /// Probes every 200 ms until the application answers, then opens the gate.
+    pub async fn watch_until_up(self: Arc<Self>) {
+        let mut last_log = None::<Instant>;
+        loop {
+            if self.probe().await {
+                let since = self
+                    .down_since
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .take();
+                info!(waited = ?since.map(|t| t.elapsed()), "the application is reachable");
+                self.up.send_replace(true);
+                return;
+            }
+            if last_log.is_none_or(|t: Instant| t.elapsed() >= Duration::from_secs(10)) {
+                info!(
+                    target = self
+                        .readiness
+                        .as_ref()
+                        .map(ToString::to_string)
+                        .unwrap_or_else(|| self.delivery.authority().to_string()),
+                    "waiting for the application"
+                );
+                last_log = Some(Instant::now());
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+/// Readiness as `/readyz` and `sluice_ready` report it: the application answers and the
+/// member holds its group membership, with no Kafka problem outstanding, and no drain.
+pub struct Readiness {
+    pub app: Arc<AppGate>,
+    pub group: Arc<GroupHealth>,
+    pub drain: DrainControl,
+}
+
+impl Readiness {
+    /// `Ok(())` when ready, else the static reason and a sentence for people.
+    pub fn check(&self) -> Result<(), (&'static str, String)> {
+        if self.drain.is_requested() {
+            return Err(("draining", "draining".into()));
+        }
+        if !self.app.is_up() {
+            return Err(("app_unreachable", "waiting for the application".into()));
+        }
+        if let Some(p) = self.group.problem() {
+            return Err((p.reason, p.detail));
+        }
+        if !self.group.joined() {
+            return Err(("joining", "joining the consumer group".into()));
+        }
+        Ok(())
+    }
+
+    /// Sets `sluice_ready` and `sluice_not_ready{reason}` from [`Readiness::check`].
+    pub fn export(&self, metrics: &Metrics) -> Result<(), (&'static str, String)> {
+        let result = self.check();
+        metrics.ready.set(i64::from(result.is_ok()));
+        for reason in [
+            "draining",
+            "app_unreachable",
+            "kafka_unreachable",
+            "kafka_auth",
+            "joining",
+        ] {
+            let on = matches!(&result, Err((r, _)) if *r == reason);
+            metrics
+                .not_ready
+                .get_or_create(&ReasonLabel { reason })
+                .set(i64::from(on));
+        }
+        result
+    }
+}
+
+/// How the sidecar run ended.
+#[derive(Debug)]
+pub enum Ended {
+    /// Drained as asked (signal or `/drain`).
+    Drained,
+    /// The consumer hit a fatal error: drained, and the process must exit non-zero.
+    Fatal(String),
 }
 
 /// Runs the sidecar's pipeline until a drain completes. Errors are start-up failures.
 pub async fn run(
     config: SidecarConfig,
     drain: DrainControl,
-    readiness: Arc<Readiness>,
+    app: Arc<AppGate>,
+    group: Arc<GroupHealth>,
     metrics: Arc<Metrics>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Ended> {
     let requested = drain.token();
     tokio::select! {
-        _ = wait_for_app(&config) => {}
+        _ = app.clone().watch_until_up() => {}
         _ = requested.cancelled() => {
             drain.finish("drained before joining the group".into());
-            return Ok(());
+            return Ok(Ended::Drained);
         }
     }
-    readiness.app_reachable.store(true, AtomicOrdering::SeqCst);
 
     let kafka_cfg = &config.kafka;
     let consumer_props = kafka_cfg
@@ -180,7 +290,9 @@ pub async fn run(
         None => None,
     };
 
-    let (to_dispatcher, from_kafka) = tokio::sync::mpsc::unbounded_channel();
+    // The hand-off from the Kafka thread is bounded (batches of up to 512 records): a slow
+    // dispatcher holds the Kafka thread's next batch instead of growing a queue.
+    let (to_dispatcher, from_kafka) = tokio::sync::mpsc::channel(4);
     let (events_tx, events_rx) = tokio::sync::mpsc::unbounded_channel();
     let (to_kafka, commands) = std::sync::mpsc::channel();
     let d = &config.delivery;
@@ -197,8 +309,18 @@ pub async fn run(
         dead_letter,
         metrics.clone(),
         events_tx,
+        app.clone(),
     ));
-    let context = SluiceContext::new(to_dispatcher, metrics.clone(), config.drain.timeout);
+    let context = SluiceContext::new(
+        to_dispatcher,
+        metrics.clone(),
+        group,
+        Budget {
+            in_flight: config.drain.timeout,
+            commit: config.drain.commit_timeout,
+            commit_interval: d.commit_interval,
+        },
+    );
     let consumer = kafka::create_consumer(
         &consumer_props,
         &kafka_cfg.topics,
@@ -207,40 +329,61 @@ pub async fn run(
     )
     .context("creating the Kafka consumer")?;
     info!(group = %kafka_cfg.group_id, topics = ?kafka_cfg.topics, protocol = ?kafka_cfg.protocol, ordering = %d.ordering, "joining the consumer group");
-    let thread_metrics = metrics.clone();
     let kafka_thread = std::thread::Builder::new()
         .name("sluice-kafka".into())
-        .spawn(move || kafka::run(consumer, commands, thread_metrics))
+        .spawn(move || kafka::run(consumer, commands))
         .context("starting the Kafka thread")?;
-    readiness.consuming.store(true, AtomicOrdering::SeqCst);
-    metrics.ready.set(1);
 
     let dispatcher = Dispatcher::new(
         d.ordering,
         d.max_in_flight as usize,
-        config.drain.timeout,
-        d.commit_interval,
+        MemoryBudget {
+            max_bytes: usize::try_from(d.max_buffered_bytes).unwrap_or(usize::MAX),
+        },
         deliverer.clone(),
         to_kafka,
         metrics.clone(),
+        app.subscribe(),
     );
     let report = dispatcher.run(from_kafka, events_rx, drain.token()).await;
-    readiness.consuming.store(false, AtomicOrdering::SeqCst);
-    metrics.ready.set(0);
-    if let Some(w) = deliverer.dead_letter() {
-        w.flush(Duration::from_secs(5));
+    if report.fatal.is_some() {
+        metrics
+            .drains
+            .get_or_create(&ReasonLabel {
+                reason: "fatal_error",
+            })
+            .inc();
     }
-    let joined = tokio::task::spawn_blocking(move || kafka_thread.join()).await;
-    if !matches!(joined, Ok(Ok(()))) {
-        warn!("the Kafka thread panicked");
+    // The Kafka thread leaves the group and closes the consumer once, on its way out; the
+    // wait for it is bounded so a broker that never answers cannot hold the pod.
+    let deliverer_for_flush = deliverer.clone();
+    let closing = tokio::task::spawn_blocking(move || {
+        if let Some(w) = deliverer_for_flush.dead_letter() {
+            w.flush(Duration::from_secs(5));
+        }
+        kafka_thread.join()
+    });
+    match tokio::time::timeout(LEAVE_TIMEOUT, closing).await {
+        Ok(Ok(Ok(()))) => info!("left the consumer group"),
+        Ok(_) => warn!("the Kafka thread panicked"),
+        Err(_) => warn!(
+            timeout = ?LEAVE_TIMEOUT,
+            "leaving the group did not finish in time; exiting anyway (the broker drops the member at its session timeout)"
+        ),
     }
     let summary = report.to_string();
     drain.finish(summary);
+    if let Some(fatal) = report.fatal {
+        return Ok(Ended::Fatal(fatal));
+    }
     if !drain.is_requested() {
         anyhow::bail!("the consumer stopped without a drain: {report}");
     }
     if let Some(e) = report.commit_error {
-        warn!(error = %e, "the drain's final commit failed");
+        error!(error = %e, uncommitted = report.uncommitted, "the drain's final commit failed");
     }
-    Ok(())
+    Ok(Ended::Drained)
 }
+
+/// Bound on leaving the group and closing the consumer after the drain's commit.
+pub const LEAVE_TIMEOUT: Duration = Duration::from_secs(10);

@@ -36,9 +36,14 @@ pub const LIBRDKAFKA_MAX_FETCH_BYTES: u64 = 2_147_483_135;
 pub const DEFAULT_SESSION_MS: u64 = 45_000;
 /// Heartbeats more frequent than this only load the group coordinator.
 pub const MAX_DEFAULT_HEARTBEAT_MS: u64 = 3_000;
-/// Time allowed for the synchronous commit after in-flight work finished (one round trip to
-/// the group coordinator, with retries on a coordinator move).
+/// Least time allowed for the synchronous commit after in-flight work finished (one round
+/// trip to the group coordinator, with retries on a coordinator move).
 pub const COMMIT_TIMEOUT_MS: u64 = 5_000;
+/// The broker's default `group.consumer.heartbeat.interval.ms` (KIP-848): a member learns of
+/// a new member epoch at its next heartbeat.
+pub const BROKER_CONSUMER_HEARTBEAT_MS: u64 = 5_000;
+/// Round trips on top of the heartbeats in the commit budget.
+pub const COMMIT_MARGIN_MS: u64 = 2_000;
 /// Time allowed for leaving the group (LeaveGroup request and closing the client).
 pub const LEAVE_TIMEOUT_MS: u64 = 5_000;
 /// Slack in the grace period for the kubelet's hook call, signal delivery and the
@@ -104,8 +109,11 @@ pub struct Tuning {
     /// How long the sidecar waits for in-flight deliveries on a revoke or drain, in
     /// milliseconds.
     pub in_flight_timeout_ms: u64,
-    /// Bound of the synchronous commit after in-flight work, in milliseconds.
+    /// Bound of the synchronous commit after in-flight work (retried while the group
+    /// rebalances), in milliseconds.
     pub commit_timeout_ms: u64,
+    /// The sidecar's memory budget for records queued and in flight, in bytes.
+    pub max_buffered_bytes: u64,
     /// Bound of leaving the group, in milliseconds.
     pub leave_timeout_ms: u64,
     /// The whole drain (in-flight wait, commit, leave), in seconds.
@@ -210,17 +218,27 @@ pub fn tune(spec: &EventConsumerSpec, group_id: Option<String>) -> Tuning {
     // deliveries (in_flight) and then the synchronous commit. The poll deadline must exceed
     // that with margin, or librdkafka leaves the group in the middle of a revoke and the
     // commit fails. librdkafka also requires max.poll.interval.ms >= session.timeout.ms.
-    let max_poll = (in_flight_ms + COMMIT_TIMEOUT_MS + POLL_MARGIN_MS)
+    // A drain can start while the group is rebalancing; its final commit then fails until
+    // the rebalance settles and is retried until this budget runs out. A rebalance takes
+    // up to two heartbeat intervals (this member and the others learn of it at their next
+    // heartbeat) plus round trips.
+    let heartbeat_for_commit = heartbeat_ms.unwrap_or(BROKER_CONSUMER_HEARTBEAT_MS);
+    let commit_ms = COMMIT_TIMEOUT_MS.max(2 * heartbeat_for_commit + COMMIT_MARGIN_MS);
+
+    let max_poll = (in_flight_ms + commit_ms + POLL_MARGIN_MS)
         .max(MIN_POLL_INTERVAL_MS)
         .max(session_ms.unwrap_or(0))
         .min(LIBRDKAFKA_MAX_POLL_MS);
 
-    // Memory: Kafka buffers get what the sidecar's limit leaves after its baseline; half of
-    // that for the prefetch queue, half for fetch responses in flight from the budgeted
-    // brokers. Bytes the application is processing are bounded by maxInFlight records.
+    // Memory: what the sidecar's limit leaves after its baseline is split between the
+    // sidecar's own record buffer (a quarter: records queued for delivery and in flight,
+    // one budget over all partitions) and Kafka's buffers (the rest: half for the prefetch
+    // queue, half for fetch responses in flight from the budgeted brokers).
     let memory = memory_limit_bytes(spec.sidecar.as_ref().and_then(|s| s.resources.as_ref()))
         .max(MIN_SIDECAR_MEMORY_BYTES);
-    let kafka_budget = memory.saturating_sub(BASELINE_MEMORY_BYTES);
+    let records_budget = memory.saturating_sub(BASELINE_MEMORY_BYTES);
+    let buffer_bytes = (records_budget / 4).max(1 << 20);
+    let kafka_budget = records_budget - records_budget / 4;
     let queue_kbytes =
         (kafka_budget / 2 / 1024).clamp(LIBRDKAFKA_MIN_QUEUE_KBYTES, LIBRDKAFKA_MAX_QUEUE_KBYTES);
     let fetch_max = (kafka_budget / 2 / FETCH_BROKERS_BUDGETED)
@@ -231,7 +249,7 @@ pub fn tune(spec: &EventConsumerSpec, group_id: Option<String>) -> Tuning {
     // preStop hook holds the application until the drain answers, and the grace period
     // counts from the start of the hook, so it must cover the whole drain plus the
     // application's own shutdown after its SIGTERM.
-    let drain_ms = in_flight_ms + COMMIT_TIMEOUT_MS + LEAVE_TIMEOUT_MS;
+    let drain_ms = in_flight_ms + commit_ms + LEAVE_TIMEOUT_MS;
     let grace_ms = drain_ms + GRACE_MARGIN_MS;
 
     Tuning {
@@ -246,7 +264,8 @@ pub fn tune(spec: &EventConsumerSpec, group_id: Option<String>) -> Tuning {
         fetch_max_bytes: fetch_max,
         max_partition_fetch_bytes: partition_fetch,
         in_flight_timeout_ms: in_flight_ms,
-        commit_timeout_ms: COMMIT_TIMEOUT_MS,
+        commit_timeout_ms: commit_ms,
+        max_buffered_bytes: buffer_bytes,
         leave_timeout_ms: LEAVE_TIMEOUT_MS,
         drain_timeout_seconds: drain_ms.div_ceil(1000),
         termination_grace_period_seconds: grace_ms.div_ceil(1000),

@@ -50,17 +50,23 @@ fn defaults_give_kafka_defaults_and_a_grace_period_that_covers_the_drain() {
     // in-flight bound = delivery.timeout (10 s) when maxDuration is unset.
     assert_eq!(t.in_flight_timeout_ms, 10_000);
     assert_eq!(
-        t.max_poll_interval_ms, 60_000,
-        "10 s + 5 s commit + 30 s margin, raised to the 60 s floor"
+        t.commit_timeout_ms, 8_000,
+        "two 3 s heartbeats (a rebalance in progress settles) + 2 s"
     );
     assert_eq!(
-        t.drain_timeout_seconds, 20,
-        "10 s in flight + 5 s commit + 5 s leave"
+        t.max_poll_interval_ms, 60_000,
+        "10 s + 8 s commit + 30 s margin, raised to the 60 s floor"
     );
-    assert_eq!(t.termination_grace_period_seconds, 30);
-    // 256Mi default limit - 32Mi baseline = 224Mi; half to the queue, half over 4 brokers.
-    assert_eq!(t.queued_max_messages_kbytes, 112 * 1024);
-    assert_eq!(t.fetch_max_bytes, 28 * 1024 * 1024);
+    assert_eq!(
+        t.drain_timeout_seconds, 23,
+        "10 s in flight + 8 s commit + 5 s leave"
+    );
+    assert_eq!(t.termination_grace_period_seconds, 33);
+    // 256Mi default limit - 32Mi baseline = 224Mi; a quarter (56Mi) for the sidecar's
+    // record buffer, the rest (168Mi) half to the queue, half over 4 brokers.
+    assert_eq!(t.max_buffered_bytes, 56 * 1024 * 1024);
+    assert_eq!(t.queued_max_messages_kbytes, 84 * 1024);
+    assert_eq!(t.fetch_max_bytes, 21 * 1024 * 1024);
     assert_eq!(t.max_partition_fetch_bytes, 1024 * 1024);
 }
 
@@ -72,9 +78,9 @@ fn a_slow_handler_stretches_poll_interval_drain_and_grace() {
     });
     let t = tune(&spec, None);
     assert_eq!(t.in_flight_timeout_ms, 600_000);
-    assert_eq!(t.max_poll_interval_ms, 635_000);
-    assert_eq!(t.drain_timeout_seconds, 610);
-    assert_eq!(t.termination_grace_period_seconds, 620);
+    assert_eq!(t.max_poll_interval_ms, 638_000);
+    assert_eq!(t.drain_timeout_seconds, 613);
+    assert_eq!(t.termination_grace_period_seconds, 623);
 }
 
 #[test]
@@ -140,12 +146,17 @@ fn memory_limit_sizes_the_buffers() {
     let mut spec = base();
     with_memory(&mut spec, "1Gi");
     let t = tune(&spec, None);
-    assert_eq!(t.queued_max_messages_kbytes, (1024 - 32) * 1024 / 2);
+    assert_eq!(t.max_buffered_bytes, (1024 - 32) * 1024 * 1024 / 4);
+    assert_eq!(t.queued_max_messages_kbytes, (1024 - 32) * 1024 * 3 / 8);
     with_memory(&mut spec, "32Mi"); // below the documented floor: sized as 64Mi
     let small = tune(&spec, None);
-    assert_eq!(small.queued_max_messages_kbytes, 16 * 1024);
-    assert_eq!(small.fetch_max_bytes, 4 * 1024 * 1024);
-    assert!(small.kafka_buffer_bound_bytes(10_000) <= 64 * 1024 * 1024 - BASELINE_MEMORY_BYTES);
+    assert_eq!(small.max_buffered_bytes, 8 * 1024 * 1024);
+    assert_eq!(small.queued_max_messages_kbytes, 12 * 1024);
+    assert_eq!(small.fetch_max_bytes, 3 * 1024 * 1024);
+    assert!(
+        small.kafka_buffer_bound_bytes(10_000) + small.max_buffered_bytes
+            <= 64 * 1024 * 1024 - BASELINE_MEMORY_BYTES
+    );
 }
 
 #[test]
@@ -279,11 +290,11 @@ proptest! {
     }
 
     #[test]
-    fn kafka_buffers_fit_the_memory_limit_for_any_partition_count(spec in arb_spec(), partitions in 1u64..=100_000) {
+    fn kafka_and_record_buffers_fit_the_memory_limit_for_any_partition_count(spec in arb_spec(), partitions in 1u64..=100_000) {
         let t = tune(&spec, None);
         let limit = memory_limit_bytes(spec.sidecar.as_ref().and_then(|s| s.resources.as_ref())).max(MIN_SIDECAR_MEMORY_BYTES);
         let bound = t.kafka_buffer_bound_bytes(partitions);
-        prop_assert!(bound + BASELINE_MEMORY_BYTES <= limit, "{bound} + baseline > {limit} at {partitions} partitions");
+        prop_assert!(bound + t.max_buffered_bytes + BASELINE_MEMORY_BYTES <= limit, "{bound} + {} + baseline > {limit} at {partitions} partitions", t.max_buffered_bytes);
         // More partitions never raise the bound beyond its cap.
         prop_assert!(bound <= t.kafka_buffer_bound_bytes(u64::MAX / (1 << 40)));
     }

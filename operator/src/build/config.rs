@@ -106,12 +106,14 @@ pub fn sidecar_config(
         },
         dead_letter_topic: d.dead_letter_topic.clone(),
         commit_interval: Duration::from_millis(500),
+        max_buffered_bytes: tuning.max_buffered_bytes,
     };
     SidecarConfig {
         kafka,
         delivery,
         drain: Drain {
             timeout: Duration::from_millis(tuning.in_flight_timeout_ms),
+            commit_timeout: Duration::from_millis(tuning.commit_timeout_ms),
             token_file: Some(mounted(DRAIN_TOKEN_FILE)),
         },
         admin: Admin::default(),

@@ -1,0 +1,284 @@
+//! One partition's progress in one assignment epoch, shared by the Kafka thread, the
+//! dispatcher and the delivery tasks.
+//!
+//! This is the single place that says what may be committed for a partition and whether
+//! deliveries are still running on it. The Kafka thread reads it directly, with a deadline,
+//! when the partition leaves this member (revoke, loss or drain), so giving a partition up
+//! never depends on a request/reply round trip through the dispatcher. Every assignment gets
+//! a new `Progress`; a delivery task holds the `Progress` of the epoch it was dispatched in,
+//! so a late result can only ever touch its own (released) epoch.
+
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Instant;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::offsets::OffsetTracker;
+use crate::record::Tp;
+
+/// A partition's shared state for one assignment epoch.
+#[derive(Debug)]
+pub struct Progress {
+    pub tp: Tp,
+    pub epoch: u64,
+    state: Mutex<State>,
+    idle: Condvar,
+    cancel: CancellationToken,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    tracker: OffsetTracker,
+    in_flight: usize,
+    released: bool,
+    /// The first offset tracked in this epoch (where this member started).
+    first: Option<i64>,
+    /// The highest offset the broker acknowledged as committed for this partition while
+    /// this epoch was current.
+    acked: Option<i64>,
+}
+
+/// A consistent view of a partition's progress.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Snapshot {
+    pub in_flight: usize,
+    /// Records tracked beyond the finished prefix.
+    pub pending: usize,
+    /// One past the finished prefix (what a commit would send).
+    pub committable: Option<i64>,
+    pub acked: Option<i64>,
+    pub released: bool,
+}
+
+impl Snapshot {
+    /// The offset to commit, if the finished prefix is ahead of what the broker acknowledged.
+    pub fn to_commit(&self) -> Option<i64> {
+        match (self.committable, self.acked) {
+            (Some(c), Some(a)) if c <= a => None,
+            (c, _) => c,
+        }
+    }
+}
+
+impl Progress {
+    pub fn new(tp: Tp, epoch: u64) -> Arc<Progress> {
+        Arc::new(Progress {
+            tp,
+            epoch,
+            state: Mutex::new(State::default()),
+            idle: Condvar::new(),
+            cancel: CancellationToken::new(),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Registers a fetched record. False if the partition was released or the offset does
+    /// not follow the last one (a record fetched twice); the record must then be dropped.
+    pub fn track(&self, offset: i64) -> bool {
+        let mut s = self.lock();
+        if s.released || s.tracker.track(offset).is_err() {
+            return false;
+        }
+        s.first.get_or_insert(offset);
+        true
+    }
+
+    /// Takes one tracked record into flight. False once the partition is released: nothing
+    /// new starts on a partition that is leaving.
+    pub fn start(&self) -> bool {
+        let mut s = self.lock();
+        if s.released {
+            return false;
+        }
+        s.in_flight += 1;
+        true
+    }
+
+    /// A delivery ended. `finished` says whether the record is done (delivered, skipped or
+    /// dead-lettered); an abandoned record stays unfinished and holds the commit point.
+    pub fn end(&self, offset: i64, finished: bool) {
+        let mut s = self.lock();
+        s.in_flight = s.in_flight.saturating_sub(1);
+        if finished {
+            // An error here means a result for an offset that is not tracked: impossible
+            // by construction, and harmless (nothing is committed for it).
+            let _ = s.tracker.finish(offset);
+        }
+        if s.in_flight == 0 {
+            self.idle.notify_all();
+        }
+    }
+
+    /// Stops the partition: nothing new is dispatched and retry waits are cancelled.
+    /// Deliveries already running finish. True the first time.
+    pub fn release(&self) -> bool {
+        let newly = {
+            let mut s = self.lock();
+            !std::mem::replace(&mut s.released, true)
+        };
+        self.cancel.cancel();
+        newly
+    }
+
+    pub fn is_released(&self) -> bool {
+        self.lock().released
+    }
+
+    /// Cancelled when the partition is released.
+    pub fn cancelled(&self) -> &CancellationToken {
+        &self.cancel
+    }
+
+    /// Waits until no delivery runs on the partition, or `deadline`. True if idle.
+    pub fn wait_idle(&self, deadline: Instant) -> bool {
+        let mut s = self.lock();
+        while s.in_flight > 0 {
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            s = self
+                .idle
+                .wait_timeout(s, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        true
+    }
+
+    /// The broker acknowledged `offset` as the partition's committed offset.
+    pub fn acknowledge(&self, offset: i64) {
+        let mut s = self.lock();
+        s.acked = Some(s.acked.map_or(offset, |a| a.max(offset)));
+    }
+
+    pub fn snapshot(&self) -> Snapshot {
+        let s = self.lock();
+        Snapshot {
+            in_flight: s.in_flight,
+            pending: s.tracker.pending(),
+            committable: s.tracker.committable(),
+            acked: s.acked,
+            released: s.released,
+        }
+    }
+
+    /// Finished records whose offsets the broker has not acknowledged: what the next owner
+    /// would deliver again if this member left now.
+    pub fn unacknowledged(&self) -> u64 {
+        let s = self.lock();
+        match s.tracker.committable() {
+            Some(c) => {
+                let from = s.acked.into_iter().chain(s.first).max().unwrap_or(c);
+                u64::try_from(c - from).unwrap_or(0)
+            }
+            None => 0,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn progress() -> Arc<Progress> {
+        Progress::new(Tp::new("t", 0), 1)
+    }
+
+    #[test]
+    fn commits_only_the_finished_prefix_ahead_of_the_acknowledged_offset() {
+        let p = progress();
+        for o in 10..14 {
+            assert!(p.track(o));
+        }
+        assert_eq!(p.snapshot().to_commit(), None, "nothing finished");
+        assert!(p.start() && p.start());
+        p.end(11, true);
+        assert_eq!(p.snapshot().to_commit(), None, "10 still in flight");
+        p.end(10, true);
+        let s = p.snapshot();
+        assert_eq!(
+            (s.committable, s.to_commit(), s.in_flight),
+            (Some(12), Some(12), 0)
+        );
+        assert_eq!(p.unacknowledged(), 2);
+        p.acknowledge(12);
+        assert_eq!(
+            p.snapshot().to_commit(),
+            None,
+            "acknowledged: nothing to send"
+        );
+        assert_eq!(p.unacknowledged(), 0);
+        p.acknowledge(11);
+        assert_eq!(
+            p.snapshot().acked,
+            Some(12),
+            "an older ack never moves it back"
+        );
+        assert!(p.start());
+        p.end(12, true);
+        assert_eq!(p.snapshot().to_commit(), Some(13));
+        assert_eq!(p.unacknowledged(), 1);
+    }
+
+    #[test]
+    fn abandoned_records_hold_the_commit_point() {
+        let p = progress();
+        for o in 0..3 {
+            assert!(p.track(o));
+            assert!(p.start());
+        }
+        p.end(0, true);
+        p.end(1, false);
+        p.end(2, true);
+        assert_eq!(p.snapshot().committable, Some(1));
+    }
+
+    #[test]
+    fn a_released_partition_starts_and_tracks_nothing_but_running_work_still_counts() {
+        let p = progress();
+        assert!(p.track(0) && p.track(1));
+        assert!(p.start());
+        assert!(p.release());
+        assert!(!p.release(), "release is idempotent");
+        assert!(p.cancelled().is_cancelled());
+        assert!(!p.start());
+        assert!(!p.track(2));
+        p.end(0, true);
+        let s = p.snapshot();
+        assert_eq!((s.in_flight, s.committable, s.released), (0, Some(1), true));
+    }
+
+    #[test]
+    fn duplicate_fetches_are_refused() {
+        let p = progress();
+        assert!(p.track(5));
+        assert!(!p.track(5));
+        assert!(!p.track(4));
+        assert_eq!(p.snapshot().pending, 1);
+    }
+
+    #[test]
+    fn wait_idle_returns_when_the_last_delivery_ends_or_at_the_deadline() {
+        let p = progress();
+        assert!(p.wait_idle(Instant::now()), "idle at once");
+        assert!(p.track(0));
+        assert!(p.start());
+        let started = Instant::now();
+        assert!(!p.wait_idle(started + Duration::from_millis(50)));
+        assert!(started.elapsed() >= Duration::from_millis(50));
+        let q = p.clone();
+        let t = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(30));
+            q.end(0, true);
+        });
+        assert!(p.wait_idle(Instant::now() + Duration::from_secs(10)));
+        t.join().unwrap();
+        assert_eq!(p.snapshot().committable, Some(1));
+    }
+}
