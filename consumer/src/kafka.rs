@@ -18,7 +18,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering as AtomicOrdering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, TryRecvError};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -256,6 +256,11 @@ pub struct SluiceContext {
     fatal: AtomicBool,
     /// Callbacks served; lets the poll loop tell "queue empty" from "served an event".
     served: AtomicU64,
+    /// The last commit failure (for the drain's report).
+    last_commit_error: Mutex<Option<String>>,
+    commit_lock: Mutex<()>,
+    committer: Mutex<CommitterWake>,
+    committer_wake: Condvar,
     budget: Budget,
     limiter: LogLimiter,
 }
@@ -277,6 +282,10 @@ impl SluiceContext {
             closing: AtomicBool::new(false),
             fatal: AtomicBool::new(false),
             served: AtomicU64::new(0),
+            last_commit_error: Mutex::new(None),
+            commit_lock: Mutex::new(()),
+            committer: Mutex::new(CommitterWake::default()),
+            committer_wake: Condvar::new(),
             budget,
             limiter: LogLimiter::new(Duration::from_secs(10)),
         }
@@ -325,16 +334,14 @@ impl SluiceContext {
         }
     }
 
-    /// Gives partitions up: the one path for revoke, loss and drain. Stops them, waits
-    /// (bounded) for their in-flight deliveries unless they are lost, and commits their
-    /// finished prefix. `poll` lets the commit retries serve the consumer between tries;
-    /// it is `None` inside a rebalance callback, where polling is not allowed.
+    /// Gives partitions up inside a revoke callback: stops them, waits (bounded) for their
+    /// in-flight deliveries unless they are lost, and commits their finished prefix. (The
+    /// drain releases every partition the same way, then commits from its poll loop.)
     fn release(
         &self,
         consumer: &BaseConsumer<SluiceContext>,
         parts: &[Arc<Progress>],
         lost: bool,
-        poll: bool,
     ) -> Result<(), String> {
         if parts.is_empty() {
             return Ok(());
@@ -376,7 +383,10 @@ impl SluiceContext {
         } else {
             self.budget.commit
         };
-        let result = self.commit_sync(consumer, parts, Instant::now() + budget, poll);
+        let result = {
+            let _order = self.commit_order();
+            self.commit_sync(consumer, parts, Instant::now() + budget)
+        };
         match &result {
             Ok(()) => {
                 info!(partitions = parts.len(), waited = ?started.elapsed(), "released partitions and committed their finished offsets")
@@ -390,30 +400,19 @@ impl SluiceContext {
         result
     }
 
-    /// Commits the finished prefix of `parts` synchronously, retrying retriable errors until
-    /// `deadline`. Between tries it polls the consumer if `poll` (serving a rebalance that
-    /// must settle before a commit can carry a valid generation), else it sleeps.
+    /// Commits the finished prefix of `parts` synchronously (inside a revoke callback, where
+    /// the member holds the current generation), retrying retriable errors until `deadline`.
     fn commit_sync(
         &self,
         consumer: &BaseConsumer<SluiceContext>,
         parts: &[Arc<Progress>],
         deadline: Instant,
-        poll: bool,
     ) -> Result<(), String> {
         let mut tries = 0u32;
         loop {
-            // A partition lost meanwhile (poll served the loss) is no longer ours to commit.
-            let assigned: Vec<Arc<Progress>> = {
-                let current = self.assigned();
-                parts
-                    .iter()
-                    .filter(|p| !poll || current.get(&p.tp).is_some_and(|c| Arc::ptr_eq(c, p)))
-                    .cloned()
-                    .collect()
-            };
             let mut tpl = TopicPartitionList::new();
             let mut sent = Vec::new();
-            for p in &assigned {
+            for p in parts {
                 if let Some(o) = p.snapshot().to_commit() {
                     let _ =
                         tpl.add_partition_offset(&p.tp.topic, p.tp.partition, Offset::Offset(o));
@@ -445,11 +444,7 @@ impl SluiceContext {
                     self.warn_limited("sync commit retry", |suppressed| {
                         warn!(error = %e, suppressed, "synchronous commit failed; retrying within the commit budget");
                     });
-                    if poll {
-                        poll_and_drop(consumer, Duration::from_millis(100));
-                    } else {
-                        std::thread::sleep(Duration::from_millis(100));
-                    }
+                    std::thread::sleep(Duration::from_millis(100));
                 }
                 Err(e) => {
                     self.metrics.commit_failures.inc();
@@ -459,27 +454,106 @@ impl SluiceContext {
         }
     }
 
-    /// Sends every active partition's finished prefix that is ahead of what the broker
-    /// acknowledged, asynchronously.
+    /// One commit round of the committer: every partition still assigned (active, or
+    /// stopped by a drain) whose finished prefix is ahead of what the broker acknowledged is
+    /// committed synchronously, on the committer's own thread; acknowledged offsets are
+    /// recorded in the partitions' progress. A failure is sent again the next round.
     fn commit_round(&self, consumer: &BaseConsumer<SluiceContext>) {
+        let _order = self.commit_order();
         let mut tpl = TopicPartitionList::new();
+        let mut sent = Vec::new();
         for p in self.assigned().values() {
-            let s = p.snapshot();
-            if s.released {
-                continue;
-            }
-            if let Some(o) = s.to_commit() {
+            if let Some(o) = p.snapshot().to_commit() {
                 let _ = tpl.add_partition_offset(&p.tp.topic, p.tp.partition, Offset::Offset(o));
+                sent.push((p.clone(), o));
             }
         }
-        if tpl.count() > 0
-            && let Err(e) = consumer.commit(&tpl, CommitMode::Async)
-        {
-            self.metrics.commit_failures.inc();
-            self.warn_limited("async commit not sent", |suppressed| {
-                warn!(error = %e, suppressed, "asynchronous commit could not be sent; it is sent again next round");
-            });
+        if sent.is_empty() {
+            return;
         }
+        match consumer.commit(&tpl, CommitMode::Sync) {
+            Ok(()) => {
+                self.metrics.commits.inc();
+                self.health.broker_answered();
+                for (p, o) in &sent {
+                    p.acknowledge(*o);
+                    self.metrics
+                        .committed_offset
+                        .get_or_create(&TpLabel::from(&p.tp))
+                        .set(*o);
+                }
+            }
+            Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
+            Err(e) => {
+                self.metrics.commit_failures.inc();
+                *self
+                    .last_commit_error
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
+                self.warn_limited("commit failed", |suppressed| {
+                    warn!(error = %e, suppressed, "offset commit failed; the finished offsets are sent again next round");
+                });
+            }
+        }
+    }
+
+    /// Serialises commits: a revoke's commit never overtakes (and so is never overwritten
+    /// by) an older commit of the same partition from the committer.
+    fn commit_order(&self) -> MutexGuard<'_, ()> {
+        self.commit_lock.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Wakes the committer now (and, while draining, every 100 ms).
+    fn wake_committer(&self) {
+        let mut w = self.committer.lock().unwrap_or_else(|p| p.into_inner());
+        w.woken = true;
+        self.committer_wake.notify_all();
+    }
+
+    fn stop_committer(&self) {
+        let mut w = self.committer.lock().unwrap_or_else(|p| p.into_inner());
+        w.stop = true;
+        self.committer_wake.notify_all();
+    }
+
+    /// True when every partition still assigned has its finished prefix acknowledged.
+    fn all_acknowledged(&self) -> bool {
+        self.assigned()
+            .values()
+            .all(|p| p.snapshot().to_commit().is_none())
+    }
+}
+
+/// The committer's wake-up state.
+#[derive(Debug, Default)]
+struct CommitterWake {
+    woken: bool,
+    stop: bool,
+}
+
+/// The committer thread: a commit round every commit interval (every 100 ms while
+/// draining), until stopped. Synchronous commits run here, never on the polling thread, so
+/// a commit that waits for the group coordinator (during a rebalance, say) never stops the
+/// polling that lets the rebalance complete.
+fn committer(consumer: &BaseConsumer<SluiceContext>, ctx: &SluiceContext) {
+    loop {
+        {
+            let interval = if ctx.draining.load(AtomicOrdering::SeqCst) {
+                Duration::from_millis(100)
+            } else {
+                ctx.budget.commit_interval
+            };
+            let w = ctx.committer.lock().unwrap_or_else(|p| p.into_inner());
+            let (mut w, _) = ctx
+                .committer_wake
+                .wait_timeout_while(w, interval, |w| !w.woken && !w.stop)
+                .unwrap_or_else(|p| p.into_inner());
+            if w.stop {
+                return;
+            }
+            w.woken = false;
+        }
+        ctx.commit_round(consumer);
     }
 }
 
@@ -497,6 +571,8 @@ fn poll_and_drop(consumer: &BaseConsumer<SluiceContext>, timeout: Duration) {
 
 impl ClientContext for SluiceContext {
     fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
+        // Logs arrive through the polled queue too (rust-rdkafka sets log.queue).
+        self.serve();
         let limited = || {
             self.limiter
                 .allow(&log_kind(fac, log_message), Instant::now())
@@ -614,7 +690,7 @@ impl ConsumerContext for SluiceContext {
                 .filter_map(|tp| assigned.remove(tp))
                 .collect()
         };
-        let _ = self.release(consumer, &parts, lost, false);
+        let _ = self.release(consumer, &parts, lost);
     }
 
     fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
@@ -693,7 +769,7 @@ impl ConsumerContext for SluiceContext {
             Err(e) => {
                 self.metrics.commit_failures.inc();
                 self.warn_limited("async commit failed", |suppressed| {
-                    warn!(error = %e, suppressed, "offset commit failed; the finished offsets are sent again next round");
+                    warn!(error = %e, suppressed, "offset commit failed; the finished offsets are sent again");
                 });
             }
         }
@@ -752,8 +828,26 @@ const BATCH: usize = 512;
 /// drop leaves the group, serving the final revoke (which finds nothing left to commit).
 pub fn run(consumer: BaseConsumer<SluiceContext>, commands: Receiver<ToKafka>) {
     let ctx = consumer.context().clone();
+    std::thread::scope(|scope| {
+        let committer = std::thread::Builder::new()
+            .name("sluice-commit".into())
+            .spawn_scoped(scope, || committer(&consumer, &ctx));
+        poll_loop(&consumer, &ctx, &commands);
+        ctx.stop_committer();
+        if let Ok(handle) = committer {
+            let _ = handle.join();
+        }
+    });
+    // Dropping the consumer leaves the group and closes it (once).
+}
+
+fn poll_loop(
+    consumer: &BaseConsumer<SluiceContext>,
+    ctx: &Arc<SluiceContext>,
+    commands: &Receiver<ToKafka>,
+) {
+    let consumer = consumer;
     let mut held: Option<Vec<(u64, Record)>> = None;
-    let mut next_commit = Instant::now() + ctx.budget.commit_interval;
     loop {
         loop {
             match commands.try_recv() {
@@ -773,11 +867,6 @@ pub fn run(consumer: BaseConsumer<SluiceContext>, commands: Receiver<ToKafka>) {
             let report = drain(&consumer, &ctx, Some(format!("{code:?}: {reason}")));
             ctx.tell(FromKafka::Drained(report));
             return;
-        }
-        let now = Instant::now();
-        if now >= next_commit {
-            ctx.commit_round(&consumer);
-            next_commit = now + ctx.budget.commit_interval;
         }
         if let Some(batch) = held.take() {
             match ctx.to_dispatcher.try_send(FromKafka::Records(batch)) {
@@ -823,13 +912,7 @@ pub fn run(consumer: BaseConsumer<SluiceContext>, commands: Receiver<ToKafka>) {
             // poll returned after serving a callback, not because the queue was empty.
             continue;
         }
-        let until_commit = next_commit.saturating_duration_since(Instant::now());
-        if !wait_command(
-            &consumer,
-            &ctx,
-            &commands,
-            until_commit.min(Duration::from_millis(200)),
-        ) {
+        if !wait_command(consumer, ctx, commands, Duration::from_millis(200)) {
             return;
         }
     }
@@ -931,8 +1014,24 @@ fn drain(
         poll_and_drop(consumer, Duration::from_millis(20));
     };
     let waited = started.elapsed();
-    let parts: Vec<Arc<Progress>> = ctx.assigned().values().cloned().collect();
-    let commit_result = ctx.commit_sync(consumer, &parts, Instant::now() + ctx.budget.commit, true);
+    // The committer commits every 100 ms while draining; wait (polling, so a rebalance in
+    // progress completes) until the broker acknowledged every finished prefix.
+    ctx.wake_committer();
+    let commit_deadline = Instant::now() + ctx.budget.commit;
+    let commit_result = loop {
+        if ctx.all_acknowledged() {
+            break Ok(());
+        }
+        if Instant::now() >= commit_deadline {
+            break Err(ctx
+                .last_commit_error
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone()
+                .unwrap_or_else(|| "no acknowledgement from the group coordinator".into()));
+        }
+        poll_and_drop(consumer, Duration::from_millis(20));
+    };
     let current: Vec<Arc<Progress>> = ctx.assigned().values().cloned().collect();
     let committed = current
         .iter()

@@ -28,7 +28,10 @@ pub struct Received {
     pub value: String,
     /// Lower-case header names.
     pub headers: HashMap<String, String>,
+    /// When the request arrived.
     pub at: Instant,
+    /// When the application answered it (after the reply's delay).
+    pub answered: Instant,
 }
 
 impl Received {
@@ -278,12 +281,15 @@ async fn handle(
             HashMap::new()
         },
         at: Instant::now(),
+        answered: Instant::now(),
     };
     let behaviour = shared.behaviour.read().unwrap().clone();
     let reply = behaviour(&received);
     if !reply.delay.is_zero() {
         tokio::time::sleep(reply.delay).await;
     }
+    let mut received = received;
+    received.answered = Instant::now();
     if shared.record {
         shared.received.lock().unwrap().push(received);
     }
@@ -340,6 +346,90 @@ pub fn sidecar_binary() -> PathBuf {
         bin
     })
     .clone()
+}
+
+/// Paces an application to a total rate: each request is answered at the next free slot
+/// (`1/rate` apart), whatever the number of requests in flight. Use as the reply delay.
+pub struct Pacer {
+    interval: Duration,
+    next: Mutex<Instant>,
+}
+
+impl Pacer {
+    pub fn per_second(rate: u32) -> Arc<Pacer> {
+        Arc::new(Pacer {
+            interval: Duration::from_secs(1) / rate.max(1),
+            next: Mutex::new(Instant::now()),
+        })
+    }
+
+    /// The delay until this request's slot.
+    pub fn delay(&self) -> Duration {
+        let now = Instant::now();
+        let mut next = self.next.lock().unwrap();
+        let slot = (*next).max(now);
+        *next = slot + self.interval;
+        slot - now
+    }
+}
+
+/// A CPU quota for processes (a cgroup of the `cpu` controller, v1 or v2), removed on drop.
+/// Processes added stay in it until they exit.
+pub struct CpuQuota {
+    dir: PathBuf,
+}
+
+impl CpuQuota {
+    /// A cgroup limited to `percent` of one CPU.
+    pub fn new(name: &str, percent: u32) -> CpuQuota {
+        let period = 100_000u32;
+        let quota = period / 100 * percent.max(1);
+        let v2 = Path::new("/sys/fs/cgroup/cgroup.controllers").exists();
+        let base = if v2 {
+            PathBuf::from("/sys/fs/cgroup")
+        } else {
+            PathBuf::from("/sys/fs/cgroup/cpu")
+        };
+        let dir = base.join(crate::unique_name(name));
+        std::fs::create_dir_all(&dir)
+            .unwrap_or_else(|e| panic!("creating the cgroup {}: {e}", dir.display()));
+        if v2 {
+            std::fs::write(dir.join("cpu.max"), format!("{quota} {period}")).unwrap();
+        } else {
+            std::fs::write(dir.join("cpu.cfs_period_us"), period.to_string()).unwrap();
+            std::fs::write(dir.join("cpu.cfs_quota_us"), quota.to_string()).unwrap();
+        }
+        CpuQuota { dir }
+    }
+
+    pub fn add(&self, pid: i32) {
+        std::fs::write(self.dir.join("cgroup.procs"), pid.to_string())
+            .unwrap_or_else(|e| panic!("adding {pid} to {}: {e}", self.dir.display()));
+    }
+
+    /// How often the group was throttled (it ran out of quota in a period).
+    pub fn throttled_periods(&self) -> u64 {
+        let stat = std::fs::read_to_string(self.dir.join("cpu.stat")).unwrap_or_default();
+        stat.lines()
+            .find_map(|l| {
+                l.strip_prefix("nr_throttled ")
+                    .and_then(|v| v.trim().parse().ok())
+            })
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for CpuQuota {
+    fn drop(&mut self) {
+        // The processes are gone by now (their handles are dropped first); a cgroup can only
+        // be removed empty, so retry briefly while the last ones exit.
+        for _ in 0..50 {
+            if std::fs::remove_dir(&self.dir).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
 }
 
 /// A free loopback port (bound and released; good enough for tests).
