@@ -10,7 +10,7 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::sync::mpsc::Sender;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use sluice_config::Ordering;
@@ -113,7 +113,17 @@ impl PartitionState {
     }
 
     /// The next record that may be delivered now under `mode`, started in its progress.
-    pub fn take_next(&mut self, mode: Ordering) -> Option<Record> {
+    /// Nothing starts while finished records have waited longer than `commit_limit` for the
+    /// broker's acknowledgement.
+    pub fn take_next(
+        &mut self,
+        mode: Ordering,
+        now: Instant,
+        commit_limit: Duration,
+    ) -> Option<Record> {
+        if self.queue.is_empty() || self.progress.commit_behind(now, commit_limit) {
+            return None;
+        }
         let idx = match mode {
             Ordering::Partition if self.in_flight > 0 => return None,
             Ordering::Partition | Ordering::None => (!self.queue.is_empty()).then_some(0)?,
@@ -201,6 +211,9 @@ pub struct Dispatcher {
     metrics: Arc<Metrics>,
     app_up: watch::Receiver<bool>,
     draining: bool,
+    /// How long finished records may wait for the broker's acknowledgement before nothing
+    /// new starts on their partition (the commit interval).
+    commit_limit: Duration,
 }
 
 impl Dispatcher {
@@ -213,6 +226,7 @@ impl Dispatcher {
         to_kafka: Sender<ToKafka>,
         metrics: Arc<Metrics>,
         app_up: watch::Receiver<bool>,
+        commit_limit: Duration,
     ) -> Self {
         Dispatcher {
             mode,
@@ -231,6 +245,7 @@ impl Dispatcher {
             metrics,
             app_up,
             draining: false,
+            commit_limit,
         }
     }
 
@@ -339,7 +354,7 @@ impl Dispatcher {
                 }
                 self.check_budget();
             }
-            FromKafka::Drained(_) => {}
+            FromKafka::Drained(_) | FromKafka::Committed => {}
         }
     }
 
@@ -446,6 +461,7 @@ impl Dispatcher {
             return;
         }
         let n = self.order.len();
+        let now = Instant::now();
         let mut progress = true;
         while self.in_flight < self.max_in_flight && progress {
             progress = false;
@@ -457,7 +473,7 @@ impl Dispatcher {
                 let Some(state) = self.partitions.get_mut(tp) else {
                     continue;
                 };
-                if let Some(record) = state.take_next(self.mode) {
+                if let Some(record) = state.take_next(self.mode, now, self.commit_limit) {
                     let size = record.size();
                     self.bytes_queued -= size;
                     self.bytes_in_flight += size;
@@ -509,7 +525,12 @@ mod tests {
     }
 
     fn take_all(s: &mut PartitionState, mode: Ordering) -> Vec<i64> {
-        std::iter::from_fn(|| s.take_next(mode).map(|r| r.offset)).collect()
+        let now = Instant::now();
+        std::iter::from_fn(|| {
+            s.take_next(mode, now, Duration::from_secs(3600))
+                .map(|r| r.offset)
+        })
+        .collect()
     }
 
     /// What a delivery task does when a record ends.
@@ -592,6 +613,29 @@ mod tests {
         assert_eq!(s.clear(), (2, 2));
         end(&mut s, 0, None, true);
         assert_eq!(s.progress.snapshot().committable, Some(1));
+    }
+
+    #[test]
+    fn nothing_starts_while_finished_records_wait_too_long_for_their_commit() {
+        let mut s = state_with(&[(0, None), (1, None), (2, None)]);
+        let limit = Duration::from_millis(500);
+        let now = Instant::now();
+        assert_eq!(
+            s.take_next(Ordering::None, now, limit).map(|r| r.offset),
+            Some(0)
+        );
+        end(&mut s, 0, None, true);
+        let later = Instant::now() + Duration::from_secs(1);
+        assert!(
+            s.take_next(Ordering::None, later, limit).is_none(),
+            "record 0 waited 1 s for its commit: hold back"
+        );
+        s.progress.acknowledge(1, Instant::now());
+        assert_eq!(
+            s.take_next(Ordering::None, later, limit).map(|r| r.offset),
+            Some(1),
+            "acknowledged: deliveries go on"
+        );
     }
 
     #[test]

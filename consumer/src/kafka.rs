@@ -50,6 +50,8 @@ pub enum FromKafka {
     /// The drain is complete (requested, or forced by a fatal error); the consumer closes
     /// next.
     Drained(DrainReport),
+    /// A commit was acknowledged (deliveries held back for it may go on).
+    Committed,
 }
 
 /// What the dispatcher asks of the Kafka thread.
@@ -423,11 +425,12 @@ impl SluiceContext {
                 return Ok(());
             }
             tries += 1;
+            let taken = Instant::now();
             match consumer.commit(&tpl, CommitMode::Sync) {
                 Ok(()) => {
                     self.metrics.commits.inc();
                     for (p, o) in &sent {
-                        p.acknowledge(*o);
+                        p.acknowledge(*o, taken);
                         self.metrics
                             .committed_offset
                             .get_or_create(&TpLabel::from(&p.tp))
@@ -460,6 +463,7 @@ impl SluiceContext {
     /// recorded in the partitions' progress. A failure is sent again the next round.
     fn commit_round(&self, consumer: &BaseConsumer<SluiceContext>) {
         let _order = self.commit_order();
+        let taken = Instant::now();
         let mut tpl = TopicPartitionList::new();
         let mut sent = Vec::new();
         for p in self.assigned().values() {
@@ -476,12 +480,14 @@ impl SluiceContext {
                 self.metrics.commits.inc();
                 self.health.broker_answered();
                 for (p, o) in &sent {
-                    p.acknowledge(*o);
+                    p.acknowledge(*o, taken);
                     self.metrics
                         .committed_offset
                         .get_or_create(&TpLabel::from(&p.tp))
                         .set(*o);
                 }
+                // Deliveries held back for a commit that lagged may go on.
+                let _ = self.to_dispatcher.try_send(FromKafka::Committed);
             }
             Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
             Err(e) => {
@@ -531,8 +537,9 @@ struct CommitterWake {
     stop: bool,
 }
 
-/// The committer thread: a commit round every commit interval (every 100 ms while
-/// draining), until stopped. Synchronous commits run here, never on the polling thread, so
+/// The committer thread: a commit round every half commit interval (every 100 ms while
+/// draining), until stopped, so a finished record normally waits less than one commit
+/// interval for its acknowledgement. Synchronous commits run here, never on the polling thread, so
 /// a commit that waits for the group coordinator (during a rebalance, say) never stops the
 /// polling that lets the rebalance complete.
 fn committer(consumer: &BaseConsumer<SluiceContext>, ctx: &SluiceContext) {
@@ -541,7 +548,7 @@ fn committer(consumer: &BaseConsumer<SluiceContext>, ctx: &SluiceContext) {
             let interval = if ctx.draining.load(AtomicOrdering::SeqCst) {
                 Duration::from_millis(100)
             } else {
-                ctx.budget.commit_interval
+                ctx.budget.commit_interval / 2
             };
             let w = ctx.committer.lock().unwrap_or_else(|p| p.into_inner());
             let (mut w, _) = ctx
@@ -756,7 +763,7 @@ impl ConsumerContext for SluiceContext {
                     if let Offset::Offset(o) = e.offset() {
                         let tp = Tp::new(e.topic(), e.partition());
                         if let Some(p) = assigned.get(&tp) {
-                            p.acknowledge(o);
+                            p.acknowledge(o, Instant::now());
                         }
                         self.metrics
                             .committed_offset

@@ -9,7 +9,7 @@
 //! so a late result can only ever touch its own (released) epoch.
 
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
@@ -36,6 +36,9 @@ struct State {
     /// The highest offset the broker acknowledged as committed for this partition while
     /// this epoch was current.
     acked: Option<i64>,
+    /// Since when finished records have been waiting for the broker's acknowledgement (the
+    /// oldest of them finished at or after this time); `None` when all are acknowledged.
+    unacked_since: Option<Instant>,
 }
 
 /// A consistent view of a partition's progress.
@@ -50,13 +53,19 @@ pub struct Snapshot {
     pub released: bool,
 }
 
+/// Whether a finished prefix `committable` is ahead of the acknowledged offset `acked`.
+fn ahead(committable: Option<i64>, acked: Option<i64>) -> bool {
+    match (committable, acked) {
+        (Some(c), Some(a)) => c > a,
+        (c, _) => c.is_some(),
+    }
+}
+
 impl Snapshot {
     /// The offset to commit, if the finished prefix is ahead of what the broker acknowledged.
     pub fn to_commit(&self) -> Option<i64> {
-        match (self.committable, self.acked) {
-            (Some(c), Some(a)) if c <= a => None,
-            (c, _) => c,
-        }
+        self.committable
+            .filter(|_| ahead(self.committable, self.acked))
     }
 }
 
@@ -106,6 +115,9 @@ impl Progress {
             // An error here means a result for an offset that is not tracked: impossible
             // by construction, and harmless (nothing is committed for it).
             let _ = s.tracker.finish(offset);
+            if s.unacked_since.is_none() && ahead(s.tracker.committable(), s.acked) {
+                s.unacked_since = Some(Instant::now());
+            }
         }
         if s.in_flight == 0 {
             self.idle.notify_all();
@@ -149,10 +161,26 @@ impl Progress {
         true
     }
 
-    /// The broker acknowledged `offset` as the partition's committed offset.
-    pub fn acknowledge(&self, offset: i64) {
+    /// The broker acknowledged `offset` as the partition's committed offset; the commit was
+    /// taken from the progress at `taken` (so what is still unacknowledged finished after).
+    pub fn acknowledge(&self, offset: i64, taken: Instant) {
         let mut s = self.lock();
         s.acked = Some(s.acked.map_or(offset, |a| a.max(offset)));
+        s.unacked_since = if ahead(s.tracker.committable(), s.acked) {
+            Some(s.unacked_since.map_or(taken, |t| t.max(taken)))
+        } else {
+            None
+        };
+    }
+
+    /// True when finished records have waited longer than `limit` for the broker's
+    /// acknowledgement: the commits are not landing (the group is rebalancing, or the
+    /// coordinator is away), and delivering more would only widen what a crash now makes
+    /// the next owner deliver again.
+    pub fn commit_behind(&self, now: Instant, limit: Duration) -> bool {
+        self.lock()
+            .unacked_since
+            .is_some_and(|t| now.saturating_duration_since(t) > limit)
     }
 
     pub fn snapshot(&self) -> Snapshot {
@@ -182,8 +210,6 @@ impl Progress {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
     use super::*;
 
     fn progress() -> Arc<Progress> {
@@ -207,14 +233,14 @@ mod tests {
             (Some(12), Some(12), 0)
         );
         assert_eq!(p.unacknowledged(), 2);
-        p.acknowledge(12);
+        p.acknowledge(12, Instant::now());
         assert_eq!(
             p.snapshot().to_commit(),
             None,
             "acknowledged: nothing to send"
         );
         assert_eq!(p.unacknowledged(), 0);
-        p.acknowledge(11);
+        p.acknowledge(11, Instant::now());
         assert_eq!(
             p.snapshot().acked,
             Some(12),
@@ -261,6 +287,37 @@ mod tests {
         assert!(!p.track(5));
         assert!(!p.track(4));
         assert_eq!(p.snapshot().pending, 1);
+    }
+
+    #[test]
+    fn commit_behind_measures_how_long_finished_records_wait_for_acknowledgement() {
+        let p = progress();
+        let limit = Duration::from_millis(500);
+        let t0 = Instant::now();
+        assert!(p.track(0) && p.track(1) && p.track(2));
+        assert!(
+            !p.commit_behind(t0 + Duration::from_secs(60), limit),
+            "nothing finished"
+        );
+        assert!(p.start());
+        p.end(0, true);
+        let finished = Instant::now();
+        assert!(!p.commit_behind(finished + Duration::from_millis(400), limit));
+        assert!(p.commit_behind(finished + Duration::from_millis(600), limit));
+        let taken = Instant::now();
+        assert!(p.start());
+        p.end(1, true);
+        p.acknowledge(1, taken);
+        assert!(
+            p.commit_behind(taken + Duration::from_millis(600), limit),
+            "record 1 finished after the commit was taken: still waiting"
+        );
+        assert!(!p.commit_behind(taken + Duration::from_millis(400), limit));
+        p.acknowledge(2, Instant::now());
+        assert!(
+            !p.commit_behind(Instant::now() + Duration::from_secs(60), limit),
+            "all acknowledged"
+        );
     }
 
     #[test]

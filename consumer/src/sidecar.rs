@@ -344,6 +344,7 @@ pub async fn run(
         to_kafka,
         metrics.clone(),
         app.subscribe(),
+        d.commit_interval,
     );
     let report = dispatcher.run(from_kafka, events_rx, drain.token()).await;
     if report.fatal.is_some() {

@@ -236,3 +236,66 @@ pub fn end_offsets(topic: &str, partitions: i32) -> Vec<i64> {
         })
         .collect()
 }
+
+/// Watches a consumer group's state as the broker reports it (ListGroups/DescribeGroups),
+/// sampling every 100 ms on its own thread until dropped. For tests that need to know when
+/// the group was rebalancing, from Kafka rather than from the members.
+pub struct GroupWatch {
+    samples: std::sync::Arc<std::sync::Mutex<Vec<(std::time::Instant, String)>>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl GroupWatch {
+    pub fn start(group: &str) -> GroupWatch {
+        use std::sync::atomic::Ordering;
+        let samples = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (s, st, group) = (samples.clone(), stop.clone(), group.to_owned());
+        let thread = std::thread::spawn(move || {
+            let client: BaseConsumer = client_config()
+                .create()
+                .unwrap_or_else(|e| panic!("cannot create a Kafka client: {e}"));
+            while !st.load(Ordering::SeqCst) {
+                if let Ok(list) = client.fetch_group_list(Some(&group), Duration::from_secs(2)) {
+                    let state = list
+                        .groups()
+                        .first()
+                        .map(|g| g.state().to_owned())
+                        .unwrap_or_default();
+                    s.lock().unwrap().push((std::time::Instant::now(), state));
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        });
+        GroupWatch {
+            samples,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// How long the group had been rebalancing without a break at `at` (zero if the last
+    /// sample before `at` showed it `Stable` or `Empty`).
+    pub fn rebalancing_for(&self, at: std::time::Instant) -> Duration {
+        let samples = self.samples.lock().unwrap();
+        let mut since = None;
+        for (t, state) in samples.iter().filter(|(t, _)| *t <= at) {
+            if state == "Stable" || state == "Empty" {
+                since = None;
+            } else if since.is_none() {
+                since = Some(*t);
+            }
+        }
+        since.map_or(Duration::ZERO, |s| at.duration_since(s))
+    }
+}
+
+impl Drop for GroupWatch {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}

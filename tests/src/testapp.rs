@@ -26,6 +26,8 @@ use tokio::task::{JoinHandle, JoinSet};
 #[derive(Clone, Debug)]
 pub struct Received {
     pub value: String,
+    /// The request's path (tests give each sidecar its own to tell them apart).
+    pub path: String,
     /// Lower-case header names.
     pub headers: HashMap<String, String>,
     /// When the request arrived.
@@ -265,6 +267,7 @@ async fn handle(
     let (parts, body) = req.into_parts();
     let body = body.collect().await?.to_bytes();
     let received = Received {
+        path: parts.uri.path().to_owned(),
         value: String::from_utf8_lossy(&body).into_owned(),
         headers: if shared.record {
             parts

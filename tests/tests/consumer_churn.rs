@@ -19,7 +19,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use sluice_tests::kafka::{Topic, committed, end_offsets, group};
+use sluice_tests::kafka::{GroupWatch, Topic, committed, end_offsets, group};
 use sluice_tests::testapp::{CpuQuota, Pacer, Received, Reply, Sidecar, TestApp};
 
 const PARTITIONS: i32 = 12;
@@ -61,7 +61,7 @@ impl Scenario {
             ordering,
             signal: "TERM",
             quota: None,
-            records: 30_000,
+            records: 40_000,
             rate: 1_500,
         }
     }
@@ -98,8 +98,9 @@ struct ChurnResult {
     counts: HashMap<usize, usize>,
     restarts: usize,
     took: Duration,
-    /// Each stop's time (the signal) in order.
-    stops: Vec<Instant>,
+    /// Each stop: the victim's delivery path, the time of the signal, and how long the group
+    /// had been rebalancing then (from the broker's view of the group).
+    stops: Vec<(String, Instant, Duration)>,
     /// Members that lost their partitions without giving them up (fenced), from the logs.
     fenced: usize,
     received: Vec<Received>,
@@ -118,11 +119,14 @@ impl ChurnResult {
             .collect()
     }
 
-    /// Records the application answered in `(at - window, at]`.
-    fn answered_in(&self, at: Instant, window: Duration) -> usize {
+    /// Records the application answered for the sidecar delivering to `path` in
+    /// `(at - window, at]`.
+    fn answered_in(&self, path: &str, at: Instant, window: Duration) -> usize {
         self.received
             .iter()
-            .filter(|r| r.answered <= at && at.duration_since(r.answered) <= window)
+            .filter(|r| {
+                r.path == path && r.answered <= at && at.duration_since(r.answered) <= window
+            })
             .count()
     }
 
@@ -157,9 +161,13 @@ async fn churn(s: Scenario) -> ChurnResult {
     let app = TestApp::start(move |_| Reply::ok().after(p.delay())).await;
     topic.produce_numbered(s.records, 1000).await;
     let cfg = config(&s, &topic.name, &group, &app.url());
+    let watch = GroupWatch::start(&group);
     let quota = s.quota.map(|q| CpuQuota::new(s.name, q));
+    // Each sidecar delivers to its own path, so the application can tell who delivered what.
     let start = |name: String| {
-        let sidecar = Sidecar::start(&name, cfg.clone());
+        let mut cfg = cfg.clone();
+        cfg["delivery"]["url"] = format!("{}/{name}", app.url()).into();
+        let sidecar = Sidecar::start(&name, cfg);
         if let Some(q) = &quota {
             q.add(sidecar.pid());
         }
@@ -185,8 +193,13 @@ async fn churn(s: Scenario) -> ChurnResult {
             break;
         }
         let victim = &mut sidecars[restarts % 3];
-        stops.push(Instant::now());
+        let at = Instant::now();
         victim.signal(s.signal);
+        stops.push((
+            format!("/events/{}", victim.name),
+            at,
+            watch.rebalancing_for(at),
+        ));
         let status = victim
             .wait_exit(Duration::from_secs(60))
             .unwrap_or_else(|| panic!("{} did not exit; log:\n{}", victim.name, victim.log()));
@@ -387,7 +400,7 @@ async fn churn_kip848_none() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn churn_under_a_cpu_quota() {
     graceful(Scenario {
-        quota: Some(30),
+        quota: Some(10),
         ..Scenario::graceful("ch-quota", Timings::OperatorDefault, "key")
     })
     .await;
@@ -403,14 +416,45 @@ async fn sigkill_churn_loses_nothing_and_duplicates_stay_within_the_kill_bound()
     let dups = r.duplicates();
     let lost = r.lost(s.records);
     // Per kill: what was in flight, plus what the application answered during the last
-    // commit interval before the kill (finished, but maybe not committed yet). Counted by
-    // the application, not taken from the sidecar's commits.
+    // commit interval before the kill (finished, but maybe not committed yet), counted by
+    // the application. With the classic protocol no commit can land while the group waits
+    // for members to rejoin (a member's commit queues behind its JoinGroup on the
+    // coordinator connection), so the window also covers the time the group had been
+    // rebalancing, as the broker reports it (sampled every 100 ms, hence + 100 ms).
     let per_kill: Vec<usize> = r
         .stops
         .iter()
-        .map(|t| DEFAULT_MAX_IN_FLIGHT + r.answered_in(*t, DEFAULT_COMMIT_INTERVAL))
+        .map(|(victim, t, rebalancing)| {
+            let window = if rebalancing.is_zero() {
+                DEFAULT_COMMIT_INTERVAL
+            } else {
+                DEFAULT_COMMIT_INTERVAL + *rebalancing + Duration::from_millis(100)
+            };
+            DEFAULT_MAX_IN_FLIGHT + r.answered_in(victim, *t, window)
+        })
         .collect();
     let bound: usize = per_kill.iter().sum();
+    if let Ok(path) = std::env::var("SLUICE_TEST_CHURN_DUMP") {
+        let t0 = r.received.iter().map(|x| x.at).min().unwrap();
+        let mut out = String::new();
+        for (_, k, reb) in &r.stops {
+            out.push_str(&format!(
+                "kill {} {}\n",
+                k.duration_since(t0).as_millis(),
+                reb.as_millis()
+            ));
+        }
+        for x in &r.received {
+            out.push_str(&format!(
+                "rec {} {} {} {}\n",
+                x.value,
+                x.partition(),
+                x.offset(),
+                x.answered.duration_since(t0).as_millis()
+            ));
+        }
+        std::fs::write(path, out).unwrap();
+    }
     eprintln!(
         "churn {} (SIGKILL): {} kills in {:?}, {dups} duplicates, {} lost; bound {bound} ({per_kill:?})",
         s.name,
@@ -430,6 +474,7 @@ async fn sigkill_churn_loses_nothing_and_duplicates_stay_within_the_kill_bound()
 fn the_window_counts_only_what_was_answered_in_it() {
     let t0 = Instant::now();
     let at = |ms: u64| Received {
+        path: "/events/a".into(),
         value: String::new(),
         headers: HashMap::new(),
         at: t0,
@@ -444,14 +489,10 @@ fn the_window_counts_only_what_was_answered_in_it() {
         received: vec![at(0), at(100), at(400), at(450), at(2000)],
         throttled_periods: 0,
     };
-    assert_eq!(
-        r.answered_in(t0 + Duration::from_millis(450), Duration::from_millis(500)),
-        4
-    );
-    assert_eq!(
-        r.answered_in(t0 + Duration::from_millis(450), Duration::from_millis(100)),
-        2
-    );
+    let t = t0 + Duration::from_millis(450);
+    assert_eq!(r.answered_in("/events/a", t, Duration::from_millis(500)), 4);
+    assert_eq!(r.answered_in("/events/a", t, Duration::from_millis(100)), 2);
+    assert_eq!(r.answered_in("/events/b", t, Duration::from_millis(500)), 0);
     assert_eq!(r.most_answered_in(Duration::from_millis(500)), 4);
     assert_eq!(r.most_answered_in(Duration::from_millis(10)), 1);
 }
