@@ -299,3 +299,24 @@ impl Drop for GroupWatch {
         }
     }
 }
+
+/// Waits until `group`'s committed offsets (read from Kafka) equal the end of every
+/// partition of `topic`, or panics after `timeout`.
+pub async fn wait_committed_to_end(group: &str, topic: &Topic, timeout: Duration) {
+    let end: Vec<Option<i64>> = end_offsets(&topic.name, topic.partitions)
+        .into_iter()
+        .map(Some)
+        .collect();
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let got = committed(group, &topic.name, topic.partitions);
+        if got == end {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{group}: committed offsets {got:?} never reached the end {end:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

@@ -20,24 +20,8 @@ fn header(m: &OwnedMessage, name: &str) -> Option<String> {
         .map(|v| String::from_utf8_lossy(v).into_owned())
 }
 
-/// Waits until the group's committed offsets equal the topic's end offsets.
 async fn wait_committed_to_end(group: &str, topic: &Topic) {
-    let end: Vec<Option<i64>> = end_offsets(&topic.name, topic.partitions)
-        .into_iter()
-        .map(Some)
-        .collect();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let got = committed(group, &topic.name, topic.partitions);
-        if got == end {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "committed offsets {got:?} never reached the end {end:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    sluice_tests::kafka::wait_committed_to_end(group, topic, Duration::from_secs(20)).await;
 }
 
 fn stop(sidecar: &mut Sidecar) {
