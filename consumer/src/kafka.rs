@@ -348,13 +348,10 @@ impl SluiceContext {
         if parts.is_empty() {
             return Ok(());
         }
+        self.stop_partitions(parts);
         for p in parts {
-            p.release();
             self.metrics.forget_partition(&p.tp);
         }
-        self.tell(FromKafka::Released(
-            parts.iter().map(|p| (p.tp.clone(), p.epoch)).collect(),
-        ));
         if lost {
             // Another member may own them already: committing now could move its offsets
             // back. Their in-flight results are dropped; the new owner delivers them again.
@@ -402,8 +399,53 @@ impl SluiceContext {
         result
     }
 
-    /// Commits the finished prefix of `parts` synchronously (inside a revoke callback, where
-    /// the member holds the current generation), retrying retriable errors until `deadline`.
+    /// Commits the finished prefix of each of `parts` that is ahead of what the broker
+    /// acknowledged, synchronously, and records the acknowledgement. `Ok(false)` when there
+    /// was nothing to send. The caller holds [`Self::commit_order`].
+    fn commit_once(
+        &self,
+        consumer: &BaseConsumer<SluiceContext>,
+        parts: &[Arc<Progress>],
+    ) -> KafkaResult<bool> {
+        let taken = Instant::now();
+        let mut tpl = TopicPartitionList::new();
+        let mut sent = Vec::new();
+        for p in parts {
+            if let Some(o) = p.snapshot().to_commit() {
+                let _ = tpl.add_partition_offset(&p.tp.topic, p.tp.partition, Offset::Offset(o));
+                sent.push((p, o));
+            }
+        }
+        if sent.is_empty() {
+            return Ok(false);
+        }
+        match consumer.commit(&tpl, CommitMode::Sync) {
+            Ok(()) | Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
+            Err(e) => {
+                self.metrics.commit_failures.inc();
+                *self
+                    .last_commit_error
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
+                return Err(e);
+            }
+        }
+        self.metrics.commits.inc();
+        self.health.broker_answered();
+        for (p, o) in &sent {
+            p.acknowledge(*o, taken);
+            self.metrics
+                .committed_offset
+                .get_or_create(&TpLabel::from(&p.tp))
+                .set(*o);
+        }
+        // Deliveries held back for a commit that lagged may go on.
+        let _ = self.to_dispatcher.try_send(FromKafka::Committed);
+        Ok(true)
+    }
+
+    /// Commits the finished prefix of `parts` (inside a revoke callback, where the member
+    /// holds the current generation), retrying retriable errors until `deadline`.
     fn commit_sync(
         &self,
         consumer: &BaseConsumer<SluiceContext>,
@@ -412,95 +454,47 @@ impl SluiceContext {
     ) -> Result<(), String> {
         let mut tries = 0u32;
         loop {
-            let mut tpl = TopicPartitionList::new();
-            let mut sent = Vec::new();
-            for p in parts {
-                if let Some(o) = p.snapshot().to_commit() {
-                    let _ =
-                        tpl.add_partition_offset(&p.tp.topic, p.tp.partition, Offset::Offset(o));
-                    sent.push((p.clone(), o));
-                }
-            }
-            if sent.is_empty() {
-                return Ok(());
-            }
             tries += 1;
-            let taken = Instant::now();
-            match consumer.commit(&tpl, CommitMode::Sync) {
-                Ok(()) => {
-                    self.metrics.commits.inc();
-                    for (p, o) in &sent {
-                        p.acknowledge(*o, taken);
-                        self.metrics
-                            .committed_offset
-                            .get_or_create(&TpLabel::from(&p.tp))
-                            .set(*o);
-                    }
-                    if tries > 1 {
+            match self.commit_once(consumer, parts) {
+                Ok(sent) => {
+                    if sent && tries > 1 {
                         info!(tries, "synchronous commit succeeded after retries");
                     }
                     return Ok(());
                 }
-                Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => return Ok(()),
                 Err(e) if commit_error_is_retriable(&e) && Instant::now() < deadline => {
-                    self.metrics.commit_failures.inc();
                     self.warn_limited("sync commit retry", |suppressed| {
                         warn!(error = %e, suppressed, "synchronous commit failed; retrying within the commit budget");
                     });
                     std::thread::sleep(Duration::from_millis(100));
                 }
-                Err(e) => {
-                    self.metrics.commit_failures.inc();
-                    return Err(e.to_string());
-                }
+                Err(e) => return Err(e.to_string()),
             }
         }
     }
 
     /// One commit round of the committer: every partition still assigned (active, or
     /// stopped by a drain) whose finished prefix is ahead of what the broker acknowledged is
-    /// committed synchronously, on the committer's own thread; acknowledged offsets are
-    /// recorded in the partitions' progress. A failure is sent again the next round.
+    /// committed, on the committer's own thread. A failure is sent again the next round.
     fn commit_round(&self, consumer: &BaseConsumer<SluiceContext>) {
         let _order = self.commit_order();
-        let taken = Instant::now();
-        let mut tpl = TopicPartitionList::new();
-        let mut sent = Vec::new();
-        for p in self.assigned().values() {
-            if let Some(o) = p.snapshot().to_commit() {
-                let _ = tpl.add_partition_offset(&p.tp.topic, p.tp.partition, Offset::Offset(o));
-                sent.push((p.clone(), o));
-            }
+        let parts: Vec<Arc<Progress>> = self.assigned().values().cloned().collect();
+        if let Err(e) = self.commit_once(consumer, &parts) {
+            self.warn_limited("commit failed", |suppressed| {
+                warn!(error = %e, suppressed, "offset commit failed; the finished offsets are sent again next round");
+            });
         }
-        if sent.is_empty() {
-            return;
+    }
+
+    /// Stops partitions (nothing new starts on them, retry waits end) and tells the
+    /// dispatcher to drop their buffers.
+    fn stop_partitions(&self, parts: &[Arc<Progress>]) {
+        for p in parts {
+            p.release();
         }
-        match consumer.commit(&tpl, CommitMode::Sync) {
-            Ok(()) => {
-                self.metrics.commits.inc();
-                self.health.broker_answered();
-                for (p, o) in &sent {
-                    p.acknowledge(*o, taken);
-                    self.metrics
-                        .committed_offset
-                        .get_or_create(&TpLabel::from(&p.tp))
-                        .set(*o);
-                }
-                // Deliveries held back for a commit that lagged may go on.
-                let _ = self.to_dispatcher.try_send(FromKafka::Committed);
-            }
-            Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
-            Err(e) => {
-                self.metrics.commit_failures.inc();
-                *self
-                    .last_commit_error
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
-                self.warn_limited("commit failed", |suppressed| {
-                    warn!(error = %e, suppressed, "offset commit failed; the finished offsets are sent again next round");
-                });
-            }
-        }
+        self.tell(FromKafka::Released(
+            parts.iter().map(|p| (p.tp.clone(), p.epoch)).collect(),
+        ));
     }
 
     /// Serialises commits: a revoke's commit never overtakes (and so is never overwritten
@@ -611,9 +605,12 @@ impl ClientContext for SluiceContext {
             self.health.broker_answered();
         }
         if let Some(cgrp) = &statistics.cgrp {
+            // A rebalance passes through other join states without the member losing its
+            // membership; only a lost assignment (see pre_rebalance) or no coordinator
+            // connection means it is not consuming.
             if cgrp.state == "up" && cgrp.join_state == "steady" {
                 self.health.set_joined(true);
-            } else if cgrp.state != "up" || cgrp.join_state == "init" {
+            } else if cgrp.state != "up" {
                 self.health.set_joined(false);
             }
         }
@@ -853,17 +850,16 @@ fn poll_loop(
     ctx: &Arc<SluiceContext>,
     commands: &Receiver<ToKafka>,
 ) {
-    let consumer = consumer;
     let mut held: Option<Vec<(u64, Record)>> = None;
     loop {
         loop {
             match commands.try_recv() {
                 Ok(ToKafka::Drain) => {
-                    let report = drain(&consumer, &ctx, None);
+                    let report = drain(consumer, ctx, None);
                     ctx.tell(FromKafka::Drained(report));
                     return;
                 }
-                Ok(cmd) => execute(&consumer, &ctx, cmd),
+                Ok(cmd) => execute(consumer, ctx, cmd),
                 Err(TryRecvError::Empty) => break,
                 Err(TryRecvError::Disconnected) => return,
             }
@@ -871,7 +867,7 @@ fn poll_loop(
         if ctx.fatal.load(AtomicOrdering::SeqCst)
             && let Some((code, reason)) = consumer.client().fatal_error()
         {
-            let report = drain(&consumer, &ctx, Some(format!("{code:?}: {reason}")));
+            let report = drain(consumer, ctx, Some(format!("{code:?}: {reason}")));
             ctx.tell(FromKafka::Drained(report));
             return;
         }
@@ -882,7 +878,7 @@ fn poll_loop(
                     // The hand-off is full: hold the batch (bounded memory) and try again
                     // shortly, still serving commands.
                     held = Some(batch);
-                    wait_command(&consumer, &ctx, &commands, Duration::from_millis(5));
+                    wait_command(consumer, ctx, commands, Duration::from_millis(5));
                     continue;
                 }
                 Err(_) => return,
@@ -995,12 +991,7 @@ fn drain(
         Err(e) => warn!(error = %e, "reading the assignment"),
     }
     let parts: Vec<Arc<Progress>> = ctx.assigned().values().cloned().collect();
-    for p in &parts {
-        p.release();
-    }
-    ctx.tell(FromKafka::Released(
-        parts.iter().map(|p| (p.tp.clone(), p.epoch)).collect(),
-    ));
+    ctx.stop_partitions(&parts);
     let in_flight = |ctx: &SluiceContext| -> usize {
         ctx.assigned()
             .values()

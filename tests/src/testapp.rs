@@ -521,6 +521,25 @@ impl Sidecar {
         }
     }
 
+    /// SIGTERM, then waits (up to `timeout`) for a successful exit; panics with the log
+    /// otherwise.
+    pub fn stop_gracefully(&mut self, timeout: Duration) {
+        self.signal("TERM");
+        let status = self.wait_exit(timeout).unwrap_or_else(|| {
+            panic!(
+                "{} did not exit after SIGTERM; log:\n{}",
+                self.name,
+                self.log()
+            )
+        });
+        assert!(
+            status.success(),
+            "{}: exit status {status}; log:\n{}",
+            self.name,
+            self.log()
+        );
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("sidecar.log")).unwrap_or_default()
     }

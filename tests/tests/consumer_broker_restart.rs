@@ -75,13 +75,5 @@ async fn broker_restart_mid_stream_loses_nothing() {
     values.sort_unstable();
     values.dedup();
     assert_eq!(values, (0..FIRST).collect::<Vec<_>>(), "nothing lost");
-    sidecar.signal("TERM");
-    let status = sidecar
-        .wait_exit(Duration::from_secs(30))
-        .expect("exit after SIGTERM");
-    assert!(
-        status.success(),
-        "exit status {status}; log:\n{}",
-        sidecar.log()
-    );
+    sidecar.stop_gracefully(Duration::from_secs(30));
 }

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use rdkafka::Message;
 use rdkafka::message::{Header, Headers, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::FutureRecord;
-use sluice_tests::kafka::{Topic, committed, end_offsets, group, producer, read_all};
+use sluice_tests::kafka::{Topic, committed, group, producer, read_all};
 use sluice_tests::testapp::{Reply, Sidecar, TestApp, sidecar_config};
 
 fn header(m: &OwnedMessage, name: &str) -> Option<String> {
@@ -25,15 +25,7 @@ async fn wait_committed_to_end(group: &str, topic: &Topic) {
 }
 
 fn stop(sidecar: &mut Sidecar) {
-    sidecar.signal("TERM");
-    let status = sidecar
-        .wait_exit(Duration::from_secs(30))
-        .expect("the sidecar exits after SIGTERM");
-    assert!(
-        status.success(),
-        "exit status {status}; log:\n{}",
-        sidecar.log()
-    );
+    sidecar.stop_gracefully(Duration::from_secs(30));
 }
 
 fn values(received: &[sluice_tests::testapp::Received]) -> Vec<usize> {

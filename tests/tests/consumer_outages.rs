@@ -32,15 +32,7 @@ fn distinct(received: &[Received]) -> BTreeSet<usize> {
 }
 
 fn stop(sidecar: &mut Sidecar) {
-    sidecar.signal("TERM");
-    let status = sidecar
-        .wait_exit(Duration::from_secs(60))
-        .expect("the sidecar exits after SIGTERM");
-    assert!(
-        status.success(),
-        "exit status {status}; log:\n{}",
-        sidecar.log()
-    );
+    sidecar.stop_gracefully(Duration::from_secs(60));
 }
 
 /// Polls `/readyz` until `pred(status, body)` holds, or panics after `timeout`.
