@@ -290,7 +290,12 @@ impl Deliverer {
         let mut failures = 0u32;
         let mut retries = 0u32;
         loop {
-            if cancel.is_cancelled() {
+            // A dispatched record always gets its first attempt, even if its partition was
+            // released meanwhile (the drain and the revoke wait for it): abandoning it
+            // unsent would leave a gap below records of the same partition that did reach
+            // the application (key and none modes), and the next owner would deliver those
+            // again. Retries, and waits for an application that is down, stop at once.
+            if retries > 0 && cancel.is_cancelled() {
                 return Outcome::Abandoned;
             }
             if !self.app.is_up() && !self.app.wait_up(cancel).await {

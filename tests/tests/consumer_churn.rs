@@ -112,6 +112,41 @@ impl ChurnResult {
         self.counts.values().map(|c| c - 1).sum()
     }
 
+    /// Every duplicate, explained from what the application saw: for each record received
+    /// more than once, its deliveries as (sidecar path, attempt number, answered at).
+    fn duplicate_details(&self) -> Vec<String> {
+        let mut by_value: HashMap<&str, Vec<&Received>> = HashMap::new();
+        for r in &self.received {
+            by_value.entry(r.value.as_str()).or_default().push(r);
+        }
+        let t0 = self.received.iter().map(|r| r.at).min();
+        let mut out: Vec<String> = by_value
+            .into_iter()
+            .filter(|(_, v)| v.len() > 1)
+            .map(|(value, v)| {
+                let deliveries: Vec<String> = v
+                    .iter()
+                    .map(|r| {
+                        format!(
+                            "{} attempt {} at {:?}",
+                            r.path,
+                            r.header("sluice-attempt").unwrap_or("?"),
+                            t0.map(|t| r.answered.duration_since(t))
+                        )
+                    })
+                    .collect();
+                format!(
+                    "record {value} (partition {} offset {}): {}",
+                    v[0].partition(),
+                    v[0].offset(),
+                    deliveries.join("; ")
+                )
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
     fn lost(&self, records: usize) -> Vec<usize> {
         (0..records)
             .filter(|v| !self.counts.contains_key(v))
@@ -279,9 +314,41 @@ async fn churn(s: Scenario) -> ChurnResult {
     }
 }
 
+/// With `SLUICE_TEST_CHURN_DUMP=<dir>`, writes what the application received and when the
+/// stops were, for looking into a failure.
+fn dump(r: &ChurnResult, name: &str) {
+    let Ok(dir) = std::env::var("SLUICE_TEST_CHURN_DUMP") else {
+        return;
+    };
+    let Some(t0) = r.received.iter().map(|x| x.at).min() else {
+        return;
+    };
+    let mut out = String::new();
+    for (victim, k, reb) in &r.stops {
+        out.push_str(&format!(
+            "stop {victim} {} {}\n",
+            k.duration_since(t0).as_millis(),
+            reb.as_millis()
+        ));
+    }
+    for x in &r.received {
+        out.push_str(&format!(
+            "rec {} {} {} {} {}\n",
+            x.value,
+            x.partition(),
+            x.offset(),
+            x.answered.duration_since(t0).as_millis(),
+            x.path
+        ));
+    }
+    let _ = std::fs::create_dir_all(&dir);
+    let _ = std::fs::write(std::path::Path::new(&dir).join(name), out);
+}
+
 /// Runs a graceful cell and asserts its outcome.
 async fn graceful(s: Scenario) {
     let r = churn(s).await;
+    dump(&r, s.name);
     let dups = r.duplicates();
     eprintln!(
         "churn {} ({:?}, {}, SIGTERM{}): {} restarts in {:?}, {} records, {dups} duplicates, {} lost, {} fencings{}",
@@ -310,7 +377,23 @@ async fn graceful(s: Scenario) {
     let lost = r.lost(s.records);
     assert!(lost.is_empty(), "records lost, e.g. {lost:?}");
     if r.fenced == 0 {
-        assert_eq!(dups, 0, "graceful churn must not duplicate");
+        assert_eq!(
+            dups,
+            0,
+            "graceful churn must not duplicate: {:#?}\nstops: {:?}",
+            r.duplicate_details().iter().take(20).collect::<Vec<_>>(),
+            r.stops
+                .iter()
+                .map(|(v, t, _)| (
+                    v,
+                    r.received
+                        .iter()
+                        .map(|x| x.at)
+                        .min()
+                        .map(|t0| t.duration_since(t0))
+                ))
+                .collect::<Vec<_>>()
+        );
     } else {
         // A member missed its session timeout (starved): its finished records since its
         // last acknowledged commit come again, as after a SIGKILL.
@@ -434,27 +517,7 @@ async fn sigkill_churn_loses_nothing_and_duplicates_stay_within_the_kill_bound()
         })
         .collect();
     let bound: usize = per_kill.iter().sum();
-    if let Ok(path) = std::env::var("SLUICE_TEST_CHURN_DUMP") {
-        let t0 = r.received.iter().map(|x| x.at).min().unwrap();
-        let mut out = String::new();
-        for (_, k, reb) in &r.stops {
-            out.push_str(&format!(
-                "kill {} {}\n",
-                k.duration_since(t0).as_millis(),
-                reb.as_millis()
-            ));
-        }
-        for x in &r.received {
-            out.push_str(&format!(
-                "rec {} {} {} {}\n",
-                x.value,
-                x.partition(),
-                x.offset(),
-                x.answered.duration_since(t0).as_millis()
-            ));
-        }
-        std::fs::write(path, out).unwrap();
-    }
+    dump(&r, s.name);
     eprintln!(
         "churn {} (SIGKILL): {} kills in {:?}, {dups} duplicates, {} lost; bound {bound} ({per_kill:?})",
         s.name,
