@@ -746,38 +746,10 @@ impl ConsumerContext for SluiceContext {
         }
     }
 
-    fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
-        self.serve();
-        match result {
-            Ok(()) => {
-                self.metrics.commits.inc();
-                self.health.broker_answered();
-                let assigned = self.assigned();
-                for e in offsets.elements() {
-                    if e.error().is_err() {
-                        continue;
-                    }
-                    if let Offset::Offset(o) = e.offset() {
-                        let tp = Tp::new(e.topic(), e.partition());
-                        if let Some(p) = assigned.get(&tp) {
-                            p.acknowledge(o, Instant::now());
-                        }
-                        self.metrics
-                            .committed_offset
-                            .get_or_create(&TpLabel::from(&tp))
-                            .set(o);
-                    }
-                }
-            }
-            Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
-            Err(e) => {
-                self.metrics.commit_failures.inc();
-                self.warn_limited("async commit failed", |suppressed| {
-                    warn!(error = %e, suppressed, "offset commit failed; the finished offsets are sent again");
-                });
-            }
-        }
-    }
+    // No commit_callback: Sluice commits only explicitly and synchronously (the committer
+    // thread and revokes), and librdkafka reports the result of an explicit commit to the
+    // caller, not to this context (rust-rdkafka sets no offset_commit_cb). Acknowledgements
+    // are recorded where each commit returns (`commit_once`).
 }
 
 /// Copies a fetched message out of librdkafka's buffers.

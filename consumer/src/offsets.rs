@@ -27,8 +27,6 @@ pub struct OffsetTracker {
     last_tracked: Option<i64>,
     /// The next offset to consume after the finished prefix (what Kafka expects in a commit).
     committable: Option<i64>,
-    /// The last commit handed out by [`OffsetTracker::take_commit`].
-    committed: Option<i64>,
 }
 
 impl OffsetTracker {
@@ -70,25 +68,9 @@ impl OffsetTracker {
         self.committable
     }
 
-    /// The committable offset if it moved since the last call, remembering it as handed out.
-    pub fn take_commit(&mut self) -> Option<i64> {
-        match self.committable {
-            Some(c) if self.committed.is_none_or(|done| c > done) => {
-                self.committed = Some(c);
-                Some(c)
-            }
-            _ => None,
-        }
-    }
-
     /// Records tracked beyond the finished prefix (unfinished, or finished after a gap).
     pub fn pending(&self) -> usize {
         self.entries.len()
-    }
-
-    /// The first unfinished offset, which holds the commit point back.
-    pub fn first_unfinished(&self) -> Option<i64> {
-        self.entries.front().map(|(o, _)| *o)
     }
 }
 
@@ -127,7 +109,6 @@ mod tests {
         assert_eq!(t.committable(), Some(4));
         t.finish(8).unwrap();
         assert_eq!(t.committable(), Some(4));
-        assert_eq!(t.first_unfinished(), Some(7));
         t.finish(7).unwrap();
         assert_eq!(t.committable(), Some(9));
         t.finish(20).unwrap();
@@ -155,25 +136,6 @@ mod tests {
             t.finish(5),
             Err(TrackError::Unknown(5)),
             "committed offsets are forgotten"
-        );
-    }
-
-    #[test]
-    fn take_commit_hands_out_each_advance_once() {
-        let mut t = OffsetTracker::new();
-        assert_eq!(t.take_commit(), None);
-        t.track(0).unwrap();
-        t.track(1).unwrap();
-        t.finish(0).unwrap();
-        assert_eq!(t.take_commit(), Some(1));
-        assert_eq!(t.take_commit(), None);
-        t.finish(1).unwrap();
-        assert_eq!(t.take_commit(), Some(2));
-        assert_eq!(t.take_commit(), None);
-        assert_eq!(
-            t.committable(),
-            Some(2),
-            "committable stays available for a final commit"
         );
     }
 
