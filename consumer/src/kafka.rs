@@ -31,6 +31,7 @@ use rdkafka::message::{BorrowedMessage, Headers, Message};
 use rdkafka::statistics::Statistics;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::types::RDKafkaErrorCode;
+use sluice_config::GroupProtocol;
 use tokio::sync::mpsc::error::TrySendError;
 use tracing::{debug, error, info, warn};
 
@@ -264,6 +265,7 @@ pub struct SluiceContext {
     committer: Mutex<CommitterWake>,
     committer_wake: Condvar,
     budget: Budget,
+    protocol: GroupProtocol,
     limiter: LogLimiter,
 }
 
@@ -273,6 +275,7 @@ impl SluiceContext {
         metrics: Arc<Metrics>,
         health: Arc<GroupHealth>,
         budget: Budget,
+        protocol: GroupProtocol,
     ) -> Self {
         SluiceContext {
             to_dispatcher,
@@ -289,6 +292,7 @@ impl SluiceContext {
             committer: Mutex::new(CommitterWake::default()),
             committer_wake: Condvar::new(),
             budget,
+            protocol,
             limiter: LogLimiter::new(Duration::from_secs(10)),
         }
     }
@@ -814,7 +818,68 @@ pub fn run(consumer: BaseConsumer<SluiceContext>, commands: Receiver<ToKafka>) {
             let _ = handle.join();
         }
     });
-    // Dropping the consumer leaves the group and closes it (once).
+    leave(&consumer, &ctx);
+    // Dropping the consumer closes it (once), serving the final revoke, if any.
+}
+
+/// How long the Kafka thread waits for the classic LeaveGroup to go out before closing
+/// anyway (inside the sidecar's overall bound on leaving, `LEAVE_TIMEOUT`).
+const LEAVE_WAIT: Duration = Duration::from_secs(8);
+
+/// Leaves the group explicitly before the consumer is closed.
+///
+/// librdkafka 2.12's close sends no LeaveGroup for a classic member whose cooperative
+/// assignment is empty (a newcomer in the first round of a cooperative rebalance, a member
+/// of a group larger than its partition count), nor for one closed while its JoinGroup is
+/// in flight: its terminate path finds nothing to revoke (or drops the join response) and
+/// ends without leaving. The broker then keeps the member until its session timeout (45 s by
+/// default), the group's next join phase waits for it, and no member that drains meanwhile
+/// can commit (a member's OffsetCommit queues behind its own pending JoinGroup). Found by
+/// the churn tests; pinned by consumer_drain's
+/// `a_member_without_partitions_leaves_the_group_explicitly_on_sigterm`.
+///
+/// `unsubscribe` takes the path that leaves (librdkafka postpones it to the end of a
+/// rebalance in progress), and the LeaveGroup resets the member id, so the Kafka thread polls
+/// (serving the revoke of what is still assigned) until the member id is gone or
+/// [`LEAVE_WAIT`] passed. The close that follows waits for the LeaveGroup's answer. With
+/// KIP-848 librdkafka's close leaves by itself.
+fn leave(consumer: &BaseConsumer<SluiceContext>, ctx: &SluiceContext) {
+    consumer.unsubscribe();
+    if ctx.protocol != GroupProtocol::Classic {
+        return;
+    }
+    let started = Instant::now();
+    while member_id(consumer).is_some_and(|id| !id.is_empty()) {
+        if started.elapsed() >= LEAVE_WAIT {
+            warn!(
+                waited = ?started.elapsed(),
+                "the group did not let this member leave in time (a rebalance in progress?); closing anyway"
+            );
+            return;
+        }
+        poll_and_drop(consumer, Duration::from_millis(20));
+    }
+    debug!(waited = ?started.elapsed(), "LeaveGroup sent");
+}
+
+/// The member id librdkafka holds for this consumer (empty once it left the group).
+/// rust-rdkafka does not wrap `rd_kafka_memberid`.
+#[allow(unsafe_code)]
+fn member_id(consumer: &BaseConsumer<SluiceContext>) -> Option<String> {
+    use rdkafka::bindings as rd;
+    // SAFETY: the handle is alive for the borrow of `consumer`; `rd_kafka_memberid` returns
+    // NULL or a NUL-terminated string allocated by librdkafka, which is copied and then
+    // released with `rd_kafka_mem_free` exactly once.
+    unsafe {
+        let rk = consumer.client().native_ptr();
+        let ptr = rd::rd_kafka_memberid(rk);
+        if ptr.is_null() {
+            return None;
+        }
+        let id = std::ffi::CStr::from_ptr(ptr).to_string_lossy().into_owned();
+        rd::rd_kafka_mem_free(rk, ptr.cast());
+        Some(id)
+    }
 }
 
 fn poll_loop(

@@ -320,6 +320,7 @@ pub async fn run(
             commit: config.drain.commit_timeout,
             commit_interval: d.commit_interval,
         },
+        kafka_cfg.protocol,
     );
     let consumer = kafka::create_consumer(
         &consumer_props,

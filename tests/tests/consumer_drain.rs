@@ -250,3 +250,48 @@ async fn waits_for_the_application_before_joining_and_survives_a_flapping_slow_a
             .success()
     );
 }
+
+/// A member that holds no partitions (more members than partitions, as after a scale-up or
+/// in the first round of a cooperative rebalance) must still leave the group explicitly on
+/// SIGTERM. If it does not, a classic group waits for it for its whole session timeout (45 s
+/// with the defaults) at the next rebalance, and every member that drains meanwhile cannot
+/// commit. Counted where the user would see it: the broker's member list.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_without_partitions_leaves_the_group_explicitly_on_sigterm() {
+    let topic = Topic::create("empty-leave", 1).await;
+    let group = group("empty-leave");
+    let app = TestApp::start(|_| Reply::ok()).await;
+    topic.produce_numbered(20, 2).await;
+    // The operator's defaults for a classic group: a session that outlives any leave.
+    let mut cfg = sidecar_config(&topic.name, &group, &app.url());
+    cfg["kafka"]["sessionTimeoutMs"] = 45_000.into();
+    cfg["kafka"]["heartbeatIntervalMs"] = 3_000.into();
+    let mut first = Sidecar::start("empty-leave-1", cfg.clone());
+    app.wait_until("every record", Duration::from_secs(60), |r| r.len() >= 20)
+        .await;
+    let mut second = Sidecar::start("empty-leave-2", cfg);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while group_members(&group) < 2 || !second.log().contains("partitions assigned") {
+        assert!(
+            Instant::now() < deadline,
+            "the second member never joined; log:\n{}",
+            second.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Let the group settle: the second member's assignment is empty (one partition).
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(group_members(&group), 2);
+    second.stop_gracefully(Duration::from_secs(30));
+    let left = Instant::now();
+    while group_members(&group) != 1 {
+        assert!(
+            left.elapsed() < Duration::from_secs(10),
+            "the member without partitions did not leave the group (the broker still lists it {:?} after its exit); log:\n{}",
+            left.elapsed(),
+            second.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    first.stop_gracefully(Duration::from_secs(30));
+}
