@@ -845,7 +845,8 @@ const LEAVE_WAIT: Duration = Duration::from_secs(8);
 /// KIP-848 librdkafka's close leaves by itself.
 fn leave(consumer: &BaseConsumer<SluiceContext>, ctx: &SluiceContext) {
     consumer.unsubscribe();
-    if ctx.protocol != GroupProtocol::Classic {
+    // A fatal error ends the membership in librdkafka's eyes: nothing to wait for.
+    if ctx.protocol != GroupProtocol::Classic || ctx.fatal.load(AtomicOrdering::SeqCst) {
         return;
     }
     let started = Instant::now();
