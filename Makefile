@@ -60,7 +60,8 @@ manifests:
 	  mv deploy/manifests/sluice.yaml.tmp deploy/manifests/sluice.yaml
 
 ## demo: the order -> inventory scenario on the test bed: chart, 3 inventory pods, a
-## rolling restart halfway, a summary (about 2 minutes once the test bed is up)
+## rolling restart halfway, a summary and an HTML report with charts (about 2 minutes
+## once the test bed is up)
 DEMO_NS ?= sluice-demo
 demo: env-up images
 	set -a; source $(SLUICE_CACHE)/state/env; set +a; set -e; \
@@ -74,7 +75,9 @@ demo: env-up images
 	    --set-string 'operator.podAnnotations.sluice\.dev/build='$$(sha256sum $(RELEASE)/sluice-operator | cut -c1-12) \
 	    --wait --timeout 180s >/dev/null; \
 	  kubectl -n sluice-system get pods -l app.kubernetes.io/component=operator; \
-	  DEMO_NAMESPACE=$(DEMO_NS) $(RELEASE)/order-service
+	  DEMO_NAMESPACE=$(DEMO_NS) DEMO_REPORT=$(SLUICE_CACHE)/demo/report.html $(RELEASE)/order-service; \
+	  shot=$$(bash $(ENV_DIR)/render-check.sh $(SLUICE_CACHE)/demo/report.html); \
+	  echo "== the report renders (headless Chromium screenshot): $$shot"
 
 ## bench: performance figures against the local broker
 # Built with the same workspace-wide command as `images`, so the two share one build (a

@@ -9,6 +9,8 @@
 
 use serde::{Deserialize, Serialize};
 
+pub mod report;
+
 /// The event the order service publishes (JSON, Kafka key = `order_id`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]

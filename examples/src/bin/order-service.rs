@@ -26,6 +26,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use serde_json::json;
+use sluice_examples::report::{DemoRun, Sample, render_html};
 use sluice_examples::{OrderCreated, Receipt, order_id};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpListener;
@@ -65,6 +66,23 @@ struct Cli {
     /// kubectl to use.
     #[arg(long, env = "SLUICE_KUBECTL", default_value = "kubectl")]
     kubectl: String,
+    /// Where to write the run's report (HTML with inline SVG charts). Default:
+    /// `$SLUICE_CACHE/demo/report.html` (`~/.cache/sluice/demo/report.html`).
+    #[arg(long, env = "DEMO_REPORT")]
+    report: Option<std::path::PathBuf>,
+}
+
+/// The report's path: `--report`, or under the build cache (outside the repository).
+fn report_path(cli: &Cli) -> std::path::PathBuf {
+    cli.report.clone().unwrap_or_else(|| {
+        let cache = std::env::var_os("SLUICE_CACHE")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| {
+                std::path::PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
+                    .join(".cache/sluice")
+            });
+        cache.join("demo/report.html")
+    })
 }
 
 const EC: &str = "inventory";
@@ -385,6 +403,7 @@ async fn main() -> anyhow::Result<()> {
 
     let mut restarted: Option<(Instant, i64)> = None;
     let mut rollout_done: Option<Duration> = None;
+    let mut samples: Vec<Sample> = Vec::new();
     let deadline = started + Duration::from_secs(cli.orders / cli.rate.max(1) + 120);
     loop {
         tokio::time::sleep(Duration::from_secs(1)).await;
@@ -402,6 +421,12 @@ async fn main() -> anyhow::Result<()> {
         let lag = tokio::task::spawn_blocking(move || lag(&kafka, &g, &t, parts))
             .await?
             .unwrap_or(-1);
+        samples.push(Sample {
+            t: started.elapsed().as_secs_f64(),
+            produced: p,
+            delivered,
+            lag: (lag >= 0).then_some(lag),
+        });
         let per_pod = pods
             .iter()
             .map(|(pod, n)| format!("{}={n}", pod.rsplit('-').next().unwrap_or(pod)))
@@ -492,6 +517,26 @@ async fn main() -> anyhow::Result<()> {
             .collect::<Vec<_>>()
             .join(" ")
     );
+    let run = DemoRun {
+        samples,
+        restart: restarted.map(|(at, _)| {
+            let from = at.duration_since(started).as_secs_f64();
+            (from, rollout_done.map(|d| from + d.as_secs_f64()))
+        }),
+        per_pod: r.per_pod.iter().map(|(p, n)| (p.clone(), *n)).collect(),
+        orders: cli.orders,
+        delivered,
+        duplicates,
+        lost,
+        elapsed: elapsed.as_secs_f64(),
+    };
+    let path = report_path(&cli);
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    std::fs::write(&path, render_html(&run)?)
+        .with_context(|| format!("writing {}", path.display()))?;
+    println!("   report                {}", path.display());
     println!("\n== Look around (set -a; source ~/.cache/sluice/state/env; set +a):");
     println!(
         "   kubectl get ec -n {}                      # READY, REPLICAS, LAG",
