@@ -87,15 +87,19 @@ async fn rendered_chart_is_accepted_by_the_api_server_under_restricted_pod_secur
     .map(|(k, v)| (k.to_owned(), v.to_owned()))
     .collect();
     let ns = Namespace::create_with_labels(&client, "chart", labels).await;
+    // Watching one namespace (here the test's own, so the server dry run finds it) turns the
+    // operator's ClusterRole into a Role there.
+    let watch = format!("operator.watchNamespace={}", ns.name);
     for extra in [
         &[][..],
         &[
             "--set",
-            "operator.watchNamespace=shop",
+            watch.as_str(),
             "--set",
             "networkPolicy.enabled=false",
         ][..],
     ] {
+        let one_namespace = !extra.is_empty();
         let chart_path = chart();
         let mut args = vec![
             "template",
@@ -114,18 +118,35 @@ async fn rendered_chart_is_accepted_by_the_api_server_under_restricted_pod_secur
             text(&rendered)
         );
         let manifests = String::from_utf8_lossy(&rendered.stdout).into_owned();
+        let count = |kind: &str| manifests.matches(&format!("\nkind: {kind}\n")).count();
         for kind in [
             "ServiceAccount",
-            "ClusterRole",
-            "ClusterRoleBinding",
-            "Role",
-            "RoleBinding",
             "Deployment",
             "Service",
+            "PodDisruptionBudget",
         ] {
+            assert_eq!(count(kind), 1, "the chart renders no {kind}");
+        }
+        // The leader-election Role is always there; the operator's own rules are a Role
+        // (one namespace) or a ClusterRole; the two aggregated ClusterRoles always.
+        let (roles, cluster_roles, cluster_bindings) =
+            if one_namespace { (2, 2, 0) } else { (1, 3, 1) };
+        assert_eq!(count("Role"), roles, "Roles {extra:?}");
+        assert_eq!(count("RoleBinding"), roles, "RoleBindings {extra:?}");
+        assert_eq!(
+            count("ClusterRole"),
+            cluster_roles,
+            "ClusterRoles {extra:?}"
+        );
+        assert_eq!(
+            count("ClusterRoleBinding"),
+            cluster_bindings,
+            "ClusterRoleBindings {extra:?}"
+        );
+        if one_namespace {
             assert!(
-                manifests.contains(&format!("kind: {kind}\n")),
-                "the chart renders no {kind}"
+                !manifests.contains("kind: ClusterRoleBinding"),
+                "watching one namespace must grant nothing cluster-wide"
             );
         }
         let applied = run(
@@ -233,4 +254,121 @@ fn plain_manifests_are_rendered_from_the_current_chart() {
         committed.contains("kind: CustomResourceDefinition"),
         "the manifests include the CRD"
     );
+}
+
+/// The aggregated ClusterRoles reach users through the built-in roles, as the API server's
+/// own authorizer answers (`kubectl auth can-i --as`): a user bound to `view` in a namespace
+/// may read EventConsumers there but not change them; one bound to `edit` may create and
+/// delete them but not write their status (the operator's).
+#[tokio::test]
+async fn view_and_edit_users_get_eventconsumers_through_aggregated_roles() {
+    let client = kube_env::client().await;
+    let ns = Namespace::create(&client, "chart-rbac").await;
+    let release = format!("agg-{}", &ns.name[ns.name.len().saturating_sub(4)..]);
+    let rendered = run(
+        "SLUICE_HELM",
+        &[
+            "template",
+            &release,
+            &chart(),
+            "--kube-version",
+            "1.34.0",
+            "--show-only",
+            "templates/rbac.yaml",
+        ],
+        None,
+    );
+    assert!(rendered.status.success(), "{}", text(&rendered));
+    let all = String::from_utf8_lossy(&rendered.stdout).into_owned();
+    let aggregated: String = all
+        .split("\n---")
+        .filter(|doc| doc.contains("aggregate-to-"))
+        .map(|doc| format!("---{doc}\n"))
+        .collect();
+    assert_eq!(aggregated.matches("kind: ClusterRole\n").count(), 2);
+    let applied = run("SLUICE_KUBECTL", &["apply", "-f", "-"], Some(&aggregated));
+    assert!(applied.status.success(), "{}", text(&applied));
+    let names = [
+        format!("{release}-sluice-eventconsumers-view"),
+        format!("{release}-sluice-eventconsumers-edit"),
+    ];
+    for (user, role) in [("sluice-viewer", "view"), ("sluice-editor", "edit")] {
+        let out = run(
+            "SLUICE_KUBECTL",
+            &[
+                "create",
+                "rolebinding",
+                user,
+                "-n",
+                &ns.name,
+                &format!("--clusterrole={role}"),
+                &format!("--user={user}"),
+            ],
+            None,
+        );
+        assert!(out.status.success(), "{}", text(&out));
+    }
+    let can = |user: &str, verb: &str, resource: &str| -> bool {
+        let mut args = vec!["auth", "can-i", verb, "-n", &ns.name, "--as", user];
+        match resource.split_once('/') {
+            Some((resource, sub)) => args.extend([resource, "--subresource", sub]),
+            None => args.push(resource),
+        }
+        let out = run("SLUICE_KUBECTL", &args, None);
+        String::from_utf8_lossy(&out.stdout).trim() == "yes"
+    };
+    // The aggregation controller folds the new rules into view/edit asynchronously.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !(can("sluice-viewer", "list", "eventconsumers.sluice.dev")
+        && can("sluice-editor", "create", "eventconsumers.sluice.dev"))
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the aggregated rules never reached view/edit"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+    let expected = [
+        ("sluice-viewer", "get", "eventconsumers.sluice.dev", true),
+        ("sluice-viewer", "watch", "eventconsumers.sluice.dev", true),
+        (
+            "sluice-viewer",
+            "create",
+            "eventconsumers.sluice.dev",
+            false,
+        ),
+        (
+            "sluice-viewer",
+            "delete",
+            "eventconsumers.sluice.dev",
+            false,
+        ),
+        ("sluice-editor", "patch", "eventconsumers.sluice.dev", true),
+        ("sluice-editor", "delete", "eventconsumers.sluice.dev", true),
+        (
+            "sluice-editor",
+            "patch",
+            "eventconsumers.sluice.dev/status",
+            false,
+        ),
+    ];
+    for (user, verb, resource, allowed) in expected {
+        assert_eq!(
+            can(user, verb, resource),
+            allowed,
+            "{user} {verb} {resource}"
+        );
+    }
+    let out = run(
+        "SLUICE_KUBECTL",
+        &[
+            "delete",
+            "clusterrole",
+            &names[0],
+            &names[1],
+            "--ignore-not-found",
+        ],
+        None,
+    );
+    assert!(out.status.success(), "{}", text(&out));
 }
