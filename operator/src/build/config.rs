@@ -107,6 +107,7 @@ pub fn sidecar_config(
         dead_letter_topic: d.dead_letter_topic.clone(),
         commit_interval: Duration::from_millis(500),
         max_buffered_bytes: tuning.max_buffered_bytes,
+        batch: None,
     };
     SidecarConfig {
         kafka,
