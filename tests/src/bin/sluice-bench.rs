@@ -499,6 +499,9 @@ async fn main() {
     let n = env_usize("SLUICE_BENCH_RECORDS", 200_000);
     let runs = env_usize("SLUICE_BENCH_RUNS", 3).max(1);
     let kafkago_n = env_usize("SLUICE_BENCH_KAFKAGO_RECORDS", 5_000).min(n);
+    // `SLUICE_BENCH_ONLY=<text>`: only the contestants whose name contains it (profiling).
+    let only = std::env::var("SLUICE_BENCH_ONLY").unwrap_or_default();
+    let wanted = |name: &str| name.contains(only.as_str());
     let go_bin = std::env::var("SLUICE_BENCH_GO_BIN")
         .ok()
         .map(std::path::PathBuf::from);
@@ -547,37 +550,47 @@ async fn main() {
     ];
     for i in 0..runs {
         eprintln!("sluice-bench: run {} of {runs}", i + 1);
-        let child = self_command(&[
-            "consume",
-            &topic.name,
-            &group("bench-consume"),
-            &n.to_string(),
-        ])
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("starting the consume loop");
-        record(CONSUME, n, watch_reporting(child, n, CONSUME).await);
-
-        let app = BenchApp::start(n, n).await;
-        let child = self_command(&[
-            "http",
-            &topic.name,
-            &group("bench-http"),
-            &app.url(),
-            &MAX_IN_FLIGHT.to_string(),
-        ])
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("starting the HTTP loop");
-        record(HTTP, n, watch(child, n, &app, HTTP).await);
-        drop(app);
-
-        for (j, mode) in ["partition", "key", "none"].into_iter().enumerate() {
-            record(SIDECAR[j], n, sidecar_run(&topic, mode, false, n).await);
-            record(BATCH[j], n, sidecar_run(&topic, mode, true, n).await);
+        if wanted(CONSUME) {
+            let child = self_command(&[
+                "consume",
+                &topic.name,
+                &group("bench-consume"),
+                &n.to_string(),
+            ])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("starting the consume loop");
+            record(CONSUME, n, watch_reporting(child, n, CONSUME).await);
+        }
+        if wanted(HTTP) {
+            let app = BenchApp::start(n, n).await;
+            let child = self_command(&[
+                "http",
+                &topic.name,
+                &group("bench-http"),
+                &app.url(),
+                &MAX_IN_FLIGHT.to_string(),
+            ])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("starting the HTTP loop");
+            record(HTTP, n, watch(child, n, &app, HTTP).await);
+            drop(app);
         }
 
-        if let Some(dir) = &go_bin {
+        for (j, mode) in ["partition", "key", "none"].into_iter().enumerate() {
+            if wanted(SIDECAR[j]) {
+                record(SIDECAR[j], n, sidecar_run(&topic, mode, false, n).await);
+            }
+            if wanted(BATCH[j]) {
+                record(BATCH[j], n, sidecar_run(&topic, mode, true, n).await);
+            }
+        }
+
+        if let Some(dir) = go_bin
+            .as_ref()
+            .filter(|_| wanted(SARAMA) || wanted(KAFKAGO))
+        {
             let child = Command::new(dir.join("sarama"))
                 .args([
                     "-brokers",
@@ -621,7 +634,7 @@ async fn main() {
     let idle = idle_rss().await;
     let mut drains = Vec::new();
     for batch in [false, true] {
-        for _ in 0..runs {
+        for _ in 0..if only.is_empty() { runs } else { 0 } {
             drains.push((batch, drain_once(batch).await));
         }
     }
