@@ -82,9 +82,11 @@ demo: env-up images
 ## bench: performance figures against the local broker
 # Built with the same workspace-wide command as `images`, so the two share one build (a
 # `-p` build resolves features differently and would compile the dependencies again).
+# The Go baselines (kafka-go, sarama) are built from the Go module proxy into the cache.
 bench: env-up
 	cargo build --release --locked --workspace --bins
-	set -a; source $(SLUICE_CACHE)/state/env; set +a; $(RELEASE)/sluice-bench
+	set -a; source $(SLUICE_CACHE)/state/env; set +a; \
+	  SLUICE_BENCH_GO_BIN=$$(bash tests/bench/build-go.sh) $(RELEASE)/sluice-bench
 
 ## help: list the targets
 help:

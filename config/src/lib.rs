@@ -195,6 +195,48 @@ pub struct Delivery {
     /// three quarters of it fetching resumes. One partition may use at most a quarter.
     #[serde(default = "default_max_buffered_bytes")]
     pub max_buffered_bytes: u64,
+    /// Batch delivery: several records of one partition in one POST (CloudEvents JSON batch
+    /// format). Unset: one POST per record.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch: Option<Batch>,
+}
+
+/// Batch delivery. A batch holds records of one partition, in offset order, and respects the
+/// ordering mode; `maxInFlight` then bounds batches (requests) in flight.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Batch {
+    /// Most records in one batch.
+    #[serde(default = "default_batch_max_records")]
+    pub max_records: u32,
+    /// Most bytes of record keys, values and headers in one batch (a single larger record
+    /// still goes, alone).
+    #[serde(default = "default_batch_max_bytes")]
+    pub max_bytes: u64,
+    /// How long a partial batch waits for more records before it is sent. `0s`: send what
+    /// is ready at once.
+    #[serde(default = "default_batch_max_wait", with = "humantime_serde")]
+    pub max_wait: Duration,
+}
+
+impl Default for Batch {
+    fn default() -> Self {
+        Batch {
+            max_records: default_batch_max_records(),
+            max_bytes: default_batch_max_bytes(),
+            max_wait: default_batch_max_wait(),
+        }
+    }
+}
+
+fn default_batch_max_records() -> u32 {
+    100
+}
+fn default_batch_max_bytes() -> u64 {
+    1 << 20
+}
+fn default_batch_max_wait() -> Duration {
+    Duration::from_millis(50)
 }
 
 /// Delivery ordering.

@@ -596,3 +596,80 @@ fn load_reports_path_and_problems() {
     assert_eq!(SidecarConfig::load(&dir.join("ok.json")).unwrap(), valid());
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn batch_delivery_is_off_by_default_and_fills_its_defaults() {
+    assert_eq!(valid().delivery.batch, None);
+    let c = SidecarConfig::from_json(
+        r#"{
+        "kafka": {"bootstrapServers": "kafka:9092", "topics": ["orders"], "groupId": "g"},
+        "delivery": {"url": "http://127.0.0.1:8080/events", "batch": {}}
+    }"#,
+    )
+    .expect("an empty batch object parses");
+    c.validate().expect("the batch defaults are valid");
+    assert_eq!(c.delivery.batch, Some(Batch::default()));
+    let b = Batch::default();
+    assert_eq!(
+        (b.max_records, b.max_bytes, b.max_wait),
+        (100, 1 << 20, Duration::from_millis(50))
+    );
+    let err = SidecarConfig::from_json(
+        r#"{
+        "kafka": {"bootstrapServers": "kafka:9092", "topics": ["orders"], "groupId": "g"},
+        "delivery": {"url": "http://127.0.0.1:8080/events", "batch": {"maxRecord": 5}}
+    }"#,
+    )
+    .expect_err("a misspelt batch field is rejected");
+    assert!(err.to_string().contains("maxRecord"), "{err}");
+}
+
+#[test]
+fn batch_limits_are_range_checked() {
+    let with = |f: &dyn Fn(&mut Batch)| {
+        let mut c = valid();
+        let mut b = Batch::default();
+        f(&mut b);
+        c.delivery.batch = Some(b);
+        c
+    };
+    assert_problem(
+        &with(&|b| b.max_records = 0),
+        "delivery.batch.maxRecords",
+        &["0 is out of range", "1 to 10000"],
+    );
+    assert_problem(
+        &with(&|b| b.max_records = 10_001),
+        "delivery.batch.maxRecords",
+        &["1 to 10000"],
+    );
+    assert_problem(
+        &with(&|b| b.max_bytes = 1023),
+        "delivery.batch.maxBytes",
+        &["1023 is out of range", "1024 to 16777216"],
+    );
+    assert_problem(
+        &with(&|b| b.max_bytes = (16 << 20) + 1),
+        "delivery.batch.maxBytes",
+        &["1024 to 16777216"],
+    );
+    let mut small = with(&|b| b.max_bytes = 1 << 20);
+    small.delivery.max_buffered_bytes = 1 << 20;
+    assert_problem(
+        &small,
+        "delivery.batch.maxBytes",
+        &["1024 to 262144", "a quarter of delivery.maxBufferedBytes"],
+    );
+    assert_problem(
+        &with(&|b| b.max_wait = Duration::from_secs(11)),
+        "delivery.batch.maxWait",
+        &["11s is out of range", "0s to 10s"],
+    );
+    with(&|b| {
+        b.max_records = 1;
+        b.max_bytes = 1024;
+        b.max_wait = Duration::ZERO;
+    })
+    .validate()
+    .expect("the smallest limits are valid");
+}

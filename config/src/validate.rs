@@ -299,6 +299,33 @@ impl SidecarConfig {
                 ),
             );
         }
+        if let Some(b) = &d.batch {
+            if !(1..=MAX_BATCH_RECORDS).contains(&b.max_records) {
+                p.add(
+                    "delivery.batch.maxRecords",
+                    format!(
+                        "{} is out of range; allowed: 1 to {MAX_BATCH_RECORDS}",
+                        b.max_records
+                    ),
+                );
+            }
+            let max_bytes = MAX_BATCH_BYTES.min(d.max_buffered_bytes / 4);
+            if b.max_bytes < MIN_BATCH_BYTES || b.max_bytes > max_bytes {
+                p.add(
+                    "delivery.batch.maxBytes",
+                    format!(
+                        "{} is out of range; allowed: {MIN_BATCH_BYTES} to {max_bytes} (16 MiB, and at most a quarter of delivery.maxBufferedBytes, one partition's share)",
+                        b.max_bytes
+                    ),
+                );
+            }
+            p.duration(
+                "delivery.batch.maxWait",
+                b.max_wait,
+                Duration::ZERO,
+                Duration::from_secs(10),
+            );
+        }
         if let Some(url) = &self.app.readiness_url {
             match HttpUrl::parse(url) {
                 Err(e) => p.add("app.readinessUrl", e),
@@ -362,6 +389,11 @@ impl SidecarConfig {
         }
     }
 }
+
+/// Bounds of `delivery.batch`.
+pub const MAX_BATCH_RECORDS: u32 = 10_000;
+pub const MIN_BATCH_BYTES: u64 = 1 << 10;
+pub const MAX_BATCH_BYTES: u64 = 16 << 20;
 
 /// Bounds of `delivery.maxBufferedBytes`.
 pub const MIN_BUFFERED_BYTES: u64 = 1 << 20;

@@ -101,6 +101,216 @@ pub fn request_headers(record: &Record, attempt: u32) -> HeaderMap {
     h
 }
 
+/// The content type of a batch request (the CloudEvents JSON batch format).
+pub const BATCH_CONTENT_TYPE: &str = "application/cloudevents-batch+json";
+/// The number of records in a batch request.
+pub const HEADER_BATCH_SIZE: &str = "sluice-batch-size";
+
+/// Extension attributes of a record in a batch (CloudEvents attribute names are lower-case
+/// letters and digits only). Partition and offset are strings: an offset does not fit the
+/// CloudEvents integer type.
+pub mod ext {
+    pub const TOPIC: &str = "kafkatopic";
+    pub const PARTITION: &str = "kafkapartition";
+    pub const OFFSET: &str = "kafkaoffset";
+    pub const KEY: &str = "kafkakey";
+    pub const KEY_BASE64: &str = "kafkakeybase64";
+    pub const ATTEMPT: &str = "sluiceattempt";
+}
+
+/// The record's CloudEvents `id`: its `ce_id` header, else `<topic>-<partition>-<offset>`.
+pub fn event_id(record: &Record) -> String {
+    record
+        .headers
+        .iter()
+        .find(|(k, v)| v.is_some() && k.eq_ignore_ascii_case("ce_id"))
+        .and_then(|(_, v)| std::str::from_utf8(v.as_deref()?).ok())
+        .filter(|id| !id.is_empty())
+        .map_or_else(
+            || {
+                format!(
+                    "{}-{}-{}",
+                    record.tp.topic, record.tp.partition, record.offset
+                )
+            },
+            str::to_owned,
+        )
+}
+
+fn valid_attribute_name(name: &str) -> bool {
+    (1..=20).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        && !matches!(name, "data" | "data_base64")
+}
+
+/// How a value is carried in a structured CloudEvent.
+enum Data<'a> {
+    /// JSON, embedded as it is.
+    Json(&'a str),
+    /// Text, as a JSON string.
+    Text(&'a str),
+    Base64,
+}
+
+fn data_kind<'a>(value: &'a [u8], content_type: Option<&str>) -> Data<'a> {
+    let media = content_type.map(|c| {
+        c.split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase()
+    });
+    let json_like = match media.as_deref() {
+        None => true,
+        Some(m) => m == "application/json" || m == "text/json" || m.ends_with("+json"),
+    };
+    let Ok(text) = std::str::from_utf8(value) else {
+        return Data::Base64;
+    };
+    if json_like && serde_json::from_str::<serde::de::IgnoredAny>(text).is_ok() {
+        return Data::Json(text);
+    }
+    if media.as_deref().is_some_and(|m| m.starts_with("text/")) {
+        return Data::Text(text);
+    }
+    Data::Base64
+}
+
+fn push_str(out: &mut Vec<u8>, s: &str) {
+    serde_json::to_writer(&mut *out, s).expect("writing a JSON string to memory");
+}
+
+fn push_attr(out: &mut Vec<u8>, name: &str, value: &str) {
+    out.push(b',');
+    push_str(out, name);
+    out.push(b':');
+    push_str(out, value);
+}
+
+/// Appends `record` as one structured-mode CloudEvent (JSON) to `out`. Attributes come from
+/// the record's `ce_*` headers, then the same defaults as the binary mode; `traceparent` and
+/// `tracestate` become the distributed-tracing extension; the Kafka coordinates and the
+/// attempt number are extensions ([`ext`]). The value is `data` when it is JSON (its content
+/// type is JSON, or it has none and parses as JSON) or text (`text/*`), else `data_base64`.
+pub fn write_event(out: &mut Vec<u8>, record: &Record, id: &str, attempt: u32) {
+    let tp = &record.tp;
+    let mut own: Vec<(String, &str)> = Vec::new();
+    let mut content_type = None;
+    for (name, value) in &record.headers {
+        let Some(value) = value.as_deref().and_then(|v| std::str::from_utf8(v).ok()) else {
+            continue;
+        };
+        let lower = name.to_ascii_lowercase();
+        if let Some(attr) = lower.strip_prefix("ce_") {
+            if valid_attribute_name(attr)
+                && !matches!(attr, "id" | "sluiceattempt")
+                && !attr.starts_with("kafka")
+                && !own.iter().any(|(n, _)| n == attr)
+            {
+                own.push((attr.to_owned(), value));
+            }
+        } else if lower == "content-type" {
+            content_type = Some(value);
+        } else if (lower == "traceparent" || lower == "tracestate")
+            && !own.iter().any(|(n, _)| *n == lower)
+        {
+            own.push((lower, value));
+        }
+    }
+    if let Some((_, ct)) = own.iter().find(|(n, _)| n == "datacontenttype") {
+        content_type = Some(ct);
+    }
+    let has = |name: &str| own.iter().any(|(n, _)| n == name);
+    out.extend_from_slice(b"{\"id\":");
+    push_str(out, id);
+    if !has("specversion") {
+        push_attr(out, "specversion", SPEC_VERSION);
+    }
+    if !has("source") {
+        push_attr(out, "source", &default_source(&tp.topic));
+    }
+    if !has("type") {
+        push_attr(out, "type", EVENT_TYPE);
+    }
+    if !has("time")
+        && let Some(ms) = record.timestamp_ms
+    {
+        push_attr(out, "time", &rfc3339_millis(ms));
+    }
+    for (name, value) in &own {
+        if name != "datacontenttype" {
+            push_attr(out, name, value);
+        }
+    }
+    push_attr(out, ext::TOPIC, &tp.topic);
+    push_attr(out, ext::PARTITION, &tp.partition.to_string());
+    push_attr(out, ext::OFFSET, &record.offset.to_string());
+    if let Some(key) = &record.key {
+        match std::str::from_utf8(key) {
+            Ok(k) if key.iter().all(|b| (0x20..0x7f).contains(b)) => {
+                push_attr(out, ext::KEY, k);
+            }
+            _ => push_attr(
+                out,
+                ext::KEY_BASE64,
+                &base64::engine::general_purpose::STANDARD.encode(key),
+            ),
+        }
+    }
+    out.extend_from_slice(b",\"");
+    out.extend_from_slice(ext::ATTEMPT.as_bytes());
+    out.extend_from_slice(b"\":");
+    out.extend_from_slice(attempt.to_string().as_bytes());
+    if let Some(value) = &record.value {
+        match data_kind(value, content_type) {
+            Data::Json(json) => {
+                push_attr(
+                    out,
+                    "datacontenttype",
+                    content_type.unwrap_or("application/json"),
+                );
+                out.extend_from_slice(b",\"data\":");
+                out.extend_from_slice(json.as_bytes());
+            }
+            Data::Text(text) => {
+                push_attr(out, "datacontenttype", content_type.unwrap_or("text/plain"));
+                push_attr(out, "data", text);
+            }
+            Data::Base64 => {
+                push_attr(
+                    out,
+                    "datacontenttype",
+                    content_type.unwrap_or("application/octet-stream"),
+                );
+                push_attr(
+                    out,
+                    "data_base64",
+                    &base64::engine::general_purpose::STANDARD.encode(value),
+                );
+            }
+        }
+    } else if let Some(ct) = content_type {
+        push_attr(out, "datacontenttype", ct);
+    }
+    out.push(b'}');
+}
+
+/// A batch request body: a JSON array of the records' CloudEvents, in the order given.
+pub fn batch_body<'a>(records: impl Iterator<Item = (&'a Record, &'a str, u32)>) -> Vec<u8> {
+    let mut out = Vec::with_capacity(4096);
+    out.push(b'[');
+    for (i, (record, id, attempt)) in records.enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        write_event(&mut out, record, id, attempt);
+    }
+    out.push(b']');
+    out
+}
+
 /// Formats milliseconds since the Unix epoch as RFC 3339 UTC with milliseconds.
 pub fn rfc3339_millis(ms: i64) -> String {
     let secs = ms.div_euclid(1000);
@@ -258,5 +468,116 @@ mod tests {
             "9999-12-31T23:59:59.000Z"
         );
         assert_eq!(rfc3339_millis(-1), "1969-12-31T23:59:59.999Z");
+    }
+
+    fn event(r: &Record, attempt: u32) -> serde_json::Value {
+        let body = batch_body(std::iter::once((r, event_id(r).as_str(), attempt)));
+        let v: serde_json::Value = serde_json::from_slice(&body).expect("valid JSON");
+        v[0].clone()
+    }
+
+    #[test]
+    fn batch_events_carry_attributes_extensions_and_json_data() {
+        let mut r = record();
+        r.value = Some(Bytes::from_static(br#"{"sku":"a","n":1}"#));
+        let e = event(&r, 2);
+        assert_eq!(e["id"], "orders-3-42");
+        assert_eq!(e["specversion"], "1.0");
+        assert_eq!(e["source"], "/sluice/topics/orders");
+        assert_eq!(e["type"], EVENT_TYPE);
+        assert_eq!(e["time"], "2023-11-14T22:13:20.123Z");
+        assert_eq!(e["kafkatopic"], "orders");
+        assert_eq!(e["kafkapartition"], "3");
+        assert_eq!(e["kafkaoffset"], "42");
+        assert_eq!(e["kafkakey"], "customer-7");
+        assert_eq!(e["sluiceattempt"], 2);
+        assert_eq!(e["datacontenttype"], "application/json");
+        assert_eq!(e["data"], serde_json::json!({"sku": "a", "n": 1}));
+        assert!(e.get("data_base64").is_none());
+    }
+
+    #[test]
+    fn batch_events_use_base64_for_binary_and_text_for_text() {
+        let mut r = record();
+        r.value = Some(Bytes::from_static(&[0, 255, 1]));
+        r.key = Some(Bytes::from_static(&[0, 159]));
+        let e = event(&r, 1);
+        assert_eq!(e["data_base64"], "AP8B");
+        assert_eq!(e["datacontenttype"], "application/octet-stream");
+        assert_eq!(e["kafkakeybase64"], "AJ8=");
+        assert!(e.get("data").is_none() && e.get("kafkakey").is_none());
+        // Not JSON and no content type: bytes.
+        r.value = Some(Bytes::from_static(b"plain words"));
+        assert_eq!(event(&r, 1)["data_base64"], "cGxhaW4gd29yZHM=");
+        // Text with a text content type: a string.
+        r.headers = vec![(
+            "content-type".into(),
+            Some(Bytes::from_static(b"text/plain; charset=utf-8")),
+        )];
+        let e = event(&r, 1);
+        assert_eq!(e["data"], "plain words");
+        assert_eq!(e["datacontenttype"], "text/plain; charset=utf-8");
+        // JSON content type but not JSON: bytes, the content type kept.
+        r.headers = vec![(
+            "content-type".into(),
+            Some(Bytes::from_static(b"application/json")),
+        )];
+        let e = event(&r, 1);
+        assert_eq!(e["data_base64"], "cGxhaW4gd29yZHM=");
+        assert_eq!(e["datacontenttype"], "application/json");
+        // No value: no data.
+        r.value = None;
+        let e = event(&r, 1);
+        assert!(e.get("data").is_none() && e.get("data_base64").is_none());
+    }
+
+    #[test]
+    fn batch_events_keep_the_records_own_attributes_without_duplicates() {
+        let mut r = record();
+        r.headers = vec![
+            ("ce_id".into(), Some(Bytes::from_static(b"evt-1"))),
+            ("ce_type".into(), Some(Bytes::from_static(b"shop.order"))),
+            ("CE_Subject".into(), Some(Bytes::from_static(b"o-9"))),
+            ("ce_kafkaoffset".into(), Some(Bytes::from_static(b"999"))),
+            ("ce_data".into(), Some(Bytes::from_static(b"x"))),
+            ("ce_Bad-Name".into(), Some(Bytes::from_static(b"x"))),
+            (
+                "traceparent".into(),
+                Some(Bytes::from_static(b"00-ab-cd-01")),
+            ),
+            ("other".into(), Some(Bytes::from_static(b"not forwarded"))),
+        ];
+        assert_eq!(event_id(&r), "evt-1");
+        let e = event(&r, 1);
+        assert_eq!(e["id"], "evt-1");
+        assert_eq!(e["type"], "shop.order");
+        assert_eq!(e["subject"], "o-9");
+        assert_eq!(e["kafkaoffset"], "42", "the coordinates are Sluice's own");
+        assert_eq!(e["traceparent"], "00-ab-cd-01");
+        assert_eq!(e["data"], serde_json::json!({}));
+        assert!(e.get("other").is_none() && e.get("bad-name").is_none());
+        let body = batch_body(std::iter::once((&r, "evt-1", 1)));
+        let text = std::str::from_utf8(&body).unwrap();
+        for key in ["\"id\"", "\"type\"", "\"kafkaoffset\"", "\"data\""] {
+            assert_eq!(text.matches(key).count(), 1, "{key} once in {text}");
+        }
+    }
+
+    #[test]
+    fn a_batch_body_is_an_array_in_the_given_order() {
+        let a = record();
+        let mut b = record();
+        b.offset = 43;
+        let body = batch_body([(&a, "x", 1), (&b, "y", 3)].into_iter());
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        let ids: Vec<_> = v
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["id"].clone())
+            .collect();
+        assert_eq!(ids, ["x", "y"]);
+        assert_eq!(v[1]["sluiceattempt"], 3);
+        assert_eq!(batch_body(std::iter::empty()), b"[]");
     }
 }

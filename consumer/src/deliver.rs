@@ -19,9 +19,15 @@ use tokio::sync::mpsc::UnboundedSender;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, warn};
 
-use crate::cloudevents::request_headers;
+use crate::cloudevents::{
+    BATCH_CONTENT_TYPE, HEADER_BATCH_SIZE, HEADER_PARTITION, HEADER_TOPIC, batch_body, event_id,
+    request_headers,
+};
 use crate::metrics::{Metrics, OutcomeLabel, ReasonLabel};
-use crate::policy::{AttemptResult, Backoff, Next, OUTCOME_HEADER, Verdict, classify, next_step};
+use crate::policy::{
+    AttemptResult, Backoff, MAX_BATCH_RESPONSE_BYTES, Next, OUTCOME_HEADER, Verdict, classify,
+    classify_batch, next_step,
+};
 use crate::progress::Progress;
 use crate::record::{Record, Tp};
 use crate::sidecar::AppGate;
@@ -47,7 +53,12 @@ pub enum TaskEvent {
         key: Option<Bytes>,
         /// The record's size, released from the memory budget.
         bytes: usize,
+        /// Whether the delivery task ended with it (one record per task); a batch task
+        /// sends [`TaskEvent::SlotFree`] once all its records are done.
+        slot: bool,
     },
+    /// A batch task ended: its request slot is free.
+    SlotFree,
     /// The record cannot currently be finished (dead-letter topic unwritable, or no
     /// dead-letter topic): its partition pauses until `blocked: false`.
     Blocked { tp: Tp, epoch: u64, blocked: bool },
@@ -166,6 +177,15 @@ impl DeadLetterWriter {
     }
 }
 
+/// One record of a batch delivery, with its attempt counters.
+struct BatchItem {
+    rec: Record,
+    id: String,
+    sent: u32,
+    failures: u32,
+    retries: u32,
+}
+
 /// Delivers records over HTTP/1.1 keep-alive.
 pub struct Deliverer {
     client: Client<HttpConnector, Full<Bytes>>,
@@ -265,7 +285,269 @@ impl Deliverer {
             epoch,
             key: record.key,
             bytes,
+            slot: true,
         });
+    }
+
+    /// Delivers a batch of one partition's records (in offset order, all started in
+    /// `progress`) to the end: one request for the records still open, retrying only the
+    /// records the answer did not finish, then dead-lettering those that ran out of attempts.
+    /// Each record is settled in the progress and reported as soon as it is done.
+    pub async fn run_batch(self: Arc<Self>, records: Vec<Record>, progress: Arc<Progress>) {
+        let epoch = progress.epoch;
+        let cancel = progress.cancelled().clone();
+        let mut blocked = false;
+        let id = self.seq.fetch_add(1, AtomicOrdering::Relaxed);
+        self.running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, Instant::now());
+        let mut open: Vec<BatchItem> = records
+            .into_iter()
+            .map(|rec| BatchItem {
+                id: event_id(&rec),
+                rec,
+                sent: 0,
+                failures: 0,
+                retries: 0,
+            })
+            .collect();
+        let mut first = true;
+        while !open.is_empty() {
+            // As for one record: the first attempt always goes (see `deliver`).
+            if (!first && cancel.is_cancelled())
+                || (!self.app.is_up() && !self.app.wait_up(&cancel).await)
+            {
+                break;
+            }
+            first = false;
+            for item in &mut open {
+                item.sent += 1;
+            }
+            let verdicts = self.attempt_batch(&open).await;
+            let mut delay = Duration::ZERO;
+            let mut keep = Vec::with_capacity(open.len());
+            let mut dead = Vec::new();
+            for (mut item, verdict) in open.drain(..).zip(verdicts) {
+                match &verdict {
+                    Verdict::Retry { counts: true, .. } => item.failures += 1,
+                    Verdict::AppDown { .. } => item.sent -= 1,
+                    _ => {}
+                }
+                if !matches!(verdict, Verdict::AppDown { .. }) {
+                    item.retries += 1;
+                }
+                let step = next_step(
+                    &verdict,
+                    item.failures,
+                    item.retries,
+                    self.max_attempts,
+                    &self.backoff,
+                    rand::random::<f64>(),
+                );
+                match step {
+                    None => {
+                        let outcome = if verdict == Verdict::Skipped {
+                            Outcome::Skipped
+                        } else {
+                            Outcome::Delivered
+                        };
+                        self.count_finished(outcome);
+                        self.settle(item.rec, outcome, &progress);
+                    }
+                    Some(Next::WaitForApp) => {
+                        if let Verdict::AppDown { detail } = &verdict {
+                            self.app.mark_down(detail);
+                        }
+                        self.metrics
+                            .retries
+                            .get_or_create(&ReasonLabel {
+                                reason: "app_unreachable",
+                            })
+                            .inc();
+                        keep.push(item);
+                    }
+                    Some(Next::RetryAfter(d)) => {
+                        if let Verdict::Retry { reason, detail, .. } = &verdict {
+                            self.metrics
+                                .retries
+                                .get_or_create(&ReasonLabel { reason })
+                                .inc();
+                            debug!(tp = %item.rec.tp, offset = item.rec.offset, attempt = item.sent, %detail, ?d, "retrying delivery (batch)");
+                        }
+                        delay = delay.max(d);
+                        keep.push(item);
+                    }
+                    Some(Next::DeadLetter { reason, detail }) => dead.push((item, reason, detail)),
+                }
+            }
+            if !dead.is_empty() {
+                if let Some(writer) = &self.dead_letter {
+                    // Written concurrently; each write parks the partition while it fails
+                    // (its own flag), and the park is lifted when the writes are over.
+                    let mut flags = vec![false; dead.len()];
+                    let writes =
+                        dead.iter()
+                            .zip(flags.iter_mut())
+                            .map(|((item, reason, detail), flag)| {
+                                self.write_dead_letter(
+                                    writer, &item.rec, reason, detail, item.sent, epoch, &cancel,
+                                    flag,
+                                )
+                            });
+                    let outcomes = futures::future::join_all(writes).await;
+                    for _ in flags.into_iter().filter(|f| *f) {
+                        let _ = self.events.send(TaskEvent::Blocked {
+                            tp: progress.tp.clone(),
+                            epoch,
+                            blocked: false,
+                        });
+                    }
+                    for ((item, _, _), outcome) in dead.into_iter().zip(outcomes) {
+                        self.settle(item.rec, outcome, &progress);
+                    }
+                } else {
+                    // No dead-letter topic: never skip. Park the partition and keep trying.
+                    self.set_blocked(&progress.tp, epoch, &mut blocked);
+                    for (mut item, _, detail) in dead {
+                        self.metrics
+                            .retries
+                            .get_or_create(&ReasonLabel {
+                                reason: "no_dead_letter_topic",
+                            })
+                            .inc();
+                        warn!(tp = %item.rec.tp, offset = item.rec.offset, %detail, "record cannot be delivered and there is no dead-letter topic; retrying with the partition paused");
+                        item.failures = 0;
+                        delay = delay.max(self.backoff.max);
+                        keep.push(item);
+                    }
+                }
+            }
+            // Retried records go again in offset order.
+            keep.sort_by_key(|item| item.rec.offset);
+            open = keep;
+            if !open.is_empty() && !delay.is_zero() && !sleep_unless_cancelled(delay, &cancel).await
+            {
+                break;
+            }
+        }
+        for item in open {
+            self.settle(item.rec, Outcome::Abandoned, &progress);
+        }
+        self.running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
+        if blocked {
+            let _ = self.events.send(TaskEvent::Blocked {
+                tp: progress.tp.clone(),
+                epoch,
+                blocked: false,
+            });
+        }
+        let _ = self.events.send(TaskEvent::SlotFree);
+    }
+
+    fn count_finished(&self, outcome: Outcome) {
+        let outcome = match outcome {
+            Outcome::Skipped => "skipped",
+            Outcome::DeadLettered => "dead_lettered",
+            _ => "delivered",
+        };
+        self.metrics
+            .records_finished
+            .get_or_create(&OutcomeLabel { outcome })
+            .inc();
+    }
+
+    /// Settles one record of a batch in its progress and tells the dispatcher.
+    fn settle(&self, rec: Record, outcome: Outcome, progress: &Progress) {
+        progress.end(rec.offset, outcome != Outcome::Abandoned);
+        let bytes = rec.size();
+        let _ = self.events.send(TaskEvent::Done {
+            tp: rec.tp,
+            epoch: progress.epoch,
+            key: rec.key,
+            bytes,
+            slot: false,
+        });
+    }
+
+    async fn attempt_batch(&self, open: &[BatchItem]) -> Vec<Verdict> {
+        let body = batch_body(open.iter().map(|i| (&i.rec, i.id.as_str(), i.sent)));
+        let first = &open[0].rec;
+        let mut req = Request::post(self.uri.clone())
+            .body(Full::new(Bytes::from(body)))
+            .expect("a POST to a valid URI is a valid request");
+        let h = req.headers_mut();
+        h.insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static(BATCH_CONTENT_TYPE),
+        );
+        for (name, value) in [
+            (HEADER_TOPIC, first.tp.topic.to_string()),
+            (HEADER_PARTITION, first.tp.partition.to_string()),
+            (HEADER_BATCH_SIZE, open.len().to_string()),
+        ] {
+            if let Ok(v) = http::HeaderValue::from_str(&value) {
+                h.insert(http::HeaderName::from_static(name), v);
+            }
+        }
+        let started = Instant::now();
+        let exchange = async {
+            let resp = self.client.request(req).await.map_err(|e| {
+                if e.is_connect() {
+                    AttemptResult::Unreachable(error_chain(&e))
+                } else {
+                    AttemptResult::ConnectionError(error_chain(&e))
+                }
+            })?;
+            let header = |name: &str| {
+                resp.headers()
+                    .get(name)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned)
+            };
+            let result = AttemptResult::Response {
+                status: resp.status().as_u16(),
+                retry_after: header("retry-after"),
+                outcome: header(OUTCOME_HEADER),
+            };
+            let content_type = header("content-type");
+            let mut body = resp.into_body();
+            let mut bytes = Vec::new();
+            let mut too_long = false;
+            while let Some(frame) = body.frame().await {
+                let frame = frame.map_err(|e| AttemptResult::ConnectionError(error_chain(&e)))?;
+                if let Some(data) = frame.data_ref() {
+                    if bytes.len() + data.len() > MAX_BATCH_RESPONSE_BYTES {
+                        too_long = true;
+                    } else {
+                        bytes.extend_from_slice(data);
+                    }
+                }
+            }
+            if too_long {
+                // Not JSON as far as the classification goes: malformed.
+                bytes = b"<longer than the limit>".to_vec();
+            }
+            Ok::<_, AttemptResult>((result, content_type, bytes))
+        };
+        let (result, content_type, body) = match tokio::time::timeout(self.timeout, exchange).await
+        {
+            Ok(Ok(r)) => r,
+            Ok(Err(r)) => (r, None, Vec::new()),
+            Err(_) => (AttemptResult::Timeout, None, Vec::new()),
+        };
+        self.observe(&result, started);
+        let ids: Vec<&str> = open.iter().map(|i| i.id.as_str()).collect();
+        classify_batch(
+            &result,
+            content_type.as_deref(),
+            &body,
+            &ids,
+            SystemTime::now(),
+        )
     }
 
     fn set_blocked(&self, tp: &Tp, epoch: u64, blocked: &mut bool) {
@@ -467,10 +749,15 @@ impl Deliverer {
             Ok(Ok(r)) | Ok(Err(r)) => r,
             Err(_) => AttemptResult::Timeout,
         };
+        self.observe(&result, started);
+        result
+    }
+
+    fn observe(&self, result: &AttemptResult, started: Instant) {
         self.metrics
             .delivery_duration
             .observe(started.elapsed().as_secs_f64());
-        let class = match &result {
+        let class = match result {
             AttemptResult::Response {
                 status: 200..=299, ..
             } => "2xx",
@@ -490,7 +777,6 @@ impl Deliverer {
             .attempts
             .get_or_create(&OutcomeLabel { outcome: class })
             .inc();
-        result
     }
 }
 

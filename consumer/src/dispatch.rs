@@ -76,9 +76,31 @@ pub struct PartitionState {
     queued_bytes: usize,
     /// Deliveries of this epoch still running (the partition mode allows one).
     in_flight: usize,
-    in_flight_keys: HashSet<Bytes>,
+    /// Records in flight per key (a batch may hold several records of one key).
+    in_flight_keys: HashMap<Bytes, usize>,
     blocked: usize,
     paused: bool,
+    /// Since when a partial batch has been ready (batch delivery's `maxWait`).
+    batch_waiting_since: Option<Instant>,
+}
+
+/// Batch delivery's bounds.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchLimits {
+    pub max_records: usize,
+    pub max_bytes: usize,
+    pub max_wait: Duration,
+}
+
+/// What [`PartitionState::take_batch`] found.
+#[derive(Debug)]
+pub enum Take {
+    /// A batch, started in the progress.
+    Batch(Vec<Record>),
+    /// A partial batch is ready; it goes at this time unless it fills first.
+    WaitUntil(Instant),
+    /// Nothing may be delivered now.
+    Nothing,
 }
 
 /// How many queued records the key mode looks past a blocked key.
@@ -91,9 +113,10 @@ impl PartitionState {
             queue: VecDeque::new(),
             queued_bytes: 0,
             in_flight: 0,
-            in_flight_keys: HashSet::new(),
+            in_flight_keys: HashMap::new(),
             blocked: 0,
             paused: false,
+            batch_waiting_since: None,
         }
     }
 
@@ -138,9 +161,124 @@ impl PartitionState {
         if mode == Ordering::Key
             && let Some(k) = &record.key
         {
-            self.in_flight_keys.insert(k.clone());
+            *self.in_flight_keys.entry(k.clone()).or_default() += 1;
         }
         Some(record)
+    }
+
+    /// The next batch that may be delivered now under `mode`: up to `limits.max_records`
+    /// records and `limits.max_bytes` bytes (a single larger record goes alone), in offset
+    /// order, never a record whose partition (partition mode) or key (key mode) has an
+    /// earlier record in flight or left behind. A batch that is not full waits up to
+    /// `limits.max_wait` from when it was first ready.
+    pub fn take_batch(
+        &mut self,
+        mode: Ordering,
+        now: Instant,
+        commit_limit: Duration,
+        limits: &BatchLimits,
+    ) -> Take {
+        if self.queue.is_empty() {
+            self.batch_waiting_since = None;
+            return Take::Nothing;
+        }
+        if self.progress.commit_behind(now, commit_limit)
+            || (mode == Ordering::Partition && self.in_flight > 0)
+        {
+            return Take::Nothing;
+        }
+        let mut picked: Vec<usize> = Vec::new();
+        let mut bytes = 0usize;
+        let mut full = false;
+        let mut fits = |i: usize, r: &Record, picked: &mut Vec<usize>| -> bool {
+            let size = r.size();
+            if picked.len() >= limits.max_records
+                || (!picked.is_empty() && bytes + size > limits.max_bytes)
+            {
+                return false;
+            }
+            bytes += size;
+            picked.push(i);
+            true
+        };
+        match mode {
+            Ordering::Partition | Ordering::None => {
+                for (i, r) in self.queue.iter().enumerate() {
+                    if !fits(i, r, &mut picked) {
+                        full = true;
+                        break;
+                    }
+                }
+            }
+            Ordering::Key => {
+                // Keys taken into this batch may appear again (in order); a key in flight
+                // elsewhere, or passed over here, holds every later record of it.
+                let mut held: HashSet<&Bytes> = HashSet::new();
+                let scan = KEY_SCAN_LIMIT.max(limits.max_records);
+                for (i, r) in self.queue.iter().enumerate().take(scan) {
+                    let free = match &r.key {
+                        None => true,
+                        Some(k) => !self.in_flight_keys.contains_key(k) && !held.contains(k),
+                    };
+                    if !free {
+                        if let Some(k) = &r.key {
+                            held.insert(k);
+                        }
+                        continue;
+                    }
+                    if !fits(i, r, &mut picked) {
+                        full = true;
+                        break;
+                    }
+                }
+            }
+        }
+        if picked.is_empty() {
+            return Take::Nothing;
+        }
+        full |= picked.len() >= limits.max_records || bytes >= limits.max_bytes;
+        if !full && !limits.max_wait.is_zero() {
+            let since = *self.batch_waiting_since.get_or_insert(now);
+            let due = since + limits.max_wait;
+            if now < due {
+                return Take::WaitUntil(due);
+            }
+        }
+        for started in 0..picked.len() {
+            if !self.progress.start() {
+                // Released meanwhile: undo the starts (nothing was sent).
+                for _ in 0..started {
+                    self.progress.end(0, false);
+                }
+                return Take::Nothing;
+            }
+        }
+        let records: Vec<Record> = if picked.len() == picked.last().map_or(0, |l| l + 1) {
+            self.queue.drain(..picked.len()).collect()
+        } else {
+            let mut taken = Vec::with_capacity(picked.len());
+            let mut rest = VecDeque::with_capacity(self.queue.len() - picked.len());
+            let mut next = picked.iter().peekable();
+            for (i, r) in std::mem::take(&mut self.queue).into_iter().enumerate() {
+                if next.peek() == Some(&&i) {
+                    next.next();
+                    taken.push(r);
+                } else {
+                    rest.push_back(r);
+                }
+            }
+            self.queue = rest;
+            taken
+        };
+        self.queued_bytes -= bytes;
+        self.in_flight += records.len();
+        if mode == Ordering::Key {
+            for k in records.iter().filter_map(|r| r.key.as_ref()) {
+                *self.in_flight_keys.entry(k.clone()).or_default() += 1;
+            }
+        }
+        self.batch_waiting_since = None;
+        Take::Batch(records)
     }
 
     /// The first queued record whose key is neither in flight nor held by an earlier queued
@@ -150,7 +288,9 @@ impl PartitionState {
         for (i, r) in self.queue.iter().enumerate().take(KEY_SCAN_LIMIT) {
             match &r.key {
                 None => return Some(i),
-                Some(k) if !self.in_flight_keys.contains(k) && !held.contains(k) => return Some(i),
+                Some(k) if !self.in_flight_keys.contains_key(k) && !held.contains(k) => {
+                    return Some(i);
+                }
                 Some(k) => {
                     held.insert(k);
                 }
@@ -162,8 +302,13 @@ impl PartitionState {
     /// A delivery of this epoch ended (its offset is already settled in the progress).
     pub fn done(&mut self, key: Option<&Bytes>) {
         self.in_flight = self.in_flight.saturating_sub(1);
-        if let Some(k) = key {
-            self.in_flight_keys.remove(k);
+        if let Some(k) = key
+            && let Some(n) = self.in_flight_keys.get_mut(k)
+        {
+            *n -= 1;
+            if *n == 0 {
+                self.in_flight_keys.remove(k);
+            }
         }
     }
 
@@ -214,6 +359,10 @@ pub struct Dispatcher {
     /// How long finished records may wait for the broker's acknowledgement before nothing
     /// new starts on their partition (the commit interval).
     commit_limit: Duration,
+    /// Batch delivery, when configured: `max_in_flight` then counts batches.
+    batch: Option<BatchLimits>,
+    /// When a partial batch is due (the dispatcher wakes up then).
+    batch_due: Option<Instant>,
 }
 
 impl Dispatcher {
@@ -227,6 +376,7 @@ impl Dispatcher {
         metrics: Arc<Metrics>,
         app_up: watch::Receiver<bool>,
         commit_limit: Duration,
+        batch: Option<BatchLimits>,
     ) -> Self {
         Dispatcher {
             mode,
@@ -246,6 +396,8 @@ impl Dispatcher {
             app_up,
             draining: false,
             commit_limit,
+            batch,
+            batch_due: None,
         }
     }
 
@@ -261,6 +413,7 @@ impl Dispatcher {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut app_up = self.app_up.clone();
         loop {
+            let due = self.batch_due;
             tokio::select! {
                 // Not biased: a flood of results must not starve fetched records or revokes.
                 Some(ev) = events.recv() => {
@@ -296,6 +449,7 @@ impl Dispatcher {
                     self.drop_all();
                 }
                 Ok(()) = app_up.changed() => {}
+                () = tokio::time::sleep_until(due.unwrap_or_else(Instant::now).into()), if due.is_some() => {}
                 _ = tick.tick() => self.update_gauges(),
             }
             self.dispatch();
@@ -380,10 +534,12 @@ impl Dispatcher {
                 epoch,
                 key,
                 bytes,
+                slot,
             } => {
-                self.in_flight -= 1;
+                if slot {
+                    self.free_slot();
+                }
                 self.bytes_in_flight -= bytes;
-                self.metrics.in_flight.dec();
                 match self.partitions.get_mut(&tp) {
                     Some(state) if state.epoch() == epoch => {
                         state.done(key.as_ref());
@@ -395,6 +551,10 @@ impl Dispatcher {
                         self.check_budget();
                     }
                 }
+            }
+            TaskEvent::SlotFree => {
+                self.free_slot();
+                self.check_budget();
             }
             TaskEvent::Blocked { tp, epoch, blocked } => {
                 if let Some(state) = self.partitions.get_mut(&tp)
@@ -409,6 +569,11 @@ impl Dispatcher {
                 }
             }
         }
+    }
+
+    fn free_slot(&mut self) {
+        self.in_flight -= 1;
+        self.metrics.in_flight.dec();
     }
 
     /// Re-evaluates the sidecar-wide memory budget; on a change every partition's pause is
@@ -457,7 +622,12 @@ impl Dispatcher {
     }
 
     fn dispatch(&mut self) {
+        self.batch_due = None;
         if self.draining || self.order.is_empty() || !*self.app_up.borrow() {
+            return;
+        }
+        if let Some(limits) = self.batch {
+            self.dispatch_batches(&limits);
             return;
         }
         let n = self.order.len();
@@ -482,6 +652,46 @@ impl Dispatcher {
                     self.metrics.buffered.dec();
                     progress = true;
                     tokio::spawn(self.deliverer.clone().run(record, state.progress.clone()));
+                }
+            }
+            self.round_robin = (self.round_robin + 1) % n;
+        }
+    }
+
+    /// [`Dispatcher::dispatch`] with batch delivery: one batch per partition per round.
+    fn dispatch_batches(&mut self, limits: &BatchLimits) {
+        let n = self.order.len();
+        let now = Instant::now();
+        let mut progress = true;
+        while self.in_flight < self.max_in_flight && progress {
+            progress = false;
+            for i in 0..n {
+                if self.in_flight >= self.max_in_flight {
+                    break;
+                }
+                let tp = &self.order[(self.round_robin + i) % n];
+                let Some(state) = self.partitions.get_mut(tp) else {
+                    continue;
+                };
+                match state.take_batch(self.mode, now, self.commit_limit, limits) {
+                    Take::Batch(records) => {
+                        let size: usize = records.iter().map(Record::size).sum();
+                        self.bytes_queued -= size;
+                        self.bytes_in_flight += size;
+                        self.in_flight += 1;
+                        self.metrics.in_flight.inc();
+                        self.metrics.buffered.dec_by(records.len() as i64);
+                        progress = true;
+                        tokio::spawn(
+                            self.deliverer
+                                .clone()
+                                .run_batch(records, state.progress.clone()),
+                        );
+                    }
+                    Take::WaitUntil(due) => {
+                        self.batch_due = Some(self.batch_due.map_or(due, |d| d.min(due)));
+                    }
+                    Take::Nothing => {}
                 }
             }
             self.round_robin = (self.round_robin + 1) % n;
@@ -696,5 +906,164 @@ mod tests {
         let w = Watermarks::new(1000, 1 << 20);
         assert_eq!(w.high_records, 4000);
         assert_eq!(w.high_bytes, 256 << 10, "a quarter of the budget");
+    }
+
+    fn limits(max_records: usize, max_bytes: usize, wait_ms: u64) -> BatchLimits {
+        BatchLimits {
+            max_records,
+            max_bytes,
+            max_wait: Duration::from_millis(wait_ms),
+        }
+    }
+
+    fn batch(s: &mut PartitionState, mode: Ordering, l: &BatchLimits) -> Vec<i64> {
+        match s.take_batch(mode, Instant::now(), Duration::from_secs(3600), l) {
+            Take::Batch(b) => b.iter().map(|r| r.offset).collect(),
+            other => panic!("expected a batch, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn partition_batches_are_contiguous_and_one_at_a_time() {
+        let mut s = state_with(&[(0, None), (1, None), (2, None), (3, None), (4, None)]);
+        let l = limits(2, usize::MAX, 0);
+        assert_eq!(batch(&mut s, Ordering::Partition, &l), [0, 1]);
+        assert!(matches!(
+            s.take_batch(
+                Ordering::Partition,
+                Instant::now(),
+                Duration::from_secs(3600),
+                &l
+            ),
+            Take::Nothing
+        ));
+        end(&mut s, 0, None, true);
+        assert!(
+            matches!(
+                s.take_batch(
+                    Ordering::Partition,
+                    Instant::now(),
+                    Duration::from_secs(3600),
+                    &l
+                ),
+                Take::Nothing
+            ),
+            "record 1 of the batch is still in flight (being retried, say)"
+        );
+        end(&mut s, 1, None, true);
+        assert_eq!(batch(&mut s, Ordering::Partition, &l), [2, 3]);
+        assert_eq!(s.progress.snapshot().in_flight, 2);
+    }
+
+    #[test]
+    fn none_batches_run_side_by_side() {
+        let mut s = state_with(&[(0, None), (1, None), (2, None)]);
+        let l = limits(2, usize::MAX, 0);
+        assert_eq!(batch(&mut s, Ordering::None, &l), [0, 1]);
+        assert_eq!(batch(&mut s, Ordering::None, &l), [2]);
+    }
+
+    #[test]
+    fn key_batches_keep_keys_together_and_never_overtake() {
+        let (a, b, c) = (Some("a"), Some("b"), Some("c"));
+        let mut s = state_with(&[(0, a), (1, a), (2, b), (3, None), (4, a)]);
+        let l = limits(3, usize::MAX, 0);
+        assert_eq!(
+            batch(&mut s, Ordering::Key, &l),
+            [0, 1, 2],
+            "a key may appear several times in one batch, in order"
+        );
+        assert_eq!(
+            batch(&mut s, Ordering::Key, &l),
+            [3],
+            "4 (key a) waits for a"
+        );
+        end(&mut s, 0, a, true);
+        assert!(
+            matches!(
+                s.take_batch(Ordering::Key, Instant::now(), Duration::from_secs(3600), &l),
+                Take::Nothing
+            ),
+            "record 1 of key a is still in flight"
+        );
+        end(&mut s, 1, a, true);
+        assert!(s.push(rec(5, c)));
+        assert!(s.push(rec(6, b)));
+        assert_eq!(
+            batch(&mut s, Ordering::Key, &l),
+            [4, 5],
+            "key b (offset 2) still in flight holds 6"
+        );
+        end(&mut s, 2, b, true);
+        assert_eq!(batch(&mut s, Ordering::Key, &l), [6]);
+    }
+
+    #[test]
+    fn batches_respect_the_byte_bound_but_a_large_record_goes_alone() {
+        let mut s = PartitionState::new(Progress::new(Tp::new("t", 0), 1));
+        for (o, n) in [(0, 4usize), (1, 4), (2, 10), (3, 1)] {
+            let mut r = rec(o, None);
+            r.value = Some(Bytes::from(vec![b'x'; n]));
+            assert!(s.push(r));
+        }
+        let l = limits(100, 8, 1000);
+        assert_eq!(batch(&mut s, Ordering::None, &l), [0, 1], "full at 8 bytes");
+        assert_eq!(batch(&mut s, Ordering::None, &l), [2], "10 bytes, alone");
+        assert!(
+            matches!(
+                s.take_batch(
+                    Ordering::None,
+                    Instant::now(),
+                    Duration::from_secs(3600),
+                    &l
+                ),
+                Take::WaitUntil(_)
+            ),
+            "1 byte is a partial batch: it waits"
+        );
+    }
+
+    #[test]
+    fn a_partial_batch_waits_max_wait_from_when_it_was_first_ready() {
+        let mut s = state_with(&[(0, None)]);
+        let l = limits(3, usize::MAX, 100);
+        let t0 = Instant::now();
+        let hour = Duration::from_secs(3600);
+        let Take::WaitUntil(due) = s.take_batch(Ordering::None, t0, hour, &l) else {
+            panic!("expected a wait");
+        };
+        assert_eq!(due, t0 + Duration::from_millis(100));
+        assert!(s.push(rec(1, None)));
+        assert!(
+            matches!(s.take_batch(Ordering::None, t0 + Duration::from_millis(50), hour, &l), Take::WaitUntil(d) if d == due),
+            "more records do not restart the wait"
+        );
+        let Take::Batch(b) = s.take_batch(Ordering::None, due, hour, &l) else {
+            panic!("due: expected the batch");
+        };
+        assert_eq!(b.len(), 2);
+        for o in 2..5 {
+            assert!(s.push(rec(o, None)));
+        }
+        let Take::Batch(b) = s.take_batch(Ordering::None, due, hour, &l) else {
+            panic!("a full batch goes at once");
+        };
+        assert_eq!(b.len(), 3);
+    }
+
+    #[test]
+    fn a_released_partition_gives_no_batch() {
+        let mut s = state_with(&[(0, None), (1, None)]);
+        s.progress.release();
+        assert!(matches!(
+            s.take_batch(
+                Ordering::None,
+                Instant::now(),
+                Duration::from_secs(3600),
+                &limits(10, usize::MAX, 0)
+            ),
+            Take::Nothing
+        ));
+        assert_eq!(s.progress.snapshot().in_flight, 0);
     }
 }

@@ -136,6 +136,128 @@ pub fn classify(result: &AttemptResult, now: SystemTime) -> Verdict {
     }
 }
 
+/// Longest batch response body read; a longer one is malformed.
+pub const MAX_BATCH_RESPONSE_BYTES: usize = 4 << 20;
+
+/// Classifies the answer to a batch request: one verdict per record, in the order of `ids`
+/// (the records' CloudEvent ids, as sent).
+///
+/// Anything but a 2xx (and an `X-Sluice-Outcome` header) decides every record of the batch
+/// as [`classify`] decides one record. A 2xx decides per record: without a JSON body
+/// (`Content-Type` not JSON, or an empty body) every record is delivered; a JSON body
+/// `{"records": [{"id": "...", "outcome": "retry" | "dead-letter" | "skip" | "done",
+/// "detail": "..."}]}` names the records that are not simply done. A body that does not
+/// follow that shape, an unknown outcome, or an id that is not in the batch makes the whole
+/// answer malformed: every record is retried (counting an attempt), since the application's
+/// intent is unknown and nothing may be skipped.
+pub fn classify_batch(
+    result: &AttemptResult,
+    content_type: Option<&str>,
+    body: &[u8],
+    ids: &[&str],
+    now: SystemTime,
+) -> Vec<Verdict> {
+    let verdict = classify(result, now);
+    if verdict != Verdict::Delivered {
+        return vec![verdict; ids.len()];
+    }
+    let json = content_type.is_some_and(|c| {
+        let media = c
+            .split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase();
+        media == "application/json" || media.ends_with("+json")
+    });
+    if !json || body.iter().all(u8::is_ascii_whitespace) {
+        return vec![Verdict::Delivered; ids.len()];
+    }
+    match parse_batch_answer(body, ids) {
+        Ok(verdicts) => verdicts,
+        Err(problem) => {
+            let status = match result {
+                AttemptResult::Response { status, .. } => *status,
+                _ => 0,
+            };
+            vec![
+                Verdict::Retry {
+                    reason: "malformed_response",
+                    after: None,
+                    counts: true,
+                    detail: format!("HTTP {status} with a malformed batch answer: {problem}"),
+                };
+                ids.len()
+            ]
+        }
+    }
+}
+
+fn parse_batch_answer(body: &[u8], ids: &[&str]) -> Result<Vec<Verdict>, String> {
+    let value: serde_json::Value =
+        serde_json::from_slice(body).map_err(|e| format!("not JSON: {e}"))?;
+    let serde_json::Value::Object(top) = value else {
+        return Err("the body must be a JSON object with a \"records\" array".into());
+    };
+    let mut verdicts = vec![Verdict::Delivered; ids.len()];
+    let Some(records) = top.get("records") else {
+        return Ok(verdicts);
+    };
+    let serde_json::Value::Array(records) = records else {
+        return Err("\"records\" must be an array".into());
+    };
+    for (i, entry) in records.iter().enumerate() {
+        let Some(entry) = entry.as_object() else {
+            return Err(format!("records[{i}] must be an object"));
+        };
+        let id = entry
+            .get("id")
+            .and_then(serde_json::Value::as_str)
+            .ok_or_else(|| format!("records[{i}].id must be a string"))?;
+        let outcome = entry
+            .get("outcome")
+            .and_then(serde_json::Value::as_str)
+            .ok_or_else(|| format!("records[{i}].outcome must be a string"))?;
+        let detail = match entry.get("detail") {
+            None | Some(serde_json::Value::Null) => None,
+            Some(serde_json::Value::String(d)) => Some(d.as_str()),
+            Some(_) => return Err(format!("records[{i}].detail must be a string")),
+        };
+        let verdict = match outcome.trim().to_ascii_lowercase().as_str() {
+            "done" => Verdict::Delivered,
+            "skip" => Verdict::Skipped,
+            "retry" => Verdict::Retry {
+                reason: "explicit_retry",
+                after: None,
+                counts: true,
+                detail: format!("batch answer: retry{}", suffix(detail)),
+            },
+            "dead-letter" => Verdict::DeadLetter {
+                reason: "explicit_dead_letter",
+                detail: format!("batch answer: dead-letter{}", suffix(detail)),
+            },
+            other => {
+                return Err(format!(
+                    "records[{i}].outcome {other:?} is unknown; allowed: done, retry, dead-letter, skip"
+                ));
+            }
+        };
+        let mut found = false;
+        for (slot, _) in ids.iter().enumerate().filter(|(_, x)| **x == id) {
+            verdicts[slot] = verdict.clone();
+            found = true;
+        }
+        if !found {
+            return Err(format!("records[{i}].id {id:?} is not in this batch"));
+        }
+    }
+    Ok(verdicts)
+}
+
+fn suffix(detail: Option<&str>) -> String {
+    detail.map(|d| format!(" ({d})")).unwrap_or_default()
+}
+
 /// Parses `Retry-After`: delta-seconds or an HTTP date. Capped at [`MAX_RETRY_AFTER`]; a
 /// date in the past means "now".
 pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
@@ -520,6 +642,150 @@ mod tests {
             next_step(&v, 0, 1, 3, &b, 0.0),
             Some(Next::RetryAfter(Duration::from_secs(3))),
             "a longer Retry-After is honoured as sent"
+        );
+    }
+
+    fn batch(status: u16, ct: Option<&str>, body: &str, ids: &[&str]) -> Vec<Verdict> {
+        classify_batch(&response(status), ct, body.as_bytes(), ids, now())
+    }
+
+    const JSON: Option<&str> = Some("application/json");
+
+    #[test]
+    fn batch_without_a_json_body_is_all_done() {
+        let ids = ["a", "b"];
+        assert_eq!(batch(200, None, "", &ids), vec![Verdict::Delivered; 2]);
+        assert_eq!(batch(204, JSON, "  \n", &ids), vec![Verdict::Delivered; 2]);
+        assert_eq!(
+            batch(200, Some("text/plain"), "OK", &ids),
+            vec![Verdict::Delivered; 2],
+            "a body that is not JSON is not an answer"
+        );
+        assert_eq!(batch(200, JSON, "{}", &ids), vec![Verdict::Delivered; 2]);
+        assert_eq!(
+            batch(
+                200,
+                Some("application/problem+json; charset=utf-8"),
+                r#"{"records":[]}"#,
+                &ids
+            ),
+            vec![Verdict::Delivered; 2]
+        );
+    }
+
+    #[test]
+    fn batch_answers_decide_each_named_record() {
+        let ids = ["a", "b", "c", "d", "e"];
+        let v = batch(
+            200,
+            JSON,
+            r#"{"records":[{"id":"b","outcome":"retry"},{"id":"c","outcome":"dead-letter","detail":"bad sku"},{"id":"d","outcome":"SKIP"},{"id":"e","outcome":"done"}]}"#,
+            &ids,
+        );
+        assert_eq!(v[0], Verdict::Delivered);
+        assert!(matches!(
+            &v[1],
+            Verdict::Retry {
+                reason: "explicit_retry",
+                counts: true,
+                after: None,
+                ..
+            }
+        ));
+        assert_eq!(
+            v[2],
+            Verdict::DeadLetter {
+                reason: "explicit_dead_letter",
+                detail: "batch answer: dead-letter (bad sku)".into()
+            }
+        );
+        assert_eq!(v[3], Verdict::Skipped);
+        assert_eq!(v[4], Verdict::Delivered);
+    }
+
+    #[test]
+    fn batch_answers_name_every_record_sharing_an_id() {
+        let v = batch(
+            200,
+            JSON,
+            r#"{"records":[{"id":"x","outcome":"skip"}]}"#,
+            &["x", "y", "x"],
+        );
+        assert_eq!(v, [Verdict::Skipped, Verdict::Delivered, Verdict::Skipped]);
+    }
+
+    #[test]
+    fn malformed_batch_answers_retry_every_record() {
+        let ids = ["a", "b"];
+        for body in [
+            "not json",
+            "[1,2]",
+            r#"{"records":{}}"#,
+            r#"{"records":[1]}"#,
+            r#"{"records":[{"outcome":"retry"}]}"#,
+            r#"{"records":[{"id":"a"}]}"#,
+            r#"{"records":[{"id":"a","outcome":"later"}]}"#,
+            r#"{"records":[{"id":"zz","outcome":"retry"}]}"#,
+            r#"{"records":[{"id":"a","outcome":"skip","detail":5}]}"#,
+        ] {
+            let v = batch(200, JSON, body, &ids);
+            assert_eq!(v.len(), 2);
+            for verdict in v {
+                assert!(
+                    matches!(
+                        &verdict,
+                        Verdict::Retry {
+                            reason: "malformed_response",
+                            counts: true,
+                            ..
+                        }
+                    ),
+                    "{body}: {verdict:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn batch_status_and_outcome_header_decide_the_whole_batch() {
+        let ids = ["a", "b", "c"];
+        let answer = r#"{"records":[{"id":"a","outcome":"skip"}]}"#;
+        let v = classify_batch(&response(500), JSON, answer.as_bytes(), &ids, now());
+        assert!(v.iter().all(|v| matches!(
+            v,
+            Verdict::Retry {
+                reason: "http_5xx",
+                ..
+            }
+        )));
+        let v = classify_batch(&response(400), None, b"", &ids, now());
+        assert!(v.iter().all(|v| matches!(
+            v,
+            Verdict::DeadLetter {
+                reason: "http_4xx",
+                ..
+            }
+        )));
+        let v = classify_batch(
+            &with(200, None, Some("skip")),
+            JSON,
+            answer.as_bytes(),
+            &ids,
+            now(),
+        );
+        assert_eq!(v, vec![Verdict::Skipped; 3]);
+        let v = classify_batch(
+            &AttemptResult::Unreachable("refused".into()),
+            None,
+            b"",
+            &ids,
+            now(),
+        );
+        assert!(v.iter().all(|v| matches!(v, Verdict::AppDown { .. })));
+        let v = classify_batch(&with(429, Some("2"), None), None, b"", &ids, now());
+        assert!(
+            v.iter()
+                .all(|v| matches!(v, Verdict::Retry { counts: false, .. }))
         );
     }
 }

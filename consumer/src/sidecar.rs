@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::deliver::{DeadLetterWriter, Deliverer, http_client};
-use crate::dispatch::{Dispatcher, MemoryBudget};
+use crate::dispatch::{BatchLimits, Dispatcher, MemoryBudget};
 use crate::kafka::{self, Budget, GroupHealth, SluiceContext};
 use crate::metrics::{Metrics, ReasonLabel};
 use crate::policy::Backoff;
@@ -346,6 +346,11 @@ pub async fn run(
         metrics.clone(),
         app.subscribe(),
         d.commit_interval,
+        d.batch.as_ref().map(|b| BatchLimits {
+            max_records: b.max_records as usize,
+            max_bytes: usize::try_from(b.max_bytes).unwrap_or(usize::MAX),
+            max_wait: b.max_wait,
+        }),
     );
     let report = dispatcher.run(from_kafka, events_rx, drain.token()).await;
     if report.fatal.is_some() {

@@ -359,6 +359,37 @@ pub struct DeliverySpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^[a-zA-Z0-9._-]{1,249}$"))]
     pub dead_letter_topic: Option<String>,
+
+    /// Batch delivery (off when unset): one POST carries several records of one partition,
+    /// in offset order, as a CloudEvents JSON batch (`application/cloudevents-batch+json`),
+    /// and a JSON answer may name records to retry, dead-letter or skip (see the README's
+    /// delivery contract). maxInFlight then bounds batches in flight.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch: Option<BatchSpec>,
+}
+
+/// Batch delivery limits.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct BatchSpec {
+    /// Most records in one batch. Between 1 and 10000; default 100.
+    #[serde(default = "defaults::batch_max_records")]
+    #[schemars(range(min = 1, max = 10000))]
+    pub max_records: i32,
+
+    /// Most bytes (keys, values and headers) in one batch; a single larger record goes
+    /// alone. Between 1024 and 16777216; default 1048576. The operator lowers it to a quarter
+    /// of the sidecar's record buffer when that is smaller.
+    #[serde(default = "defaults::batch_max_bytes")]
+    #[schemars(range(min = 1024, max = 16777216))]
+    pub max_bytes: i64,
+
+    /// How long a partial batch waits for more records before it is sent. A duration
+    /// between 0s and 10s; default 50ms.
+    #[serde(default = "defaults::batch_max_wait")]
+    #[schemars(schema_with = "schema::duration")]
+    #[x_kube(validation = rules::duration_between("maxWait", "0s", "10s"))]
+    pub max_wait: Duration,
 }
 
 /// Order guarantees of delivery.
@@ -567,6 +598,15 @@ pub(crate) mod defaults {
     }
     pub fn max_backoff() -> Duration {
         duration(30_000)
+    }
+    pub fn batch_max_records() -> i32 {
+        100
+    }
+    pub fn batch_max_bytes() -> i64 {
+        1 << 20
+    }
+    pub fn batch_max_wait() -> Duration {
+        duration(50)
     }
 }
 

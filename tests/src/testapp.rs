@@ -50,6 +50,64 @@ impl Received {
             .and_then(|p| p.parse().ok())
             .expect("kafka-offset header")
     }
+
+    /// The CloudEvents of a batch request (`application/cloudevents-batch+json`), in order.
+    pub fn events(&self) -> Vec<Event> {
+        let array: Vec<serde_json::Value> = serde_json::from_str(&self.value)
+            .unwrap_or_else(|e| panic!("a batch body must be a JSON array ({e}): {}", self.value));
+        array.iter().map(Event::from_json).collect()
+    }
+}
+
+/// One CloudEvent of a batch request, with the fields the tests look at.
+#[derive(Clone, Debug)]
+pub struct Event {
+    pub id: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<String>,
+    /// `data` as text (a JSON number or string as written; `data_base64` decoded as UTF-8).
+    pub value: String,
+    pub attempt: u32,
+    pub json: serde_json::Value,
+}
+
+impl Event {
+    fn from_json(v: &serde_json::Value) -> Event {
+        let text = |name: &str| {
+            v.get(name)
+                .and_then(serde_json::Value::as_str)
+                .unwrap_or_else(|| panic!("event attribute {name} missing: {v}"))
+                .to_owned()
+        };
+        let value = match (v.get("data"), v.get("data_base64")) {
+            (Some(serde_json::Value::String(s)), _) => s.clone(),
+            (Some(d), _) => d.to_string(),
+            (None, Some(b)) => {
+                use base64::Engine as _;
+                let bytes = base64::engine::general_purpose::STANDARD
+                    .decode(b.as_str().expect("data_base64 is a string"))
+                    .expect("valid base64");
+                String::from_utf8_lossy(&bytes).into_owned()
+            }
+            (None, None) => String::new(),
+        };
+        Event {
+            id: text("id"),
+            partition: text("kafkapartition").parse().expect("kafkapartition"),
+            offset: text("kafkaoffset").parse().expect("kafkaoffset"),
+            key: v
+                .get("kafkakey")
+                .and_then(|k| k.as_str())
+                .map(str::to_owned),
+            value,
+            attempt: v
+                .get("sluiceattempt")
+                .and_then(serde_json::Value::as_u64)
+                .expect("sluiceattempt") as u32,
+            json: v.clone(),
+        }
+    }
 }
 
 /// How the application answers one request.
@@ -58,6 +116,7 @@ pub struct Reply {
     pub status: u16,
     pub headers: Vec<(String, String)>,
     pub delay: Duration,
+    pub body: String,
 }
 
 impl Reply {
@@ -66,7 +125,20 @@ impl Reply {
             status: 200,
             headers: vec![],
             delay: Duration::ZERO,
+            body: String::new(),
         }
+    }
+    /// A 200 with a JSON body (a batch answer).
+    pub fn json(body: serde_json::Value) -> Reply {
+        let mut r = Reply::ok().header("content-type", "application/json");
+        r.body = body.to_string();
+        r
+    }
+    /// A 200 with this body and content type, as written.
+    pub fn body(content_type: &str, body: &str) -> Reply {
+        let mut r = Reply::ok().header("content-type", content_type);
+        r.body = body.to_owned();
+        r
     }
     pub fn status(status: u16) -> Reply {
         Reply {
@@ -302,7 +374,7 @@ async fn handle(
     }
     shared.answered.fetch_add(1, Ordering::SeqCst);
     Ok(resp
-        .body(Full::new(Bytes::new()))
+        .body(Full::new(Bytes::from(reply.body)))
         .expect("valid test response"))
 }
 

@@ -5,6 +5,11 @@
 //! and waits for its `ok`, so a receipt is never lost with a pod. An event that is not an
 //! `OrderCreated` JSON document is answered 400: the sidecar dead-letters it.
 //!
+//! With batch delivery (`spec.delivery.batch`) the sidecar POSTs a CloudEvents JSON batch
+//! (`application/cloudevents-batch+json`); the service handles each order as above and
+//! answers with the records that are not simply done: `dead-letter` for an event that is
+//! not an `OrderCreated`, `retry` for one whose receipt was not acknowledged.
+//!
 //! Environment: `POD_NAME`, `INVENTORY_RECEIPTS` (`IP:PORT`, required), `INVENTORY_LISTEN`
 //! (default `0.0.0.0:8080`), `INVENTORY_WORK_MS` (simulated work per order, default 2).
 
@@ -87,36 +92,17 @@ fn reply(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
     resp
 }
 
-async fn handle(
-    inv: Arc<Inventory>,
-    req: Request<Incoming>,
-) -> Result<Response<Full<Bytes>>, hyper::Error> {
-    if req.method() != Method::POST {
-        return Ok(reply(StatusCode::OK, "ok\n"));
-    }
-    let number = |name: &str| {
-        req.headers()
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<i64>().ok())
-            .unwrap_or(-1)
-    };
-    let (partition, offset) = (number("kafka-partition") as i32, number("kafka-offset"));
-    let body = req.into_body().collect().await?.to_bytes();
-    let order: OrderCreated = match serde_json::from_slice(&body) {
-        Ok(o) => o,
-        Err(_) => {
-            return Ok(reply(
-                StatusCode::BAD_REQUEST,
-                "not an OrderCreated event\n",
-            ));
-        }
-    };
+/// What became of one order.
+enum Handled {
+    Reserved,
+    NotAnOrder,
+    ReceiptNotRecorded,
+}
+
+/// Reserves stock for one order and records its receipt with the order service.
+async fn reserve(inv: &Inventory, order: OrderCreated, partition: i32, offset: i64) -> Handled {
     if order.kind != "OrderCreated" {
-        return Ok(reply(
-            StatusCode::BAD_REQUEST,
-            "not an OrderCreated event\n",
-        ));
+        return Handled::NotAnOrder;
     }
     tokio::time::sleep(inv.work).await;
     let remaining = {
@@ -140,12 +126,100 @@ async fn handle(
     {
         // Not recorded: let the sidecar retry (stock is re-reserved on retry; a real
         // service would make the reservation idempotent by order id).
-        return Ok(reply(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "receipt not recorded\n",
-        ));
+        return Handled::ReceiptNotRecorded;
     }
-    Ok(reply(StatusCode::OK, "reserved\n"))
+    Handled::Reserved
+}
+
+/// A batch: each event's order in turn (the batch is one partition in offset order), and an
+/// answer naming the events that are not simply done.
+async fn handle_batch(inv: &Inventory, body: &[u8]) -> Response<Full<Bytes>> {
+    let Ok(events) = serde_json::from_slice::<Vec<serde_json::Value>>(body) else {
+        return reply(StatusCode::BAD_REQUEST, "not a CloudEvents batch\n");
+    };
+    let mut named = Vec::new();
+    for event in events {
+        let id = event["id"].as_str().unwrap_or_default().to_owned();
+        let coordinate = |name: &str| {
+            event[name]
+                .as_str()
+                .and_then(|v| v.parse::<i64>().ok())
+                .unwrap_or(-1)
+        };
+        let (partition, offset) = (
+            coordinate("kafkapartition") as i32,
+            coordinate("kafkaoffset"),
+        );
+        let outcome = match serde_json::from_value::<OrderCreated>(event["data"].clone()) {
+            Err(_) => Handled::NotAnOrder,
+            Ok(order) => reserve(inv, order, partition, offset).await,
+        };
+        match outcome {
+            Handled::Reserved => {}
+            Handled::NotAnOrder => named.push(serde_json::json!(
+                {"id": id, "outcome": "dead-letter", "detail": "not an OrderCreated event"}
+            )),
+            Handled::ReceiptNotRecorded => {
+                named.push(serde_json::json!({"id": id, "outcome": "retry"}));
+            }
+        }
+    }
+    if named.is_empty() {
+        return reply(StatusCode::OK, "");
+    }
+    let mut resp = Response::new(Full::new(Bytes::from(
+        serde_json::json!({ "records": named }).to_string(),
+    )));
+    resp.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
+async fn handle(
+    inv: Arc<Inventory>,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, hyper::Error> {
+    if req.method() != Method::POST {
+        return Ok(reply(StatusCode::OK, "ok\n"));
+    }
+    let batch = req
+        .headers()
+        .get(hyper::header::CONTENT_TYPE)
+        .is_some_and(|v| {
+            v.as_bytes()
+                .starts_with(b"application/cloudevents-batch+json")
+        });
+    if batch {
+        let body = req.into_body().collect().await?.to_bytes();
+        return Ok(handle_batch(&inv, &body).await);
+    }
+    let number = |name: &str| {
+        req.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<i64>().ok())
+            .unwrap_or(-1)
+    };
+    let (partition, offset) = (number("kafka-partition") as i32, number("kafka-offset"));
+    let body = req.into_body().collect().await?.to_bytes();
+    let order: OrderCreated = match serde_json::from_slice(&body) {
+        Ok(o) => o,
+        Err(_) => {
+            return Ok(reply(
+                StatusCode::BAD_REQUEST,
+                "not an OrderCreated event\n",
+            ));
+        }
+    };
+    Ok(match reserve(&inv, order, partition, offset).await {
+        Handled::Reserved => reply(StatusCode::OK, "reserved\n"),
+        Handled::NotAnOrder => reply(StatusCode::BAD_REQUEST, "not an OrderCreated event\n"),
+        Handled::ReceiptNotRecorded => {
+            reply(StatusCode::SERVICE_UNAVAILABLE, "receipt not recorded\n")
+        }
+    })
 }
 
 #[tokio::main]

@@ -70,6 +70,10 @@ struct Cli {
     /// `$SLUICE_CACHE/demo/report.html` (`~/.cache/sluice/demo/report.html`).
     #[arg(long, env = "DEMO_REPORT")]
     report: Option<std::path::PathBuf>,
+    /// Records per batch: deliver orders to the inventory in batches of up to this many
+    /// (`spec.delivery.batch`); 0 delivers one order per request.
+    #[arg(long, env = "DEMO_BATCH", default_value_t = 0)]
+    batch: u32,
 }
 
 /// The report's path: `--report`, or under the build cache (outside the repository).
@@ -174,19 +178,24 @@ fn event_consumer(
     if let Some(at) = restart {
         annotations.insert("demo.sluice.dev/restartedAt".into(), at.into());
     }
+    let mut delivery = json!({
+        "url": "http://127.0.0.1:8080/orders",
+        "timeout": "5s",
+        "ordering": "key",
+        "maxInFlight": 32,
+        "retry": {"maxAttempts": 5, "initialBackoff": "200ms", "maxBackoff": "5s"},
+    });
+    if cli.batch > 0 {
+        delivery["batch"] = json!({"maxRecords": cli.batch, "maxWait": "50ms"});
+        delivery["maxInFlight"] = 4.into();
+    }
     json!({
         "apiVersion": "sluice.dev/v1alpha1",
         "kind": "EventConsumer",
         "metadata": {"name": EC, "namespace": cli.namespace},
         "spec": {
             "kafka": {"bootstrapServers": cli.pod_kafka, "topics": [topic], "groupId": group, "startFrom": "earliest"},
-            "delivery": {
-                "url": "http://127.0.0.1:8080/orders",
-                "timeout": "5s",
-                "ordering": "key",
-                "maxInFlight": 32,
-                "retry": {"maxAttempts": 5, "initialBackoff": "200ms", "maxBackoff": "5s"},
-            },
+            "delivery": delivery,
             "processing": {"maxDuration": "5s"},
             "membership": {"protocol": "classic", "sessionTimeout": "10s"},
             "replicas": cli.replicas,

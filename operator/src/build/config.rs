@@ -4,8 +4,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use sluice_config::{
-    Admin, App, Auth, Delivery, Drain, GroupProtocol, KafkaConnection, Ordering, Retry, Sasl,
-    SaslMechanism, SidecarConfig, StartFrom, Tls,
+    Admin, App, Auth, Batch, Delivery, Drain, GroupProtocol, KafkaConnection, Ordering, Retry,
+    Sasl, SaslMechanism, SidecarConfig, StartFrom, Tls,
 };
 
 use super::MOUNT_PATH;
@@ -107,6 +107,14 @@ pub fn sidecar_config(
         dead_letter_topic: d.dead_letter_topic.clone(),
         commit_interval: Duration::from_millis(500),
         max_buffered_bytes: tuning.max_buffered_bytes,
+        batch: d.batch.as_ref().map(|b| Batch {
+            max_records: u32::try_from(b.max_records).unwrap_or(0),
+            // At most one partition's share of the record buffer (the sidecar's rule).
+            max_bytes: u64::try_from(b.max_bytes)
+                .unwrap_or(0)
+                .min(tuning.max_buffered_bytes / 4),
+            max_wait: b.max_wait.into(),
+        }),
     };
     SidecarConfig {
         kafka,

@@ -758,3 +758,26 @@ fn names_and_selector() {
     assert_eq!(drain_secret_name("x"), "x-sluice-drain");
     assert_eq!(selector_string("x"), "sluice.dev/consumer=x");
 }
+
+#[test]
+fn batch_delivery_is_rendered_only_when_set_and_fits_the_record_buffer() {
+    assert_eq!(config_of(&build_ok(MINIMAL)).delivery.batch, None);
+    let yaml = MINIMAL.replace(
+        "url: http://127.0.0.1:8080/events",
+        "url: http://127.0.0.1:8080/events\n  batch: {maxRecords: 500, maxWait: 200ms}",
+    );
+    let c = config_of(&build_ok(&yaml));
+    let b = c.delivery.batch.expect("batch rendered");
+    assert_eq!(b.max_records, 500);
+    assert_eq!(b.max_bytes, 1 << 20, "the default");
+    assert_eq!(b.max_wait, std::time::Duration::from_millis(200));
+    // A small sidecar memory limit makes the record buffer small: the batch bytes follow.
+    let yaml = MINIMAL.replace(
+        "url: http://127.0.0.1:8080/events",
+        "url: http://127.0.0.1:8080/events\n  batch: {maxBytes: 16777216}",
+    ) + "sidecar:\n  resources:\n    limits: {memory: 64Mi}\n";
+    let c = config_of(&build_ok(&yaml));
+    let b = c.delivery.batch.as_ref().expect("batch rendered");
+    assert_eq!(b.max_bytes, c.delivery.max_buffered_bytes / 4);
+    assert!(b.max_bytes < 16 << 20);
+}

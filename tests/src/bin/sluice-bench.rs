@@ -1,39 +1,66 @@
-//! `make bench`: throughput, drain time, memory and CPU of the consumer sidecar against the
-//! local broker, next to a plain rdkafka consume loop and a plain HTTP client.
+//! `make bench`: throughput, CPU, memory and drain time of the consumer sidecar against the
+//! local broker, next to what users run without it — all delivering the same Kafka records
+//! and counted the same way.
 //!
-//! Run: `cargo run --release -p sluice-tests --bin sluice-bench` (env `SLUICE_BENCH_RECORDS`
-//! sets the record count, default 200 000).
+//! * plain rdkafka consume loop (no delivery): the ceiling;
+//! * plain rdkafka → hyper loop: every record POSTed to the same application, as many
+//!   requests in flight as the sidecar (`maxInFlight` 64), offsets auto-committed;
+//! * the sidecar, one record per request, ordering `partition` / `key` / `none`;
+//! * the sidecar with batches of up to 100 records (`delivery.batch`), each ordering;
+//! * kafka-go `FetchMessage` → POST → `CommitMessages` per record (and with
+//!   `CommitInterval: 1s`), built from the Go module proxy (`tests/bench/build-go.sh`);
+//! * a sarama consumer group handling records in process (`MarkMessage`, auto-commit).
+//!
+//! Every contestant runs as its own process (CPU and RSS read from /proc). Throughput is
+//! unique records the application accepted (each value carries a sequence number), from the
+//! first to the last; the in-process contestants count their own the same way. Each figure
+//! is the median of `SLUICE_BENCH_RUNS` (3) runs with min and max. A drain that exits
+//! before its in-flight deliveries were answered is a failure, not a fast drain.
+//!
+//! Run: `make bench` (env `SLUICE_BENCH_RECORDS`, default 200 000; `SLUICE_BENCH_RUNS`;
+//! `SLUICE_BENCH_KAFKAGO_RECORDS`, default 5 000, for the slow per-record-commit consumer;
+//! `SLUICE_BENCH_GO_BIN`, the Go baselines' directory, set by `make bench`).
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use sluice_tests::kafka::{Topic, client_config, ensure_reachable, group};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rdkafka::Message;
+use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
+use rdkafka::producer::FutureRecord;
+use sluice_tests::kafka::{Topic, bootstrap, client_config, ensure_reachable, group, producer};
 use sluice_tests::testapp::{Reply, Sidecar, TestApp, sidecar_binary, sidecar_config};
+use tokio::net::TcpListener;
 
 const PARTITIONS: i32 = 12;
+const MAX_IN_FLIGHT: usize = 64;
+const BATCH_RECORDS: usize = 100;
 
-fn records() -> usize {
-    std::env::var("SLUICE_BENCH_RECORDS")
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(200_000)
+        .unwrap_or(default)
 }
 
 /// (user + system CPU time, resident set size) of a process, from /proc.
-fn proc_usage(pid: i32) -> (Duration, u64) {
+fn proc_usage(pid: u32) -> (Duration, u64) {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let fields: Vec<&str> = stat
         .rsplit_once(')')
         .map(|(_, r)| r.split_whitespace().collect())
         .unwrap_or_default();
-    // After the command: state is field 3, utime 14, stime 15 (1-based) => indices 11, 12.
+    // After the command: utime is field 14, stime 15 (1-based) => indices 11, 12.
     let ticks: u64 = fields.get(11).and_then(|v| v.parse().ok()).unwrap_or(0)
         + fields
             .get(12)
@@ -54,116 +81,328 @@ fn mib(bytes: u64) -> f64 {
     bytes as f64 / (1024.0 * 1024.0)
 }
 
-fn plain_consume(topic: &str, n: usize) -> f64 {
+/// The sequence number in a record value `{"seq":N,...}` — found the same way in a single
+/// record's body and in every event of a batch.
+fn seqs(body: &[u8]) -> impl Iterator<Item = usize> + '_ {
+    const KEY: &[u8] = b"\"seq\":";
+    let mut at = 0;
+    std::iter::from_fn(move || {
+        let i = body[at..].windows(KEY.len()).position(|w| w == KEY)? + at + KEY.len();
+        let digits = body[i..].iter().take_while(|b| b.is_ascii_digit()).count();
+        at = i + digits;
+        std::str::from_utf8(&body[i..i + digits]).ok()?.parse().ok()
+    })
+}
+
+/// Unique records accepted, with the time of the first and of the `n`-th.
+struct Counter {
+    seen: Vec<bool>,
+    count: usize,
+    first: Option<Instant>,
+    done: Option<Instant>,
+    n: usize,
+}
+
+impl Counter {
+    fn new(total: usize, n: usize) -> Counter {
+        Counter {
+            seen: vec![false; total],
+            count: 0,
+            first: None,
+            done: None,
+            n,
+        }
+    }
+
+    fn mark(&mut self, seq: usize) {
+        if seq < self.seen.len() && !std::mem::replace(&mut self.seen[seq], true) {
+            self.count += 1;
+            self.first.get_or_insert_with(Instant::now);
+            if self.count == self.n {
+                self.done = Some(Instant::now());
+            }
+        }
+    }
+}
+
+/// The application every HTTP contestant delivers to: answers 200 at once and counts
+/// unique records.
+struct BenchApp {
+    addr: SocketAddr,
+    counter: Arc<Mutex<Counter>>,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl BenchApp {
+    async fn start(total: usize, n: usize) -> BenchApp {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let counter = Arc::new(Mutex::new(Counter::new(total, n)));
+        let c = counter.clone();
+        let server = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let _ = stream.set_nodelay(true);
+                let c = c.clone();
+                tokio::spawn(async move {
+                    let service = service_fn(move |req: http::Request<Incoming>| {
+                        let c = c.clone();
+                        async move {
+                            let body = req
+                                .into_body()
+                                .collect()
+                                .await
+                                .map(|b| b.to_bytes())
+                                .unwrap_or_default();
+                            {
+                                let mut c = c.lock().unwrap();
+                                for s in seqs(&body) {
+                                    c.mark(s);
+                                }
+                            }
+                            Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::new())))
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        BenchApp {
+            addr,
+            counter,
+            server,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}/events", self.addr)
+    }
+
+    fn count(&self) -> usize {
+        self.counter.lock().unwrap().count
+    }
+
+    fn span(&self) -> Option<Duration> {
+        let c = self.counter.lock().unwrap();
+        Some(c.done? - c.first?)
+    }
+}
+
+impl Drop for BenchApp {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}
+
+/// One run of one contestant.
+#[derive(Clone, Copy, Debug)]
+struct Run {
+    rate: f64,
+    cpu_us: f64,
+    rss: u64,
+}
+
+/// A contestant process delivering to `app`: measured until the application counted `n`
+/// unique records, then killed.
+async fn watch(mut child: Child, n: usize, app: &BenchApp, what: &str) -> Run {
+    let run = watch_pid(child.id(), n, app, what).await;
+    if let Ok(Some(status)) = child.try_wait() {
+        panic!("{what} exited before the end: {status}");
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    run
+}
+
+/// A self-reporting contestant: it prints `first_to_last_s=<s>` when it counted `n`.
+async fn watch_reporting(mut child: Child, n: usize, what: &str) -> Run {
+    use std::io::BufRead;
+    let pid = child.id();
+    let stdout = child.stdout.take().expect("piped stdout");
+    let (tx, mut rx) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = std::io::BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    let started = Instant::now();
+    let mut max_rss = 0;
+    let line = loop {
+        max_rss = max_rss.max(proc_usage(pid).1);
+        match rx.try_recv() {
+            Ok(line) => break line,
+            Err(tokio::sync::oneshot::error::TryRecvError::Closed) => {
+                panic!("{what} ended without a report")
+            }
+            Err(_) => {}
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(900),
+            "{what}: no report in 900 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let (cpu, rss) = proc_usage(pid);
+    let span: f64 = line
+        .trim()
+        .strip_prefix("first_to_last_s=")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{what}: unexpected report {line:?}"));
+    let _ = child.kill();
+    let _ = child.wait();
+    Run {
+        rate: n as f64 / span,
+        cpu_us: cpu.as_secs_f64() * 1e6 / n as f64,
+        rss: max_rss.max(rss),
+    }
+}
+
+fn self_command(args: &[&str]) -> Command {
+    let mut cmd = Command::new(std::env::current_exe().expect("own path"));
+    cmd.args(args).stdin(Stdio::null()).stderr(Stdio::inherit());
+    cmd
+}
+
+// ----- the in-process baselines, run as `sluice-bench <baseline> ...` -----
+
+/// `consume <topic> <group> <n>`: a plain rdkafka consume loop, counting unique records.
+fn baseline_consume(topic: &str, group: &str, n: usize) {
     let consumer: BaseConsumer = client_config()
-        .set("group.id", group("bench-plain"))
+        .set("group.id", group)
         .set("auto.offset.reset", "earliest")
-        .set("enable.auto.commit", "false")
         .create()
         .expect("a consumer");
     consumer.subscribe(&[topic]).expect("subscribe");
-    let mut seen = 0;
-    let mut first = None;
-    while seen < n {
-        if let Some(Ok(_)) = consumer.poll(Duration::from_millis(100)) {
-            first.get_or_insert_with(Instant::now);
-            seen += 1;
+    let mut counter = Counter::new(n, n);
+    while counter.done.is_none() {
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
+            for s in seqs(m.payload().unwrap_or_default()) {
+                counter.mark(s);
+            }
         }
     }
-    let took = first.map_or(Duration::ZERO, |t| t.elapsed());
-    n as f64 / took.as_secs_f64()
+    let span = counter.done.unwrap() - counter.first.unwrap();
+    println!("first_to_last_s={:.6}", span.as_secs_f64());
+    std::thread::sleep(Duration::from_secs(600));
 }
 
-async fn plain_http(url: &str, topic: &str, n: usize, concurrency: usize) -> f64 {
+/// `http <topic> <group> <url> <concurrency>`: a plain rdkafka → hyper loop: every record
+/// POSTed with the sidecar's headers, up to `concurrency` requests at once, offsets
+/// auto-committed.
+async fn baseline_http(topic: &str, group: &str, url: &str, concurrency: usize) {
+    let consumer: StreamConsumer = client_config()
+        .set("group.id", group)
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .expect("a consumer");
+    consumer.subscribe(&[topic]).expect("subscribe");
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
     let client: Client<HttpConnector, Full<Bytes>> = Client::builder(TokioExecutor::new())
         .pool_max_idle_per_host(concurrency)
         .build(connector);
     let uri: http::Uri = url.parse().unwrap();
-    let next = Arc::new(AtomicUsize::new(0));
-    let started = Instant::now();
-    let mut tasks = Vec::new();
-    for _ in 0..concurrency {
+    let permits = Arc::new(tokio::sync::Semaphore::new(concurrency));
+    loop {
+        let m = consumer.recv().await.expect("a record");
+        let permit = permits.clone().acquire_owned().await.unwrap();
+        let key = m.key().map(|k| String::from_utf8_lossy(k).into_owned());
+        let value = Bytes::copy_from_slice(m.payload().unwrap_or_default());
+        let (t, p, o) = (m.topic().to_owned(), m.partition(), m.offset());
+        drop(m);
         let client = client.clone();
         let uri = uri.clone();
-        let next = next.clone();
-        let topic = topic.to_owned();
-        tasks.push(tokio::spawn(async move {
-            loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                if i >= n {
-                    return;
-                }
-                let req = http::Request::post(uri.clone())
-                    .header("ce-specversion", "1.0")
-                    .header("ce-id", format!("{topic}-{}-{i}", i % 12))
-                    .header("ce-source", format!("/sluice/topics/{topic}"))
-                    .header("ce-type", "dev.sluice.kafka.record")
-                    .header("content-type", "application/octet-stream")
-                    .header("kafka-topic", topic.as_str())
-                    .header("kafka-partition", (i % 12).to_string())
-                    .header("kafka-offset", i.to_string())
-                    .header("kafka-key", format!("key-{}", i % 1000))
-                    .header("sluice-attempt", "1")
-                    .body(Full::new(Bytes::from(i.to_string())))
-                    .unwrap();
-                let resp = client.request(req).await.expect("plain HTTP request");
-                let _ = resp.into_body().collect().await;
+        tokio::spawn(async move {
+            let mut req = http::Request::post(uri)
+                .header("ce-specversion", "1.0")
+                .header("ce-id", format!("{t}-{p}-{o}"))
+                .header("ce-source", format!("/sluice/topics/{t}"))
+                .header("ce-type", "dev.sluice.kafka.record")
+                .header("content-type", "application/octet-stream")
+                .header("kafka-topic", t.as_str())
+                .header("kafka-partition", p.to_string())
+                .header("kafka-offset", o.to_string())
+                .header("sluice-attempt", "1");
+            if let Some(k) = key {
+                req = req.header("kafka-key", k);
             }
-        }));
+            let req = req.body(Full::new(value)).unwrap();
+            let resp = client.request(req).await.expect("plain HTTP request");
+            let _ = resp.into_body().collect().await;
+            drop(permit);
+        });
     }
-    for t in tasks {
-        t.await.unwrap();
-    }
-    n as f64 / started.elapsed().as_secs_f64()
 }
 
-struct SidecarRun {
-    rate: f64,
-    cpu_us_per_record: f64,
-    max_rss: u64,
+// ----- the bench -----
+
+async fn produce(topic: &Topic, n: usize) {
+    let producer = producer();
+    let mut pending = Vec::with_capacity(10_000);
+    for i in 0..n {
+        let key = format!("key-{}", i % 1000);
+        // ~100 bytes, JSON.
+        let value = format!("{{\"seq\":{i},\"pad\":\"{:0>72}\"}}", i);
+        let fut = producer
+            .send_result(FutureRecord::to(&topic.name).key(&key).payload(&value))
+            .unwrap_or_else(|(e, _)| panic!("producing record {i}: {e}"));
+        pending.push(fut);
+        if pending.len() >= 10_000 {
+            for f in pending.drain(..) {
+                f.await.expect("delivery").expect("produced");
+            }
+        }
+    }
+    for f in pending {
+        f.await.expect("delivery").expect("produced");
+    }
 }
 
-async fn through_sidecar(topic: &Topic, mode: &str, n: usize) -> SidecarRun {
-    let app = TestApp::counting().await;
-    let mut cfg = sidecar_config(&topic.name, &group(&format!("bench-{mode}")), &app.url());
+async fn sidecar_run(topic: &Topic, mode: &str, batch: bool, n: usize) -> Run {
+    let app = BenchApp::start(n, n).await;
+    let name = format!("bench-{mode}{}", if batch { "-batch" } else { "" });
+    let mut cfg = sidecar_config(&topic.name, &group(&name), &app.url());
     cfg["delivery"]["ordering"] = mode.into();
-    cfg["delivery"]["maxInFlight"] = 64.into();
+    cfg["delivery"]["maxInFlight"] = MAX_IN_FLIGHT.into();
     cfg["delivery"]["commitInterval"] = "500ms".into();
-    let mut sidecar = Sidecar::start(&format!("bench-{mode}"), cfg);
-    let pid = sidecar.pid();
-    while app.answered() == 0 {
-        tokio::time::sleep(Duration::from_millis(1)).await;
+    if batch {
+        cfg["delivery"]["batch"] = serde_json::json!({ "maxRecords": BATCH_RECORDS });
     }
-    let (cpu0, _) = proc_usage(pid);
+    let sidecar = Sidecar::start(&name, cfg);
+    // The sidecar's own process handle stays with `Sidecar`; watch it by pid.
+    let pid = sidecar.pid() as u32;
+    let run = watch_pid(pid, n, &app, &name).await;
+    drop(sidecar);
+    run
+}
+
+async fn watch_pid(pid: u32, n: usize, app: &BenchApp, what: &str) -> Run {
     let started = Instant::now();
-    let first = app.answered();
     let mut max_rss = 0;
-    let mut last_sample = Instant::now();
-    while app.answered() < n {
-        tokio::time::sleep(Duration::from_millis(2)).await;
-        if last_sample.elapsed() > Duration::from_millis(100) {
+    let mut last_sample = Instant::now() - Duration::from_secs(1);
+    loop {
+        if last_sample.elapsed() >= Duration::from_millis(100) {
             max_rss = max_rss.max(proc_usage(pid).1);
             last_sample = Instant::now();
         }
-        if started.elapsed() > Duration::from_secs(600) {
-            panic!(
-                "sidecar ({mode}) delivered only {} of {n} in 600 s",
-                app.answered()
-            );
+        if let Some(span) = app.span() {
+            let (cpu, rss) = proc_usage(pid);
+            return Run {
+                rate: n as f64 / span.as_secs_f64(),
+                cpu_us: cpu.as_secs_f64() * 1e6 / n as f64,
+                rss: max_rss.max(rss),
+            };
         }
-    }
-    let took = started.elapsed();
-    let (cpu1, rss) = proc_usage(pid);
-    max_rss = max_rss.max(rss);
-    sidecar.signal("TERM");
-    let _ = sidecar.wait_exit(Duration::from_secs(30));
-    let delivered = (n - first) as f64;
-    SidecarRun {
-        rate: delivered / took.as_secs_f64(),
-        cpu_us_per_record: (cpu1 - cpu0).as_secs_f64() * 1e6 / delivered,
-        max_rss,
+        assert!(
+            started.elapsed() < Duration::from_secs(900),
+            "{what}: only {} of {n} records in 900 s",
+            app.count()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
 
@@ -176,18 +415,22 @@ async fn idle_rss() -> u64 {
     );
     sidecar.wait_ready(Duration::from_secs(30));
     tokio::time::sleep(Duration::from_secs(5)).await;
-    proc_usage(sidecar.pid()).1
+    proc_usage(sidecar.pid() as u32).1
 }
 
-/// Time from the end of the last in-flight delivery to the sidecar's exit after SIGTERM.
-async fn drain_overhead() -> (Duration, Duration) {
+/// Time from the last in-flight delivery's answer to the sidecar's exit after SIGTERM, and
+/// SIGTERM to exit. `Err` when the sidecar exited before a delivery was answered.
+async fn drain_once(batch: bool) -> Result<(Duration, Duration), String> {
     const DELAY: Duration = Duration::from_secs(1);
     let topic = Topic::create("bench-drain", 4).await;
-    topic.produce_numbered(200, 50).await;
+    topic.produce_numbered(400, 50).await;
     let app = TestApp::start(|_| Reply::ok().after(DELAY)).await;
     let mut cfg = sidecar_config(&topic.name, &group("bench-drain"), &app.url());
     cfg["delivery"]["ordering"] = "none".into();
     cfg["delivery"]["maxInFlight"] = 20.into();
+    if batch {
+        cfg["delivery"]["batch"] = serde_json::json!({ "maxRecords": 10 });
+    }
     let mut sidecar = Sidecar::start("bench-drain", cfg);
     while app.in_flight() < 20 {
         tokio::time::sleep(Duration::from_millis(5)).await;
@@ -199,122 +442,351 @@ async fn drain_overhead() -> (Duration, Duration) {
             break Instant::now();
         }
         if signalled.elapsed() > Duration::from_secs(60) {
-            panic!("the sidecar did not exit within 60 s of SIGTERM");
+            return Err("the sidecar did not exit within 60 s of SIGTERM".into());
         }
         std::thread::sleep(Duration::from_millis(1));
     };
-    // `Received::at` is the arrival time; each delivery then takes exactly DELAY.
-    let last_delivery_end = app
-        .received()
+    // Requests still in the application when the sidecar exited were not waited for.
+    tokio::time::sleep(DELAY + Duration::from_millis(200)).await;
+    let received = app.received();
+    let last_answer = received
         .iter()
-        .map(|r| r.at + DELAY)
+        .map(|r| r.answered)
         .max()
-        .expect("deliveries finished");
-    (
-        exited.saturating_duration_since(last_delivery_end),
-        exited - signalled,
-    )
+        .ok_or("no delivery was answered")?;
+    if last_answer > exited || app.answered() < received.len() {
+        return Err(format!(
+            "the sidecar exited {:?} before its last in-flight delivery was answered",
+            last_answer.saturating_duration_since(exited)
+        ));
+    }
+    Ok((exited - last_answer, exited - signalled))
+}
+
+struct Figures {
+    runs: Vec<Run>,
+}
+
+impl Figures {
+    fn median_by(&self, f: impl Fn(&Run) -> f64) -> (f64, f64, f64) {
+        let mut v: Vec<f64> = self.runs.iter().map(f).collect();
+        v.sort_by(f64::total_cmp);
+        (v[v.len() / 2], v[0], v[v.len() - 1])
+    }
+    fn rate(&self) -> f64 {
+        self.median_by(|r| r.rate).0
+    }
+    fn cpu(&self) -> f64 {
+        self.median_by(|r| r.cpu_us).0
+    }
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    match args.get(1).map(String::as_str) {
+        Some("consume") => {
+            baseline_consume(&args[2], &args[3], args[4].parse().unwrap());
+            return;
+        }
+        Some("http") => {
+            baseline_http(&args[2], &args[3], &args[4], args[5].parse().unwrap()).await;
+            return;
+        }
+        _ => {}
+    }
     ensure_reachable();
-    let n = records();
+    let n = env_usize("SLUICE_BENCH_RECORDS", 200_000);
+    let runs = env_usize("SLUICE_BENCH_RUNS", 3).max(1);
+    let kafkago_n = env_usize("SLUICE_BENCH_KAFKAGO_RECORDS", 5_000).min(n);
+    // `SLUICE_BENCH_ONLY=<text>`: only the contestants whose name contains it (profiling).
+    let only = std::env::var("SLUICE_BENCH_ONLY").unwrap_or_default();
+    let wanted = |name: &str| name.contains(only.as_str());
+    let go_bin = std::env::var("SLUICE_BENCH_GO_BIN")
+        .ok()
+        .map(std::path::PathBuf::from);
     eprintln!("sluice-bench: building the sidecar (release)…");
     let bin = sidecar_binary();
     eprintln!(
-        "sluice-bench: sidecar {}; producing {n} records to {PARTITIONS} partitions…",
+        "sluice-bench: sidecar {}; producing {n} records of ~100 bytes to {PARTITIONS} partitions…",
         bin.display()
     );
     let topic = Topic::create("bench", PARTITIONS).await;
-    topic.produce_numbered(n, 1000).await;
+    produce(&topic, n).await;
 
-    let kafka_rate = {
-        let name = topic.name.clone();
-        tokio::task::spawn_blocking(move || plain_consume(&name, n))
-            .await
-            .unwrap()
+    let mut results: BTreeMap<&'static str, (usize, Figures)> = BTreeMap::new();
+    let mut order: Vec<&'static str> = Vec::new();
+    let mut record = |name: &'static str, count: usize, run: Run| {
+        eprintln!(
+            "sluice-bench:   {name}: {:.0} records/s, {:.1} CPU µs/record, {:.1} MiB",
+            run.rate,
+            run.cpu_us,
+            mib(run.rss)
+        );
+        if !order.contains(&name) {
+            order.push(name);
+        }
+        results
+            .entry(name)
+            .or_insert_with(|| (count, Figures { runs: vec![] }))
+            .1
+            .runs
+            .push(run);
     };
-    let app = TestApp::counting().await;
-    let http_rate = plain_http(&app.url(), &topic.name, n, PARTITIONS as usize).await;
-    drop(app);
+    const CONSUME: &str = "plain rdkafka consume loop (no delivery)";
+    const HTTP: &str = "plain rdkafka → hyper loop, 64 in flight";
+    const SARAMA: &str = "sarama group, in process (MarkMessage)";
+    const KAFKAGO: &str = "kafka-go Fetch → POST → Commit per record";
+    const KAFKAGO_1S: &str = "kafka-go, CommitInterval 1s";
+    const SIDECAR: [&str; 3] = [
+        "sidecar, per record, partition",
+        "sidecar, per record, key",
+        "sidecar, per record, none",
+    ];
+    const BATCH: [&str; 3] = [
+        "sidecar, batch 100, partition",
+        "sidecar, batch 100, key",
+        "sidecar, batch 100, none",
+    ];
+    for i in 0..runs {
+        eprintln!("sluice-bench: run {} of {runs}", i + 1);
+        if wanted(CONSUME) {
+            let child = self_command(&[
+                "consume",
+                &topic.name,
+                &group("bench-consume"),
+                &n.to_string(),
+            ])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("starting the consume loop");
+            record(CONSUME, n, watch_reporting(child, n, CONSUME).await);
+        }
+        if wanted(HTTP) {
+            let app = BenchApp::start(n, n).await;
+            let child = self_command(&[
+                "http",
+                &topic.name,
+                &group("bench-http"),
+                &app.url(),
+                &MAX_IN_FLIGHT.to_string(),
+            ])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("starting the HTTP loop");
+            record(HTTP, n, watch(child, n, &app, HTTP).await);
+            drop(app);
+        }
 
-    let mut runs = Vec::new();
-    for mode in ["partition", "key", "none"] {
-        eprintln!("sluice-bench: sidecar, ordering {mode}…");
-        runs.push((mode, through_sidecar(&topic, mode, n).await));
+        for (j, mode) in ["partition", "key", "none"].into_iter().enumerate() {
+            if wanted(SIDECAR[j]) {
+                record(SIDECAR[j], n, sidecar_run(&topic, mode, false, n).await);
+            }
+            if wanted(BATCH[j]) {
+                record(BATCH[j], n, sidecar_run(&topic, mode, true, n).await);
+            }
+        }
+
+        if let Some(dir) = go_bin
+            .as_ref()
+            .filter(|_| wanted(SARAMA) || wanted(KAFKAGO))
+        {
+            let child = Command::new(dir.join("sarama"))
+                .args([
+                    "-brokers",
+                    &bootstrap(),
+                    "-topic",
+                    &topic.name,
+                    "-group",
+                    &group("bench-sarama"),
+                    "-n",
+                    &n.to_string(),
+                ])
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .spawn()
+                .expect("starting the sarama baseline");
+            record(SARAMA, n, watch_reporting(child, n, SARAMA).await);
+            for (name, interval) in [(KAFKAGO, "0s"), (KAFKAGO_1S, "1s")] {
+                let app = BenchApp::start(n, kafkago_n).await;
+                let child = Command::new(dir.join("kafkago"))
+                    .args([
+                        "-brokers",
+                        &bootstrap(),
+                        "-topic",
+                        &topic.name,
+                        "-group",
+                        &group("bench-kafkago"),
+                        "-url",
+                        &app.url(),
+                        "-commit-interval",
+                        interval,
+                    ])
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .spawn()
+                    .expect("starting the kafka-go baseline");
+                record(name, kafkago_n, watch(child, kafkago_n, &app, name).await);
+            }
+        }
     }
+    eprintln!("sluice-bench: idle RSS and drain…");
     let idle = idle_rss().await;
-    let (drain_after_last, drain_total) = drain_overhead().await;
+    let mut drains = Vec::new();
+    for batch in [false, true] {
+        for _ in 0..if only.is_empty() { runs } else { 0 } {
+            drains.push((batch, drain_once(batch).await));
+        }
+    }
 
     println!();
     println!(
-        "Sluice consumer benchmark — {n} records, {PARTITIONS} partitions, local broker, trivial HTTP app"
-    );
-    println!("{:<52} {:>12}", "measurement", "value");
-    println!(
-        "{:<52} {:>12.0}",
-        "plain rdkafka consume loop (records/s)", kafka_rate
+        "Sluice consumer benchmark — {n} records of ~100 bytes, {PARTITIONS} partitions, local broker, an application that answers at once and counts unique records; median of {runs} runs [min – max]"
     );
     println!(
-        "{:<52} {:>12.0}",
-        format!("plain HTTP client, {PARTITIONS} connections (requests/s)"),
-        http_rate
+        "NOTE: one 2-core machine shared by the broker, the application, the contestant and whatever else runs; figures are noisy."
     );
-    for (mode, r) in &runs {
+    println!();
+    let fig = |name: &str| results.get(name).map(|(_, f)| f);
+    let ratio = |a: f64, b: Option<f64>| b.map_or("—".to_owned(), |b| format!("{:.2}×", a / b));
+    let http_rate = fig(HTTP).map(Figures::rate);
+    let http_cpu = fig(HTTP).map(Figures::cpu);
+    let consume_rate = fig(CONSUME).map(Figures::rate);
+    let sarama_rate = fig(SARAMA).map(Figures::rate);
+    let kafkago_rate = fig(KAFKAGO).map(Figures::rate);
+    println!(
+        "{:<44} {:>26} {:>9} {:>9} {:>9} {:>9} {:>18} {:>10}",
+        "contestant",
+        "records/s",
+        "×hyper",
+        "×consume",
+        "×sarama",
+        "×kafka-go",
+        "CPU µs/rec (×hyper)",
+        "RSS MiB"
+    );
+    for name in &order {
+        let (count, f) = &results[name];
+        let (rate, lo, hi) = f.median_by(|r| r.rate);
+        let (cpu, _, _) = f.median_by(|r| r.cpu_us);
+        let (rss, _, _) = f.median_by(|r| mib(r.rss));
+        let counted = if *count == n {
+            String::new()
+        } else {
+            format!(" ({count} records)")
+        };
         println!(
-            "{:<52} {:>12.0}",
-            format!("sidecar, ordering {mode} (records/s)"),
-            r.rate
-        );
-        println!(
-            "{:<52} {:>12.2}",
-            format!("  ratio to plain HTTP client"),
-            r.rate / http_rate
-        );
-        println!(
-            "{:<52} {:>12.3}",
-            format!("  ratio to plain rdkafka loop"),
-            r.rate / kafka_rate
-        );
-        println!(
-            "{:<52} {:>12.1}",
-            format!("  CPU µs per record"),
-            r.cpu_us_per_record
-        );
-        println!(
-            "{:<52} {:>12.1}",
-            format!("  RSS under load (MiB, max)"),
-            mib(r.max_rss)
+            "{:<44} {:>26} {:>9} {:>9} {:>9} {:>9} {:>18} {:>10.1}",
+            format!("{name}{counted}"),
+            format!("{rate:.0} [{lo:.0} – {hi:.0}]"),
+            ratio(rate, http_rate),
+            ratio(rate, consume_rate),
+            ratio(rate, sarama_rate),
+            ratio(rate, kafkago_rate),
+            format!("{cpu:.1} ({})", ratio(cpu, http_cpu)),
+            rss
         );
     }
-    println!("{:<52} {:>12.1}", "sidecar RSS idle (MiB)", mib(idle));
-    println!(
-        "{:<52} {:>12.3}",
-        "drain: exit after the last in-flight delivery (s)",
-        drain_after_last.as_secs_f64()
-    );
-    println!(
-        "{:<52} {:>12.3}",
-        "drain: SIGTERM to exit, 1 s deliveries (s)",
-        drain_total.as_secs_f64()
-    );
-    let partition_ratio = runs[0].1.rate / http_rate;
     println!();
     println!(
-        "targets: partition mode >= 0.5x plain HTTP: {} ({partition_ratio:.2}); idle RSS <= 20 MiB: {} ({:.1}); drain <= 0.5 s after last delivery: {} ({:.3})",
-        if partition_ratio >= 0.5 {
-            "MET"
-        } else {
-            "MISSED"
-        },
-        if mib(idle) <= 20.0 { "MET" } else { "MISSED" },
+        "sidecar RSS idle: {:.1} MiB (target ≤ 12 MiB: {})",
         mib(idle),
-        if drain_after_last <= Duration::from_millis(500) {
-            "MET"
-        } else {
-            "MISSED"
-        },
-        drain_after_last.as_secs_f64(),
+        met(mib(idle) <= 12.0)
     );
+    for batch in [false, true] {
+        let label = if batch { "batch" } else { "per record" };
+        let ok: Vec<(Duration, Duration)> = drains
+            .iter()
+            .filter(|(b, _)| *b == batch)
+            .filter_map(|(_, r)| r.as_ref().ok().copied())
+            .collect();
+        let failed: Vec<&String> = drains
+            .iter()
+            .filter(|(b, _)| *b == batch)
+            .filter_map(|(_, r)| r.as_ref().err())
+            .collect();
+        for f in &failed {
+            println!("drain ({label}): FAILED — {f}");
+        }
+        if !ok.is_empty() {
+            let mut after: Vec<f64> = ok.iter().map(|(a, _)| a.as_secs_f64()).collect();
+            after.sort_by(f64::total_cmp);
+            let mut total: Vec<f64> = ok.iter().map(|(_, t)| t.as_secs_f64()).collect();
+            total.sort_by(f64::total_cmp);
+            let med = after[after.len() / 2];
+            println!(
+                "drain ({label}): exit {med:.3} s [{:.3} – {:.3}] after the last in-flight delivery was answered (target ≤ 0.1 s: {}); SIGTERM to exit with 1 s deliveries in flight {:.3} s",
+                after[0],
+                after[after.len() - 1],
+                met(med <= 0.1 && failed.is_empty()),
+                total[total.len() / 2]
+            );
+        }
+    }
+    println!();
+    println!("targets (ratios of medians):");
+    let target = |what: &str, name: &str, value: Option<f64>, ok: fn(f64) -> bool| match value {
+        Some(v) => println!("  {what} [{name}]: {v:.2} — {}", met(ok(v))),
+        None => println!("  {what} [{name}]: not measured"),
+    };
+    for name in SIDECAR {
+        let f = fig(name);
+        target(
+            "per record ≥ 0.9× the hyper loop",
+            name,
+            f.map(Figures::rate).zip(http_rate).map(|(a, b)| a / b),
+            |v| v >= 0.9,
+        );
+        target(
+            "per record CPU ≤ 1.5× the hyper loop's",
+            name,
+            f.map(Figures::cpu).zip(http_cpu).map(|(a, b)| a / b),
+            |v| v <= 1.5,
+        );
+        target(
+            "≥ 100× kafka-go per-record commit",
+            name,
+            f.map(Figures::rate).zip(kafkago_rate).map(|(a, b)| a / b),
+            |v| v >= 100.0,
+        );
+    }
+    for name in BATCH {
+        let f = fig(name);
+        target(
+            "batch ≥ 1× sarama in process",
+            name,
+            f.map(Figures::rate).zip(sarama_rate).map(|(a, b)| a / b),
+            |v| v >= 1.0,
+        );
+        target(
+            "batch ≥ 0.3× the consume loop",
+            name,
+            f.map(Figures::rate).zip(consume_rate).map(|(a, b)| a / b),
+            |v| v >= 0.3,
+        );
+        target(
+            "batch CPU ≤ 3 µs/record",
+            name,
+            f.map(Figures::cpu),
+            |v| v <= 3.0,
+        );
+        target(
+            "≥ 100× kafka-go per-record commit",
+            name,
+            f.map(Figures::rate).zip(kafkago_rate).map(|(a, b)| a / b),
+            |v| v >= 100.0,
+        );
+    }
+    for name in SIDECAR.iter().chain(BATCH.iter()) {
+        target(
+            "RSS under load ≤ 40 MiB",
+            name,
+            fig(name).map(|f| f.median_by(|r| mib(r.rss)).0),
+            |v| v <= 40.0,
+        );
+    }
+}
+
+fn met(ok: bool) -> &'static str {
+    if ok { "MET" } else { "MISSED" }
 }
