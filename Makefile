@@ -61,6 +61,8 @@ manifests:
 
 ## demo: the order -> inventory scenario on the test bed: chart, 3 inventory pods, a
 ## rolling restart halfway, a summary (about 2 minutes once the test bed is up)
+# --take-ownership: the release owns the EventConsumer CRD (crds.install), which the tests
+# may have applied to the test bed before; see README "Upgrading".
 DEMO_NS ?= sluice-demo
 demo: env-up images
 	set -a; source $(SLUICE_CACHE)/state/env; set +a; set -e; \
@@ -68,7 +70,7 @@ demo: env-up images
 	  kubectl label namespace sluice-system --overwrite \
 	    pod-security.kubernetes.io/enforce=restricted pod-security.kubernetes.io/enforce-version=latest >/dev/null; \
 	  echo "== helm upgrade --install sluice charts/sluice (operator: 2 replicas, leader election; watching $(DEMO_NS))"; \
-	  helm upgrade --install sluice charts/sluice --namespace sluice-system \
+	  helm upgrade --install sluice charts/sluice --namespace sluice-system --take-ownership \
 	    --set operator.image.tag=$(IMAGE_TAG) --set sidecar.image.tag=$(IMAGE_TAG) \
 	    --set operator.watchNamespace=$(DEMO_NS) \
 	    --set-string 'operator.podAnnotations.sluice\.dev/build='$$(sha256sum $(RELEASE)/sluice-operator | cut -c1-12) \
