@@ -9,6 +9,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 bash "$here/build-kubernetes.sh"
 bash "$here/build-etcd.sh"
 bash "$here/build-helm.sh"
+promtool=$(bash "$here/build-promtool.sh")   # checks the chart's alerts and dashboard
 
 bash "$here/kafka.sh" up
 bash "$here/control-plane.sh" up
@@ -18,6 +19,7 @@ cat >"$SLUICE_STATE/env" <<ENV
 KUBECONFIG=$KUBECONFIG_PATH
 SLUICE_KUBECTL=$K8S_BIN/kubectl
 SLUICE_HELM=$HELM_BIN/helm
+SLUICE_PROMTOOL=$promtool
 SLUICE_KAFKA_BOOTSTRAP=127.0.0.1:$KAFKA_HOST_PORT
 SLUICE_KAFKA_POD_BOOTSTRAP=$BRIDGE_GATEWAY:$KAFKA_POD_PORT
 SLUICE_KAFKA_INFO="$here/kafka.sh info"
