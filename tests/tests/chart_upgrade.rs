@@ -6,7 +6,8 @@
 //!   field is pruned under the old CRD; a plain upgrade stops with Helm's ownership error
 //!   (the README's upgrade note says so); `--take-ownership` upgrades the CRD, the field is
 //!   accepted and kept, the EventConsumer made before the upgrade is still there; later
-//!   upgrades need no flag; `helm uninstall` keeps the CRD and the EventConsumers;
+//!   upgrades need no flag; `helm uninstall` keeps the CRD and the EventConsumers; the wide
+//!   Topics column prints JSON under the old CRD and `orders,payments` under the new one;
 //! * a fresh install creates the CRD with the keep policy; `crds.install=false` renders none.
 //!
 //! The CRD is cluster-wide and other tests use `eventconsumers.sluice.dev` at the same
@@ -138,6 +139,36 @@ impl Drop for CrdCleanup {
     }
 }
 
+/// Uninstalls a release when dropped (its ClusterRole and ClusterRoleBinding are
+/// cluster-wide and would outlive the namespace).
+struct Release {
+    name: String,
+    ns: String,
+}
+
+impl Release {
+    /// A release name unique to this test run (`<prefix>-<namespace>`, at most 53 characters).
+    fn new(prefix: &str, ns: &str) -> Release {
+        let name: String = format!("{prefix}-{ns}").chars().take(53).collect();
+        Release {
+            name: name.trim_end_matches('-').to_owned(),
+            ns: ns.to_owned(),
+        }
+    }
+}
+
+impl Drop for Release {
+    fn drop(&mut self) {
+        let _ = helm(&[
+            "uninstall",
+            &self.name,
+            "--namespace",
+            &self.ns,
+            "--ignore-not-found",
+        ]);
+    }
+}
+
 /// `status.effective` with every field the current CRD requires (a valid value of each
 /// field's type), `maxBufferedBytes` set to `budget`.
 fn effective_status(budget: u64) -> Value {
@@ -214,6 +245,14 @@ fn crd_has_budget_field(crd: &Value) -> bool {
         .is_some()
 }
 
+/// `kubectl get RESOURCE NAME -o wide` (header and row).
+fn topics_column(resource: &str, ns: &str, name: &str) -> String {
+    ok(
+        kubectl(&["get", resource, name, "-n", ns, "-o", "wide"], None),
+        "kubectl get -o wide",
+    ) + " "
+}
+
 #[tokio::test]
 async fn helm_upgrade_from_the_previous_chart_carries_the_new_crd_field() {
     let client = kube_env::client().await;
@@ -235,7 +274,8 @@ async fn helm_upgrade_from_the_previous_chart_carries_the_new_crd_field() {
         &tmp.0.join("current"),
         &group,
     );
-    let release = "sluice-upgrade";
+    let release_guard = Release::new("up", &ns.name);
+    let release = release_guard.name.as_str();
     let previous = previous.to_str().expect("utf-8 path");
     let current = current.to_str().expect("utf-8 path");
 
@@ -254,7 +294,7 @@ async fn helm_upgrade_from_the_previous_chart_carries_the_new_crd_field() {
         "kind": "EventConsumer",
         "metadata": {"name": "audit-log"},
         "spec": {
-            "kafka": {"bootstrapServers": "kafka.kafka.svc:9092", "topics": ["orders"]},
+            "kafka": {"bootstrapServers": "kafka.kafka.svc:9092", "topics": ["orders", "payments"]},
             "delivery": {"url": "http://127.0.0.1:8080/events"},
             "template": {"spec": {"containers": [
                 {"name": "app", "image": "shop/audit-log:1.0", "ports": [{"containerPort": 8080}]}
@@ -299,6 +339,13 @@ async fn helm_upgrade_from_the_previous_chart_carries_the_new_crd_field() {
         }
         Ok(Some(v)) => panic!("the previous CRD stored maxBufferedBytes={v}"),
     }
+
+    // The previous CRD's wide Topics column prints the spec's array as JSON.
+    let wide = topics_column(&resource, &ns.name, "audit-log");
+    assert!(
+        wide.contains(r#"["orders","payments"]"#),
+        "previous CRD, kubectl get -o wide:\n{wide}"
+    );
 
     // A plain upgrade stops: the CRD exists outside the release. Nothing changes.
     let plain = helm(&["upgrade", release, current, "--namespace", &ns.name]);
@@ -363,6 +410,32 @@ async fn helm_upgrade_from_the_previous_chart_carries_the_new_crd_field() {
         uid_before,
         "the EventConsumer was recreated"
     );
+
+    // The current CRD's Topics column shows status.topics, which the operator sets to the
+    // comma-separated list (operator/src/status.rs, topics_column).
+    ok(
+        kubectl(
+            &[
+                "patch",
+                &resource,
+                "audit-log",
+                "-n",
+                &ns.name,
+                "--subresource=status",
+                "--type=merge",
+                "-p",
+                r#"{"status":{"topics":"orders,payments"}}"#,
+            ],
+            None,
+        ),
+        "setting status.topics",
+    );
+    let wide = topics_column(&resource, &ns.name, "audit-log");
+    assert!(
+        wide.contains(" orders,payments ") && !wide.contains('['),
+        "current CRD, kubectl get -o wide:\n{wide}"
+    );
+    println!("kubectl get ec -o wide after the upgrade:\n{wide}");
 
     // Later upgrades are plain ones.
     ok(
@@ -451,8 +524,10 @@ async fn a_fresh_install_owns_and_keeps_the_crd_and_crds_install_false_renders_n
         "crds.keep=false:\n{rendered}"
     );
 
+    let fresh = Release::new("fresh", &ns.name);
+    let second_release = Release::new("second", &ns.name);
     ok(
-        helm(&["install", "sluice-fresh", current, "--namespace", &ns.name]),
+        helm(&["install", &fresh.name, current, "--namespace", &ns.name]),
         "helm install (current chart)",
     );
     let crd = crd_json(&crd_name);
@@ -467,7 +542,13 @@ async fn a_fresh_install_owns_and_keeps_the_crd_and_crds_install_false_renders_n
     );
     // A second release in the same cluster cannot own the CRD too; with crds.install=false
     // it installs beside the first (the README's "several releases" note).
-    let second = helm(&["install", "sluice-second", current, "--namespace", &ns.name]);
+    let second = helm(&[
+        "install",
+        &second_release.name,
+        current,
+        "--namespace",
+        &ns.name,
+    ]);
     assert!(
         !second.status.success() && text(&second).contains("invalid ownership metadata"),
         "a second release took the CRD:\n{}",
@@ -476,7 +557,7 @@ async fn a_fresh_install_owns_and_keeps_the_crd_and_crds_install_false_renders_n
     ok(
         helm(&[
             "install",
-            "sluice-second",
+            &second_release.name,
             current,
             "--namespace",
             &ns.name,
@@ -486,7 +567,7 @@ async fn a_fresh_install_owns_and_keeps_the_crd_and_crds_install_false_renders_n
         "a second release with crds.install=false",
     );
     ok(
-        helm(&["uninstall", "sluice-fresh", "--namespace", &ns.name]),
+        helm(&["uninstall", &fresh.name, "--namespace", &ns.name]),
         "helm uninstall",
     );
     let kept = crd_json(&crd_name);
