@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Builds promtool (and, with `prometheus` as the first argument, the Prometheus server) from
+# Builds promtool (and, with the argument `prometheus`, the Prometheus server) from
 # Prometheus' Go module into $SLUICE_CACHE/prometheus/<version>/bin. Idempotent: a binary
-# that is already there is kept. Used by tests/tests/monitoring.rs to check the chart's
+# that is already there is kept. Used by tests/tests/monitoring*.rs to check the chart's
 # PrometheusRule and Grafana dashboard queries.
 source "$(dirname "$0")/lib.sh"
 PROMETHEUS_MODULE_VERSION=${PROMETHEUS_MODULE_VERSION:-v0.316.0}

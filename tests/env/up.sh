@@ -9,7 +9,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 bash "$here/build-kubernetes.sh"
 bash "$here/build-etcd.sh"
 bash "$here/build-helm.sh"
-promtool=$(bash "$here/build-promtool.sh")   # checks the chart's alerts and dashboard
+promtool=$(bash "$here/build-promtool.sh" prometheus)   # the chart's alerts and dashboard
 
 bash "$here/kafka.sh" up
 bash "$here/control-plane.sh" up
