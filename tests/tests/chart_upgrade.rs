@@ -540,6 +540,45 @@ async fn a_fresh_install_owns_and_keeps_the_crd_and_crds_install_false_renders_n
         crd["metadata"]["labels"]["app.kubernetes.io/managed-by"],
         "Helm"
     );
+    // The operator may read the EventConsumer CRD (its start-up version check) and no other.
+    let sa = ok(
+        kubectl(
+            &[
+                "get",
+                "serviceaccounts",
+                "-n",
+                &ns.name,
+                "-l",
+                "app.kubernetes.io/name=sluice",
+                "-o",
+                "jsonpath={.items[0].metadata.name}",
+            ],
+            None,
+        ),
+        "the operator's service account",
+    );
+    let who = format!("--as=system:serviceaccount:{}:{}", ns.name, sa.trim());
+    for (crd, allowed) in [
+        ("eventconsumers.sluice.dev", "yes"),
+        ("kafkas.kafka.strimzi.io", "no"),
+    ] {
+        let out = kubectl(
+            &[
+                "auth",
+                "can-i",
+                "get",
+                &format!("customresourcedefinitions.apiextensions.k8s.io/{crd}"),
+                &who,
+            ],
+            None,
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            allowed,
+            "can the operator get the CRD {crd}? {}",
+            text(&out)
+        );
+    }
     // A second release in the same cluster cannot own the CRD too; with crds.install=false
     // it installs beside the first (the README's "several releases" note).
     let second = helm(&[
