@@ -8,7 +8,7 @@ ENV_DIR := tests/env
 RELEASE := $(CARGO_TARGET_DIR)/release
 IMAGE_TAG ?= dev
 
-.PHONY: all deps env-up env-down images test test-unit lint generate manifests bench demo help
+.PHONY: all deps env-up env-down images push test test-unit lint generate manifests bench demo help
 
 all: test
 
@@ -24,7 +24,8 @@ env-up: deps
 env-down:
 	@bash $(ENV_DIR)/down.sh
 
-## images: build the release binaries and import them as images into the node
+## images: build the release binaries, write them as OCI image archives
+## (~/.cache/sluice/images) and import them into the node
 # One release build serves the images, the tests (cargo test --release) and the benchmark.
 images: deps
 	cargo build --release --locked --workspace --bins
@@ -33,6 +34,12 @@ images: deps
 	bash $(ENV_DIR)/image.sh sluice.dev/testbed-probe:$(IMAGE_TAG) $(RELEASE)/testbed-probe
 	bash $(ENV_DIR)/image.sh sluice.dev/testapp:$(IMAGE_TAG) $(RELEASE)/sluice-testapp
 	bash $(ENV_DIR)/image.sh sluice.dev/inventory:$(IMAGE_TAG) $(RELEASE)/inventory
+
+## push: push the images `make images` built (OCI archives in ~/.cache/sluice/images) to
+## REGISTRY=host[:port][/path] with crane, as REGISTRY/operator:$(IMAGE_TAG) etc.
+push:
+	@[[ -n "$(REGISTRY)" ]] || { echo "usage: make push REGISTRY=host[:port][/path] [IMAGE_TAG=dev]" >&2; exit 2; }
+	bash $(ENV_DIR)/push.sh $(REGISTRY) $(IMAGE_TAG)
 
 ## test: every test — unit, integration against real Kafka and Kubernetes, end to end
 test: env-up images
@@ -62,6 +69,8 @@ manifests:
 ## demo: the order -> inventory scenario on the test bed: chart, 3 inventory pods, a
 ## rolling restart halfway, a summary and an HTML report with charts (about 2 minutes
 ## once the test bed is up)
+# --take-ownership: the release owns the EventConsumer CRD (crds.install), which the tests
+# may have applied to the test bed before; see README "Upgrading".
 DEMO_NS ?= sluice-demo
 demo: env-up images
 	set -a; source $(SLUICE_CACHE)/state/env; set +a; set -e; \
@@ -69,7 +78,7 @@ demo: env-up images
 	  kubectl label namespace sluice-system --overwrite \
 	    pod-security.kubernetes.io/enforce=restricted pod-security.kubernetes.io/enforce-version=latest >/dev/null; \
 	  echo "== helm upgrade --install sluice charts/sluice (operator: 2 replicas, leader election; watching $(DEMO_NS))"; \
-	  helm upgrade --install sluice charts/sluice --namespace sluice-system \
+	  helm upgrade --install sluice charts/sluice --namespace sluice-system --take-ownership \
 	    --set operator.image.tag=$(IMAGE_TAG) --set sidecar.image.tag=$(IMAGE_TAG) \
 	    --set operator.watchNamespace=$(DEMO_NS) \
 	    --set-string 'operator.podAnnotations.sluice\.dev/build='$$(sha256sum $(RELEASE)/sluice-operator | cut -c1-12) \

@@ -81,7 +81,7 @@ pub const SIDECAR_CONTAINER_NAME: &str = "sluice";
         name = "Topics",
         type_ = "string",
         description = "Source topics",
-        json_path = ".spec.kafka.topics",
+        json_path = ".status.topics",
         priority = "1"
     ),
     printcolumn(
@@ -550,6 +550,11 @@ pub struct EventConsumerStatus {
     /// every lag interval (30s by default). Unset while it cannot be measured.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lag: Option<i64>,
+
+    /// `spec.kafka.topics` as a comma-separated list, for the `Topics` column of
+    /// `kubectl get ec -o wide` (a column over the array itself prints it as JSON).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub topics: Option<String>,
 
     /// The consumer settings and pod timing Sluice derived from the spec.
     #[serde(default, skip_serializing_if = "Option::is_none")]

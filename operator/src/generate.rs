@@ -1,15 +1,15 @@
 //! The generated artefacts: the CRD manifest that `sluice-operator crd` prints and
-//! `make generate` writes to `crds/` and `charts/sluice/crds/`.
+//! `make generate` writes to `crds/` and `charts/sluice/files/` (the chart templates it).
 
 use kube::CustomResourceExt;
 
 use crate::crd::EventConsumer;
 
-/// File name of the EventConsumer CRD in `crds/` and `charts/sluice/crds/`.
+/// File name of the EventConsumer CRD in `crds/` and `charts/sluice/files/`.
 pub const CRD_FILE: &str = "eventconsumers.sluice.dev.yaml";
 
 /// Paths, relative to the repository root, that hold a copy of the CRD.
-pub const CRD_PATHS: [&str; 2] = ["crds", "charts/sluice/crds"];
+pub const CRD_PATHS: [&str; 2] = ["crds", "charts/sluice/files"];
 
 /// The EventConsumer CRD as YAML, with a header that says where it comes from.
 pub fn crd_yaml() -> String {

@@ -4,6 +4,7 @@
 pub mod build;
 pub mod catalogue;
 pub mod crd;
+pub mod crd_check;
 pub mod error;
 pub mod generate;
 pub mod lag;

@@ -372,6 +372,7 @@ async fn write_status(
     let now = Time(Timestamp::now());
     let mut new = status::compute(old, seen, outcome, &now);
     new.lag = lag;
+    new.topics = Some(status::topics_column(&ec.spec.kafka.topics));
     if old == Some(&new) {
         return Ok(());
     }

@@ -179,6 +179,7 @@ pub async fn main(args: RunArgs) -> anyhow::Result<()> {
     let client = Client::try_default().await.context(
         "cannot configure the Kubernetes client (in-cluster service account or KUBECONFIG)",
     )?;
+    crate::crd_check::ensure_current(&client).await?;
     let default_ns =
         std::env::var("POD_NAMESPACE").unwrap_or_else(|_| client.default_namespace().to_owned());
     let settings = args.settings(&default_ns)?;

@@ -152,11 +152,18 @@ pub fn compute(
         // Carried over; the reconciler replaces it with its own measurement from Kafka (or
         // None, unknown) before writing (see `crate::lag`).
         lag: old.and_then(|s| s.lag),
+        // Set by the reconciler from the spec (`topics_column`).
+        topics: old.and_then(|s| s.topics.clone()),
         effective: match outcome {
             Outcome::Applied { tuning } => Some(tuning.clone()),
             Outcome::Blocked { .. } => old.and_then(|s| s.effective.clone()),
         },
     }
+}
+
+/// `status.topics`: the topics as one plain comma-separated string (`orders,payments`).
+pub fn topics_column(topics: &[String]) -> String {
+    topics.join(",")
 }
 
 /// A condition whose status flipped between two statuses (for events).

@@ -4,6 +4,7 @@
 # cluster and an empty broker.
 source "$(dirname "$0")/lib.sh"
 here=$(cd "$(dirname "$0")" && pwd)
+bash "$here/registry.sh" down
 bash "$here/node.sh" down
 bash "$here/control-plane.sh" down
 bash "$here/kafka.sh" down

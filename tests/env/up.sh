@@ -9,15 +9,19 @@ here=$(cd "$(dirname "$0")" && pwd)
 bash "$here/build-kubernetes.sh"
 bash "$here/build-etcd.sh"
 bash "$here/build-helm.sh"
+promtool=$(bash "$here/build-promtool.sh" prometheus)   # the chart's alerts and dashboard
 
 bash "$here/kafka.sh" up
 bash "$here/control-plane.sh" up
 bash "$here/node.sh" up
+bash "$here/registry.sh" up
 
 cat >"$SLUICE_STATE/env" <<ENV
 KUBECONFIG=$KUBECONFIG_PATH
 SLUICE_KUBECTL=$K8S_BIN/kubectl
 SLUICE_HELM=$HELM_BIN/helm
+SLUICE_PROMTOOL=$promtool
+SLUICE_REGISTRY=$(bash "$here/registry.sh" info)
 SLUICE_KAFKA_BOOTSTRAP=127.0.0.1:$KAFKA_HOST_PORT
 SLUICE_KAFKA_POD_BOOTSTRAP=$BRIDGE_GATEWAY:$KAFKA_POD_PORT
 SLUICE_KAFKA_INFO="$here/kafka.sh info"

@@ -127,10 +127,11 @@ async fn rendered_chart_is_accepted_by_the_api_server_under_restricted_pod_secur
         ] {
             assert_eq!(count(kind), 1, "the chart renders no {kind}");
         }
-        // The leader-election Role is always there; the operator's own rules are a Role
-        // (one namespace) or a ClusterRole; the two aggregated ClusterRoles always.
+        // The leader-election Role and the CRD reader are always there; the operator's own
+        // rules are a Role (one namespace) or a ClusterRole; the two aggregated
+        // ClusterRoles always.
         let (roles, cluster_roles, cluster_bindings) =
-            if one_namespace { (2, 2, 0) } else { (1, 3, 1) };
+            if one_namespace { (2, 3, 1) } else { (1, 4, 2) };
         assert_eq!(count("Role"), roles, "Roles {extra:?}");
         assert_eq!(count("RoleBinding"), roles, "RoleBindings {extra:?}");
         assert_eq!(
@@ -144,9 +145,19 @@ async fn rendered_chart_is_accepted_by_the_api_server_under_restricted_pod_secur
             "ClusterRoleBindings {extra:?}"
         );
         if one_namespace {
+            // The only cluster-wide grant left: reading the one CRD.
+            let cluster_wide: Vec<&str> = manifests
+                .split("\n---")
+                .filter(|doc| {
+                    doc.contains("\nkind: ClusterRole\n") && !doc.contains("aggregate-to-")
+                })
+                .collect();
+            assert_eq!(cluster_wide.len(), 1, "{cluster_wide:?}");
             assert!(
-                !manifests.contains("kind: ClusterRoleBinding"),
-                "watching one namespace must grant nothing cluster-wide"
+                cluster_wide[0].contains("resourceNames: [eventconsumers.sluice.dev]")
+                    && !cluster_wide[0].contains("secrets"),
+                "watching one namespace must grant nothing cluster-wide but reading the CRD:\n{}",
+                cluster_wide[0]
             );
         }
         let applied = run(

@@ -126,6 +126,43 @@ impl Sluice {
         let release = release.trim_end_matches('-').to_owned();
         let chart = chart_dir();
         let started = Instant::now();
+        // The CRD is cluster-wide and shared with the other tests' releases: applied here
+        // (as operator_common does), each release installed with crds.install=false.
+        let crd = chart.join("files/eventconsumers.sluice.dev.yaml");
+        ok(
+            kubectl(
+                &[
+                    "apply",
+                    "--server-side",
+                    "--force-conflicts",
+                    "--field-manager=sluice-tests",
+                    "-f",
+                    crd.to_str().expect("utf-8 path"),
+                ],
+                None,
+            ),
+            "applying the EventConsumer CRD",
+        );
+        // (Polled: `kubectl wait` fails at once while the new CRD has no conditions yet.)
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while kubectl(
+            &[
+                "get",
+                "crd/eventconsumers.sluice.dev",
+                "-o",
+                r#"jsonpath={.status.conditions[?(@.type=="Established")].status}"#,
+            ],
+            None,
+        )
+        .stdout
+            != b"True"
+        {
+            assert!(
+                Instant::now() < deadline,
+                "the EventConsumer CRD was not established within 30 s"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
         let out = run_tool(
             "SLUICE_HELM",
             &[
@@ -134,6 +171,8 @@ impl Sluice {
                 chart.to_str().expect("utf-8 path"),
                 "--namespace",
                 &ns.name,
+                "--set",
+                "crds.install=false",
                 "--set",
                 "operator.image.tag=dev",
                 "--set",

@@ -295,3 +295,26 @@ fn transitions_report_flips_and_first_degradation_only() {
         "a consumer blocked from the start is reported"
     );
 }
+
+#[test]
+fn topics_column_is_a_plain_comma_separated_list() {
+    assert_eq!(topics_column(&["orders".to_owned()]), "orders");
+    assert_eq!(
+        topics_column(&["orders".to_owned(), "payments.v2".to_owned()]),
+        "orders,payments.v2"
+    );
+    // The wide Topics column shows that string, not the spec's array (printed as JSON).
+    let crd = <crate::crd::EventConsumer as kube::CustomResourceExt>::crd();
+    let column = crd.spec.versions[0]
+        .additional_printer_columns
+        .as_ref()
+        .expect("printer columns")
+        .iter()
+        .find(|c| c.name == "Topics")
+        .expect("a Topics column")
+        .clone();
+    assert_eq!(
+        (column.json_path.as_str(), column.type_.as_str()),
+        (".status.topics", "string")
+    );
+}
