@@ -245,7 +245,17 @@ case ${1:-up} in
     rm -rf "$CLUSTER_STATE"
     ;;
   env) env_lines ;;
-  stop-node) node_arg "${2:-}"; stop_daemon "kafka-cluster-$2" ;;
+  stop-node)
+    # A controlled shutdown (leaderships handed over first) may take a while on a busy
+    # machine; unlike stop_daemon this never escalates to SIGKILL, it fails instead.
+    node_arg "${2:-}"
+    if pid_alive "kafka-cluster-$2"; then
+      kill -TERM "$(head -n1 "$SLUICE_STATE/pids/kafka-cluster-$2.pid")"
+      for _ in $(seq 1 600); do pid_alive "kafka-cluster-$2" || break; sleep 0.2; done
+      pid_alive "kafka-cluster-$2" && die "node $2 did not shut down within 120 s of SIGTERM"
+    fi
+    rm -f "$SLUICE_STATE/pids/kafka-cluster-$2.pid"
+    ;;
   kill-node)
     node_arg "${2:-}"
     if pid_alive "kafka-cluster-$2"; then
