@@ -14,6 +14,8 @@
 #   kafka-cluster.sh start-node N  start node N again (same data) and wait for its ports
 #   kafka-cluster.sh scram-set USER PASSWORD   add or replace USER's SCRAM-SHA-512 credential
 #   kafka-cluster.sh scram-delete USER         remove USER's SCRAM-SHA-512 credential
+#   kafka-cluster.sh usage [SECONDS]           CPU (% of one core) and RSS of each node (and
+#                                              of kafka.sh's broker) over SECONDS (default 30)
 #
 # Node N (1..3) listens on (each listener advertises its own address):
 #   PLAIN        127.0.0.1:1910N          PLAINTEXT: the fixtures' admin, inter-broker traffic
@@ -32,8 +34,9 @@ CLUSTER_STATE=$SLUICE_STATE/kafka-cluster
 CLUSTER_PKI=$SLUICE_STATE/kafka-pki
 BASE=${KAFKA_CLUSTER_PORT_BASE:-19100}
 NODES=(1 2 3)
-# The SCRAM users created at format time (user=password). The tests own these names.
-SCRAM_USERS=(sluice-scram=scram-secret-1 strimzi-scram=strimzi-secret-1 sluice-rotate=rotate-secret-1)
+# The SCRAM users created at format time (user=password). The tests own these names; tests
+# that change credentials create their own users with scram-set.
+SCRAM_USERS=(sluice-scram=scram-secret-1 strimzi-scram=strimzi-secret-1)
 # Client certificates (CN) signed by the CA, for the mTLS listener.
 TLS_USERS=(sluice-mtls strimzi-mtls)
 # A small heap per node: three nodes share a 2-core machine with the single broker, the
@@ -237,6 +240,25 @@ scram() { # scram ADD|DELETE USER [PASSWORD]
     kafka.admin.ConfigCommand "${args[@]}" >/dev/null
 }
 
+usage() { # usage SECONDS
+  local seconds=${1:-30} name pid hz before=() i=0
+  local names=(kafka kafka-cluster-1 kafka-cluster-2 kafka-cluster-3)
+  hz=$(getconf CLK_TCK)
+  ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+  for name in "${names[@]}"; do
+    pid_alive "$name" || die "$name is not running"
+    before+=("$(ticks "$(head -n1 "$SLUICE_STATE/pids/$name.pid")")")
+  done
+  sleep "$seconds"
+  for name in "${names[@]}"; do
+    pid=$(head -n1 "$SLUICE_STATE/pids/$name.pid")
+    awk -v n="$name" -v d="$(( $(ticks "$pid") - before[i] ))" -v hz="$hz" -v s="$seconds" \
+      '/^VmRSS/ {rss = $2} /^Threads/ {t = $2} END {printf "%-16s cpu %5.1f%% of one core  rss %4d MiB  threads %d\n", n, d * 100 / hz / s, rss / 1024, t}' \
+      "/proc/$pid/status"
+    i=$((i + 1))
+  done
+}
+
 case ${1:-up} in
   up) up ;;
   stop) for n in "${NODES[@]}"; do stop_daemon "kafka-cluster-$n"; done ;;
@@ -266,6 +288,7 @@ case ${1:-up} in
     ;;
   start-node) node_arg "${2:-}"; start_node "$2"; wait_node "$2" ;;
   scram-set) [[ $# == 3 ]] || die "usage: kafka-cluster.sh scram-set USER PASSWORD"; scram add "$2" "$3" ;;
+  usage) usage "${2:-30}" ;;
   scram-delete) [[ $# == 2 ]] || die "usage: kafka-cluster.sh scram-delete USER"; scram delete "$2" ;;
   *) die "usage: kafka-cluster.sh up|stop|down|env|stop-node N|kill-node N|start-node N|scram-set USER PASSWORD|scram-delete USER" ;;
 esac

@@ -401,8 +401,6 @@ pub mod cluster {
     pub const SCRAM_USER: (&str, &str) = ("sluice-scram", "scram-secret-1");
     /// The user the Strimzi-layout test reads from a Secret named after it.
     pub const STRIMZI_SCRAM_USER: (&str, &str) = ("strimzi-scram", "strimzi-secret-1");
-    /// The user whose password the rotation test changes.
-    pub const ROTATE_USER: (&str, &str) = ("sluice-rotate", "rotate-secret-1");
     /// Client certificates (CN) the cluster's CA signed: `<name>.crt`, `<name>.key`,
     /// `<name>.p12` and `<name>.password` in [`pki`].
     pub const TLS_USER: &str = "sluice-mtls";
@@ -489,10 +487,36 @@ pub mod cluster {
         config
     }
 
+    /// Whether SCRAM-SHA-512 as `user` with `password` is accepted on the host listener
+    /// (a metadata request within 6 s).
+    pub fn scram_accepted(user: &str, password: &str) -> bool {
+        scram_config(user, password)
+            .create::<BaseConsumer>()
+            .is_ok_and(|c| c.fetch_metadata(None, Duration::from_secs(6)).is_ok())
+    }
+
+    /// Creates (or replaces) the SCRAM-SHA-512 credential of `user` through the Admin API and
+    /// waits until the listener accepts it.
+    pub fn scram_set(user: &str, password: &str) {
+        ctl(&["scram-set", user, password]);
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while !scram_accepted(user, password) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the SCRAM credential of {user} is not accepted 60 s after it was set"
+            );
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+
     /// Runs `kafka-cluster.sh ARGS` (stop-node, start-node, kill-node, scram-set, ...).
     pub fn ctl(args: &[&str]) {
-        let script = crate::env_value("SLUICE_KAFKA_CLUSTER_CTL")
-            .unwrap_or_else(|| crate::env_scripts().join("kafka-cluster.sh").display().to_string());
+        let script = crate::env_value("SLUICE_KAFKA_CLUSTER_CTL").unwrap_or_else(|| {
+            crate::env_scripts()
+                .join("kafka-cluster.sh")
+                .display()
+                .to_string()
+        });
         let out = std::process::Command::new("bash")
             .arg(&script)
             .args(args)

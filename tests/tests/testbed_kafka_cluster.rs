@@ -65,12 +65,18 @@ async fn three_brokers_replicate_every_topic_and_internal_topic() {
     let topic = Topic::create_replicated("cluster-rf", 3).await;
     cluster::wait_in_sync(&topic.name, 3, Duration::from_secs(60));
     let (brokers, partitions) = cluster::describe(&topic.name);
-    println!("{}: {brokers} brokers; (leader, replicas, isr) {partitions:?}", topic.name);
+    println!(
+        "{}: {brokers} brokers; (leader, replicas, isr) {partitions:?}",
+        topic.name
+    );
     assert_eq!(brokers, 3, "brokers in the cluster's metadata");
     assert!(partitions.iter().all(|&(_, r, _)| r == 3), "{partitions:?}");
     // The leaders are spread: more than one broker leads a partition.
     let leaders: std::collections::BTreeSet<i32> = partitions.iter().map(|p| p.0).collect();
-    assert!(leaders.len() > 1, "all partitions led by one broker: {partitions:?}");
+    assert!(
+        leaders.len() > 1,
+        "all partitions led by one broker: {partitions:?}"
+    );
 
     // A write needs two in-sync replicas.
     let admin: rdkafka::admin::AdminClient<_> = kafka::config_at(&cluster::bootstrap())
@@ -83,11 +89,20 @@ async fn three_brokers_replicate_every_topic_and_internal_topic() {
         )
         .await
         .expect("describe configs");
-    let resource = configs.into_iter().next().expect("one result").expect("topic config");
+    let resource = configs
+        .into_iter()
+        .next()
+        .expect("one result")
+        .expect("topic config");
     let min_isr = resource
         .get("min.insync.replicas")
         .and_then(|e| e.value.clone());
-    assert_eq!(min_isr.as_deref(), Some("2"), "min.insync.replicas of {}", topic.name);
+    assert_eq!(
+        min_isr.as_deref(),
+        Some("2"),
+        "min.insync.replicas of {}",
+        topic.name
+    );
 
     // Committing creates __consumer_offsets, which is replicated three ways too.
     topic.produce_numbered(10, 10).await;
@@ -118,13 +133,15 @@ async fn scram_sha_512_accepts_the_right_password_and_refuses_a_wrong_one() {
     assert!(got.is_ok(), "SCRAM-SHA-512 as {user}: {got:?}");
     let refused = can_fetch_metadata(cluster::scram_config(user, "not-the-password"));
     println!("a wrong password: {refused:?}");
-    assert!(refused.is_err(), "the broker accepted a wrong SCRAM password");
+    assert!(
+        refused.is_err(),
+        "the broker accepted a wrong SCRAM password"
+    );
     // The listener is TLS: a client that does not trust the CA is refused too.
     let mut untrusted = cluster::scram_config(user, password);
     untrusted.set("ssl.ca.location", "/nonexistent-ca.crt");
     assert!(
-        untrusted.create::<BaseConsumer>().is_err()
-            || can_fetch_metadata(untrusted).is_err(),
+        untrusted.create::<BaseConsumer>().is_err() || can_fetch_metadata(untrusted).is_err(),
         "a client without the CA connected"
     );
 }
@@ -138,5 +155,8 @@ async fn mtls_accepts_a_signed_client_certificate_and_refuses_none() {
     }
     let refused = can_fetch_metadata(cluster::mtls_config(None));
     println!("no client certificate: {refused:?}");
-    assert!(refused.is_err(), "the mTLS listener accepted a client without a certificate");
+    assert!(
+        refused.is_err(),
+        "the mTLS listener accepted a client without a certificate"
+    );
 }
