@@ -229,34 +229,8 @@ node_arg() {
   [[ ${1:-} =~ ^[123]$ ]] || die "expected a node number 1, 2 or 3, got '${1:-}'"
 }
 
-scram() { # scram ADD|DELETE USER [PASSWORD]
-  local args=(--bootstrap-server "$(bootstrap 127.0.0.1 plain_port)" --alter --entity-type users --entity-name "$2")
-  if [[ $1 == add ]]; then
-    args+=(--add-config "SCRAM-SHA-512=[iterations=4096,password=$3]")
-  else
-    args+=(--delete-config SCRAM-SHA-512)
-  fi
-  java -Dlog4j2.configurationFile="$here/kafka/log4j2.yaml" -cp "$KAFKA_LIBS/*" \
-    kafka.admin.ConfigCommand "${args[@]}" >/dev/null
-}
-
-usage() { # usage SECONDS
-  local seconds=${1:-30} name pid hz before=() i=0
-  local names=(kafka kafka-cluster-1 kafka-cluster-2 kafka-cluster-3)
-  hz=$(getconf CLK_TCK)
-  ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
-  for name in "${names[@]}"; do
-    pid_alive "$name" || die "$name is not running"
-    before+=("$(ticks "$(head -n1 "$SLUICE_STATE/pids/$name.pid")")")
-  done
-  sleep "$seconds"
-  for name in "${names[@]}"; do
-    pid=$(head -n1 "$SLUICE_STATE/pids/$name.pid")
-    awk -v n="$name" -v d="$(( $(ticks "$pid") - before[i] ))" -v hz="$hz" -v s="$seconds" \
-      '/^VmRSS/ {rss = $2} /^Threads/ {t = $2} END {printf "%-16s cpu %5.1f%% of one core  rss %4d MiB  threads %d\n", n, d * 100 / hz / s, rss / 1024, t}' \
-      "/proc/$pid/status"
-    i=$((i + 1))
-  done
+scram() { # scram set|delete USER [PASSWORD]
+  java -cp "$KAFKA_LIBS/*" "$here/kafka/ScramUser.java" "$(bootstrap 127.0.0.1 plain_port)" "$@"
 }
 
 case ${1:-up} in
@@ -287,7 +261,7 @@ case ${1:-up} in
     rm -f "$SLUICE_STATE/pids/kafka-cluster-$2.pid"
     ;;
   start-node) node_arg "${2:-}"; start_node "$2"; wait_node "$2" ;;
-  scram-set) [[ $# == 3 ]] || die "usage: kafka-cluster.sh scram-set USER PASSWORD"; scram add "$2" "$3" ;;
+  scram-set) [[ $# == 3 ]] || die "usage: kafka-cluster.sh scram-set USER PASSWORD"; scram set "$2" "$3" ;;
   usage) usage "${2:-30}" ;;
   scram-delete) [[ $# == 2 ]] || die "usage: kafka-cluster.sh scram-delete USER"; scram delete "$2" ;;
   *) die "usage: kafka-cluster.sh up|stop|down|env|stop-node N|kill-node N|start-node N|scram-set USER PASSWORD|scram-delete USER" ;;
