@@ -1520,6 +1520,20 @@ fn ca_secret() -> Value {
     )
 }
 
+/// Starts any node of the secured cluster that is down when dropped (`kafka-cluster.sh up`
+/// is idempotent), so a test that fails between stopping and starting a broker does not
+/// leave the next test a two-node cluster.
+struct NodesBackUp;
+
+impl Drop for NodesBackUp {
+    fn drop(&mut self) {
+        let _ = std::thread::spawn(|| {
+            let _ = std::panic::catch_unwind(|| kafka::cluster::ctl(&["up"]));
+        })
+        .join();
+    }
+}
+
 /// Restarts the cluster's brokers one at a time with SIGTERM (a controlled shutdown: the
 /// broker hands its leaderships over first), waiting after each until every partition of
 /// `topic` and of `__consumer_offsets` has all three replicas in sync again, as an operator
@@ -1565,6 +1579,7 @@ async fn scram_over_tls_from_a_secret_survives_a_rolling_broker_restart() {
     run.wait_delivered(RECORDS / 5, Duration::from_secs(120))
         .await;
     let at = run.collector.distinct();
+    let _nodes = NodesBackUp;
     let topic = run.topic.name.clone();
     let down = tokio::task::spawn_blocking(move || rolling_broker_restart(&topic))
         .await
@@ -1626,6 +1641,7 @@ async fn mtls_from_a_tls_secret_loses_nothing_when_a_broker_is_sigkilled() {
     let at = run.collector.distinct();
     // Node 2 dies without a controlled shutdown: its leaderships move only after the
     // controllers notice (broker session timeout), its replicas fall out of the ISR.
+    let _nodes = NodesBackUp;
     let topic = run.topic.name.clone();
     let killed_for = tokio::task::spawn_blocking(move || {
         let started = Instant::now();
