@@ -8,5 +8,6 @@ bash "$here/registry.sh" down
 bash "$here/node.sh" down
 bash "$here/control-plane.sh" down
 bash "$here/kafka.sh" down
+bash "$here/kafka-cluster.sh" down
 rm -rf "$SLUICE_STATE/etcd" "$SLUICE_STATE/node" "$SLUICE_STATE/env"
 log "test bed stopped; logs kept in $SLUICE_LOGS"

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Brings the whole test bed up (idempotent): Kafka, the control plane, the node, helm.
+# Brings the whole test bed up (idempotent): Kafka (the single broker and the secured
+# three-node cluster), the control plane, the node, helm.
 # Writes $SLUICE_STATE/env (KEY=VALUE lines) that tests and people can source.
 source "$(dirname "$0")/lib.sh"
 here=$(cd "$(dirname "$0")" && pwd)
@@ -12,6 +13,7 @@ bash "$here/build-helm.sh"
 promtool=$(bash "$here/build-promtool.sh" prometheus)   # the chart's alerts and dashboard
 
 bash "$here/kafka.sh" up
+bash "$here/kafka-cluster.sh" up
 bash "$here/control-plane.sh" up
 bash "$here/node.sh" up
 bash "$here/registry.sh" up
@@ -30,6 +32,7 @@ SLUICE_HOST_IP=$BRIDGE_GATEWAY
 SLUICE_LOGS=$SLUICE_LOGS
 PATH=$K8S_BIN:$HELM_BIN:\$PATH
 ENV
+bash "$here/kafka-cluster.sh" env >>"$SLUICE_STATE/env"
 
 cat <<MSG
 
@@ -37,6 +40,7 @@ Sluice test bed is up.
   kubectl:      export KUBECONFIG=$KUBECONFIG_PATH PATH=$K8S_BIN:$HELM_BIN:\$PATH
                 (or: set -a; source $SLUICE_STATE/env; set +a)
   Kafka:        127.0.0.1:$KAFKA_HOST_PORT from the host, $BRIDGE_GATEWAY:$KAFKA_POD_PORT from pods
+  Kafka x3:     secured three-node cluster, addresses in $SLUICE_STATE/env (SLUICE_KAFKA_CLUSTER_*)
   node:         $NODE_NAME (pods on $POD_CIDR, bridge $BRIDGE_NAME)
   logs:         $SLUICE_LOGS
   stop:         make env-down

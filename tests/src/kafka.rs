@@ -23,27 +23,39 @@ pub fn pod_bootstrap() -> String {
 
 /// A client configuration pointing at the test bed's host listener.
 pub fn client_config() -> ClientConfig {
+    config_at(&bootstrap())
+}
+
+/// A plaintext client configuration for `bootstrap` (the single broker's host listener, or
+/// the secured cluster's PLAINTEXT one: see [`cluster`]).
+pub fn config_at(bootstrap: &str) -> ClientConfig {
     let mut config = ClientConfig::new();
-    config.set("bootstrap.servers", bootstrap());
+    config.set("bootstrap.servers", bootstrap);
     config
 }
 
 /// Fails with an actionable message unless the broker answers a metadata request.
 pub fn ensure_reachable() {
-    let consumer: BaseConsumer = client_config()
+    ensure_reachable_at(&bootstrap());
+}
+
+/// Fails with an actionable message unless the brokers at `bootstrap` answer.
+pub fn ensure_reachable_at(bootstrap: &str) {
+    let consumer: BaseConsumer = config_at(bootstrap)
         .create()
-        .unwrap_or_else(|e| panic!("cannot create a Kafka client for {}: {e}", bootstrap()));
+        .unwrap_or_else(|e| panic!("cannot create a Kafka client for {bootstrap}: {e}"));
     if let Err(e) = consumer.fetch_metadata(None, Duration::from_secs(10)) {
-        panic!(
-            "the Kafka test bed is not reachable at {} ({e}); {START_HINT}",
-            bootstrap()
-        );
+        panic!("the Kafka test bed is not reachable at {bootstrap} ({e}); {START_HINT}");
     }
 }
 
 /// The test bed's admin client.
 pub fn admin() -> AdminClient<DefaultClientContext> {
-    client_config()
+    admin_at(&bootstrap())
+}
+
+fn admin_at(bootstrap: &str) -> AdminClient<DefaultClientContext> {
+    config_at(bootstrap)
         .create()
         .unwrap_or_else(|e| panic!("cannot create a Kafka admin client: {e}"))
 }
@@ -52,6 +64,8 @@ pub fn admin() -> AdminClient<DefaultClientContext> {
 pub struct Topic {
     pub name: String,
     pub partitions: i32,
+    /// The plaintext bootstrap of the brokers that hold it.
+    pub bootstrap: String,
 }
 
 impl Topic {
@@ -60,12 +74,26 @@ impl Topic {
         Self::create_named(unique_name(prefix), partitions).await
     }
 
-    /// Creates the topic `name` with `partitions` partitions.
+    /// Creates the topic `name` with `partitions` partitions on the single broker.
     pub async fn create_named(name: String, partitions: i32) -> Topic {
-        ensure_reachable();
-        let results = admin()
+        Self::create_at(&bootstrap(), name, partitions, 1).await
+    }
+
+    /// Creates a uniquely named topic on the secured three-node cluster: replication factor
+    /// 3 (the cluster's `min.insync.replicas` is 2).
+    pub async fn create_replicated(prefix: &str, partitions: i32) -> Topic {
+        Self::create_at(&cluster::bootstrap(), unique_name(prefix), partitions, 3).await
+    }
+
+    async fn create_at(bootstrap: &str, name: String, partitions: i32, replicas: i32) -> Topic {
+        ensure_reachable_at(bootstrap);
+        let results = admin_at(bootstrap)
             .create_topics(
-                &[NewTopic::new(&name, partitions, TopicReplication::Fixed(1))],
+                &[NewTopic::new(
+                    &name,
+                    partitions,
+                    TopicReplication::Fixed(replicas),
+                )],
                 &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30))),
             )
             .await
@@ -75,14 +103,33 @@ impl Topic {
                 panic!("creating topic {topic}: {code}");
             }
         }
-        wait_for_leaders(&name, partitions);
-        Topic { name, partitions }
+        wait_for_leaders(bootstrap, &name, partitions);
+        Topic {
+            name,
+            partitions,
+            bootstrap: bootstrap.to_owned(),
+        }
+    }
+
+    /// The offsets `group` committed for every partition (`None` where it committed nothing).
+    pub fn committed(&self, group: &str) -> Vec<Option<i64>> {
+        committed_at(&self.bootstrap, group, &self.name, self.partitions)
+    }
+
+    /// The log-end offset (high watermark) of every partition.
+    pub fn end_offsets(&self) -> Vec<i64> {
+        end_offsets_at(&self.bootstrap, &self.name, self.partitions)
+    }
+
+    /// A producer for this topic's brokers (acks=all, idempotent).
+    pub fn producer(&self) -> FutureProducer {
+        producer_at(&self.bootstrap)
     }
 
     /// Produces `count` records keyed `key-<i % keys>` with value `<i>` (decimal), spread
     /// over partitions by key, and waits for every acknowledgement.
     pub async fn produce_numbered(&self, count: usize, keys: usize) {
-        let producer = producer();
+        let producer = self.producer();
         let mut pending = Vec::with_capacity(count.min(10_000));
         for i in 0..count {
             let key = format!("key-{}", i % keys.max(1));
@@ -116,7 +163,12 @@ async fn await_delivery(fut: rdkafka::producer::DeliveryFuture) {
 /// A producer for test data: acks=all, idempotent, so a test's input is exactly what it
 /// produced.
 pub fn producer() -> FutureProducer {
-    client_config()
+    producer_at(&bootstrap())
+}
+
+/// [`producer`] for the brokers at `bootstrap`.
+pub fn producer_at(bootstrap: &str) -> FutureProducer {
+    config_at(bootstrap)
         .set("enable.idempotence", "true")
         .set("acks", "all")
         .set("linger.ms", "5")
@@ -124,8 +176,8 @@ pub fn producer() -> FutureProducer {
         .unwrap_or_else(|e| panic!("cannot create a Kafka producer: {e}"))
 }
 
-fn wait_for_leaders(name: &str, partitions: i32) {
-    let consumer: BaseConsumer = client_config()
+fn wait_for_leaders(bootstrap: &str, name: &str, partitions: i32) {
+    let consumer: BaseConsumer = config_at(bootstrap)
         .create()
         .unwrap_or_else(|e| panic!("cannot create a Kafka client: {e}"));
     for _ in 0..100 {
@@ -143,11 +195,11 @@ fn wait_for_leaders(name: &str, partitions: i32) {
 
 impl Drop for Topic {
     fn drop(&mut self) {
-        let name = self.name.clone();
+        let (name, bootstrap) = (self.name.clone(), self.bootstrap.clone());
         // rdkafka's admin futures are driven by librdkafka's own thread, so any executor
         // works; a plain thread keeps this safe inside or outside a tokio runtime.
         let _ = std::thread::spawn(move || {
-            let admin = admin();
+            let admin = admin_at(&bootstrap);
             let _ = futures::executor::block_on(admin.delete_topics(
                 &[name.as_str()],
                 &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
@@ -201,8 +253,18 @@ pub fn read_all(
 /// The offsets `group` committed for partitions `0..partitions` of `topic` (`None` where it
 /// committed nothing).
 pub fn committed(group: &str, topic: &str, partitions: i32) -> Vec<Option<i64>> {
+    committed_at(&bootstrap(), group, topic, partitions)
+}
+
+/// [`committed`] on the brokers at `bootstrap`.
+pub fn committed_at(
+    bootstrap: &str,
+    group: &str,
+    topic: &str,
+    partitions: i32,
+) -> Vec<Option<i64>> {
     use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
-    let consumer: BaseConsumer = client_config()
+    let consumer: BaseConsumer = config_at(bootstrap)
         .set("group.id", group)
         .set("enable.auto.commit", "false")
         .create()
@@ -224,7 +286,12 @@ pub fn committed(group: &str, topic: &str, partitions: i32) -> Vec<Option<i64>> 
 
 /// The end offset (high watermark) of partitions `0..partitions` of `topic`.
 pub fn end_offsets(topic: &str, partitions: i32) -> Vec<i64> {
-    let consumer: BaseConsumer = client_config()
+    end_offsets_at(&bootstrap(), topic, partitions)
+}
+
+/// [`end_offsets`] on the brokers at `bootstrap`.
+pub fn end_offsets_at(bootstrap: &str, topic: &str, partitions: i32) -> Vec<i64> {
+    let consumer: BaseConsumer = config_at(bootstrap)
         .create()
         .unwrap_or_else(|e| panic!("cannot create a Kafka client: {e}"));
     (0..partitions)
@@ -303,13 +370,10 @@ impl Drop for GroupWatch {
 /// Waits until `group`'s committed offsets (read from Kafka) equal the end of every
 /// partition of `topic`, or panics after `timeout`.
 pub async fn wait_committed_to_end(group: &str, topic: &Topic, timeout: Duration) {
-    let end: Vec<Option<i64>> = end_offsets(&topic.name, topic.partitions)
-        .into_iter()
-        .map(Some)
-        .collect();
+    let end: Vec<Option<i64>> = topic.end_offsets().into_iter().map(Some).collect();
     let deadline = std::time::Instant::now() + timeout;
     loop {
-        let got = committed(group, &topic.name, topic.partitions);
+        let got = topic.committed(group);
         if got == end {
             return;
         }
@@ -318,5 +382,191 @@ pub async fn wait_committed_to_end(group: &str, topic: &Topic, timeout: Duration
             "{group}: committed offsets {got:?} never reached the end {end:?}"
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The test bed's secured three-node cluster (tests/env/kafka-cluster.sh): a PLAINTEXT
+/// listener for the fixtures, SASL_SSL SCRAM-SHA-512 and SSL-with-client-certificate
+/// listeners for the code under test, each on the host and on the pod bridge.
+pub mod cluster {
+    use std::path::PathBuf;
+    use std::time::Duration;
+
+    use rdkafka::ClientConfig;
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+
+    use crate::START_HINT;
+
+    /// SCRAM-SHA-512 users created when the cluster is formatted: (name, password).
+    pub const SCRAM_USER: (&str, &str) = ("sluice-scram", "scram-secret-1");
+    /// The user the Strimzi-layout test reads from a Secret named after it.
+    pub const STRIMZI_SCRAM_USER: (&str, &str) = ("strimzi-scram", "strimzi-secret-1");
+    /// Client certificates (CN) the cluster's CA signed: `<name>.crt`, `<name>.key`,
+    /// `<name>.p12` and `<name>.password` in [`pki`].
+    pub const TLS_USER: &str = "sluice-mtls";
+    pub const STRIMZI_TLS_USER: &str = "strimzi-mtls";
+
+    fn setting(key: &str) -> String {
+        crate::env_value(key).unwrap_or_else(|| {
+            panic!("{key} is not set: the secured Kafka cluster is not part of the running test bed; {START_HINT}")
+        })
+    }
+
+    /// PLAINTEXT bootstrap on the host (the fixtures' admin, producers, offset checks).
+    pub fn bootstrap() -> String {
+        setting("SLUICE_KAFKA_CLUSTER_BOOTSTRAP")
+    }
+    /// SASL_SSL (SCRAM-SHA-512) bootstrap on the host.
+    pub fn scram_bootstrap() -> String {
+        setting("SLUICE_KAFKA_CLUSTER_SCRAM_BOOTSTRAP")
+    }
+    /// SSL (client certificate required) bootstrap on the host.
+    pub fn mtls_bootstrap() -> String {
+        setting("SLUICE_KAFKA_CLUSTER_MTLS_BOOTSTRAP")
+    }
+    /// SASL_SSL (SCRAM-SHA-512) bootstrap for pods.
+    pub fn pod_scram_bootstrap() -> String {
+        setting("SLUICE_KAFKA_CLUSTER_POD_SCRAM_BOOTSTRAP")
+    }
+    /// SSL (client certificate required) bootstrap for pods.
+    pub fn pod_mtls_bootstrap() -> String {
+        setting("SLUICE_KAFKA_CLUSTER_POD_MTLS_BOOTSTRAP")
+    }
+
+    /// The folder with the cluster's CA (`ca.crt`) and the client key pairs.
+    pub fn pki() -> PathBuf {
+        PathBuf::from(setting("SLUICE_KAFKA_CLUSTER_PKI"))
+    }
+
+    /// A file of [`pki`], as text.
+    pub fn pki_file(name: &str) -> String {
+        let path = pki().join(name);
+        std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("reading {}: {e}; {START_HINT}", path.display()))
+    }
+
+    /// A file of [`pki`], as bytes.
+    pub fn pki_bytes(name: &str) -> Vec<u8> {
+        let path = pki().join(name);
+        std::fs::read(&path)
+            .unwrap_or_else(|e| panic!("reading {}: {e}; {START_HINT}", path.display()))
+    }
+
+    /// A SCRAM-SHA-512 client configuration for the host listener.
+    pub fn scram_config(user: &str, password: &str) -> ClientConfig {
+        let mut config = ClientConfig::new();
+        config
+            .set("bootstrap.servers", scram_bootstrap())
+            .set("security.protocol", "SASL_SSL")
+            .set("sasl.mechanism", "SCRAM-SHA-512")
+            .set("sasl.username", user)
+            .set("sasl.password", password)
+            .set("ssl.ca.location", pki().join("ca.crt").to_string_lossy());
+        config
+    }
+
+    /// A client configuration for the host mTLS listener; `user` is a key pair in [`pki`],
+    /// or `None` for a TLS connection without a client certificate.
+    pub fn mtls_config(user: Option<&str>) -> ClientConfig {
+        let mut config = ClientConfig::new();
+        config
+            .set("bootstrap.servers", mtls_bootstrap())
+            .set("security.protocol", "SSL")
+            .set("ssl.ca.location", pki().join("ca.crt").to_string_lossy());
+        if let Some(user) = user {
+            config
+                .set(
+                    "ssl.certificate.location",
+                    pki().join(format!("{user}.crt")).to_string_lossy(),
+                )
+                .set(
+                    "ssl.key.location",
+                    pki().join(format!("{user}.key")).to_string_lossy(),
+                );
+        }
+        config
+    }
+
+    /// Whether SCRAM-SHA-512 as `user` with `password` is accepted on the host listener
+    /// (a metadata request within 6 s).
+    pub fn scram_accepted(user: &str, password: &str) -> bool {
+        scram_config(user, password)
+            .create::<BaseConsumer>()
+            .is_ok_and(|c| c.fetch_metadata(None, Duration::from_secs(6)).is_ok())
+    }
+
+    /// Creates (or replaces) the SCRAM-SHA-512 credential of `user` through the Admin API and
+    /// waits until the listener accepts it.
+    pub fn scram_set(user: &str, password: &str) {
+        ctl(&["scram-set", user, password]);
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while !scram_accepted(user, password) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the SCRAM credential of {user} is not accepted 60 s after it was set"
+            );
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+
+    /// Runs `kafka-cluster.sh ARGS` (stop-node, start-node, kill-node, scram-set, ...).
+    pub fn ctl(args: &[&str]) {
+        let script = crate::env_value("SLUICE_KAFKA_CLUSTER_CTL").unwrap_or_else(|| {
+            crate::env_scripts()
+                .join("kafka-cluster.sh")
+                .display()
+                .to_string()
+        });
+        let out = std::process::Command::new("bash")
+            .arg(&script)
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("running {script} {args:?}: {e}"));
+        assert!(
+            out.status.success(),
+            "{script} {args:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// The number of brokers the cluster's metadata lists and, per partition of `topic`,
+    /// (leader, replicas, in-sync replicas).
+    pub fn describe(topic: &str) -> (usize, Vec<(i32, usize, usize)>) {
+        let client: BaseConsumer = super::config_at(&bootstrap())
+            .create()
+            .unwrap_or_else(|e| panic!("cannot create a Kafka client: {e}"));
+        let md = client
+            .fetch_metadata(Some(topic), Duration::from_secs(10))
+            .unwrap_or_else(|e| panic!("metadata of {topic}: {e}"));
+        let partitions = md
+            .topics()
+            .iter()
+            .filter(|t| t.name() == topic)
+            .flat_map(|t| t.partitions())
+            .map(|p| (p.leader(), p.replicas().len(), p.isr().len()))
+            .collect();
+        (md.brokers().len(), partitions)
+    }
+
+    /// Waits until every partition of `topic` has a leader and all `replicas` in sync, or
+    /// panics after `timeout` with what the metadata showed.
+    pub fn wait_in_sync(topic: &str, replicas: usize, timeout: Duration) {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let (_, partitions) = describe(topic);
+            if !partitions.is_empty()
+                && partitions
+                    .iter()
+                    .all(|&(leader, _, isr)| leader >= 0 && isr == replicas)
+            {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{topic}: not all partitions have {replicas} in-sync replicas after {timeout:?}: (leader, replicas, isr) {partitions:?}"
+            );
+            std::thread::sleep(Duration::from_millis(250));
+        }
     }
 }

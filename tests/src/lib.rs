@@ -70,3 +70,50 @@ pub fn env_scripts() -> PathBuf {
 /// The hint every fixture failure ends with.
 pub const START_HINT: &str =
     "start the test bed with `make env-up` (or run the tests with `make test`, which starts it)";
+
+/// Runs the test-bed tool `tool` (`SLUICE_KUBECTL`, `SLUICE_HELM`) with `args` against the
+/// test bed's kubeconfig, writing `stdin` to it when given, and returns what it did.
+pub fn run_tool(tool: &str, args: &[&str], stdin: Option<&str>) -> std::process::Output {
+    use std::io::Write as _;
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(self::tool(tool))
+        .args(args)
+        .env("KUBECONFIG", kube_env::kubeconfig_path())
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("running {tool} {args:?}: {e}"));
+    if let Some(input) = stdin {
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(input.as_bytes())
+            .expect("writing to the tool's stdin");
+    }
+    child
+        .wait_with_output()
+        .unwrap_or_else(|e| panic!("waiting for {tool} {args:?}: {e}"))
+}
+
+/// `kubectl ARGS` on the test bed.
+pub fn kubectl(args: &[&str], stdin: Option<&str>) -> std::process::Output {
+    run_tool("SLUICE_KUBECTL", args, stdin)
+}
+
+/// The tool's standard output, or a panic naming `what` with everything it printed.
+pub fn ok(out: std::process::Output, what: &str) -> String {
+    assert!(
+        out.status.success(),
+        "{what} failed ({}):\n{}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}

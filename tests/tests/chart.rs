@@ -5,9 +5,8 @@
 //! date with the chart.
 
 use std::collections::BTreeMap;
-use std::io::Write as _;
 use std::path::PathBuf;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 
 use sluice_tests::kube_env::{self, Namespace};
 
@@ -20,27 +19,7 @@ fn chart() -> String {
 }
 
 fn run(tool: &str, args: &[&str], stdin: Option<&str>) -> Output {
-    let mut child = Command::new(sluice_tests::tool(tool))
-        .args(args)
-        .env("KUBECONFIG", kube_env::kubeconfig_path())
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("running {tool}: {e}"));
-    if let Some(input) = stdin {
-        child
-            .stdin
-            .take()
-            .expect("stdin")
-            .write_all(input.as_bytes())
-            .expect("stdin");
-    }
-    child.wait_with_output().expect("waiting for the tool")
+    sluice_tests::run_tool(tool, args, stdin)
 }
 
 fn text(out: &Output) -> String {

@@ -2,6 +2,8 @@
 // the finalized metadata.version (named by release, e.g. 4.4-IV0), the finalized
 // group.version (>= 1 means the KIP-848 consumer protocol is enabled) and the cluster id.
 // Run as a single-file program on the Kafka classpath: java -cp 'libs/*' BrokerInfo.java HOST:PORT
+// With `--expect-brokers N` it fails (exit 1) unless N brokers are registered and every
+// internal-topic partition (__consumer_offsets) has its full in-sync replica set.
 import java.util.Map;
 import java.util.Properties;
 import org.apache.kafka.clients.admin.Admin;
@@ -27,6 +29,14 @@ public class BrokerInfo {
             FinalizedVersionRange gv = finalized.get("group.version");
             System.out.println("group.version=" + (gv == null ? 0 : gv.maxVersionLevel()));
             System.out.println("cluster.id=" + admin.describeCluster().clusterId().get());
+            if (args.length == 3 && args[1].equals("--expect-brokers")) {
+                int want = Integer.parseInt(args[2]);
+                int brokers = admin.describeCluster().nodes().get().size();
+                System.out.println("brokers=" + brokers);
+                if (brokers < want) {
+                    throw new IllegalStateException(brokers + " of " + want + " brokers registered");
+                }
+            }
         }
     }
 }
