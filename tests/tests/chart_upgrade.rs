@@ -97,7 +97,14 @@ fn chart_copy(chart: &Path, crd_path: &str, dir: &Path, group: &str) -> PathBuf 
             "name: eventconsumers.sluice.dev\n",
             &format!("name: eventconsumers.{group}\n"),
         )
-        .replace("\n  group: sluice.dev\n", &format!("\n  group: {group}\n"));
+        .replace("\n  group: sluice.dev\n", &format!("\n  group: {group}\n"))
+        // Its own short name: `kubectl get ec` elsewhere on the shared API server must keep
+        // resolving to the real CRD while this copy exists.
+        .replace("    shortNames:\n    - ec\n", "    shortNames:\n    - ectest\n");
+    assert!(
+        renamed.contains("- ectest\n"),
+        "the CRD's short name was not found"
+    );
     assert_ne!(yaml, renamed, "the CRD's name and group were not found");
     std::fs::write(&crd, renamed).expect("writing the renamed CRD");
     dir.to_path_buf()
