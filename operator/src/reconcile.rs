@@ -5,12 +5,11 @@
 //! EventConsumer or of a Secret it references — never a hot loop. Transient errors publish a
 //! Warning event and are retried with per-object exponential backoff.
 //!
-//! After a successful apply the reconcile also measures the consumer group's lag in Kafka
-//! ([`crate::lag`]) for `status.lag`, and requeues the EventConsumer every lag interval to
-//! keep it fresh. A failed measurement leaves the lag unknown (unset) and is counted and
-//! logged, never reported as `Degraded`: Kafka's reachability is the sidecars' concern.
+//! The reconcile never talks to Kafka: after a successful apply it hands the EventConsumer's
+//! connection properties, group and topics to the lag collector ([`crate::collector`]), which
+//! measures lag beside it, at its own pace, and owns the `status.lag*` fields.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -36,6 +35,7 @@ use crate::build::{
     self, CONFIG_HASH_ANNOTATION, FIELD_MANAGER, Input, MANAGED_BY_LABEL, MANAGED_BY_VALUE,
     SidecarDefaults, config_map_name,
 };
+use crate::collector::{Collector, LagTarget, Targets};
 use crate::crd::{EventConsumer, EventConsumerStatus};
 use crate::error::Error;
 use crate::lag::{self, LagSettings};
@@ -60,10 +60,10 @@ pub struct Context {
     recorder: Recorder,
     /// Consecutive transient failures per object, for the backoff.
     failures: Mutex<HashMap<(String, String), u32>>,
-    /// How `status.lag` is measured and refreshed.
-    lag: LagSettings,
-    /// Objects whose last lag measurement failed (to warn once per outage, not every pass).
-    lag_failing: Mutex<HashSet<(String, String)>>,
+    /// How lag is measured and `status.lag` refreshed (by the collector).
+    pub lag: LagSettings,
+    /// What the lag collector measures, registered here after each apply.
+    pub targets: Arc<Targets>,
 }
 
 impl Context {
@@ -84,7 +84,7 @@ impl Context {
             metrics,
             failures: Mutex::new(HashMap::new()),
             lag: LagSettings::default(),
-            lag_failing: Mutex::new(HashSet::new()),
+            targets: Arc::new(Targets::default()),
         }
     }
 
@@ -94,55 +94,31 @@ impl Context {
         self
     }
 
-    /// How long until a healthy (applied) EventConsumer is reconciled again: the lag
-    /// interval with ±10% jitter (so EventConsumers started together spread out), or the
-    /// resync period when lag is off.
-    fn requeue_after(&self) -> Duration {
-        if !self.lag.enabled() {
-            return RESYNC;
-        }
-        let factor = rand::random_range(0.9..1.1);
-        self.lag.interval.mul_f64(factor).min(RESYNC)
-    }
-
-    /// Measures the consumer group's lag; `None` (unknown) when lag is off or Kafka did not
-    /// answer. Counted in the metrics; a failure is logged at warn once, then at debug until
-    /// a measurement succeeds again.
-    async fn measure_lag(
+    /// Registers (or, when lag is off or the credentials are unusable, drops) what the lag
+    /// collector measures for this EventConsumer.
+    fn register_lag(
         &self,
         ec: &EventConsumer,
-        ns: &str,
-        name: &str,
-        secrets: &BTreeMap<String, SecretData>,
-    ) -> Option<i64> {
+        secrets: &std::collections::BTreeMap<String, SecretData>,
+    ) {
+        let key = (ec.namespace().unwrap_or_default(), ec.name_any());
         if !self.lag.enabled() {
-            return None;
+            return;
         }
-        let group = ec.spec.kafka.effective_group_id(ns, name);
-        let started = Instant::now();
-        let result = lag::compute(&ec.spec.kafka, &group, secrets, self.lag.budget).await;
-        let key = (ns.to_owned(), name.to_owned());
-        match result {
-            Ok(lag) => {
-                self.metrics.observe_lag(None);
-                let recovered = self.lag_failing.lock().expect("not poisoned").remove(&key);
-                if recovered {
-                    info!(group, lag, "consumer-group lag is known again");
-                }
-                debug!(group, lag, elapsed = ?started.elapsed(), "measured the consumer-group lag");
-                Some(lag)
-            }
+        match lag::connection_properties(&ec.spec.kafka, secrets) {
+            Ok(props) => self.targets.set(
+                key.clone(),
+                LagTarget {
+                    uid: ec.uid().unwrap_or_default(),
+                    props: Arc::new(props),
+                    group: ec.spec.kafka.effective_group_id(&key.0, &key.1),
+                    topics: ec.spec.kafka.topics.clone(),
+                    start_from: ec.spec.kafka.start_from,
+                },
+            ),
             Err(e) => {
-                self.metrics.observe_lag(Some(e.reason()));
-                let first = self.lag_failing.lock().expect("not poisoned").insert(key);
-                if first {
-                    warn!(group, reason = e.reason(), error = %e, elapsed = ?started.elapsed(),
-                        "cannot measure the consumer-group lag; status.lag is unknown until Kafka answers");
-                } else {
-                    debug!(group, reason = e.reason(), error = %e, elapsed = ?started.elapsed(),
-                        "cannot measure the consumer-group lag");
-                }
-                None
+                warn!(reason = e.reason(), error = %e, "the lag of this EventConsumer cannot be measured");
+                self.targets.remove(&key);
             }
         }
     }
@@ -331,8 +307,8 @@ async fn reconcile_valid(ec: &EventConsumer, ctx: &Context) -> Result<Action, Er
         .await;
     }
 
-    // Lag, from Kafka (bounded by the lag budget; never an error of the reconcile).
-    let lag = ctx.measure_lag(ec, &ns, &name, &secret_data).await;
+    // Lag: measured by the collector, beside the reconcile.
+    ctx.register_lag(ec, &secret_data);
 
     // Status.
     let seen = Observed {
@@ -347,31 +323,33 @@ async fn reconcile_valid(ec: &EventConsumer, ctx: &Context) -> Result<Action, Er
         &Outcome::Applied {
             tuning: desired.tuning,
         },
-        lag,
         ctx,
     )
     .await?;
-    Ok(Action::requeue(ctx.requeue_after()))
+    Ok(Action::requeue(resync_after()))
 }
 
 fn short(hash: &str) -> &str {
     hash.get(..12).unwrap_or(hash)
 }
 
+/// The resync period with ±10% jitter, so EventConsumers created together spread out.
+fn resync_after() -> Duration {
+    RESYNC.mul_f64(rand::random_range(0.9..1.1))
+}
+
 /// Computes and (if it changed) applies the status, and publishes events for transitions.
-/// `lag` is this pass's measurement: `None` means unknown, and clears a previous value
-/// rather than keeping a stale one.
+/// The `lag*` fields are carried over for the comparison and left out of the write: the
+/// lag collector owns them.
 async fn write_status(
     ec: &EventConsumer,
     seen: &Observed<'_>,
     outcome: &Outcome,
-    lag: Option<i64>,
     ctx: &Context,
 ) -> Result<(), Error> {
     let old = ec.status.as_ref();
     let now = Time(Timestamp::now());
-    let mut new = status::compute(old, seen, outcome, &now);
-    new.lag = lag;
+    let new = status::compute(old, seen, outcome, &now);
     if old == Some(&new) {
         return Ok(());
     }
@@ -408,11 +386,18 @@ async fn patch_status(
     status: &EventConsumerStatus,
 ) -> Result<(), Error> {
     let api: Api<EventConsumer> = Api::namespaced(ctx.client.clone(), ns);
+    let status = EventConsumerStatus {
+        lag: None,
+        lag_observed_time: None,
+        lag_stale: false,
+        ..status.clone()
+    };
     let body = json!({
         "apiVersion": EventConsumer::api_version(&()),
         "kind": EventConsumer::kind(&()),
         "status": status,
     });
+    ctx.metrics.status_writes.inc();
     api.patch_status(
         name,
         &PatchParams::apply(FIELD_MANAGER).force(),
@@ -452,8 +437,10 @@ async fn report_blocked(obj: &Guarded, error: &Error, ctx: &Context) -> Result<(
                 desired_replicas: ec.spec.replicas,
                 deployment: deployment.as_ref(),
             };
-            // Not measured while the spec cannot be realised: unknown.
-            write_status(ec, &seen, &outcome, None, ctx).await
+            // Not measured while the spec cannot be realised.
+            ctx.targets
+                .remove(&(ec.namespace().unwrap_or_default(), ec.name_any()));
+            write_status(ec, &seen, &outcome, ctx).await
         }
         Err(invalid) => {
             // The object does not parse, so neither does its status: write the Degraded
@@ -604,6 +591,17 @@ pub async fn run_controller(
     .default_backoff()
     .touched_objects();
     let store = reader.clone();
+    // The lag collector: beside the controller, on the same cache, stopped with it.
+    let collector_stop = tokio_util::sync::CancellationToken::new();
+    let collector = tokio::spawn(
+        Collector::new(
+            client.clone(),
+            ctx.metrics.clone(),
+            ctx.lag,
+            ctx.targets.clone(),
+        )
+        .run(reader.clone(), collector_stop.clone()),
+    );
     Controller::for_stream(primary, reader)
         .with_config(ControllerConfig::default().concurrency(concurrency).debounce(Duration::from_millis(200)))
         .owns_stream(deployments)
@@ -627,6 +625,8 @@ pub async fn run_controller(
             }
         })
         .await;
+    collector_stop.cancel();
+    let _ = collector.await;
 }
 
 #[cfg(test)]
