@@ -8,7 +8,7 @@ ENV_DIR := tests/env
 RELEASE := $(CARGO_TARGET_DIR)/release
 IMAGE_TAG ?= dev
 
-.PHONY: all deps env-up env-down images push test test-unit lint generate manifests bench demo help
+.PHONY: all deps env-up env-down images push test test-unit lint generate manifests bench bench-operator demo help
 
 all: test
 
@@ -96,6 +96,16 @@ bench: env-up
 	cargo build --release --locked --workspace --bins
 	set -a; source $(SLUICE_CACHE)/state/env; set +a; \
 	  SLUICE_BENCH_GO_BIN=$$(bash tests/bench/build-go.sh) $(RELEASE)/sluice-bench
+
+## bench-operator: 1 000 EventConsumers against the test bed's API server and Kafka, lag on:
+## convergence vs bare writes, steady-state requests/s (5 min), status writes/min, peak RSS
+BENCH_OPERATOR_COUNT ?= 1000
+BENCH_OPERATOR_STEADY_SECS ?= 300
+bench-operator: env-up
+	cargo build --release --locked -p sluice-operator
+	set -a; source $(SLUICE_CACHE)/state/env; set +a; \
+	  SLUICE_SCALE_COUNT=$(BENCH_OPERATOR_COUNT) SLUICE_SCALE_STEADY_SECS=$(BENCH_OPERATOR_STEADY_SECS) \
+	  cargo test --release --locked -p sluice-tests --test operator_scale -- --nocapture
 
 ## help: list the targets
 help:

@@ -14,7 +14,7 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{PodTemplateSpec, ResourceRequirements};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::core::Duration;
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
@@ -546,8 +546,11 @@ pub struct EventConsumerStatus {
     pub selector: Option<String>,
 
     /// Records not yet committed by the consumer group, summed over all partitions of its
-    /// topics (high watermark minus committed offset), measured by the operator from Kafka
-    /// every lag interval (30s by default). Unset while it cannot be measured.
+    /// topics (log-end offset minus committed offset), as last measured by the operator from
+    /// Kafka. Measured every lag interval (30s by default) but written here only when it
+    /// changed noticeably (zero to non-zero and back, or by 10% or more) and at most every
+    /// lag status interval (3m by default); the exact, current value is the operator's
+    /// `sluice_operator_consumer_lag` metric. Unset until first measured.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lag: Option<i64>,
 
@@ -555,6 +558,16 @@ pub struct EventConsumerStatus {
     /// `kubectl get ec -o wide` (a column over the array itself prints it as JSON).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub topics: Option<String>,
+
+    /// When `lag` was measured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lag_observed_time: Option<Time>,
+
+    /// True when the last measurements failed (Kafka did not answer, a topic is missing, the
+    /// credentials were refused): `lag` is then the last value measured, at
+    /// `lagObservedTime`, and may be out of date. Unset while measurements succeed.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub lag_stale: bool,
 
     /// The consumer settings and pod timing Sluice derived from the spec.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -1,19 +1,22 @@
-//! Consumer-group lag, computed from Kafka itself, for `status.lag`.
+//! Consumer-group lag, computed from Kafka itself, for `status.lag` and the
+//! `sluice_operator_consumer_lag` metric.
 //!
-//! For the EventConsumer's topics and effective group id the operator reads the topics'
-//! partitions (metadata), the group's committed offsets (OffsetFetch through a `BaseConsumer`
-//! configured with `group.id`; it never subscribes, so it does not join the group) and each
-//! partition's low and high watermarks, then sums, over all partitions, the records after
-//! the committed offset ([`total`]).
+//! The operator keeps one long-lived client ([`LagClient`]) per connection identity: the
+//! librdkafka properties an EventConsumer connects with ([`connection_properties`]: bootstrap
+//! servers, security protocol, SASL and TLS material from the referenced Secrets, passed in
+//! memory rather than as files, and the pass-through properties that concern the
+//! connection). EventConsumers that reach the same cluster with the same credentials share
+//! it. One query ([`LagClient::query_blocking`]) reads, for every topic of those
+//! EventConsumers, the partitions (metadata) and the earliest and log-end offsets (two
+//! ListOffsets requests per partition leader, batched by librdkafka), then the committed
+//! offsets of every group (one OffsetFetch per group to its coordinator, a bounded number in
+//! flight). [`group_lag`] then sums, per EventConsumer, the records after the committed
+//! offset. The client never subscribes or joins a group.
 //!
-//! The client is configured like the sidecar's ([`client_properties`]: bootstrap servers,
-//! security protocol, SASL and TLS material from the referenced Secrets, passed in memory
-//! rather than as files, and the pass-through properties that concern the connection). Every
-//! blocking librdkafka call runs on the blocking pool with a deadline, and the client is
-//! dropped (its threads joined) before the call returns, so an unreachable cluster costs one
-//! reconcile at most the time budget and leaves nothing running behind.
+//! The collector that drives this (leader only, beside the reconciler) is
+//! [`crate::collector`].
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
 use rdkafka::ClientConfig;
@@ -24,27 +27,40 @@ use rdkafka::error::KafkaError;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use tracing::debug;
 
+mod group_offsets;
+
+pub use group_offsets::Committed;
+
 use crate::build::SecretData;
 use crate::crd::{KafkaSpec, StartFrom, rules};
 
-/// Default time between two lag refreshes of an EventConsumer (`--lag-interval`).
+/// Default time between two lag measurements (`--lag-interval`).
 pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(30);
-/// Default time budget of one lag computation, all Kafka requests included.
+/// Default time budget of one cluster's query, all Kafka requests included.
 pub const DEFAULT_BUDGET: Duration = Duration::from_secs(10);
+/// Default minimum time between two `status.lag` writes of one EventConsumer
+/// (`--lag-status-interval`).
+pub const DEFAULT_STATUS_INTERVAL: Duration = Duration::from_secs(180);
+/// OffsetFetch requests in flight at once per Kafka cluster (connection identity).
+pub const GROUPS_IN_FLIGHT: usize = 16;
+/// Kafka clusters (connection identities) queried at once.
+pub const CLUSTERS_IN_FLIGHT: usize = 4;
 /// `client.id` of the operator's lag clients (visible in broker logs and quotas).
 pub const CLIENT_ID: &str = "sluice-operator-lag";
 /// `ssl.ca.location` when `tls.caSecretRef` is unset: the system trust store, as for the
 /// sidecar (the build's `SYSTEM_TRUST_STORE`).
 const SYSTEM_TRUST_STORE: &str = "probe";
 
-/// How the operator keeps `status.lag` fresh.
+/// How the operator measures lag and keeps `status.lag` up to date.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LagSettings {
-    /// Time between two refreshes of an applied EventConsumer; zero turns lag off
-    /// (`status.lag` stays unset and no Kafka client is ever created).
+    /// Time between two measurements; zero turns lag off (`status.lag` stays unset and no
+    /// Kafka client is ever created).
     pub interval: Duration,
-    /// Time budget of one computation.
+    /// Time budget of one cluster's query.
     pub budget: Duration,
+    /// Minimum time between two `status.lag` writes of one EventConsumer.
+    pub status_interval: Duration,
 }
 
 impl Default for LagSettings {
@@ -52,6 +68,7 @@ impl Default for LagSettings {
         LagSettings {
             interval: DEFAULT_INTERVAL,
             budget: DEFAULT_BUDGET,
+            status_interval: DEFAULT_STATUS_INTERVAL,
         }
     }
 }
@@ -164,6 +181,20 @@ pub fn client_properties(
     group_id: &str,
     secrets: &BTreeMap<String, SecretData>,
 ) -> Result<Vec<(String, String)>, LagError> {
+    let mut props: BTreeMap<String, String> =
+        connection_properties(kafka, secrets)?.into_iter().collect();
+    props.insert("group.id".into(), group_id.to_owned());
+    Ok(props.into_iter().collect())
+}
+
+/// [`client_properties`] without `group.id`: what identifies a connection. EventConsumers
+/// with equal connection properties share one [`LagClient`]. Sorted by key.
+///
+/// The result holds secret values: never log it.
+pub fn connection_properties(
+    kafka: &KafkaSpec,
+    secrets: &BTreeMap<String, SecretData>,
+) -> Result<Vec<(String, String)>, LagError> {
     let mut props: BTreeMap<String, String> = kafka
         .properties
         .iter()
@@ -174,7 +205,6 @@ pub fn client_properties(
         props.insert(k.to_owned(), v);
     };
     set("bootstrap.servers", kafka.bootstrap_servers.clone());
-    set("group.id", group_id.to_owned());
     set("client.id", CLIENT_ID.to_owned());
     set("enable.auto.commit", "false".into());
     set("enable.auto.offset.store", "false".into());
@@ -309,123 +339,215 @@ fn remaining(deadline: Instant, budget: Duration) -> Result<Duration, LagError> 
     }
 }
 
-/// Reads the offsets of every partition of `topics` (blocking; returns by `deadline` give or
-/// take one librdkafka timeout granularity). The client is dropped before returning.
-pub fn query_blocking(
-    props: &[(String, String)],
-    topics: &[String],
-    deadline: Instant,
-    budget: Duration,
-) -> Result<Vec<PartitionOffsets>, LagError> {
-    let mut config = ClientConfig::new();
-    for (k, v) in props {
-        config.set(k, v);
-    }
-    let consumer: BaseConsumer<QuietContext> = config
-        .create_with_context(QuietContext)
-        .map_err(|e| LagError::Config(describe(&e)))?;
-    let kafka = |what: &'static str| {
-        move |e: KafkaError| match e {
-            KafkaError::MetadataFetch(rdkafka::types::RDKafkaErrorCode::OperationTimedOut)
-            | KafkaError::OffsetFetch(rdkafka::types::RDKafkaErrorCode::OperationTimedOut) => {
-                LagError::Timeout(budget)
-            }
-            e => LagError::Kafka {
-                what,
-                error: describe(&e),
-            },
-        }
-    };
-
-    let mut tpl = TopicPartitionList::new();
-    for topic in topics {
-        let md = consumer
-            .fetch_metadata(Some(topic), remaining(deadline, budget)?)
-            .map_err(kafka("reading the topic metadata"))?;
-        let t = md
-            .topics()
-            .iter()
-            .find(|t| t.name() == topic)
-            .ok_or_else(|| LagError::Topic {
-                topic: topic.clone(),
-                error: "not in the broker's metadata".into(),
-            })?;
-        if let Some(err) = t.error() {
-            return Err(LagError::Topic {
-                topic: topic.clone(),
-                error: rdkafka::types::RDKafkaErrorCode::from(err).to_string(),
-            });
-        }
-        if t.partitions().is_empty() {
-            return Err(LagError::Topic {
-                topic: topic.clone(),
-                error: "has no partitions".into(),
-            });
-        }
-        for p in t.partitions() {
-            tpl.add_partition(topic, p.id());
-        }
-    }
-
-    let committed = consumer
-        .committed_offsets(tpl, remaining(deadline, budget)?)
-        .map_err(kafka("reading the group's committed offsets"))?;
-    let mut out = Vec::with_capacity(committed.count());
-    for e in committed.elements() {
-        if let Err(err) = e.error() {
-            return Err(LagError::Kafka {
-                what: "reading the group's committed offsets",
-                error: format!("{}[{}]: {}", e.topic(), e.partition(), describe(&err)),
-            });
-        }
-        let committed = match e.offset() {
-            Offset::Offset(o) if o >= 0 => Some(o),
-            _ => None,
-        };
-        let (low, high) = consumer
-            .fetch_watermarks(e.topic(), e.partition(), remaining(deadline, budget)?)
-            .map_err(|err| match err {
-                KafkaError::MetadataFetch(rdkafka::types::RDKafkaErrorCode::OperationTimedOut) => {
-                    LagError::Timeout(budget)
-                }
-                err => LagError::Kafka {
-                    what: "reading the watermarks",
-                    error: format!("{}[{}]: {}", e.topic(), e.partition(), describe(&err)),
-                },
-            })?;
-        out.push(PartitionOffsets {
-            low,
-            high,
-            committed,
-        });
-    }
-    drop(consumer);
-    Ok(out)
+/// Earliest and log-end offset of one partition.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ends {
+    pub partition: i32,
+    pub low: i64,
+    pub high: i64,
 }
 
-/// The lag of a consumer group over `kafka.topics`, within `budget`. Runs on the blocking
-/// pool; the client (and its librdkafka threads) is gone when this returns Ok or Err, except
-/// after a [`LagError::Timeout`] from the outer guard, when the blocking task still finishes
-/// its last request (each is bounded by the same deadline) and then drops the client.
-pub async fn compute(
-    kafka: &KafkaSpec,
-    group_id: &str,
-    secrets: &BTreeMap<String, SecretData>,
-    budget: Duration,
+/// What one query asks of one Kafka cluster.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Query {
+    pub topics: BTreeSet<String>,
+    pub groups: BTreeSet<String>,
+}
+
+/// What Kafka answered, per topic and per group.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Answer {
+    pub topics: HashMap<String, Result<Vec<Ends>, LagError>>,
+    pub groups: HashMap<String, Result<Committed, LagError>>,
+}
+
+/// The lag of `group` over `topics` from an [`Answer`]: the sum of [`partition_lag`] over
+/// every partition, or the first error that keeps it unknown. Pure.
+pub fn group_lag(
+    answer: &Answer,
+    group: &str,
+    topics: &[String],
+    start_from: StartFrom,
 ) -> Result<i64, LagError> {
-    let props = client_properties(kafka, group_id, secrets)?;
-    let topics = kafka.topics.clone();
-    let start_from = kafka.start_from;
-    let deadline = Instant::now() + budget;
-    let task = tokio::task::spawn_blocking(move || {
-        query_blocking(&props, &topics, deadline, budget).map(|p| total(&p, start_from))
-    });
-    // The inner deadline bounds each request; the outer guard also covers client creation
-    // and teardown.
-    match tokio::time::timeout(budget + Duration::from_secs(2), task).await {
-        Ok(Ok(result)) => result,
-        Ok(Err(join)) => Err(LagError::Task(join.to_string())),
-        Err(_) => Err(LagError::Timeout(budget)),
+    let committed = match answer.groups.get(group) {
+        Some(Ok(c)) => c,
+        Some(Err(e)) => return Err(e.clone()),
+        None => {
+            return Err(LagError::Kafka {
+                what: "reading the group's committed offsets",
+                error: format!("group {group} was not queried"),
+            });
+        }
+    };
+    let mut partitions = Vec::new();
+    for topic in topics {
+        match answer.topics.get(topic) {
+            Some(Ok(ends)) => partitions.extend(ends.iter().map(|e| PartitionOffsets {
+                low: e.low,
+                high: e.high,
+                committed: committed.get(&(topic.clone(), e.partition)).copied(),
+            })),
+            Some(Err(e)) => return Err(e.clone()),
+            None => {
+                return Err(LagError::Topic {
+                    topic: topic.clone(),
+                    error: "was not queried".into(),
+                });
+            }
+        }
+    }
+    Ok(total(&partitions, start_from))
+}
+
+/// A long-lived Kafka client for one connection identity. Its librdkafka threads run until
+/// it is dropped; its connections are kept open between queries (librdkafka reconnects on
+/// its own when a broker goes away).
+pub struct LagClient {
+    consumer: BaseConsumer<QuietContext>,
+}
+
+impl LagClient {
+    /// A client with these connection properties (see [`connection_properties`]).
+    pub fn new(props: &[(String, String)]) -> Result<LagClient, LagError> {
+        let mut config = ClientConfig::new();
+        for (k, v) in props {
+            config.set(k, v);
+        }
+        // No group.id: the client serves every group of this identity through admin
+        // requests, and librdkafka's main queue stays with this handle (drained each query).
+        let consumer: BaseConsumer<QuietContext> = config
+            .create_with_context(QuietContext)
+            .map_err(|e| LagError::Config(describe(&e)))?;
+        Ok(LagClient { consumer })
+    }
+
+    /// Reads the ends of every partition of `query.topics` and the committed offsets of
+    /// every group in `query.groups` (blocking; returns by `budget`, give or take one
+    /// librdkafka timeout granularity). An error for the whole query means the cluster did
+    /// not answer; errors of single topics and groups are in the [`Answer`].
+    pub fn query_blocking(
+        &self,
+        query: &Query,
+        budget: Duration,
+        groups_in_flight: usize,
+    ) -> Result<Answer, LagError> {
+        let deadline = Instant::now() + budget;
+        // Serve what librdkafka queued for the application since the last query (errors,
+        // which the context logs at debug) so the queue does not grow.
+        for _ in 0..1024 {
+            if self.consumer.poll(Duration::ZERO).is_none() {
+                break;
+            }
+        }
+        let timeout = |e: &KafkaError| {
+            matches!(
+                e,
+                KafkaError::MetadataFetch(rdkafka::types::RDKafkaErrorCode::OperationTimedOut)
+            )
+        };
+        let mut answer = Answer::default();
+        let mut partitions: Vec<(String, i32)> = Vec::new();
+        for topic in &query.topics {
+            let md = self
+                .consumer
+                .fetch_metadata(Some(topic), remaining(deadline, budget)?)
+                .map_err(|e| {
+                    if timeout(&e) {
+                        LagError::Timeout(budget)
+                    } else {
+                        LagError::Kafka {
+                            what: "reading the topic metadata",
+                            error: describe(&e),
+                        }
+                    }
+                })?;
+            let found = md.topics().iter().find(|t| t.name() == topic);
+            let result = match found {
+                None => Err("not in the broker's metadata".to_owned()),
+                Some(t) => match t.error() {
+                    Some(err) => Err(rdkafka::types::RDKafkaErrorCode::from(err).to_string()),
+                    None if t.partitions().is_empty() => Err("has no partitions".to_owned()),
+                    None => Ok(t.partitions().iter().map(|p| p.id()).collect::<Vec<_>>()),
+                },
+            };
+            match result {
+                Ok(ids) => partitions.extend(ids.into_iter().map(|p| (topic.clone(), p))),
+                Err(error) => {
+                    answer.topics.insert(
+                        topic.clone(),
+                        Err(LagError::Topic {
+                            topic: topic.clone(),
+                            error,
+                        }),
+                    );
+                }
+            }
+        }
+
+        // Earliest and log-end offsets: one batched ListOffsets per partition leader each.
+        let ends = |at: Offset| -> Result<TopicPartitionList, LagError> {
+            let mut tpl = TopicPartitionList::with_capacity(partitions.len());
+            for (topic, p) in &partitions {
+                tpl.add_partition_offset(topic, *p, at)
+                    .map_err(|e| LagError::Config(describe(&e)))?;
+            }
+            self.consumer
+                .offsets_for_times(tpl, remaining(deadline, budget)?)
+                .map_err(|e| {
+                    if timeout(&e) {
+                        LagError::Timeout(budget)
+                    } else {
+                        LagError::Kafka {
+                            what: "reading the partitions' offsets",
+                            error: describe(&e),
+                        }
+                    }
+                })
+        };
+        if !partitions.is_empty() {
+            let lows = ends(Offset::Beginning)?;
+            let highs = ends(Offset::End)?;
+            let mut per_topic: BTreeMap<String, Result<Vec<Ends>, LagError>> = BTreeMap::new();
+            for h in highs.elements() {
+                let entry = per_topic
+                    .entry(h.topic().to_owned())
+                    .or_insert_with(|| Ok(Vec::new()));
+                let Ok(list) = entry else { continue };
+                let low = lows
+                    .find_partition(h.topic(), h.partition())
+                    .map(|l| (l.error(), l.offset()));
+                let fail = |error: String| LagError::Kafka {
+                    what: "reading the partitions' offsets",
+                    error: format!("{}[{}]: {error}", h.topic(), h.partition()),
+                };
+                match (h.error(), h.offset(), low) {
+                    (Ok(()), Offset::Offset(high), Some((Ok(()), Offset::Offset(low)))) => list
+                        .push(Ends {
+                            partition: h.partition(),
+                            low,
+                            high,
+                        }),
+                    (Err(e), _, _) | (_, _, Some((Err(e), _))) => *entry = Err(fail(describe(&e))),
+                    _ => *entry = Err(fail("no offset in the answer".into())),
+                }
+            }
+            answer.topics.extend(per_topic);
+        }
+
+        let groups: Vec<String> = query.groups.iter().cloned().collect();
+        let committed =
+            group_offsets::list(self.consumer.client(), &groups, groups_in_flight, deadline);
+        for (group, result) in groups.into_iter().zip(committed) {
+            let result = result.map_err(|e| match e {
+                group_offsets::GroupError::Timeout => LagError::Timeout(budget),
+                group_offsets::GroupError::Kafka(error) => LagError::Kafka {
+                    what: "reading the group's committed offsets",
+                    error,
+                },
+            });
+            answer.groups.insert(group, result);
+        }
+        Ok(answer)
     }
 }
 
@@ -603,6 +725,7 @@ mod tests {
     fn settings_default_to_thirty_seconds_and_zero_turns_lag_off() {
         let s = LagSettings::default();
         assert_eq!(s.interval, Duration::from_secs(30));
+        assert_eq!(s.status_interval, Duration::from_secs(180));
         assert!(s.enabled());
         let off = LagSettings {
             interval: Duration::ZERO,
@@ -611,14 +734,19 @@ mod tests {
         assert!(!off.enabled());
     }
 
-    #[tokio::test]
-    async fn an_unreachable_cluster_fails_within_the_budget() {
+    #[test]
+    fn an_unreachable_cluster_fails_within_the_budget() {
         // Port 9 on loopback: nothing listens, connections are refused at once.
         let mut k = kafka("");
         k.bootstrap_servers = "127.0.0.1:9".into();
+        let client = LagClient::new(&connection_properties(&k, &BTreeMap::new()).unwrap()).unwrap();
+        let query = Query {
+            topics: ["a".to_owned()].into(),
+            groups: ["g".to_owned()].into(),
+        };
         let started = Instant::now();
-        let e = compute(&k, "g", &BTreeMap::new(), Duration::from_millis(1500))
-            .await
+        let e = client
+            .query_blocking(&query, Duration::from_millis(1500), 4)
             .unwrap_err();
         assert!(
             started.elapsed() < Duration::from_millis(1500 + 2500),
@@ -626,5 +754,82 @@ mod tests {
             started.elapsed()
         );
         assert!(matches!(e.reason(), "Timeout" | "Kafka"), "{e}");
+    }
+
+    #[test]
+    fn group_lag_sums_the_topics_partitions_or_names_what_is_unknown() {
+        let ends = |v: &[(i32, i64, i64)]| {
+            Ok(v.iter()
+                .map(|&(partition, low, high)| Ends {
+                    partition,
+                    low,
+                    high,
+                })
+                .collect())
+        };
+        let mut answer = Answer::default();
+        answer
+            .topics
+            .insert("a".into(), ends(&[(0, 0, 10), (1, 0, 5)]));
+        answer.topics.insert("b".into(), ends(&[(0, 2, 4)]));
+        answer.topics.insert(
+            "gone".into(),
+            Err(LagError::Topic {
+                topic: "gone".into(),
+                error: "Broker: Unknown topic or partition".into(),
+            }),
+        );
+        answer.groups.insert(
+            "g".into(),
+            Ok(Committed::from([
+                (("a".into(), 0), 4),
+                (("b".into(), 0), 3),
+                (("other".into(), 0), 100),
+            ])),
+        );
+        answer.groups.insert(
+            "slow".into(),
+            Err(LagError::Timeout(Duration::from_secs(1))),
+        );
+        let topics = |v: &[&str]| v.iter().map(|t| t.to_string()).collect::<Vec<_>>();
+        // a[0]: 10-4, a[1]: uncommitted, earliest: 5; b[0]: 4-3.
+        assert_eq!(
+            group_lag(&answer, "g", &topics(&["a", "b"]), StartFrom::Earliest),
+            Ok(12)
+        );
+        assert_eq!(
+            group_lag(&answer, "g", &topics(&["a", "b"]), StartFrom::Latest),
+            Ok(7)
+        );
+        assert_eq!(
+            group_lag(&answer, "g", &topics(&["b"]), StartFrom::Earliest),
+            Ok(1)
+        );
+        // A group that committed nothing.
+        answer.groups.insert("new".into(), Ok(Committed::new()));
+        assert_eq!(
+            group_lag(&answer, "new", &topics(&["a"]), StartFrom::Earliest),
+            Ok(15)
+        );
+        let e = group_lag(&answer, "g", &topics(&["a", "gone"]), StartFrom::Earliest).unwrap_err();
+        assert_eq!(e.reason(), "Topic");
+        let e = group_lag(&answer, "slow", &topics(&["a"]), StartFrom::Earliest).unwrap_err();
+        assert_eq!(e.reason(), "Timeout");
+        let e = group_lag(&answer, "g", &topics(&["never"]), StartFrom::Earliest).unwrap_err();
+        assert!(e.to_string().contains("never"), "{e}");
+        let e = group_lag(&answer, "unknown", &topics(&["a"]), StartFrom::Earliest).unwrap_err();
+        assert!(e.to_string().contains("unknown"), "{e}");
+    }
+
+    #[test]
+    fn connection_properties_leave_the_group_out() {
+        let c = map(connection_properties(&kafka(""), &BTreeMap::new()).unwrap());
+        assert!(!c.contains_key("group.id"));
+        let mut with = c.clone();
+        with.insert("group.id".into(), "ns.ec".into());
+        assert_eq!(
+            map(client_properties(&kafka(""), "ns.ec", &BTreeMap::new()).unwrap()),
+            with
+        );
     }
 }

@@ -3,6 +3,7 @@
 
 pub mod build;
 pub mod catalogue;
+pub mod collector;
 pub mod crd;
 pub mod crd_check;
 pub mod error;

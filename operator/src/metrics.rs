@@ -20,6 +20,8 @@ use prometheus_client::registry::Registry;
 
 /// Labels of the failure counter: a static reason only (bounded cardinality).
 pub type ReasonLabels = Vec<(&'static str, &'static str)>;
+/// Labels of the per-EventConsumer series: namespace and name.
+pub type ConsumerLabels = Vec<(&'static str, String)>;
 
 /// The operator's metrics.
 pub struct Metrics {
@@ -36,6 +38,19 @@ pub struct Metrics {
     pub lag_queries: Counter,
     /// Lag computations that failed (lag unknown), by the error's static reason.
     pub lag_errors: Family<ReasonLabels, Counter>,
+    /// The last measured lag of each EventConsumer (records).
+    pub consumer_lag: Family<ConsumerLabels, Gauge>,
+    /// 1 when an EventConsumer's last lag measurement failed (its lag series is the last
+    /// value measured).
+    pub consumer_lag_stale: Family<ConsumerLabels, Gauge>,
+    /// Kafka clients the lag collector holds (one per connection identity).
+    pub lag_clients: Gauge,
+    /// status.lag writes.
+    pub lag_status_writes: Counter,
+    /// Status writes by the reconciler.
+    pub status_writes: Counter,
+    /// Server-side applies skipped because the desired object had not changed.
+    pub applies_skipped: Counter,
     /// Set once the replica has reached the API server (leader or follower).
     ready: AtomicBool,
 }
@@ -87,8 +102,50 @@ impl Metrics {
             "Consumer-group lag computations that failed (status.lag unknown), by reason",
             lag_errors.clone(),
         );
+        let consumer_lag = Family::<ConsumerLabels, Gauge>::default();
+        let consumer_lag_stale = Family::<ConsumerLabels, Gauge>::default();
+        let lag_clients = Gauge::default();
+        let lag_status_writes = Counter::default();
+        let status_writes = Counter::default();
+        let applies_skipped = Counter::default();
+        registry.register(
+            "consumer_lag",
+            "Records not yet committed by the EventConsumer's group, summed over its partitions, as last measured",
+            consumer_lag.clone(),
+        );
+        registry.register(
+            "consumer_lag_stale",
+            "1 when the EventConsumer's last lag measurement failed (consumer_lag is the last value measured)",
+            consumer_lag_stale.clone(),
+        );
+        registry.register(
+            "lag_clients",
+            "Kafka clients held by the lag collector (one per connection identity)",
+            lag_clients.clone(),
+        );
+        registry.register(
+            "lag_status_writes",
+            "status.lag writes",
+            lag_status_writes.clone(),
+        );
+        registry.register(
+            "status_writes",
+            "EventConsumer status writes by the reconciler",
+            status_writes.clone(),
+        );
+        registry.register(
+            "applies_skipped",
+            "Server-side applies skipped because the desired object had not changed",
+            applies_skipped.clone(),
+        );
         Metrics {
             registry,
+            consumer_lag,
+            consumer_lag_stale,
+            lag_clients,
+            lag_status_writes,
+            status_writes,
+            applies_skipped,
             reconciles,
             failures,
             duration,
@@ -116,6 +173,30 @@ impl Metrics {
                 .get_or_create(&vec![("reason", reason)])
                 .inc();
         }
+    }
+
+    /// Sets an EventConsumer's lag series (`None`: never measured, no value series).
+    pub fn set_consumer_lag(&self, namespace: &str, name: &str, lag: Option<i64>, stale: bool) {
+        let labels = vec![
+            ("namespace", namespace.to_owned()),
+            ("name", name.to_owned()),
+        ];
+        if let Some(lag) = lag {
+            self.consumer_lag.get_or_create(&labels).set(lag);
+        }
+        self.consumer_lag_stale
+            .get_or_create(&labels)
+            .set(i64::from(stale));
+    }
+
+    /// Drops an EventConsumer's series (it was deleted).
+    pub fn forget_consumer(&self, namespace: &str, name: &str) {
+        let labels = vec![
+            ("namespace", namespace.to_owned()),
+            ("name", name.to_owned()),
+        ];
+        self.consumer_lag.remove(&labels);
+        self.consumer_lag_stale.remove(&labels);
     }
 
     /// Lag computations that failed with this reason so far.
@@ -223,6 +304,20 @@ mod tests {
             "{text}"
         );
         assert_eq!(m.lag_errors_with("Timeout"), 1);
+        m.set_consumer_lag("ns", "ec", Some(42), false);
+        m.set_consumer_lag("ns", "other", None, true);
+        let text = m.encode();
+        assert!(
+            text.contains("sluice_operator_consumer_lag{namespace=\"ns\",name=\"ec\"} 42"),
+            "{text}"
+        );
+        assert!(
+            text.contains("sluice_operator_consumer_lag_stale{namespace=\"ns\",name=\"other\"} 1"),
+            "{text}"
+        );
+        assert!(!text.contains("sluice_operator_consumer_lag{namespace=\"ns\",name=\"other\"}"));
+        m.forget_consumer("ns", "ec");
+        assert!(!m.encode().contains("name=\"ec\""));
         assert_eq!(m.failures_with("SecretNotFound"), 1);
     }
 

@@ -5,12 +5,11 @@
 //! EventConsumer or of a Secret it references — never a hot loop. Transient errors publish a
 //! Warning event and are retried with per-object exponential backoff.
 //!
-//! After a successful apply the reconcile also measures the consumer group's lag in Kafka
-//! ([`crate::lag`]) for `status.lag`, and requeues the EventConsumer every lag interval to
-//! keep it fresh. A failed measurement leaves the lag unknown (unset) and is counted and
-//! logged, never reported as `Degraded`: Kafka's reachability is the sidecars' concern.
+//! The reconcile never talks to Kafka: after a successful apply it hands the EventConsumer's
+//! connection properties, group and topics to the lag collector ([`crate::collector`]), which
+//! measures lag beside it, at its own pace, and owns the `status.lag*` fields.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -36,6 +35,7 @@ use crate::build::{
     self, CONFIG_HASH_ANNOTATION, FIELD_MANAGER, Input, MANAGED_BY_LABEL, MANAGED_BY_VALUE,
     SidecarDefaults, config_map_name,
 };
+use crate::collector::{Collector, LagTarget, Targets};
 use crate::crd::{EventConsumer, EventConsumerStatus};
 use crate::error::Error;
 use crate::lag::{self, LagSettings};
@@ -60,10 +60,60 @@ pub struct Context {
     recorder: Recorder,
     /// Consecutive transient failures per object, for the backoff.
     failures: Mutex<HashMap<(String, String), u32>>,
-    /// How `status.lag` is measured and refreshed.
-    lag: LagSettings,
-    /// Objects whose last lag measurement failed (to warn once per outage, not every pass).
-    lag_failing: Mutex<HashSet<(String, String)>>,
+    /// How lag is measured and `status.lag` refreshed (by the collector).
+    pub lag: LagSettings,
+    /// What the lag collector measures, registered here after each apply.
+    pub targets: Arc<Targets>,
+    /// The controller's caches of owned objects (set while the controller runs).
+    caches: Mutex<Option<Caches>>,
+    /// What this replica last applied, per owned object: (desired hash, the object's
+    /// generation — resourceVersion for a ConfigMap — right after the apply).
+    applied: Mutex<HashMap<AppliedKey, (String, Option<String>)>>,
+}
+
+/// (kind, namespace, name) of an owned object.
+type AppliedKey = (&'static str, String, String);
+
+/// Watch caches of the owned objects, read instead of GETs.
+#[derive(Clone)]
+pub struct Caches {
+    pub deployments: Store<Deployment>,
+    pub config_maps: Store<PartialObjectMeta<ConfigMap>>,
+    pub pdbs: Store<PartialObjectMeta<PodDisruptionBudget>>,
+}
+
+/// Annotation on every owned object: the digest of the desired object the operator applied.
+pub const DESIRED_HASH_ANNOTATION: &str = "sluice.dev/desired-hash";
+
+/// Sets [`DESIRED_HASH_ANNOTATION`] on a desired object (a digest of the object without
+/// it) and returns the digest.
+pub fn stamp<K: Resource + serde::Serialize>(obj: &mut K) -> String {
+    use sha2::Digest;
+    obj.annotations_mut().remove(DESIRED_HASH_ANNOTATION);
+    let bytes = serde_json::to_vec(obj).expect("an owned object always serializes");
+    let hash: String = sha2::Sha256::digest(&bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    obj.annotations_mut()
+        .insert(DESIRED_HASH_ANNOTATION.into(), hash.clone());
+    hash
+}
+
+/// Whether an apply can be skipped: the cached object carries the desired hash and, if this
+/// replica applied it, its generation (or resourceVersion) is still the one the apply
+/// returned (nobody changed it since). Pure.
+pub fn can_skip(
+    cached_hash: Option<&str>,
+    cached_version: Option<&str>,
+    desired_hash: &str,
+    recorded: Option<(&str, Option<&str>)>,
+) -> bool {
+    cached_hash == Some(desired_hash)
+        && match recorded {
+            None => true,
+            Some((hash, version)) => hash == desired_hash && version == cached_version,
+        }
 }
 
 impl Context {
@@ -84,7 +134,9 @@ impl Context {
             metrics,
             failures: Mutex::new(HashMap::new()),
             lag: LagSettings::default(),
-            lag_failing: Mutex::new(HashSet::new()),
+            targets: Arc::new(Targets::default()),
+            caches: Mutex::new(None),
+            applied: Mutex::new(HashMap::new()),
         }
     }
 
@@ -94,55 +146,79 @@ impl Context {
         self
     }
 
-    /// How long until a healthy (applied) EventConsumer is reconciled again: the lag
-    /// interval with ±10% jitter (so EventConsumers started together spread out), or the
-    /// resync period when lag is off.
-    fn requeue_after(&self) -> Duration {
-        if !self.lag.enabled() {
-            return RESYNC;
-        }
-        let factor = rand::random_range(0.9..1.1);
-        self.lag.interval.mul_f64(factor).min(RESYNC)
+    fn caches(&self) -> Option<Caches> {
+        self.caches.lock().expect("not poisoned").clone()
     }
 
-    /// Measures the consumer group's lag; `None` (unknown) when lag is off or Kafka did not
-    /// answer. Counted in the metrics; a failure is logged at warn once, then at debug until
-    /// a measurement succeeds again.
-    async fn measure_lag(
+    fn unchanged(
+        &self,
+        key: &AppliedKey,
+        desired: &str,
+        cached: Option<(&kube::core::ObjectMeta, Option<String>)>,
+    ) -> bool {
+        let Some((meta, version)) = cached else {
+            return false;
+        };
+        let hash = meta
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(DESIRED_HASH_ANNOTATION));
+        let applied = self.applied.lock().expect("not poisoned");
+        let recorded = applied.get(key).map(|(h, v)| (h.as_str(), v.as_deref()));
+        can_skip(
+            hash.map(String::as_str),
+            version.as_deref(),
+            desired,
+            recorded,
+        )
+    }
+
+    fn record(&self, key: AppliedKey, hash: &str, version: Option<String>) {
+        self.applied
+            .lock()
+            .expect("not poisoned")
+            .insert(key, (hash.to_owned(), version));
+    }
+
+    /// Forgets an EventConsumer's per-object records (it was deleted).
+    fn forget(&self, ns: &str, name: &str) {
+        let cm = config_map_name(name);
+        self.applied
+            .lock()
+            .expect("not poisoned")
+            .retain(|(_, n, o), _| !(n == ns && (o == name || *o == cm)));
+        self.failures
+            .lock()
+            .expect("not poisoned")
+            .remove(&(ns.to_owned(), name.to_owned()));
+        self.targets.remove(&(ns.to_owned(), name.to_owned()));
+    }
+
+    /// Registers (or, when lag is off or the credentials are unusable, drops) what the lag
+    /// collector measures for this EventConsumer.
+    fn register_lag(
         &self,
         ec: &EventConsumer,
-        ns: &str,
-        name: &str,
-        secrets: &BTreeMap<String, SecretData>,
-    ) -> Option<i64> {
+        secrets: &std::collections::BTreeMap<String, SecretData>,
+    ) {
+        let key = (ec.namespace().unwrap_or_default(), ec.name_any());
         if !self.lag.enabled() {
-            return None;
+            return;
         }
-        let group = ec.spec.kafka.effective_group_id(ns, name);
-        let started = Instant::now();
-        let result = lag::compute(&ec.spec.kafka, &group, secrets, self.lag.budget).await;
-        let key = (ns.to_owned(), name.to_owned());
-        match result {
-            Ok(lag) => {
-                self.metrics.observe_lag(None);
-                let recovered = self.lag_failing.lock().expect("not poisoned").remove(&key);
-                if recovered {
-                    info!(group, lag, "consumer-group lag is known again");
-                }
-                debug!(group, lag, elapsed = ?started.elapsed(), "measured the consumer-group lag");
-                Some(lag)
-            }
+        match lag::connection_properties(&ec.spec.kafka, secrets) {
+            Ok(props) => self.targets.set(
+                key.clone(),
+                LagTarget {
+                    uid: ec.uid().unwrap_or_default(),
+                    props: Arc::new(props),
+                    group: ec.spec.kafka.effective_group_id(&key.0, &key.1),
+                    topics: ec.spec.kafka.topics.clone(),
+                    start_from: ec.spec.kafka.start_from,
+                },
+            ),
             Err(e) => {
-                self.metrics.observe_lag(Some(e.reason()));
-                let first = self.lag_failing.lock().expect("not poisoned").insert(key);
-                if first {
-                    warn!(group, reason = e.reason(), error = %e, elapsed = ?started.elapsed(),
-                        "cannot measure the consumer-group lag; status.lag is unknown until Kafka answers");
-                } else {
-                    debug!(group, reason = e.reason(), error = %e, elapsed = ?started.elapsed(),
-                        "cannot measure the consumer-group lag");
-                }
-                None
+                warn!(reason = e.reason(), error = %e, "the lag of this EventConsumer cannot be measured");
+                self.targets.remove(&key);
             }
         }
     }
@@ -247,7 +323,8 @@ async fn reconcile_valid(ec: &EventConsumer, ctx: &Context) -> Result<Action, Er
     let name = ec.name_any();
     let uid = ec.uid().unwrap_or_default();
     if ec.meta().deletion_timestamp.is_some() {
-        // Garbage collection removes the children; nothing to do.
+        // Garbage collection removes the children; nothing to do but forget it.
+        ctx.forget(&ns, &name);
         return Ok(Action::await_change());
     }
     let secrets_api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
@@ -272,47 +349,104 @@ async fn reconcile_valid(ec: &EventConsumer, ctx: &Context) -> Result<Action, Er
     input.drain_token = &token;
     let desired = build::build(&input)?;
 
-    // Apply: the ConfigMap before the Deployment whose pods mount it.
+    // Apply: the ConfigMap before the Deployment whose pods mount it. Each apply is skipped
+    // when the cached object already carries the desired state (same desired-hash
+    // annotation, and not changed by anyone since this replica applied it).
+    let mut desired = desired;
+    let caches = ctx.caches();
     let pp = PatchParams::apply(FIELD_MANAGER).force();
     let cm_name = config_map_name(&name);
-    Api::<ConfigMap>::namespaced(ctx.client.clone(), &ns)
-        .patch(&cm_name, &pp, &Patch::Apply(&desired.config_map))
-        .await
-        .map_err(|source| Error::ApplyConfigMap {
-            namespace: ns.clone(),
-            name: cm_name.clone(),
-            source,
-        })?;
-    let deployments = Api::<Deployment>::namespaced(ctx.client.clone(), &ns);
-    let previous_hash = deployments
-        .get_metadata_opt(&name)
-        .await
-        .map_err(|source| Error::GetDeployment {
-            namespace: ns.clone(),
-            name: name.clone(),
-            source,
-        })?
-        .and_then(|m| {
-            m.metadata
-                .annotations
-                .and_then(|mut a| a.remove(CONFIG_HASH_ANNOTATION))
-        });
-    let deployment = deployments
-        .patch(&name, &pp, &Patch::Apply(&desired.deployment))
-        .await
-        .map_err(|source| Error::ApplyDeployment {
-            namespace: ns.clone(),
-            name: name.clone(),
-            source,
-        })?;
-    Api::<PodDisruptionBudget>::namespaced(ctx.client.clone(), &ns)
-        .patch(&name, &pp, &Patch::Apply(&desired.pdb))
-        .await
-        .map_err(|source| Error::ApplyPodDisruptionBudget {
-            namespace: ns.clone(),
-            name: name.clone(),
-            source,
-        })?;
+    let cm_hash = stamp(&mut desired.config_map);
+    let cached_cm = caches
+        .as_ref()
+        .and_then(|c| c.config_maps.get(&ObjectRef::new(&cm_name).within(&ns)));
+    let cm_key = ("ConfigMap", ns.clone(), cm_name.clone());
+    if ctx.unchanged(
+        &cm_key,
+        &cm_hash,
+        cached_cm
+            .as_deref()
+            .map(|m| (&m.metadata, m.metadata.resource_version.clone())),
+    ) {
+        ctx.metrics.applies_skipped.inc();
+    } else {
+        let applied = Api::<ConfigMap>::namespaced(ctx.client.clone(), &ns)
+            .patch(&cm_name, &pp, &Patch::Apply(&desired.config_map))
+            .await
+            .map_err(|source| Error::ApplyConfigMap {
+                namespace: ns.clone(),
+                name: cm_name.clone(),
+                source,
+            })?;
+        ctx.record(cm_key, &cm_hash, applied.metadata.resource_version.clone());
+    }
+    let cached_deployment = caches
+        .as_ref()
+        .and_then(|c| c.deployments.get(&ObjectRef::new(&name).within(&ns)));
+    let previous_hash = cached_deployment.as_ref().and_then(|d| {
+        d.metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(CONFIG_HASH_ANNOTATION).cloned())
+    });
+    let dep_hash = stamp(&mut desired.deployment);
+    let dep_key = ("Deployment", ns.clone(), name.clone());
+    let deployment: Deployment = match cached_deployment {
+        Some(d)
+            if ctx.unchanged(
+                &dep_key,
+                &dep_hash,
+                Some((&d.metadata, d.metadata.generation.map(|g| g.to_string()))),
+            ) =>
+        {
+            ctx.metrics.applies_skipped.inc();
+            (*d).clone()
+        }
+        _ => {
+            let applied = Api::<Deployment>::namespaced(ctx.client.clone(), &ns)
+                .patch(&name, &pp, &Patch::Apply(&desired.deployment))
+                .await
+                .map_err(|source| Error::ApplyDeployment {
+                    namespace: ns.clone(),
+                    name: name.clone(),
+                    source,
+                })?;
+            ctx.record(
+                dep_key,
+                &dep_hash,
+                applied.metadata.generation.map(|g| g.to_string()),
+            );
+            applied
+        }
+    };
+    let pdb_hash = stamp(&mut desired.pdb);
+    let cached_pdb = caches
+        .as_ref()
+        .and_then(|c| c.pdbs.get(&ObjectRef::new(&name).within(&ns)));
+    let pdb_key = ("PodDisruptionBudget", ns.clone(), name.clone());
+    if ctx.unchanged(
+        &pdb_key,
+        &pdb_hash,
+        cached_pdb
+            .as_deref()
+            .map(|m| (&m.metadata, m.metadata.generation.map(|g| g.to_string()))),
+    ) {
+        ctx.metrics.applies_skipped.inc();
+    } else {
+        let applied = Api::<PodDisruptionBudget>::namespaced(ctx.client.clone(), &ns)
+            .patch(&name, &pp, &Patch::Apply(&desired.pdb))
+            .await
+            .map_err(|source| Error::ApplyPodDisruptionBudget {
+                namespace: ns.clone(),
+                name: name.clone(),
+                source,
+            })?;
+        ctx.record(
+            pdb_key,
+            &pdb_hash,
+            applied.metadata.generation.map(|g| g.to_string()),
+        );
+    }
     debug!(hash = %desired.config_hash, "applied");
     if let Some(previous) = previous_hash.filter(|p| *p != desired.config_hash) {
         let note = format!(
@@ -331,8 +465,8 @@ async fn reconcile_valid(ec: &EventConsumer, ctx: &Context) -> Result<Action, Er
         .await;
     }
 
-    // Lag, from Kafka (bounded by the lag budget; never an error of the reconcile).
-    let lag = ctx.measure_lag(ec, &ns, &name, &secret_data).await;
+    // Lag: measured by the collector, beside the reconcile.
+    ctx.register_lag(ec, &secret_data);
 
     // Status.
     let seen = Observed {
@@ -347,31 +481,33 @@ async fn reconcile_valid(ec: &EventConsumer, ctx: &Context) -> Result<Action, Er
         &Outcome::Applied {
             tuning: desired.tuning,
         },
-        lag,
         ctx,
     )
     .await?;
-    Ok(Action::requeue(ctx.requeue_after()))
+    Ok(Action::requeue(resync_after()))
 }
 
 fn short(hash: &str) -> &str {
     hash.get(..12).unwrap_or(hash)
 }
 
+/// The resync period with ±10% jitter, so EventConsumers created together spread out.
+fn resync_after() -> Duration {
+    RESYNC.mul_f64(rand::random_range(0.9..1.1))
+}
+
 /// Computes and (if it changed) applies the status, and publishes events for transitions.
-/// `lag` is this pass's measurement: `None` means unknown, and clears a previous value
-/// rather than keeping a stale one.
+/// The `lag*` fields are carried over for the comparison and left out of the write: the
+/// lag collector owns them.
 async fn write_status(
     ec: &EventConsumer,
     seen: &Observed<'_>,
     outcome: &Outcome,
-    lag: Option<i64>,
     ctx: &Context,
 ) -> Result<(), Error> {
     let old = ec.status.as_ref();
     let now = Time(Timestamp::now());
     let mut new = status::compute(old, seen, outcome, &now);
-    new.lag = lag;
     new.topics = Some(status::topics_column(&ec.spec.kafka.topics));
     if old == Some(&new) {
         return Ok(());
@@ -409,11 +545,18 @@ async fn patch_status(
     status: &EventConsumerStatus,
 ) -> Result<(), Error> {
     let api: Api<EventConsumer> = Api::namespaced(ctx.client.clone(), ns);
+    let status = EventConsumerStatus {
+        lag: None,
+        lag_observed_time: None,
+        lag_stale: false,
+        ..status.clone()
+    };
     let body = json!({
         "apiVersion": EventConsumer::api_version(&()),
         "kind": EventConsumer::kind(&()),
         "status": status,
     });
+    ctx.metrics.status_writes.inc();
     api.patch_status(
         name,
         &PatchParams::apply(FIELD_MANAGER).force(),
@@ -439,22 +582,30 @@ async fn report_blocked(obj: &Guarded, error: &Error, ctx: &Context) -> Result<(
     };
     match &obj.0 {
         Ok(ec) => {
-            let deployment = Api::<Deployment>::namespaced(ctx.client.clone(), &ns)
-                .get_opt(&name)
-                .await
-                .map_err(|source| Error::GetDeployment {
-                    namespace: ns.clone(),
-                    name: name.clone(),
-                    source,
-                })?;
+            let deployment = match ctx.caches() {
+                Some(c) => c
+                    .deployments
+                    .get(&ObjectRef::new(&name).within(&ns))
+                    .map(|d| (*d).clone()),
+                None => Api::<Deployment>::namespaced(ctx.client.clone(), &ns)
+                    .get_opt(&name)
+                    .await
+                    .map_err(|source| Error::GetDeployment {
+                        namespace: ns.clone(),
+                        name: name.clone(),
+                        source,
+                    })?,
+            };
             let seen = Observed {
                 name: &name,
                 generation: ec.meta().generation,
                 desired_replicas: ec.spec.replicas,
                 deployment: deployment.as_ref(),
             };
-            // Not measured while the spec cannot be realised: unknown.
-            write_status(ec, &seen, &outcome, None, ctx).await
+            // Not measured while the spec cannot be realised.
+            ctx.targets
+                .remove(&(ec.namespace().unwrap_or_default(), ec.name_any()));
+            write_status(ec, &seen, &outcome, ctx).await
         }
         Err(invalid) => {
             // The object does not parse, so neither does its status: write the Degraded
@@ -580,24 +731,37 @@ pub async fn run_controller(
         .labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY_VALUE}"))
         .any_semantic();
     // `Api<PartialObjectMeta<K>>` makes metadata-only list and watch requests.
-    let deployments = watcher(
-        scope.api::<PartialObjectMeta<Deployment>>(&client),
-        owned.clone(),
-    )
-    .default_backoff()
-    .touched_objects();
+    // Deployments in full (their status feeds the EventConsumer's); ConfigMaps and PDBs as
+    // metadata. All three cached: the reconcile reads them instead of GETting.
+    let (dep_reader, dep_writer) = reflector::store();
+    let deployments = watcher(scope.api::<Deployment>(&client), owned.clone())
+        .default_backoff()
+        .modify(|d| d.managed_fields_mut().clear())
+        .reflect(dep_writer)
+        .touched_objects();
+    let (cm_reader, cm_writer) = reflector::store();
     let config_maps = watcher(
         scope.api::<PartialObjectMeta<ConfigMap>>(&client),
         owned.clone(),
     )
     .default_backoff()
+    .modify(|m| m.managed_fields_mut().clear())
+    .reflect(cm_writer)
     .touched_objects();
+    let (pdb_reader, pdb_writer) = reflector::store();
     let pdbs = watcher(
         scope.api::<PartialObjectMeta<PodDisruptionBudget>>(&client),
         owned,
     )
     .default_backoff()
+    .modify(|m| m.managed_fields_mut().clear())
+    .reflect(pdb_writer)
     .touched_objects();
+    *ctx.caches.lock().expect("not poisoned") = Some(Caches {
+        deployments: dep_reader,
+        config_maps: cm_reader,
+        pdbs: pdb_reader,
+    });
     let secrets = watcher(
         scope.api::<PartialObjectMeta<Secret>>(&client),
         watcher::Config::default().any_semantic(),
@@ -605,6 +769,17 @@ pub async fn run_controller(
     .default_backoff()
     .touched_objects();
     let store = reader.clone();
+    // The lag collector: beside the controller, on the same cache, stopped with it.
+    let collector_stop = tokio_util::sync::CancellationToken::new();
+    let collector = tokio::spawn(
+        Collector::new(
+            client.clone(),
+            ctx.metrics.clone(),
+            ctx.lag,
+            ctx.targets.clone(),
+        )
+        .run(reader.clone(), collector_stop.clone()),
+    );
     Controller::for_stream(primary, reader)
         .with_config(ControllerConfig::default().concurrency(concurrency).debounce(Duration::from_millis(200)))
         .owns_stream(deployments)
@@ -620,7 +795,7 @@ pub async fn run_controller(
             secret_to_consumers(&store, &ns, &s.name_any(), owner.as_deref())
         })
         .graceful_shutdown_on(shutdown)
-        .run(reconcile, error_policy, ctx)
+        .run(reconcile, error_policy, ctx.clone())
         .for_each(|result| async move {
             match result {
                 Ok((obj, _)) => debug!(namespace = obj.namespace.as_deref().unwrap_or(""), name = %obj.name, "reconciled"),
@@ -628,11 +803,48 @@ pub async fn run_controller(
             }
         })
         .await;
+    collector_stop.cancel();
+    let _ = collector.await;
+    *ctx.caches.lock().expect("not poisoned") = None;
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn applies_are_skipped_only_for_the_same_hash_on_an_untouched_object() {
+        // Never applied by this replica (e.g. after a failover): the annotation decides.
+        assert!(can_skip(Some("h"), Some("3"), "h", None));
+        assert!(!can_skip(Some("old"), Some("3"), "h", None));
+        assert!(!can_skip(None, Some("3"), "h", None));
+        // Applied here: also untouched since (same generation/resourceVersion).
+        assert!(can_skip(Some("h"), Some("3"), "h", Some(("h", Some("3")))));
+        assert!(
+            !can_skip(Some("h"), Some("4"), "h", Some(("h", Some("3")))),
+            "someone changed it since: apply again"
+        );
+        // The cache still shows an older apply (A -> B -> A): apply.
+        assert!(!can_skip(
+            Some("h"),
+            Some("3"),
+            "h",
+            Some(("other", Some("5")))
+        ));
+    }
+
+    #[test]
+    fn stamps_are_deterministic_and_ignore_a_previous_stamp() {
+        let mut a = ConfigMap::default();
+        a.metadata.name = Some("x".into());
+        let h1 = stamp(&mut a);
+        let h2 = stamp(&mut a);
+        assert_eq!(h1, h2, "restamping gives the same digest");
+        assert_eq!(a.annotations()[DESIRED_HASH_ANNOTATION], h1);
+        let mut b = ConfigMap::default();
+        b.metadata.name = Some("y".into());
+        assert_ne!(stamp(&mut b), h1);
+    }
 
     #[test]
     fn backoff_doubles_from_one_second_up_to_five_minutes() {

@@ -67,11 +67,18 @@ pub struct RunArgs {
     #[arg(long, env = "SLUICE_RETRY_PERIOD_SECONDS", default_value_t = 2)]
     pub retry_period_seconds: u64,
 
-    /// How often the consumer-group lag of each applied EventConsumer is read from Kafka
-    /// for status.lag (the EventConsumer is reconciled again at this interval, ±10%), e.g.
-    /// `30s` or `2m`; `0s` turns lag off (status.lag stays unset).
+    /// How often the lag collector reads every EventConsumer's consumer-group lag from Kafka
+    /// (one long-lived client per Kafka connection identity) into the
+    /// sluice_operator_consumer_lag metric, e.g. `30s` or `2m`; `0s` turns lag off
+    /// (status.lag stays unset, no Kafka client is created).
     #[arg(long, env = "SLUICE_LAG_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
     pub lag_interval: Duration,
+
+    /// Minimum time between two status.lag writes of one EventConsumer; status.lag is also
+    /// written only when the lag changed noticeably (to or from zero, or by 10%) or became
+    /// stale. At least the lag interval.
+    #[arg(long, env = "SLUICE_LAG_STATUS_INTERVAL", default_value = "3m", value_parser = humantime::parse_duration)]
+    pub lag_status_interval: Duration,
 
     /// Log filter (tracing EnvFilter syntax), e.g. `info` or `sluice_operator=debug`.
     #[arg(long, env = "SLUICE_LOG", default_value = "info")]
@@ -149,8 +156,16 @@ impl RunArgs {
                 self.lag_interval
             );
         }
+        if !self.lag_interval.is_zero() && self.lag_status_interval < self.lag_interval {
+            anyhow::bail!(
+                "--lag-status-interval {:?} is shorter than --lag-interval {:?}; give at least the lag interval",
+                self.lag_status_interval,
+                self.lag_interval
+            );
+        }
         Ok(LagSettings {
             interval: self.lag_interval,
+            status_interval: self.lag_status_interval,
             ..LagSettings::default()
         })
     }
@@ -338,6 +353,14 @@ mod tests {
             .lag_settings()
             .unwrap_err();
         assert!(e.to_string().contains("--lag-interval"), "{e}");
+        let l = args(&["--lag-status-interval", "10m"])
+            .lag_settings()
+            .unwrap();
+        assert_eq!(l.status_interval, Duration::from_secs(600));
+        let e = args(&["--lag-interval", "2m", "--lag-status-interval", "1m"])
+            .lag_settings()
+            .unwrap_err();
+        assert!(e.to_string().contains("--lag-status-interval"), "{e}");
     }
 
     #[test]

@@ -183,8 +183,20 @@ pub fn drain_secret(namespace: &str, ec: &str, uid: &str, token: &str) -> Secret
     }
 }
 
+/// Whether a Secret is owned by the EventConsumer with this UID (a drain-token Secret left by
+/// a deleted EventConsumer of the same name, not yet garbage collected, is not).
+pub fn owned_by(secret: &Secret, uid: &str) -> bool {
+    secret
+        .metadata
+        .owner_references
+        .iter()
+        .flatten()
+        .any(|o| o.kind == "EventConsumer" && o.uid == uid)
+}
+
 /// The EventConsumer's drain token: read from its Secret, created once if absent, and
-/// replaced only if the Secret holds no usable token.
+/// replaced if the Secret holds no usable token or belongs to a previous EventConsumer of
+/// the same name (another UID): a recreated EventConsumer never adopts the old token.
 pub async fn ensure_drain_token(
     api: &Api<Secret>,
     namespace: &str,
@@ -198,6 +210,9 @@ pub async fn ensure_drain_token(
         source,
     };
     let stored = |s: &Secret| {
+        if !owned_by(s, uid) {
+            return None;
+        }
         s.data
             .as_ref()
             .and_then(|d| d.get(DRAIN_TOKEN_KEY))
@@ -345,5 +360,8 @@ mod tests {
             "uid-1"
         );
         assert_eq!(s.data.as_ref().unwrap()[DRAIN_TOKEN_KEY].0, b"tok");
+        assert!(owned_by(&s, "uid-1"));
+        assert!(!owned_by(&s, "uid-2"), "a previous EventConsumer's Secret");
+        assert!(!owned_by(&Secret::default(), "uid-1"));
     }
 }

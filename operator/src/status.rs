@@ -149,11 +149,13 @@ pub fn compute(
         replicas: d.replicas,
         ready_replicas: d.ready,
         selector: Some(selector_string(seen.name)),
-        // Carried over; the reconciler replaces it with its own measurement from Kafka (or
-        // None, unknown) before writing (see `crate::lag`).
+        // Carried over: the lag collector owns these fields (its own field manager, see
+        // `crate::collector`); the reconciler never writes them.
         lag: old.and_then(|s| s.lag),
         // Set by the reconciler from the spec (`topics_column`).
         topics: old.and_then(|s| s.topics.clone()),
+        lag_observed_time: old.and_then(|s| s.lag_observed_time.clone()),
+        lag_stale: old.is_some_and(|s| s.lag_stale),
         effective: match outcome {
             Outcome::Applied { tuning } => Some(tuning.clone()),
             Outcome::Blocked { .. } => old.and_then(|s| s.effective.clone()),

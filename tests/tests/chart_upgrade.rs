@@ -100,7 +100,10 @@ fn chart_copy(chart: &Path, crd_path: &str, dir: &Path, group: &str) -> PathBuf 
         .replace("\n  group: sluice.dev\n", &format!("\n  group: {group}\n"))
         // Its own short name: `kubectl get ec` elsewhere on the shared API server must keep
         // resolving to the real CRD while this copy exists.
-        .replace("    shortNames:\n    - ec\n", "    shortNames:\n    - ectest\n");
+        .replace(
+            "    shortNames:\n    - ec\n",
+            "    shortNames:\n    - ectest\n",
+        );
     assert!(
         renamed.contains("- ectest\n"),
         "the CRD's short name was not found"

@@ -166,6 +166,10 @@ impl Sluice {
                 // (lag 0, measured after the commits caught up) costs seconds per test.
                 "--set",
                 &format!("operator.lagInterval={}s", LAG_INTERVAL.as_secs()),
+                // ... and written to status at most that often (default 3m), so a lag that
+                // reached 0 shows within seconds.
+                "--set",
+                &format!("operator.lagStatusInterval={}s", LAG_INTERVAL.as_secs()),
                 "--wait",
                 "--timeout",
                 "180s",
@@ -776,7 +780,7 @@ impl Run {
         tokio::time::sleep_until(fresh.into()).await;
         loop {
             let status = self.sluice.ec_status(EC);
-            if status["lag"] == json!(0) {
+            if status["lag"] == json!(0) && status["lagStale"] != json!(true) {
                 println!(
                     "status.lag = 0 at {:.1?} after the commits caught up",
                     caught_up.elapsed()

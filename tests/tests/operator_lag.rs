@@ -1,13 +1,16 @@
-//! `status.lag` against the real test bed: the operator reads the group's committed offsets
-//! and the watermarks from Kafka, refreshes them every lag interval, leaves the lag unknown
-//! (and the EventConsumer not Degraded) when Kafka does not answer, rewrites the status only
-//! when it changes, and leaves no librdkafka thread behind.
+//! The lag collector against the real test bed: it reads the groups' committed offsets and
+//! the log-end offsets from Kafka with one long-lived client per connection identity, writes
+//! `status.lag` when it changes (not when it does not), keeps the last value marked stale
+//! when Kafka stops answering (the EventConsumer is not Degraded), exports the lag as a
+//! metric, and leaves no librdkafka thread behind when it stops.
 
 mod operator_common;
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
+use kube::api::{Patch, PatchParams};
 use kube::{Api, Client, ResourceExt};
 use operator_common::{condition, create_ec, ec_yaml, install_crd, lease, wait_for};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
@@ -42,6 +45,7 @@ fn start(
     let lag = LagSettings {
         interval: INTERVAL,
         budget: BUDGET,
+        status_interval: INTERVAL,
     };
     let metrics = Arc::new(Metrics::new());
     let shutdown = CancellationToken::new();
@@ -60,8 +64,8 @@ async fn status_lag(api: &Api<EventConsumer>, name: &str) -> Option<Option<i64>>
     Some(ec.status?.lag)
 }
 
-/// Threads of this process that librdkafka started (it names them `rdk:...`).
-fn librdkafka_threads() -> usize {
+/// Thread ids of this process's threads that librdkafka started (it names them `rdk:...`).
+fn librdkafka_thread_ids() -> BTreeSet<u64> {
     std::fs::read_dir("/proc/self/task")
         .map(|tasks| {
             tasks
@@ -70,9 +74,14 @@ fn librdkafka_threads() -> usize {
                     std::fs::read_to_string(t.path().join("comm"))
                         .is_ok_and(|c| c.starts_with("rdk:"))
                 })
-                .count()
+                .filter_map(|t| t.file_name().to_str()?.parse().ok())
+                .collect()
         })
-        .unwrap_or(0)
+        .unwrap_or_default()
+}
+
+fn librdkafka_threads() -> usize {
+    librdkafka_thread_ids().len()
 }
 
 /// Commits `offsets[p]` for each partition `p` (skipping `None`) as `group`, the way a plain
@@ -97,7 +106,8 @@ fn commit(group: &str, topic: &str, offsets: &[Option<i64>]) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn lag_follows_commits_and_is_unknown_when_kafka_does_not_answer() {
+async fn lag_follows_commits_through_one_long_lived_client_and_goes_stale_when_kafka_does_not_answer()
+ {
     let client = kube_env::client().await;
     install_crd(&client).await;
     let ns = Namespace::create(&client, "op-lag").await;
@@ -110,18 +120,24 @@ async fn lag_follows_commits_and_is_unknown_when_kafka_does_not_answer() {
 
     let (metrics, shutdown, handle) = start(&client, &ns.name);
     let api: Api<EventConsumer> = Api::namespaced(client.clone(), &ns.name);
-
     // replicas: 0, so no pod consumes; startFrom earliest (default): nothing committed yet,
-    // so every record counts.
+    // so every record counts. Two EventConsumers (two groups) on the same cluster.
     create_ec(&client, &ns.name, "orders", &ec_yaml(&topic.name, 0, "")).await;
-    let lag = wait_for(
-        "status.lag of a group that committed nothing",
-        Duration::from_secs(60),
-        || async { status_lag(&api, "orders").await.flatten() },
-    )
-    .await;
-    println!("lag before any commit: {lag} (records: {RECORDS})");
-    assert_eq!(lag, RECORDS as i64);
+    create_ec(&client, &ns.name, "payments", &ec_yaml(&topic.name, 0, "")).await;
+    for name in ["orders", "payments"] {
+        let lag = wait_for(
+            "status.lag of a group that committed nothing",
+            Duration::from_secs(60),
+            || async { status_lag(&api, name).await.flatten() },
+        )
+        .await;
+        println!("{name}: lag before any commit: {lag} (records: {RECORDS})");
+        assert_eq!(lag, RECORDS as i64);
+    }
+    let ec = api.get("orders").await.unwrap();
+    let status = ec.status.as_ref().unwrap();
+    assert!(status.lag_observed_time.is_some(), "{status:?}");
+    assert!(!status.lag_stale);
 
     // Commit all of partition 0 and half of partition 1; partition 2 stays uncommitted.
     let group = format!("{}.orders", ns.name);
@@ -132,7 +148,7 @@ async fn lag_follows_commits_and_is_unknown_when_kafka_does_not_answer() {
     let expected = RECORDS as i64 - m;
     let lag = wait_for(
         "status.lag after the commit",
-        INTERVAL * 3 + BUDGET,
+        (INTERVAL * 2 + BUDGET) * 2,
         || async {
             status_lag(&api, "orders")
                 .await
@@ -145,39 +161,115 @@ async fn lag_follows_commits_and_is_unknown_when_kafka_does_not_answer() {
         "lag after committing {m} records: {lag} (expected {expected}), seen {:?} after the commit started",
         started.elapsed()
     );
+    // The exact value is also a metric, per EventConsumer.
+    let series = format!(
+        "sluice_operator_consumer_lag{{namespace=\"{}\",name=\"orders\"}} {expected}",
+        ns.name
+    );
+    assert!(metrics.encode().contains(&series), "{series} missing");
+    // The other group did not move.
+    assert_eq!(
+        status_lag(&api, "payments").await.flatten(),
+        Some(RECORDS as i64)
+    );
 
-    // Stable lag: the periodic reconciles do not rewrite the status.
+    // Stable lag: the passes neither rewrite the status nor create clients. One client
+    // serves both groups: the same librdkafka threads (same thread ids) pass after pass.
     let before = api.get("orders").await.unwrap();
-    let reconciles = metrics.reconciles.get();
-    tokio::time::sleep(INTERVAL * 3).await;
+    let threads_before = librdkafka_thread_ids();
+    let queries = metrics.lag_queries.get();
+    tokio::time::sleep(INTERVAL * 4).await;
     let after = api.get("orders").await.unwrap();
+    let threads_after = librdkafka_thread_ids();
+    println!(
+        "librdkafka threads: {} before, {} after 4 lag intervals; lag measurements {} -> {}",
+        threads_before.len(),
+        threads_after.len(),
+        queries,
+        metrics.lag_queries.get()
+    );
     assert!(
-        metrics.reconciles.get() >= reconciles + 2,
-        "requeued every lag interval ({} -> {})",
-        reconciles,
-        metrics.reconciles.get()
+        metrics.lag_queries.get() >= queries + 2 * 2,
+        "measured every lag interval ({} -> {})",
+        queries,
+        metrics.lag_queries.get()
     );
     assert_eq!(
         before.resource_version(),
         after.resource_version(),
-        "an unchanged status is not rewritten"
+        "an unchanged lag is not rewritten"
     );
-
-    // Clients are short-lived: between measurements no librdkafka thread runs.
-    let mut samples = Vec::new();
-    for _ in 0..40 {
-        samples.push(librdkafka_threads());
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    println!("librdkafka threads sampled over 4 s: {samples:?}");
+    assert!(!threads_before.is_empty(), "a long-lived client");
     assert_eq!(
-        samples.iter().min(),
-        Some(&0),
-        "no client outlives its measurement: {samples:?}"
+        threads_before, threads_after,
+        "the same client serves every pass: no client is created or dropped"
     );
-    assert!(samples.iter().all(|n| *n <= 40), "{samples:?}");
+    assert_eq!(
+        metrics.lag_clients.get(),
+        1,
+        "one client per connection identity"
+    );
 
-    // Kafka not answering: lag unknown, counted, and the EventConsumer is still not Degraded.
+    // Kafka stops answering for `payments` (its bootstrap servers now point at a closed
+    // port): the last value stays, marked stale, with the time it was observed; the
+    // EventConsumer is not Degraded.
+    let observed = api
+        .get("payments")
+        .await
+        .unwrap()
+        .status
+        .unwrap()
+        .lag_observed_time;
+    let changed = k8s_openapi::jiff::Timestamp::now();
+    api.patch(
+        "payments",
+        &PatchParams::default(),
+        &Patch::Merge(serde_json::json!({"spec": {"kafka": {"bootstrapServers": "127.0.0.1:9"}}})),
+    )
+    .await
+    .unwrap();
+    let ec = wait_for(
+        "payments' status.lag marked stale",
+        (INTERVAL * 2 + BUDGET) * 3,
+        || async {
+            let ec = api.get("payments").await.ok()?;
+            ec.status.as_ref()?.lag_stale.then_some(ec)
+        },
+    )
+    .await;
+    let status = ec.status.as_ref().unwrap();
+    assert_eq!(status.lag, Some(RECORDS as i64), "the last value is kept");
+    // Observed at the last successful measurement: not before the value the status showed,
+    // and not after the bootstrap servers changed.
+    let at = status
+        .lag_observed_time
+        .as_ref()
+        .expect("lagObservedTime")
+        .0;
+    assert!(at >= observed.expect("lagObservedTime before").0, "{at}");
+    assert!(at <= changed, "{at} is after the change at {changed}");
+    let degraded = condition(&ec, "Degraded").unwrap();
+    assert_eq!(degraded.0, "False", "{degraded:?}");
+    let (timeouts, kafka_errors) = (
+        metrics.lag_errors_with("Timeout"),
+        metrics.lag_errors_with("Kafka"),
+    );
+    println!(
+        "lag errors: Timeout {timeouts}, Kafka {kafka_errors}; lag measurements: {}",
+        metrics.lag_queries.get()
+    );
+    assert!(timeouts + kafka_errors >= 1);
+    assert_eq!(
+        metrics.lag_clients.get(),
+        2,
+        "one client per connection identity"
+    );
+    // The good one is unaffected.
+    let ec = api.get("orders").await.unwrap();
+    assert_eq!(ec.status.as_ref().unwrap().lag, Some(expected));
+    assert!(!ec.status.as_ref().unwrap().lag_stale);
+
+    // An EventConsumer never measured has no lag (not a made-up one).
     let unreachable = ec_yaml(&topic.name, 0, "").replace(&kafka::pod_bootstrap(), "127.0.0.1:9");
     create_ec(&client, &ns.name, "nowhere", &unreachable).await;
     let ec = wait_for(
@@ -189,30 +281,25 @@ async fn lag_follows_commits_and_is_unknown_when_kafka_does_not_answer() {
         },
     )
     .await;
+    tokio::time::sleep(INTERVAL * 2 + BUDGET).await;
+    let ec = api.get(&ec.name_any()).await.unwrap();
     assert_eq!(ec.status.as_ref().unwrap().lag, None, "unknown");
-    let degraded = condition(&ec, "Degraded").unwrap();
-    assert_eq!(degraded.0, "False", "{degraded:?}");
-    assert_eq!(condition(&ec, "Ready").unwrap().0, "True");
-    let (timeouts, kafka_errors) = (
-        metrics.lag_errors_with("Timeout"),
-        metrics.lag_errors_with("Kafka"),
-    );
-    let errors = timeouts + kafka_errors;
-    println!(
-        "lag errors: Timeout {timeouts}, Kafka {kafka_errors}; lag queries: {}",
-        metrics.lag_queries.get()
-    );
-    assert!(errors >= 1);
-    // The good one is unaffected.
-    assert_eq!(status_lag(&api, "orders").await.flatten(), Some(expected));
+
+    // Deleting an EventConsumer drops its metric series.
+    api.delete("orders", &Default::default()).await.unwrap();
+    wait_for(
+        "the deleted EventConsumer's lag series to go",
+        INTERVAL * 4 + BUDGET,
+        || async { (!metrics.encode().contains(&series)).then_some(()) },
+    )
+    .await;
 
     shutdown.cancel();
     tokio::time::timeout(Duration::from_secs(30), handle)
         .await
         .expect("the operator stops")
         .expect("no panic");
-    // After shutdown (the last measurement's blocking task ends within the budget), every
-    // librdkafka thread is gone.
+    // After shutdown every client is dropped and its librdkafka threads are gone.
     wait_for(
         "librdkafka threads to end",
         BUDGET + Duration::from_secs(5),
