@@ -153,12 +153,25 @@ impl GroupHealth {
         *self.problem.lock().unwrap_or_else(|p| p.into_inner()) = problem;
     }
 
-    /// Something worked that needs a broker: a problem of reaching it is over.
+    /// A broker is connected (librdkafka's statistics show it up): a problem of reaching
+    /// Kafka is over. Not an authentication problem: a broker can be up while it refuses
+    /// this member's credentials or permissions.
     fn broker_answered(&self) {
         let mut p = self.problem.lock().unwrap_or_else(|p| p.into_inner());
         if p.as_ref().is_some_and(|p| p.reason == "kafka_unreachable") {
             info!("Kafka is reachable again");
             *p = None;
+        }
+    }
+
+    /// Kafka served this member something that needs its credentials and permissions (records
+    /// fetched, an offset commit acknowledged, an assignment): every problem is over. A TLS
+    /// or SASL error while a broker restarts is transient; before this, such an error left
+    /// the sidecar not ready for good.
+    fn kafka_served(&self) {
+        let mut p = self.problem.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(old) = p.take() {
+            info!(reason = old.reason, "Kafka serves this member again");
         }
     }
 }
@@ -435,7 +448,7 @@ impl SluiceContext {
             }
         }
         self.metrics.commits.inc();
-        self.health.broker_answered();
+        self.health.kafka_served();
         for (p, o) in &sent {
             p.acknowledge(*o, taken);
             self.metrics
@@ -739,7 +752,7 @@ impl ConsumerContext for SluiceContext {
             old.release();
         }
         self.health.set_joined(true);
-        self.health.broker_answered();
+        self.health.kafka_served();
         self.metrics
             .rebalances
             .get_or_create(&KindLabel { kind: "assign" })
@@ -945,7 +958,7 @@ fn poll_loop(
         }
         if !batch.is_empty() {
             ctx.metrics.records_consumed.inc_by(batch.len() as u64);
-            ctx.health.broker_answered();
+            ctx.health.kafka_served();
             held = Some(batch);
             continue;
         }
@@ -1130,6 +1143,32 @@ mod tests {
             )
         );
         assert_ne!(log_kind("FAIL", "x"), log_kind("REQTMOUT", "x"));
+    }
+
+    #[test]
+    fn an_auth_problem_ends_only_when_kafka_serves_the_member_again() {
+        let h = GroupHealth::default();
+        let auth = KafkaProblem {
+            reason: "kafka_auth",
+            detail: "SSL handshake failed".into(),
+        };
+        h.set_problem(Some(auth.clone()));
+        // A connected broker may still refuse the credentials.
+        h.broker_answered();
+        assert_eq!(h.problem(), Some(auth));
+        // Records fetched, a commit acknowledged, an assignment: it is over.
+        h.kafka_served();
+        assert_eq!(h.problem(), None);
+        let unreachable = KafkaProblem {
+            reason: "kafka_unreachable",
+            detail: "all brokers down".into(),
+        };
+        h.set_problem(Some(unreachable.clone()));
+        h.broker_answered();
+        assert_eq!(h.problem(), None);
+        h.set_problem(Some(unreachable));
+        h.kafka_served();
+        assert_eq!(h.problem(), None);
     }
 
     #[test]
