@@ -29,6 +29,10 @@ pub enum Outcome {
     },
 }
 
+/// Reason of `Ready` and `Degraded` when the cluster refuses to create the pods (the
+/// Deployment's `ReplicaFailure`, e.g. Pod Security admission).
+pub const PODS_CANNOT_BE_CREATED: &str = "PodsCannotBeCreated";
+
 /// What the reconcile saw of the world.
 #[derive(Clone, Debug)]
 pub struct Observed<'a> {
@@ -66,6 +70,16 @@ pub fn compute(
         )
     } else if let (false, Outcome::Blocked { reason, message }) = (d.exists, outcome) {
         cond(READY, false, reason, format!("no pods run: {message}"))
+    } else if let Some(failure) = &d.replica_failure {
+        cond(
+            READY,
+            false,
+            PODS_CANNOT_BE_CREATED,
+            format!(
+                "{} of {} pods are ready; the cluster refuses to create the others ({failure})",
+                d.ready, seen.desired_replicas
+            ),
+        )
     } else {
         cond(
             READY,
@@ -116,6 +130,16 @@ pub fn compute(
 
     let degraded = match outcome {
         Outcome::Blocked { reason, message } => cond(DEGRADED, true, reason, message.clone()),
+        Outcome::Applied { .. } if d.replica_failure.is_some() => cond(
+            DEGRADED,
+            true,
+            PODS_CANNOT_BE_CREATED,
+            format!(
+                "the Deployment's pods cannot be created: {}; fix the pod template in spec.template (or the namespace's policy or quota) — kubectl describe rs -l {} shows the same",
+                d.replica_failure.as_deref().unwrap_or_default(),
+                selector_string(seen.name)
+            ),
+        ),
         Outcome::Applied { .. } if d.stalled => cond(
             DEGRADED,
             true,
@@ -220,6 +244,9 @@ struct DeploymentView {
     updated: i32,
     available: i32,
     stalled: bool,
+    /// The Deployment's `ReplicaFailure` condition when true: its ReplicaSet cannot create
+    /// pods (Pod Security admission, a quota, a missing service account). `reason: message`.
+    replica_failure: Option<String>,
 }
 
 impl DeploymentView {
@@ -241,6 +268,7 @@ fn deployment_view(seen: &Observed<'_>) -> DeploymentView {
             updated: 0,
             available: 0,
             stalled: false,
+            replica_failure: None,
         };
     };
     let status = dep.status.clone().unwrap_or_default();
@@ -253,6 +281,18 @@ fn deployment_view(seen: &Observed<'_>) -> DeploymentView {
             && c.status == "False"
             && c.reason.as_deref() == Some("ProgressDeadlineExceeded")
     });
+    let replica_failure = status
+        .conditions
+        .iter()
+        .flatten()
+        .find(|c| c.type_ == "ReplicaFailure" && c.status == "True")
+        .map(|c| {
+            format!(
+                "{}: {}",
+                c.reason.as_deref().unwrap_or("ReplicaFailure"),
+                c.message.as_deref().unwrap_or("no message")
+            )
+        });
     DeploymentView {
         exists: true,
         current,
@@ -261,6 +301,7 @@ fn deployment_view(seen: &Observed<'_>) -> DeploymentView {
         updated: status.updated_replicas.unwrap_or(0),
         available: status.available_replicas.unwrap_or(0),
         stalled,
+        replica_failure,
     }
 }
 

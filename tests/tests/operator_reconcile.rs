@@ -594,3 +594,63 @@ async fn scaling_is_mirrored_and_the_drain_token_survives_its_secret_being_empti
     assert_ne!(new, old);
     operator.stop().await;
 }
+
+/// An EventConsumer whose pods the cluster refuses to create (here: the namespace enforces
+/// Pod Security `restricted` and the application container asks to be privileged) says so:
+/// `Ready=False` and `Degraded=True` with reason `PodsCannotBeCreated` and the admission's
+/// own message, taken from the Deployment's `ReplicaFailure` (no per-pod reads), plus a
+/// Warning event. Counted where a user looks: the EventConsumer's status and events in the
+/// API server.
+#[tokio::test]
+async fn pods_refused_by_pod_security_show_as_degraded_with_the_admission_message() {
+    let client = kube_env::client().await;
+    install_crd(&client).await;
+    let labels: BTreeMap<String, String> = [
+        ("pod-security.kubernetes.io/enforce", "restricted"),
+        ("pod-security.kubernetes.io/enforce-version", "latest"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect();
+    let ns = Namespace::create_with_labels(&client, "op-psa", labels).await;
+    let _operator = Operator::start(&client, &ns.name, "op-psa");
+    let yaml = ec_yaml("orders", 1, "").replace(
+        "imagePullPolicy: IfNotPresent}",
+        "imagePullPolicy: IfNotPresent, securityContext: {privileged: true}}",
+    );
+    create_ec(&client, &ns.name, "privileged", &yaml).await;
+    let ecs: Api<EventConsumer> = Api::namespaced(client.clone(), &ns.name);
+    let ec = wait_for(
+        "Degraded=True PodsCannotBeCreated",
+        Duration::from_secs(120),
+        || async {
+            let ec = ecs.get("privileged").await.ok()?;
+            let d = condition(&ec, "Degraded")?;
+            (d.0 == "True" && d.1 == "PodsCannotBeCreated").then_some(ec)
+        },
+    )
+    .await;
+    let (_, _, degraded) = condition(&ec, "Degraded").unwrap();
+    assert!(
+        degraded.contains("violates PodSecurity") && degraded.contains("privileged"),
+        "{degraded}"
+    );
+    let (ready, reason, message) = condition(&ec, "Ready").unwrap();
+    assert_eq!(
+        (ready.as_str(), reason.as_str()),
+        ("False", "PodsCannotBeCreated")
+    );
+    assert!(message.contains("violates PodSecurity"), "{message}");
+    let events = wait_for("a PodsCannotBeCreated Warning event", LONG, || async {
+        let events = Api::<Event>::namespaced(client.clone(), &ns.name)
+            .list(&ListParams::default())
+            .await
+            .ok()?;
+        events
+            .items
+            .into_iter()
+            .find(|e| e.reason.as_deref() == Some("PodsCannotBeCreated"))
+    })
+    .await;
+    assert_eq!(events.type_.as_deref(), Some("Warning"));
+}

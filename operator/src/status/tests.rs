@@ -318,3 +318,55 @@ fn topics_column_is_a_plain_comma_separated_list() {
         (".status.topics", "string")
     );
 }
+
+#[test]
+fn pods_the_cluster_refuses_to_create_show_in_ready_and_degraded_with_the_message() {
+    let mut d = dep(1, 1, 0, 0, 0, 0);
+    d.status.as_mut().unwrap().conditions = Some(vec![DeploymentCondition {
+        type_: "ReplicaFailure".into(),
+        status: "True".into(),
+        reason: Some("FailedCreate".into()),
+        message: Some(
+            "pods \"ec-abc\" is forbidden: violates PodSecurity \"restricted:latest\": privileged"
+                .into(),
+        ),
+        ..Default::default()
+    }]);
+    let s = compute(None, &seen(Some(&d), 1), &applied(), &t(0));
+    assert_eq!(get(&s, READY).status, "False");
+    assert_eq!(get(&s, READY).reason, PODS_CANNOT_BE_CREATED);
+    assert_eq!(get(&s, DEGRADED).status, "True");
+    assert_eq!(get(&s, DEGRADED).reason, PODS_CANNOT_BE_CREATED);
+    for c in [READY, DEGRADED] {
+        assert!(
+            get(&s, c)
+                .message
+                .contains("FailedCreate: pods \"ec-abc\" is forbidden: violates PodSecurity"),
+            "{c}: {}",
+            get(&s, c).message
+        );
+    }
+    // A false ReplicaFailure (the controller clears it by removing or flipping it) is not one.
+    d.status.as_mut().unwrap().conditions.as_mut().unwrap()[0].status = "False".into();
+    let s = compute(None, &seen(Some(&d), 1), &applied(), &t(0));
+    assert_eq!(get(&s, READY).reason, "ReplicasNotReady");
+    assert_eq!(get(&s, DEGRADED).reason, "AsExpected");
+}
+
+#[test]
+fn a_replica_failure_beside_ready_pods_keeps_ready_but_is_degraded() {
+    // Scaled from 1 to 3: one pod runs, the ReplicaSet cannot create the others.
+    let mut d = dep(2, 2, 1, 1, 1, 1);
+    d.status.as_mut().unwrap().conditions = Some(vec![DeploymentCondition {
+        type_: "ReplicaFailure".into(),
+        status: "True".into(),
+        reason: Some("FailedCreate".into()),
+        message: Some("exceeded quota: pods".into()),
+        ..Default::default()
+    }]);
+    let s = compute(None, &seen(Some(&d), 3), &applied(), &t(0));
+    assert_eq!(get(&s, READY).reason, PODS_CANNOT_BE_CREATED);
+    assert!(get(&s, READY).message.starts_with("1 of 3 pods are ready"));
+    assert_eq!(get(&s, DEGRADED).reason, PODS_CANNOT_BE_CREATED);
+    assert!(get(&s, DEGRADED).message.contains("exceeded quota: pods"));
+}
