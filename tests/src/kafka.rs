@@ -273,9 +273,29 @@ pub fn committed_at(
     for p in 0..partitions {
         tpl.add_partition(topic, p);
     }
-    let got = consumer
-        .committed_offsets(tpl, Duration::from_secs(10))
-        .unwrap_or_else(|e| panic!("committed offsets of {group}: {e}"));
+    // The group's coordinator may be moving or still loading its offsets (a fresh broker,
+    // a broker restart): those answers are transient, asked again for up to 30 s; anything
+    // else, or a coordinator that never settles, fails the test.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let got = loop {
+        match consumer.committed_offsets(tpl.clone(), Duration::from_secs(10)) {
+            Ok(got) => break got,
+            Err(e)
+                if std::time::Instant::now() < deadline
+                    && matches!(
+                        e.rdkafka_error_code(),
+                        Some(
+                            rdkafka::types::RDKafkaErrorCode::NotCoordinator
+                                | rdkafka::types::RDKafkaErrorCode::CoordinatorLoadInProgress
+                                | rdkafka::types::RDKafkaErrorCode::CoordinatorNotAvailable
+                        )
+                    ) =>
+            {
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            Err(e) => panic!("committed offsets of {group}: {e}"),
+        }
+    };
     (0..partitions)
         .map(|p| match got.find_partition(topic, p).map(|e| e.offset()) {
             Some(Offset::Offset(o)) => Some(o),

@@ -253,6 +253,34 @@ fn plain_manifests_are_rendered_from_the_current_chart() {
 #[tokio::test]
 async fn view_and_edit_users_get_eventconsumers_through_aggregated_roles() {
     let client = kube_env::client().await;
+    // `kubectl auth can-i` answers "no" for a resource type the API server does not know:
+    // the CRD must exist (as it does wherever Sluice is installed).
+    let crd = repo().join("charts/sluice/files/eventconsumers.sluice.dev.yaml");
+    let crd = crd.to_string_lossy();
+    let applied = run(
+        "SLUICE_KUBECTL",
+        &[
+            "apply",
+            "--server-side",
+            "--force-conflicts",
+            "--field-manager=sluice-tests",
+            "-f",
+            &crd,
+        ],
+        None,
+    );
+    assert!(applied.status.success(), "{}", text(&applied));
+    let established = run(
+        "SLUICE_KUBECTL",
+        &[
+            "wait",
+            "--for=condition=Established",
+            "crd/eventconsumers.sluice.dev",
+            "--timeout=60s",
+        ],
+        None,
+    );
+    assert!(established.status.success(), "{}", text(&established));
     let ns = Namespace::create(&client, "chart-rbac").await;
     let release = format!("agg-{}", &ns.name[ns.name.len().saturating_sub(4)..]);
     let rendered = run(
@@ -282,6 +310,24 @@ async fn view_and_edit_users_get_eventconsumers_through_aggregated_roles() {
         format!("{release}-sluice-eventconsumers-view"),
         format!("{release}-sluice-eventconsumers-edit"),
     ];
+    // The ClusterRoles outlive the namespace: removed when the test ends, pass or fail.
+    struct Cleanup([String; 2]);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            let _ = run(
+                "SLUICE_KUBECTL",
+                &[
+                    "delete",
+                    "clusterrole",
+                    &self.0[0],
+                    &self.0[1],
+                    "--ignore-not-found",
+                ],
+                None,
+            );
+        }
+    }
+    let _cleanup = Cleanup(names.clone());
     for (user, role) in [("sluice-viewer", "view"), ("sluice-editor", "edit")] {
         let out = run(
             "SLUICE_KUBECTL",
@@ -349,16 +395,4 @@ async fn view_and_edit_users_get_eventconsumers_through_aggregated_roles() {
             "{user} {verb} {resource}"
         );
     }
-    let out = run(
-        "SLUICE_KUBECTL",
-        &[
-            "delete",
-            "clusterrole",
-            &names[0],
-            &names[1],
-            "--ignore-not-found",
-        ],
-        None,
-    );
-    assert!(out.status.success(), "{}", text(&out));
 }
