@@ -646,11 +646,12 @@ async fn pods_refused_by_pod_security_show_as_degraded_with_the_admission_messag
             .list(&ListParams::default())
             .await
             .ok()?;
-        events
-            .items
-            .into_iter()
-            .find(|e| e.reason.as_deref() == Some("PodsCannotBeCreated"))
+        events.items.into_iter().find(|e| {
+            e.reason.as_deref() == Some("PodsCannotBeCreated")
+                && e.type_.as_deref() == Some("Warning")
+        })
     })
     .await;
-    assert_eq!(events.type_.as_deref(), Some("Warning"));
+    let note = events.message.unwrap_or_default();
+    assert!(note.contains("violates PodSecurity"), "{note}");
 }
