@@ -60,12 +60,6 @@ pub const SIDECAR_CONTAINER_NAME: &str = "sluice";
         json_path = ".status.conditions[?(@.type==\"Ready\")].status"
     ),
     printcolumn(
-        name = "Reason",
-        type_ = "string",
-        description = "Why the EventConsumer is or is not ready",
-        json_path = ".status.conditions[?(@.type==\"Ready\")].reason"
-    ),
-    printcolumn(
         name = "Replicas",
         type_ = "integer",
         description = "Desired number of pods",
