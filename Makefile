@@ -77,7 +77,10 @@ demo: env-up images
 	  kubectl create namespace sluice-system --dry-run=client -o yaml | kubectl apply -f - >/dev/null; \
 	  kubectl label namespace sluice-system --overwrite \
 	    pod-security.kubernetes.io/enforce=restricted pod-security.kubernetes.io/enforce-version=latest >/dev/null; \
-	  echo "== helm upgrade --install sluice charts/sluice (operator: 2 replicas, leader election; watching $(DEMO_NS))"; \
+	  kubectl create namespace $(DEMO_NS) --dry-run=client -o yaml | kubectl apply -f - >/dev/null; \
+	  kubectl label namespace $(DEMO_NS) --overwrite \
+	    pod-security.kubernetes.io/enforce=restricted pod-security.kubernetes.io/enforce-version=latest >/dev/null; \
+	  echo "== helm upgrade --install sluice charts/sluice (operator: 2 replicas, leader election; watching $(DEMO_NS), whose Role it creates there)"; \
 	  helm upgrade --install sluice charts/sluice --namespace sluice-system --take-ownership \
 	    --set operator.image.tag=$(IMAGE_TAG) --set sidecar.image.tag=$(IMAGE_TAG) \
 	    --set operator.watchNamespace=$(DEMO_NS) \
