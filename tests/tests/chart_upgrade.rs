@@ -17,40 +17,16 @@
 //! not have: they never start, and the tests do not wait for them.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::Output;
 
 use serde_json::{Value, json};
 use sluice_tests::kube_env::{self, Namespace};
+use sluice_tests::{kubectl, ok, run_tool};
 
 const CRD_FILE: &str = "eventconsumers.sluice.dev.yaml";
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn run(tool: &str, args: &[&str], stdin: Option<&str>) -> Output {
-    use std::io::Write as _;
-    let mut child = Command::new(sluice_tests::tool(tool))
-        .args(args)
-        .env("KUBECONFIG", kube_env::kubeconfig_path())
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("running {tool}: {e}"));
-    if let Some(input) = stdin {
-        child
-            .stdin
-            .take()
-            .expect("stdin")
-            .write_all(input.as_bytes())
-            .expect("stdin");
-    }
-    child.wait_with_output().expect("waiting for the tool")
 }
 
 fn text(out: &Output) -> String {
@@ -61,17 +37,8 @@ fn text(out: &Output) -> String {
     )
 }
 
-fn ok(out: Output, what: &str) -> String {
-    assert!(out.status.success(), "{what} failed:\n{}", text(&out));
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 fn helm(args: &[&str]) -> Output {
-    run("SLUICE_HELM", args, None)
-}
-
-fn kubectl(args: &[&str], stdin: Option<&str>) -> Output {
-    run("SLUICE_KUBECTL", args, stdin)
+    run_tool("SLUICE_HELM", args, None)
 }
 
 fn copy_dir(from: &Path, to: &Path) {
