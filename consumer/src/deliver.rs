@@ -495,25 +495,13 @@ impl Deliverer {
         }
         let started = Instant::now();
         let exchange = async {
-            let resp = self.client.request(req).await.map_err(|e| {
-                if e.is_connect() {
-                    AttemptResult::Unreachable(error_chain(&e))
-                } else {
-                    AttemptResult::ConnectionError(error_chain(&e))
-                }
-            })?;
-            let header = |name: &str| {
-                resp.headers()
-                    .get(name)
-                    .and_then(|v| v.to_str().ok())
-                    .map(str::to_owned)
-            };
-            let result = AttemptResult::Response {
-                status: resp.status().as_u16(),
-                retry_after: header("retry-after"),
-                outcome: header(OUTCOME_HEADER),
-            };
-            let content_type = header("content-type");
+            let resp = self
+                .client
+                .request(req)
+                .await
+                .map_err(|e| Self::request_failed(&e))?;
+            let result = Self::response_result(&resp);
+            let content_type = Self::response_header(&resp, "content-type");
             let mut body = resp.into_body();
             let mut bytes = Vec::new();
             let mut too_long = false;
@@ -720,24 +708,12 @@ impl Deliverer {
         *req.headers_mut() = request_headers(rec, attempt);
         let started = Instant::now();
         let exchange = async {
-            let resp = self.client.request(req).await.map_err(|e| {
-                if e.is_connect() {
-                    AttemptResult::Unreachable(error_chain(&e))
-                } else {
-                    AttemptResult::ConnectionError(error_chain(&e))
-                }
-            })?;
-            let header = |name: &str| {
-                resp.headers()
-                    .get(name)
-                    .and_then(|v| v.to_str().ok())
-                    .map(str::to_owned)
-            };
-            let result = AttemptResult::Response {
-                status: resp.status().as_u16(),
-                retry_after: header("retry-after"),
-                outcome: header(OUTCOME_HEADER),
-            };
+            let resp = self
+                .client
+                .request(req)
+                .await
+                .map_err(|e| Self::request_failed(&e))?;
+            let result = Self::response_result(&resp);
             // Read the whole body so the connection goes back to the pool.
             let mut body = resp.into_body();
             while let Some(frame) = body.frame().await {
@@ -751,6 +727,32 @@ impl Deliverer {
         };
         self.observe(&result, started);
         result
+    }
+
+    /// A request that got no response: a refused or failed connect means the application is
+    /// not there (no attempt used up); anything else is a failed exchange.
+    fn request_failed(e: &hyper_util::client::legacy::Error) -> AttemptResult {
+        if e.is_connect() {
+            AttemptResult::Unreachable(error_chain(e))
+        } else {
+            AttemptResult::ConnectionError(error_chain(e))
+        }
+    }
+
+    fn response_header<B>(resp: &http::Response<B>, name: &str) -> Option<String> {
+        resp.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    }
+
+    /// What the application's answer says, from its status line and headers.
+    fn response_result<B>(resp: &http::Response<B>) -> AttemptResult {
+        AttemptResult::Response {
+            status: resp.status().as_u16(),
+            retry_after: Self::response_header(resp, "retry-after"),
+            outcome: Self::response_header(resp, OUTCOME_HEADER),
+        }
     }
 
     fn observe(&self, result: &AttemptResult, started: Instant) {
