@@ -102,3 +102,28 @@ impl Drop for Namespace {
         .join();
     }
 }
+
+/// Waits until the CustomResourceDefinition `name` is Established (polled through the API:
+/// `kubectl wait --for=condition=Established` fails at once on a CRD whose status has no
+/// conditions yet, which is the case for a moment after it is first created).
+pub async fn wait_crd_established(client: &Client, name: &str) {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let established = crds.get(name).await.ok().is_some_and(|crd| {
+            crd.status.and_then(|s| s.conditions).is_some_and(|cs| {
+                cs.iter()
+                    .any(|c| c.type_ == "Established" && c.status == "True")
+            })
+        });
+        if established {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the CRD {name} was not established within 30 s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}

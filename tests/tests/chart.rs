@@ -270,17 +270,7 @@ async fn view_and_edit_users_get_eventconsumers_through_aggregated_roles() {
         None,
     );
     assert!(applied.status.success(), "{}", text(&applied));
-    let established = run(
-        "SLUICE_KUBECTL",
-        &[
-            "wait",
-            "--for=condition=Established",
-            "crd/eventconsumers.sluice.dev",
-            "--timeout=60s",
-        ],
-        None,
-    );
-    assert!(established.status.success(), "{}", text(&established));
+    kube_env::wait_crd_established(&client, "eventconsumers.sluice.dev").await;
     let ns = Namespace::create(&client, "chart-rbac").await;
     let release = format!("agg-{}", &ns.name[ns.name.len().saturating_sub(4)..]);
     let rendered = run(

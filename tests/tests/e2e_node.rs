@@ -122,26 +122,7 @@ impl Sluice {
             ),
             "applying the EventConsumer CRD",
         );
-        // (Polled: `kubectl wait` fails at once while the new CRD has no conditions yet.)
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while kubectl(
-            &[
-                "get",
-                "crd/eventconsumers.sluice.dev",
-                "-o",
-                r#"jsonpath={.status.conditions[?(@.type=="Established")].status}"#,
-            ],
-            None,
-        )
-        .stdout
-            != b"True"
-        {
-            assert!(
-                Instant::now() < deadline,
-                "the EventConsumer CRD was not established within 30 s"
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        kube_env::wait_crd_established(&client, "eventconsumers.sluice.dev").await;
         let out = run_tool(
             "SLUICE_HELM",
             &[

@@ -32,23 +32,7 @@ pub async fn install_crd(client: &Client) {
     )
     .await
     .unwrap_or_else(|e| panic!("the API server refused the EventConsumer CRD: {e}"));
-    wait_for(
-        "the EventConsumer CRD to be established",
-        Duration::from_secs(30),
-        || async {
-            let current = crds.get(&name).await.ok()?;
-            let ok = current
-                .status
-                .as_ref()
-                .and_then(|s| s.conditions.as_ref())
-                .is_some_and(|cs| {
-                    cs.iter()
-                        .any(|c| c.type_ == "Established" && c.status == "True")
-                });
-            ok.then_some(())
-        },
-    )
-    .await;
+    sluice_tests::kube_env::wait_crd_established(client, &name).await;
 }
 
 /// Polls `probe` every 200 ms until it returns `Some`, or panics naming `what`.
