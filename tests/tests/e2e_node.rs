@@ -142,7 +142,14 @@ impl Sluice {
                 "--set",
                 &format!("operator.watchNamespace={}", ns.name),
                 "--set",
-                "operator.logLevel=info",
+                // (SLUICE_E2E_OPERATOR_LOG, e.g. `info,sluice_operator::collector=debug`, to
+                // diagnose a run.)
+                &format!(
+                    "operator.logLevel={}",
+                    std::env::var("SLUICE_E2E_OPERATOR_LOG")
+                        .unwrap_or_else(|_| "info".into())
+                        .replace(',', "\\,")
+                ),
                 // status.lag is refreshed every 5 s instead of 30 s, so the end-state check
                 // (lag 0, measured after the commits caught up) costs seconds per test.
                 "--set",
@@ -202,6 +209,43 @@ impl Sluice {
             "kubectl get ec",
         );
         serde_json::from_str::<Value>(&out).expect("EventConsumer JSON")["status"].clone()
+    }
+
+    /// Writes the logs of the operator and of the sidecars of `name`'s current pods (each
+    /// line prefixed with its pod) to a file under the test bed's logs, for a failure to be
+    /// explained afterwards; returns its path.
+    fn save_logs(&self, name: &str) -> std::path::PathBuf {
+        let mut text = Vec::new();
+        for (selector, container) in [
+            ("app.kubernetes.io/name=sluice".to_owned(), "operator"),
+            (
+                format!("{}={name}", sluice_operator::build::SELECTOR_LABEL),
+                "sluice",
+            ),
+        ] {
+            let out = kubectl(
+                &[
+                    "logs",
+                    "-n",
+                    self.ns(),
+                    "-l",
+                    &selector,
+                    "-c",
+                    container,
+                    "--prefix",
+                    "--tail=-1",
+                    "--max-log-requests=20",
+                ],
+                None,
+            );
+            text.extend_from_slice(&out.stdout);
+            text.extend_from_slice(&out.stderr);
+        }
+        let path = sluice_tests::state_dir()
+            .join("logs")
+            .join(format!("{}.log", self.ns()));
+        std::fs::write(&path, text).unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
+        path
     }
 
     /// Waits until the EventConsumer's Deployment runs `replicas` updated, ready pods and
@@ -738,10 +782,11 @@ impl Run {
             if Instant::now() > deadline {
                 f.print("(unfinished run)", "");
                 panic!(
-                    "the run did not reach its end state within {timeout:?}: {} of {} records not delivered; committed offsets {committed:?}, log-end offsets {end:?}; EventConsumer status: {}",
+                    "the run did not reach its end state within {timeout:?}: {} of {} records not delivered; committed offsets {committed:?}, log-end offsets {end:?}; EventConsumer status: {}; operator and sidecar logs: {}",
                     f.lost,
                     f.records,
-                    self.sluice.ec_status(EC)
+                    self.sluice.ec_status(EC),
+                    self.sluice.save_logs(EC).display()
                 );
             }
             tokio::time::sleep(Duration::from_millis(300)).await;
@@ -770,8 +815,9 @@ impl Run {
             }
             assert!(
                 Instant::now() < deadline,
-                "status.lag did not reach 0 within {:?} of the commits catching up; status: {status}",
-                deadline - caught_up
+                "status.lag did not reach 0 within {:?} of the commits catching up; status: {status}; operator and sidecar logs: {}",
+                deadline - caught_up,
+                self.sluice.save_logs(EC).display()
             );
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
