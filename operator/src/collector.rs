@@ -167,6 +167,30 @@ pub struct Collector {
     tracked: HashMap<Key, Tracked>,
     /// Identities whose last query failed as a whole (to warn once per outage).
     failing: HashSet<[u8; 32]>,
+    /// Consecutive passes in which an identity's client did not answer in time.
+    timeouts: HashMap<[u8; 32], u32>,
+}
+
+/// After this many consecutive passes in which a cluster's client let a query time out,
+/// the client is replaced by a new one. Seen on the test bed after a rolling restart of a
+/// secured three-broker cluster: one long-lived client's committed-offset requests went
+/// unanswered for good (every pass for minutes) while new clients were answered at once.
+pub const REPLACE_CLIENT_AFTER: u32 = 2;
+
+/// Whether any part of a cluster's answer is a timeout (the whole query, a topic or a
+/// group). Pure.
+pub fn timed_out(answer: &Result<Answer, LagError>) -> bool {
+    match answer {
+        Err(e) => matches!(e, LagError::Timeout(_)),
+        Ok(a) => {
+            a.topics
+                .values()
+                .any(|r| matches!(r, Err(LagError::Timeout(_))))
+                || a.groups
+                    .values()
+                    .any(|r| matches!(r, Err(LagError::Timeout(_))))
+        }
+    }
 }
 
 impl Collector {
@@ -184,6 +208,7 @@ impl Collector {
             clients: HashMap::new(),
             tracked: HashMap::new(),
             failing: HashSet::new(),
+            timeouts: HashMap::new(),
         }
     }
 
@@ -274,6 +299,7 @@ impl Collector {
             by_key.insert(key, t);
         }
         self.clients.retain(|id, _| clusters.contains_key(id));
+        self.timeouts.retain(|id, _| clusters.contains_key(id));
         let mut work = Vec::new();
         for (id, (props, query, members)) in clusters {
             let client = match self.clients.get(&id) {
@@ -314,7 +340,23 @@ impl Collector {
             .await;
 
         let now_ts = Timestamp::now();
+        let mut replaced = Vec::new();
         for (id, answer, members) in answers {
+            if timed_out(&answer) {
+                let n = self.timeouts.entry(id).or_default();
+                *n += 1;
+                if *n >= REPLACE_CLIENT_AFTER {
+                    warn!(
+                        consumers = members.len(),
+                        passes = *n,
+                        "the lag client of this Kafka cluster let {REPLACE_CLIENT_AFTER} passes in a row time out: replacing it with a new client"
+                    );
+                    self.timeouts.remove(&id);
+                    replaced.extend(self.clients.remove(&id));
+                }
+            } else {
+                self.timeouts.remove(&id);
+            }
             match &answer {
                 Ok(_) => {
                     if self.failing.remove(&id) {
@@ -367,6 +409,12 @@ impl Collector {
                     }
                 }
             }
+        }
+
+        self.metrics.lag_clients.set(self.clients.len() as i64);
+        if !replaced.is_empty() {
+            // Dropping a client joins its librdkafka threads: off the async workers.
+            tokio::task::spawn_blocking(move || drop(replaced));
         }
 
         // Status writes.
@@ -439,6 +487,34 @@ async fn write_lag(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_timeout_anywhere_in_an_answer_counts_towards_replacing_the_client() {
+        let t = || LagError::Timeout(Duration::from_secs(10));
+        let kafka = || LagError::Kafka {
+            what: "reading the group's committed offsets",
+            error: "coordinator not available".into(),
+        };
+        assert!(timed_out(&Err(t())));
+        assert!(
+            !timed_out(&Err(kafka())),
+            "an answer with an error is an answer"
+        );
+        assert!(!timed_out(&Ok(Answer::default())));
+        let mut a = Answer::default();
+        a.topics.insert("t".into(), Ok(Vec::new()));
+        a.groups.insert("g".into(), Ok(Default::default()));
+        assert!(!timed_out(&Ok(a.clone())));
+        let mut group_timed_out = a.clone();
+        group_timed_out.groups.insert("h".into(), Err(t()));
+        assert!(timed_out(&Ok(group_timed_out)));
+        let mut topic_timed_out = a.clone();
+        topic_timed_out.topics.insert("u".into(), Err(t()));
+        assert!(timed_out(&Ok(topic_timed_out)));
+        let mut group_failed = a;
+        group_failed.groups.insert("h".into(), Err(kafka()));
+        assert!(!timed_out(&Ok(group_failed)));
+    }
 
     #[test]
     fn significant_changes_are_zero_crossings_and_ten_percent() {

@@ -240,6 +240,25 @@ impl Sluice {
             );
             text.extend_from_slice(&out.stdout);
             text.extend_from_slice(&out.stderr);
+            // A container that restarted: what it logged before, and why it ended.
+            for args in [
+                &[
+                    "logs",
+                    "-n",
+                    self.ns(),
+                    "-l",
+                    &selector,
+                    "-c",
+                    container,
+                    "--prefix",
+                    "--previous",
+                ][..],
+                &["describe", "pods", "-n", self.ns(), "-l", &selector][..],
+            ] {
+                let out = kubectl(args, None);
+                text.extend_from_slice(&out.stdout);
+                text.extend_from_slice(&out.stderr);
+            }
         }
         let path = sluice_tests::state_dir()
             .join("logs")
