@@ -9,7 +9,8 @@ use std::path::PathBuf;
 use std::process::{Command, Output};
 use std::time::Instant;
 
-use serde_json::Value;
+use serde_json::{Value, json};
+use sluice_tests::kafka::{self, Topic};
 use sluice_tests::kube_env::{self, Namespace};
 
 fn repo() -> PathBuf {
@@ -83,7 +84,10 @@ async fn the_chart_installs_from_the_registry_with_pull_policy_always() {
 
     // Push what `make images` built (as `make push REGISTRY=...` does).
     let pushed = ok(
-        script("push.sh", &[&path, "dev", "operator", "consumer"]),
+        script(
+            "push.sh",
+            &[&path, "dev", "operator", "consumer", "testapp"],
+        ),
         "tests/env/push.sh (run `make images` first)",
     );
     assert!(
@@ -260,5 +264,120 @@ async fn the_chart_installs_from_the_registry_with_pull_policy_always() {
     assert!(
         deployment.contains(&format!("{path}/consumer:dev")),
         "the operator is not configured with the registry's sidecar image"
+    );
+
+    // An EventConsumer's pod pulls both of its images from the registry: the application
+    // (named in its template) and the sidecar (which the operator injects). The node holds
+    // neither under these names, so each is a pull over the registry API.
+    let pushed_digest = |name: &str| {
+        pushed
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{path}/{name}:dev@")))
+            .unwrap_or_else(|| panic!("push.sh printed no {name} digest:\n{pushed}"))
+            .to_owned()
+    };
+    let topic = Topic::create("registry", 1).await;
+    let ec = json!({
+        "apiVersion": "sluice.dev/v1alpha1",
+        "kind": "EventConsumer",
+        "metadata": {"name": "pulled", "namespace": ns.name},
+        "spec": {
+            "kafka": {
+                "bootstrapServers": kafka::pod_bootstrap(),
+                "topics": [topic.name],
+                "groupId": kafka::group("registry"),
+            },
+            "delivery": {"url": "http://127.0.0.1:8080/events"},
+            "template": {"spec": {
+                "securityContext": {
+                    "runAsNonRoot": true,
+                    "runAsUser": 65532,
+                    "seccompProfile": {"type": "RuntimeDefault"}
+                },
+                "containers": [{
+                    "name": "app",
+                    "image": format!("{path}/testapp:dev"),
+                    "env": [{"name": "TESTAPP_COLLECTOR", "value": "127.0.0.1:9"}],
+                    "securityContext": {
+                        "allowPrivilegeEscalation": false,
+                        "readOnlyRootFilesystem": true,
+                        "capabilities": {"drop": ["ALL"]}
+                    }
+                }]
+            }}
+        }
+    });
+    ok(
+        sluice_tests::kubectl(&["apply", "-f", "-"], Some(&ec.to_string())),
+        "kubectl apply the EventConsumer",
+    );
+    let started = Instant::now();
+    let image_ids = loop {
+        let pods = ok(
+            tool(
+                "SLUICE_KUBECTL",
+                &[
+                    "get",
+                    "pods",
+                    "-n",
+                    &ns.name,
+                    "-l",
+                    "sluice.dev/consumer=pulled",
+                    "-o",
+                    "json",
+                ],
+            ),
+            "kubectl get pods",
+        );
+        let pods: Value = serde_json::from_str(&pods).expect("pods JSON");
+        let statuses: Vec<Value> = pods["items"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|p| {
+                let s = &p["status"];
+                let main = s["containerStatuses"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default();
+                let init = s["initContainerStatuses"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default();
+                main.into_iter().chain(init)
+            })
+            .collect();
+        let id = |name: &str| {
+            statuses
+                .iter()
+                .find(|c| c["name"] == name && c["ready"] == true)
+                .and_then(|c| c["imageID"].as_str())
+                .map(str::to_owned)
+        };
+        if let (Some(app), Some(sidecar)) = (id("app"), id("sluice")) {
+            break (app, sidecar);
+        }
+        if started.elapsed() > std::time::Duration::from_secs(180) {
+            let events = tool("SLUICE_KUBECTL", &["get", "events", "-n", &ns.name]);
+            panic!(
+                "the EventConsumer's containers were not ready within 180 s: {statuses:?}\nevents:\n{}",
+                text(&events)
+            );
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    };
+    assert_eq!(
+        image_ids.0,
+        format!("{path}/testapp@{}", pushed_digest("testapp")),
+        "the application container does not run the image pushed to the registry"
+    );
+    assert_eq!(
+        image_ids.1,
+        format!("{path}/consumer@{}", pushed_digest("consumer")),
+        "the sidecar does not run the image pushed to the registry"
+    );
+    println!(
+        "an EventConsumer's application and sidecar pulled from {path} and ready in {:.1?}",
+        started.elapsed()
     );
 }
