@@ -25,6 +25,7 @@
 //! The Lease should be read and written through its own [`Client`] (its own connection pool),
 //! so a busy controller cannot starve the renewals.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
@@ -160,11 +161,16 @@ struct Observation {
     since: Instant,
 }
 
+/// A hook run between reading the Lease and writing it (tests make concurrent writes there).
+pub type BeforeWrite =
+    Arc<dyn Fn() -> futures::future::BoxFuture<'static, ()> + Send + Sync + 'static>;
+
 /// A candidate for the Lease.
 pub struct Elector {
     api: Api<Lease>,
     settings: LeaseSettings,
     observed: Mutex<Option<Observation>>,
+    before_write: Option<BeforeWrite>,
 }
 
 /// What an attempt found.
@@ -194,7 +200,16 @@ impl Elector {
             api: Api::namespaced(client, &settings.namespace),
             settings,
             observed: Mutex::new(None),
+            before_write: None,
         }
+    }
+
+    /// Runs `hook` after every read of the Lease and before the write that follows it, so a
+    /// test can race a write of its own against the elector's deterministically.
+    #[doc(hidden)]
+    pub fn with_before_write(mut self, hook: BeforeWrite) -> Elector {
+        self.before_write = Some(hook);
+        self
     }
 
     pub fn settings(&self) -> &LeaseSettings {
@@ -295,6 +310,9 @@ impl Elector {
             lease_transitions: Some(transitions),
             ..spec
         });
+        if let Some(hook) = &self.before_write {
+            hook().await;
+        }
         // A 409 (the Lease changed since it was read) re-reads it and decides again.
         self.api
             .replace(&s.name, &PostParams::default(), &lease)
