@@ -8,7 +8,7 @@ ENV_DIR := tests/env
 RELEASE := $(CARGO_TARGET_DIR)/release
 IMAGE_TAG ?= dev
 
-.PHONY: all deps env-up env-down images push test test-unit lint generate manifests bench bench-operator demo help
+.PHONY: all deps env-up env-down images push test test-unit lint generate manifests bench bench-operator bench-operator-failover demo help
 
 all: test
 
@@ -109,6 +109,16 @@ bench-operator: env-up
 	set -a; source $(SLUICE_CACHE)/state/env; set +a; \
 	  SLUICE_SCALE_COUNT=$(BENCH_OPERATOR_COUNT) SLUICE_SCALE_STEADY_SECS=$(BENCH_OPERATOR_STEADY_SECS) \
 	  cargo test --release --locked -p sluice-tests --test operator_scale -- --nocapture
+
+## bench-operator-failover: the leader of two operator processes SIGKILLed with 1 000
+## EventConsumers, 3 times: kill -> new leader's first reconcile, API requests in the minute after
+BENCH_FAILOVER_COUNT ?= 1000
+BENCH_FAILOVER_ROUNDS ?= 3
+bench-operator-failover: env-up
+	cargo build --release --locked -p sluice-operator
+	set -a; source $(SLUICE_CACHE)/state/env; set +a; \
+	  SLUICE_FAILOVER_COUNT=$(BENCH_FAILOVER_COUNT) SLUICE_FAILOVER_ROUNDS=$(BENCH_FAILOVER_ROUNDS) SLUICE_FAILOVER_AFTER_SECS=60 \
+	  cargo test --release --locked -p sluice-tests --test operator_failover -- --nocapture
 
 ## help: list the targets
 help:

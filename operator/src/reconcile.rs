@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
+use futures::channel::mpsc::{UnboundedReceiver, UnboundedSender};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, ObjectReference, Secret};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
@@ -705,87 +706,211 @@ pub fn secret_to_consumers(
     out
 }
 
-/// Runs the controller until `shutdown` completes.
+/// A running task, aborted when this is dropped (so nothing it does outlives its owner).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Where a watch task hands the objects it saw to the controller while one runs; a follower
+/// has no receiver and the objects only update the caches.
+struct Tap<K>(Arc<Mutex<Option<UnboundedSender<Arc<K>>>>>);
+
+impl<K> Clone for Tap<K> {
+    fn clone(&self) -> Self {
+        Tap(self.0.clone())
+    }
+}
+
+impl<K> Tap<K> {
+    fn new() -> Tap<K> {
+        Tap(Arc::new(Mutex::new(None)))
+    }
+
+    fn send(&self, obj: K) {
+        let mut tx = self.0.lock().expect("not poisoned");
+        if let Some(sender) = tx.as_ref()
+            && sender.unbounded_send(Arc::new(obj)).is_err()
+        {
+            // The controller stopped.
+            *tx = None;
+        }
+    }
+
+    /// A fresh receiver of every object seen from now on (replacing any earlier one).
+    /// Unbounded: the controller's own queue de-duplicates, and it reads as fast as the
+    /// watches deliver.
+    fn subscribe(&self) -> UnboundedReceiver<Arc<K>> {
+        let (tx, rx) = futures::channel::mpsc::unbounded();
+        *self.0.lock().expect("not poisoned") = Some(tx);
+        rx
+    }
+}
+
+/// Runs one watch stream for as long as the returned task lives, handing what it yields to
+/// `tap`. Watch errors are retried by the stream's backoff.
+fn drive<K, S>(kind: &'static str, stream: S, tap: Tap<K>) -> AbortOnDrop
+where
+    K: Send + Sync + 'static,
+    S: futures::Stream<Item = Result<K, watcher::Error>> + Send + 'static,
+{
+    AbortOnDrop(tokio::spawn(stream.for_each(move |item| {
+        match item {
+            Ok(obj) => tap.send(obj),
+            Err(error) => debug!(%error, kind, "watch error; retrying"),
+        }
+        futures::future::ready(())
+    })))
+}
+
+/// The watches and caches, run on every replica — leader or follower — for as long as this
+/// lives, so a replica that becomes leader starts reconciling from warm caches instead of
+/// listing everything first.
 ///
 /// Watches: EventConsumers (through `DeserializeGuard`, managed fields dropped, only
 /// generation changes — status writes do not retrigger); the Deployments, ConfigMaps and
 /// PodDisruptionBudgets it owns (metadata only, selected by the managed-by label: any change,
 /// including Deployment status, triggers the owner); Secrets (metadata only: a changed
 /// resourceVersion maps to the EventConsumers that reference it or own it).
+pub struct Watches {
+    ecs: Store<Guarded>,
+    caches: Caches,
+    ec_tap: Tap<Guarded>,
+    deployment_tap: Tap<Deployment>,
+    config_map_tap: Tap<PartialObjectMeta<ConfigMap>>,
+    pdb_tap: Tap<PartialObjectMeta<PodDisruptionBudget>>,
+    secret_tap: Tap<PartialObjectMeta<Secret>>,
+    _tasks: Vec<AbortOnDrop>,
+}
+
+impl Watches {
+    /// Starts the watches (they list, then watch, in the background).
+    pub fn start(client: &Client, scope: &WatchScope) -> Watches {
+        let ecs: Api<Guarded> = scope.api(client);
+        let (reader, writer) = reflector::store();
+        let ec_tap = Tap::new();
+        let primary = watcher(ecs, watcher::Config::default().any_semantic())
+            .default_backoff()
+            .modify(|g| g.managed_fields_mut().clear())
+            .reflect(writer)
+            .applied_objects()
+            .predicate_filter(predicates::generation, Default::default());
+        let owned = watcher::Config::default()
+            .labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY_VALUE}"))
+            .any_semantic();
+        // `Api<PartialObjectMeta<K>>` makes metadata-only list and watch requests.
+        // Deployments in full (their status feeds the EventConsumer's); ConfigMaps and PDBs as
+        // metadata. All three cached: the reconcile reads them instead of GETting.
+        let (dep_reader, dep_writer) = reflector::store();
+        let deployment_tap = Tap::new();
+        let deployments = watcher(scope.api::<Deployment>(client), owned.clone())
+            .default_backoff()
+            .modify(|d| d.managed_fields_mut().clear())
+            .reflect(dep_writer)
+            .touched_objects();
+        let (cm_reader, cm_writer) = reflector::store();
+        let config_map_tap = Tap::new();
+        let config_maps = watcher(
+            scope.api::<PartialObjectMeta<ConfigMap>>(client),
+            owned.clone(),
+        )
+        .default_backoff()
+        .modify(|m| m.managed_fields_mut().clear())
+        .reflect(cm_writer)
+        .touched_objects();
+        let (pdb_reader, pdb_writer) = reflector::store();
+        let pdb_tap = Tap::new();
+        let pdbs = watcher(
+            scope.api::<PartialObjectMeta<PodDisruptionBudget>>(client),
+            owned,
+        )
+        .default_backoff()
+        .modify(|m| m.managed_fields_mut().clear())
+        .reflect(pdb_writer)
+        .touched_objects();
+        let secret_tap = Tap::new();
+        let secrets = watcher(
+            scope.api::<PartialObjectMeta<Secret>>(client),
+            watcher::Config::default().any_semantic(),
+        )
+        .default_backoff()
+        .touched_objects();
+        let tasks = vec![
+            drive("EventConsumer", primary, ec_tap.clone()),
+            drive("Deployment", deployments, deployment_tap.clone()),
+            drive("ConfigMap", config_maps, config_map_tap.clone()),
+            drive("PodDisruptionBudget", pdbs, pdb_tap.clone()),
+            drive("Secret", secrets, secret_tap.clone()),
+        ];
+        Watches {
+            ecs: reader,
+            caches: Caches {
+                deployments: dep_reader,
+                config_maps: cm_reader,
+                pdbs: pdb_reader,
+            },
+            ec_tap,
+            deployment_tap,
+            config_map_tap,
+            pdb_tap,
+            secret_tap,
+            _tasks: tasks,
+        }
+    }
+
+    /// The EventConsumer cache.
+    pub fn event_consumers(&self) -> &Store<Guarded> {
+        &self.ecs
+    }
+}
+
+/// Runs the controller on `watches` until `shutdown` completes: every EventConsumer in the
+/// cache once the caches are filled (cheap after a failover: applies whose desired state is
+/// unchanged are skipped), then whatever the watches deliver. The lag collector runs beside
+/// it and stops with it (also when this future is dropped).
 pub async fn run_controller(
     ctx: Arc<Context>,
-    scope: &WatchScope,
+    watches: &Watches,
     concurrency: u16,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) {
-    let client = ctx.client.clone();
-    let ecs: Api<Guarded> = scope.api(&client);
-    let (reader, writer) = reflector::store();
-    let primary = watcher(ecs, watcher::Config::default().any_semantic())
-        .default_backoff()
-        .modify(|g| g.managed_fields_mut().clear())
-        .reflect(writer)
-        .applied_objects()
-        .predicate_filter(predicates::generation, Default::default());
-    let owned = watcher::Config::default()
-        .labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY_VALUE}"))
-        .any_semantic();
-    // `Api<PartialObjectMeta<K>>` makes metadata-only list and watch requests.
-    // Deployments in full (their status feeds the EventConsumer's); ConfigMaps and PDBs as
-    // metadata. All three cached: the reconcile reads them instead of GETting.
-    let (dep_reader, dep_writer) = reflector::store();
-    let deployments = watcher(scope.api::<Deployment>(&client), owned.clone())
-        .default_backoff()
-        .modify(|d| d.managed_fields_mut().clear())
-        .reflect(dep_writer)
-        .touched_objects();
-    let (cm_reader, cm_writer) = reflector::store();
-    let config_maps = watcher(
-        scope.api::<PartialObjectMeta<ConfigMap>>(&client),
-        owned.clone(),
-    )
-    .default_backoff()
-    .modify(|m| m.managed_fields_mut().clear())
-    .reflect(cm_writer)
-    .touched_objects();
-    let (pdb_reader, pdb_writer) = reflector::store();
-    let pdbs = watcher(
-        scope.api::<PartialObjectMeta<PodDisruptionBudget>>(&client),
-        owned,
-    )
-    .default_backoff()
-    .modify(|m| m.managed_fields_mut().clear())
-    .reflect(pdb_writer)
-    .touched_objects();
-    *ctx.caches.lock().expect("not poisoned") = Some(Caches {
-        deployments: dep_reader,
-        config_maps: cm_reader,
-        pdbs: pdb_reader,
+    let reader = watches.ecs.clone();
+    *ctx.caches.lock().expect("not poisoned") = Some(watches.caches.clone());
+    // Subscribed before the catch-up below, so nothing in between is missed.
+    let ec_events = watches.ec_tap.subscribe();
+    let deployment_events = watches.deployment_tap.subscribe();
+    let config_map_events = watches.config_map_tap.subscribe();
+    let pdb_events = watches.pdb_tap.subscribe();
+    let secret_events = watches.secret_tap.subscribe();
+    let caches = watches.caches.clone();
+    let ready_ecs = reader.clone();
+    let catch_up = futures::stream::once(async move {
+        let _ = ready_ecs.wait_until_ready().await;
+        let _ = caches.deployments.wait_until_ready().await;
+        let _ = caches.config_maps.wait_until_ready().await;
+        let _ = caches.pdbs.wait_until_ready().await;
     });
-    let secrets = watcher(
-        scope.api::<PartialObjectMeta<Secret>>(&client),
-        watcher::Config::default().any_semantic(),
-    )
-    .default_backoff()
-    .touched_objects();
     let store = reader.clone();
     // The lag collector: beside the controller, on the same cache, stopped with it.
     let collector_stop = tokio_util::sync::CancellationToken::new();
-    let collector = tokio::spawn(
+    let mut collector = AbortOnDrop(tokio::spawn(
         Collector::new(
-            client.clone(),
+            ctx.client.clone(),
             ctx.metrics.clone(),
             ctx.lag,
             ctx.targets.clone(),
         )
         .run(reader.clone(), collector_stop.clone()),
-    );
-    Controller::for_stream(primary, reader)
+    ));
+    Controller::for_shared_stream(ec_events, reader)
         .with_config(ControllerConfig::default().concurrency(concurrency).debounce(Duration::from_millis(200)))
-        .owns_stream(deployments)
-        .owns_stream(config_maps)
-        .owns_stream(pdbs)
-        .watches_stream(secrets, move |s| {
+        .owns_shared_stream(deployment_events)
+        .owns_shared_stream(config_map_events)
+        .owns_shared_stream(pdb_events)
+        .watches_shared_stream(secret_events, move |s| {
             let ns = s.namespace().unwrap_or_default();
             let owner = s
                 .owner_references()
@@ -794,6 +919,7 @@ pub async fn run_controller(
                 .map(|o| o.name.clone());
             secret_to_consumers(&store, &ns, &s.name_any(), owner.as_deref())
         })
+        .reconcile_all_on(catch_up)
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx.clone())
         .for_each(|result| async move {
@@ -804,8 +930,7 @@ pub async fn run_controller(
         })
         .await;
     collector_stop.cancel();
-    let _ = collector.await;
-    *ctx.caches.lock().expect("not poisoned") = None;
+    let _ = (&mut collector.0).await;
 }
 
 #[cfg(test)]

@@ -14,9 +14,9 @@ use tracing_subscriber::EnvFilter;
 
 use crate::build::{DEFAULT_SIDECAR_IMAGE, SidecarDefaults, SidecarMode};
 use crate::lag::LagSettings;
-use crate::leader::{Elector, LeaseSettings};
+use crate::leader::{Elector, LeaseSettings, Lost};
 use crate::metrics::{self, Metrics};
-use crate::reconcile::{Context, WatchScope, run_controller};
+use crate::reconcile::{Context, WatchScope, Watches, run_controller};
 
 /// Flags of `sluice-operator run`; every one can also be set through its environment variable.
 #[derive(Args, Debug, Clone, PartialEq)]
@@ -66,6 +66,11 @@ pub struct RunArgs {
     /// Seconds between attempts to acquire or renew the Lease.
     #[arg(long, env = "SLUICE_RETRY_PERIOD_SECONDS", default_value_t = 2)]
     pub retry_period_seconds: u64,
+
+    /// Seconds a leader that lost the Lease gives running reconciles to finish before it
+    /// drops them. The renew deadline plus this must be shorter than the lease duration.
+    #[arg(long, env = "SLUICE_GRACEFUL_STOP_SECONDS", default_value_t = 4)]
+    pub graceful_stop_seconds: u64,
 
     /// How often the lag collector reads every EventConsumer's consumer-group lag from Kafka
     /// (one long-lived client per Kafka connection identity) into the
@@ -124,6 +129,7 @@ impl RunArgs {
             lease_duration: Duration::from_secs(self.lease_duration_seconds),
             renew_deadline: Duration::from_secs(self.renew_deadline_seconds),
             retry_period: Duration::from_secs(self.retry_period_seconds),
+            graceful_stop: Duration::from_secs(self.graceful_stop_seconds),
         };
         lease.check().map_err(anyhow::Error::msg)?;
         if self.sidecar_image.trim().is_empty() || self.sidecar_image.contains(char::is_whitespace)
@@ -191,14 +197,18 @@ fn init_logging(args: &RunArgs) -> anyhow::Result<()> {
 /// The binary's `run`: logging, client, HTTP endpoint, then [`run`] until SIGTERM or Ctrl-C.
 pub async fn main(args: RunArgs) -> anyhow::Result<()> {
     init_logging(&args)?;
-    let client = Client::try_default().await.context(
+    let config = kube::Config::infer().await.context(
         "cannot configure the Kubernetes client (in-cluster service account or KUBECONFIG)",
     )?;
+    let client = Client::try_from(config.clone())
+        .context("cannot build the Kubernetes client from its configuration")?;
     crate::crd_check::ensure_current(&client).await?;
     let default_ns =
         std::env::var("POD_NAMESPACE").unwrap_or_else(|_| client.default_namespace().to_owned());
     let settings = args.settings(&default_ns)?;
     let lag = args.lag_settings()?;
+    let lease_client = Client::try_from(lease_config(config, &settings.lease))
+        .context("cannot build the Kubernetes client for the leader Lease")?;
     let metrics = Arc::new(Metrics::new());
     let shutdown = CancellationToken::new();
 
@@ -220,7 +230,11 @@ pub async fn main(args: RunArgs) -> anyhow::Result<()> {
     });
     info!(listen = %args.listen, identity = %settings.lease.identity, lease = %settings.lease.name,
         lease_namespace = %settings.lease.namespace, "sluice-operator starting");
-    run_with_lag(client, settings, lag, metrics, shutdown).await;
+    let clients = Clients {
+        controller: client,
+        lease: lease_client,
+    };
+    run_operator(clients, settings, lag, metrics, shutdown).await;
     if let Ok(Err(e)) = server.await {
         error!(error = %e, "the HTTP endpoint failed");
     }
@@ -244,12 +258,27 @@ async fn wait_for_signal() {
     }
 }
 
-/// How long running reconciles may take to finish when the controller stops.
-pub const GRACEFUL_STOP: Duration = Duration::from_secs(4);
+/// The client configuration for Lease traffic: its own connection pool (a separate
+/// [`Client`]), with every connection and read bounded by the renew deadline.
+pub fn lease_config(mut config: kube::Config, lease: &LeaseSettings) -> kube::Config {
+    config.connect_timeout = Some(lease.renew_deadline);
+    config.read_timeout = Some(lease.renew_deadline);
+    config.write_timeout = Some(lease.renew_deadline);
+    config
+}
+
+/// The API clients: one for the controller, the watches and the lag collector, and one of its
+/// own for the leader Lease, so a busy controller cannot delay renewals.
+#[derive(Clone)]
+pub struct Clients {
+    pub controller: Client,
+    pub lease: Client,
+}
 
 /// Campaigns for the Lease; while leader, runs the controller and renews the Lease. On losing
 /// it, stops reconciling and campaigns again. Returns after `shutdown`, having released the
-/// Lease if it held it.
+/// Lease if it held it. One client for everything (tests; the binary uses [`run_operator`]
+/// with a client of its own for the Lease).
 pub async fn run(
     client: Client,
     settings: Settings,
@@ -267,10 +296,29 @@ pub async fn run_with_lag(
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) {
-    let elector = Elector::new(client.clone(), settings.lease.clone());
+    let clients = Clients {
+        controller: client.clone(),
+        lease: client,
+    };
+    run_operator(clients, settings, lag, metrics, shutdown).await
+}
+
+/// The operator: the watches (their caches stay warm on every replica, so a new leader
+/// starts from them), the campaign for the Lease, and while leader the controller and the lag
+/// collector. A leader that cannot renew within the renew deadline stops them at once,
+/// within the graceful stop time, then campaigns again.
+pub async fn run_operator(
+    clients: Clients,
+    settings: Settings,
+    lag: LagSettings,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) {
+    let elector = Elector::new(clients.lease.clone(), settings.lease.clone());
+    let watches = Watches::start(&clients.controller, &settings.scope);
     let ctx = Arc::new(
         Context::new(
-            client,
+            clients.controller.clone(),
             settings.defaults.clone(),
             metrics.clone(),
             &settings.lease.identity,
@@ -279,36 +327,37 @@ pub async fn run_with_lag(
     );
     loop {
         let contact = || metrics.set_ready();
-        if !elector.acquire(&shutdown, contact).await {
+        let Some(acquired) = elector.acquire(&shutdown, contact).await else {
             return;
-        }
+        };
         metrics.leader.set(1);
         let stop = shutdown.child_token();
         let controller_stop = stop.clone();
-        let controller = run_controller(
-            ctx.clone(),
-            &settings.scope,
-            settings.concurrency,
-            async move { controller_stop.cancelled().await },
-        );
+        let controller = run_controller(ctx.clone(), &watches, settings.concurrency, async move {
+            controller_stop.cancelled().await
+        });
         tokio::pin!(controller);
         let lost = tokio::select! {
-            lost = elector.hold(&stop) => {
-                // Lost (or shutting down): stop the controller, letting running reconciles
-                // finish — bounded, well inside the margin between the renew deadline and the
-                // lease duration.
+            lost = elector.hold(acquired, &stop) => {
+                // Lost (or shutting down): stop the controller and the collector, letting
+                // running reconciles finish within the graceful stop time; whatever is left
+                // is dropped with the future. The settings check keeps this inside the margin
+                // between the renew deadline and the lease duration.
                 stop.cancel();
-                let _ = tokio::time::timeout(GRACEFUL_STOP, &mut controller).await;
+                let _ = tokio::time::timeout(settings.lease.graceful_stop, &mut controller).await;
                 lost
             }
-            () = &mut controller => false,
+            () = &mut controller => None,
         };
         metrics.leader.set(0);
-        if shutdown.is_cancelled() || !lost {
+        if shutdown.is_cancelled() || lost.is_none() {
             elector.release().await;
             return;
         }
-        info!("leadership lost; campaigning again");
+        match lost {
+            Some(Lost::Taken) => info!("another replica took the Lease; campaigning again"),
+            _ => info!("leadership lost; campaigning again"),
+        }
     }
 }
 
@@ -338,6 +387,9 @@ mod tests {
         assert_eq!(s.defaults, SidecarDefaults::default());
         assert_eq!(s.scope.namespace, None);
         assert_eq!(s.concurrency, 16);
+        assert_eq!(s.lease.renew_deadline, Duration::from_secs(10));
+        assert_eq!(s.lease.retry_period, Duration::from_secs(2));
+        assert_eq!(s.lease.graceful_stop, Duration::from_secs(4));
         let a = args(&["--identity", "pod-1"]);
         assert_eq!(a.lag_settings().unwrap(), LagSettings::default());
     }
@@ -384,9 +436,52 @@ mod tests {
             .settings("d")
             .unwrap_err();
         assert!(e.to_string().contains("--renew-deadline"), "{e}");
+        // The graceful stop counts: 10 + 5 is not shorter than 15.
+        let e = args(&["--graceful-stop-seconds", "5", "--identity", "a"])
+            .settings("d")
+            .unwrap_err();
+        assert!(e.to_string().contains("--graceful-stop-seconds"), "{e}");
+        let s = args(&[
+            "--graceful-stop-seconds",
+            "2",
+            "--renew-deadline-seconds",
+            "12",
+            "--identity",
+            "a",
+        ])
+        .settings("d")
+        .unwrap();
+        assert_eq!(s.lease.graceful_stop, Duration::from_secs(2));
         let e = args(&["--sidecar-image", "has space", "--identity", "a"])
             .settings("d")
             .unwrap_err();
         assert!(e.to_string().contains("--sidecar-image"), "{e}");
+    }
+}
+
+#[cfg(test)]
+mod lease_client_tests {
+    use super::*;
+
+    #[test]
+    fn the_lease_client_is_bounded_by_the_renew_deadline() {
+        let config = kube::Config::new("https://127.0.0.1:6443".parse().unwrap());
+        let lease = args_lease();
+        let c = lease_config(config, &lease);
+        assert_eq!(c.connect_timeout, Some(lease.renew_deadline));
+        assert_eq!(c.read_timeout, Some(lease.renew_deadline));
+        assert_eq!(c.write_timeout, Some(lease.renew_deadline));
+    }
+
+    fn args_lease() -> LeaseSettings {
+        LeaseSettings {
+            name: "l".into(),
+            namespace: "n".into(),
+            identity: "i".into(),
+            lease_duration: Duration::from_secs(15),
+            renew_deadline: Duration::from_secs(10),
+            retry_period: Duration::from_secs(2),
+            graceful_stop: Duration::from_secs(4),
+        }
     }
 }

@@ -62,15 +62,17 @@ pub struct Operator {
     handle: Option<JoinHandle<()>>,
 }
 
-/// Short Lease timings so failover tests take seconds.
+/// Short Lease timings so failover tests take seconds (valid: 3 s renew deadline + 2 s
+/// graceful stop < 6 s lease).
 pub fn lease(namespace: &str, name: &str, identity: &str) -> LeaseSettings {
     LeaseSettings {
         name: name.to_owned(),
         namespace: namespace.to_owned(),
         identity: identity.to_owned(),
         lease_duration: Duration::from_secs(6),
-        renew_deadline: Duration::from_secs(4),
+        renew_deadline: Duration::from_secs(3),
         retry_period: Duration::from_secs(1),
+        graceful_stop: Duration::from_secs(2),
     }
 }
 
