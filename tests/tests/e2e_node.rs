@@ -905,11 +905,15 @@ impl SidecarLog {
         }
     }
 
-    /// Waits until the container exited and asserts that its drain was requested by the
-    /// preStop hook with the right token (the sidecar logs `drain requested over HTTP` only
-    /// then; a wrong or missing token is logged as refused, and the drain would come from
-    /// SIGTERM instead).
-    async fn assert_drained_by_prestop_hook(mut self) {
+    /// Waits until the container exited and asserts, when `hook_only`, that its drain was
+    /// requested by the preStop hook with the right token (the sidecar logs `drain requested
+    /// over HTTP` only then; a wrong or missing token is logged as refused, and the drain
+    /// would come from SIGTERM instead). Otherwise (a sidecar
+    /// run as a plain container, which Kubernetes sends SIGTERM at the same time as it runs
+    /// the application's preStop hook) the drain may come from either, but it must have
+    /// finished, and no `/drain` call may have been refused (a wrong token also shows as a
+    /// FailedPreStopHook event, which `Run::finish` rules out).
+    async fn assert_drained(mut self, hook_only: bool) {
         let deadline = Instant::now() + Duration::from_secs(120);
         while self.child.try_wait().expect("kubectl logs").is_none() {
             if Instant::now() > deadline {
@@ -925,12 +929,27 @@ impl SidecarLog {
             .expect("reader")
             .join()
             .expect("log reader");
+        let by_hook = log.contains("drain requested over HTTP");
+        if hook_only {
+            assert!(
+                by_hook && !log.contains("/drain refused"),
+                "the sidecar of {} was not drained by its preStop hook; its log:\n{log}",
+                self.pod
+            );
+            println!("{}: drained by the preStop hook", self.pod);
+            return;
+        }
         assert!(
-            log.contains("drain requested over HTTP") && !log.contains("/drain refused"),
-            "the sidecar of {} was not drained by its preStop hook; its log:\n{log}",
+            log.contains("drain finished") && !log.contains("/drain refused"),
+            "the sidecar of {} did not finish its drain (or refused a /drain call); its log:\n{log}",
             self.pod
         );
-        println!("{}: drained by the preStop hook", self.pod);
+        let trigger = if by_hook {
+            "the preStop hook"
+        } else {
+            "SIGTERM"
+        };
+        println!("{}: drained, started by {trigger}", self.pod);
     }
 }
 
@@ -1072,7 +1091,7 @@ impl Churn {
 
     /// Does the disturbance and waits until the EventConsumer runs its three pods again;
     /// returns what happened, for the printed figures.
-    async fn apply(self, run: &Run, records: usize) -> String {
+    async fn apply(self, run: &Run, records: usize, hook_only: bool) -> String {
         match self {
             Churn::RollingUpdate => {
                 let logs = run.follow_sidecars().await;
@@ -1106,7 +1125,7 @@ impl Churn {
                     "every pod was replaced: before {before:?}, after {after:?}"
                 );
                 for log in logs.into_values() {
-                    log.assert_drained_by_prestop_hook().await;
+                    log.assert_drained(hook_only).await;
                 }
                 format!("pods before {before:?} after {after:?}")
             }
@@ -1127,7 +1146,7 @@ impl Churn {
                 logs.retain(|pod, _| !survivors.contains(pod));
                 assert_eq!(logs.len(), 2, "two pods removed by the scale-down");
                 for log in logs.into_values() {
-                    log.assert_drained_by_prestop_hook().await;
+                    log.assert_drained(hook_only).await;
                 }
                 run.wait_delivered(down_at + records / 5, Duration::from_secs(120))
                     .await;
@@ -1162,7 +1181,7 @@ impl Churn {
                     ),
                     "kubectl delete pod",
                 );
-                victim_log.assert_drained_by_prestop_hook().await;
+                victim_log.assert_drained(hook_only).await;
                 tokio::time::sleep(Duration::from_secs(2)).await;
                 run.sluice
                     .wait_rolled_out(EC, 3, Duration::from_secs(120))
@@ -1224,7 +1243,10 @@ impl ChurnRun {
         run.wait_delivered(RECORDS / 4, Duration::from_secs(120))
             .await;
         let at = run.collector.distinct();
-        let what = self.churn.apply(&run, RECORDS).await;
+        // A native sidecar gets SIGTERM only after the application stopped, so its drain
+        // always comes from the preStop hook.
+        let hook_only = self.sidecar_mode == "native";
+        let what = self.churn.apply(&run, RECORDS, hook_only).await;
         producer.await.expect("producer");
         let f = run
             .finish(&expected(RECORDS, None), Duration::from_secs(300))
