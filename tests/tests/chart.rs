@@ -187,7 +187,14 @@ fn values_schema_refuses_bad_values() {
 #[test]
 fn sidecar_mode_reaches_the_operator() {
     let env_of = |extra: &[&str]| {
-        let mut args = vec!["template", "x", "--show-only", "templates/deployment.yaml"];
+        let mut args = vec![
+            "template",
+            "x",
+            "--kube-version",
+            "1.34.0",
+            "--show-only",
+            "templates/deployment.yaml",
+        ];
         let chart = chart();
         args.insert(2, &chart);
         args.extend_from_slice(extra);
