@@ -121,12 +121,17 @@ pub struct Auth {
     pub tls: Option<Tls>,
 }
 
-/// SASL credentials, read from mounted files.
+/// SASL credentials: the password from a mounted file; the username from a mounted file
+/// (`usernameFile`) or written here (`username`, for Secrets that hold only the password,
+/// such as a Strimzi KafkaUser's). Exactly one of the two.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Sasl {
     pub mechanism: SaslMechanism,
-    pub username_file: PathBuf,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub username_file: Option<PathBuf>,
     pub password_file: PathBuf,
 }
 
@@ -505,10 +510,14 @@ impl KafkaConnection {
                 "sasl.mechanism".to_owned(),
                 sasl.mechanism.as_str().to_owned(),
             );
-            props.insert(
-                "sasl.username".to_owned(),
-                read_secret_file("kafka.auth.sasl.usernameFile", &sasl.username_file)?,
-            );
+            let username = match (&sasl.username, &sasl.username_file) {
+                (Some(username), _) => username.clone(),
+                (None, Some(file)) => read_secret_file("kafka.auth.sasl.usernameFile", file)?,
+                // Validation rejects a configuration with neither; an empty username fails
+                // the authentication with the broker's own message.
+                (None, None) => String::new(),
+            };
+            props.insert("sasl.username".to_owned(), username);
             props.insert(
                 "sasl.password".to_owned(),
                 read_secret_file("kafka.auth.sasl.passwordFile", &sasl.password_file)?,
@@ -618,7 +627,10 @@ pub const OWNED_PROPERTIES: &[(&str, &str)] = &[
     ("security.protocol", "kafka.auth"),
     ("sasl.mechanism", "kafka.auth.sasl.mechanism"),
     ("sasl.mechanisms", "kafka.auth.sasl.mechanism"),
-    ("sasl.username", "kafka.auth.sasl.usernameFile"),
+    (
+        "sasl.username",
+        "kafka.auth.sasl.username or kafka.auth.sasl.usernameFile",
+    ),
     ("sasl.password", "kafka.auth.sasl.passwordFile"),
     ("ssl.ca.location", "kafka.auth.tls.caFile"),
     ("ssl.ca.pem", "kafka.auth.tls.caFile"),

@@ -287,12 +287,46 @@ fn auth_rules() {
     c.kafka.auth = Some(Auth {
         sasl: Some(Sasl {
             mechanism: SaslMechanism::Plain,
-            username_file: "".into(),
+            username: None,
+            username_file: Some("".into()),
             password_file: "/p".into(),
         }),
         tls: None,
     });
     assert_problem(&c, "kafka.auth.sasl.usernameFile", &["mounted file"]);
+    // The username is a literal or a file: exactly one of them.
+    let sasl = |username: Option<&str>, file: Option<&str>| {
+        let mut c = valid();
+        c.kafka.auth = Some(Auth {
+            sasl: Some(Sasl {
+                mechanism: SaslMechanism::ScramSha512,
+                username: username.map(Into::into),
+                username_file: file.map(Into::into),
+                password_file: "/p".into(),
+            }),
+            tls: None,
+        });
+        c
+    };
+    assert_problem(
+        &sasl(Some("alice"), Some("/u")),
+        "kafka.auth.sasl.username",
+        &["both set", "exactly one"],
+    );
+    assert_problem(
+        &sasl(None, None),
+        "kafka.auth.sasl.usernameFile",
+        &["is required", "kafka.auth.sasl.username"],
+    );
+    for bad in ["", "has space", &"x".repeat(256)] {
+        assert_problem(
+            &sasl(Some(bad), None),
+            "kafka.auth.sasl.username",
+            &["1 to 255 characters without whitespace"],
+        );
+    }
+    assert!(sasl(Some("my-user"), None).validate().is_ok());
+    assert!(sasl(None, Some("/u")).validate().is_ok());
     let tls = |cert: Option<&str>, key: Option<&str>| Tls {
         ca_file: "/ca".into(),
         cert_file: cert.map(Into::into),
@@ -533,7 +567,8 @@ fn credentials_come_from_files() {
     k.auth = Some(Auth {
         sasl: Some(Sasl {
             mechanism: SaslMechanism::ScramSha256,
-            username_file: dir.join("user"),
+            username: None,
+            username_file: Some(dir.join("user")),
             password_file: dir.join("pass"),
         }),
         tls: Some(Tls {
@@ -548,6 +583,15 @@ fn credentials_come_from_files() {
     assert_eq!(p["sasl.username"], "alice");
     assert_eq!(p["sasl.password"], "s3cret");
     assert_eq!(p["ssl.ca.location"], "/ca.crt");
+    // A literal username (a Strimzi KafkaUser's Secret holds only the password) is used as
+    // written, and no username file is read.
+    if let Some(sasl) = k.auth.as_mut().and_then(|a| a.sasl.as_mut()) {
+        sasl.username = Some("my-user".into());
+        sasl.username_file = None;
+    }
+    let p = k.client_properties().unwrap();
+    assert_eq!(p["sasl.username"], "my-user");
+    assert_eq!(p["sasl.password"], "s3cret");
     if let Some(sasl) = k.auth.as_mut().and_then(|a| a.sasl.as_mut()) {
         sasl.password_file = dir.join("empty");
     }

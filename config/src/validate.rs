@@ -516,10 +516,28 @@ fn validate_kafka(k: &KafkaConnection, p: &mut Problems) {
             );
         }
         if let Some(sasl) = &auth.sasl {
-            for (field, path) in [
-                ("kafka.auth.sasl.usernameFile", &sasl.username_file),
-                ("kafka.auth.sasl.passwordFile", &sasl.password_file),
-            ] {
+            let mut files = vec![("kafka.auth.sasl.passwordFile", &sasl.password_file)];
+            match (&sasl.username, &sasl.username_file) {
+                (Some(_), Some(_)) => p.add(
+                    "kafka.auth.sasl.username",
+                    "and kafka.auth.sasl.usernameFile are both set; set exactly one: username for a literal name, usernameFile for a mounted file",
+                ),
+                (None, None) => p.add(
+                    "kafka.auth.sasl.usernameFile",
+                    "is required (or kafka.auth.sasl.username): set exactly one of them",
+                ),
+                (Some(name), None) => {
+                    if name.is_empty() || name.len() > 255 || name.chars().any(char::is_whitespace)
+                    {
+                        p.add(
+                            "kafka.auth.sasl.username",
+                            "must be 1 to 255 characters without whitespace",
+                        );
+                    }
+                }
+                (None, Some(file)) => files.push(("kafka.auth.sasl.usernameFile", file)),
+            }
+            for (field, path) in files {
                 if path.as_os_str().is_empty() {
                     p.add(
                         field,

@@ -172,11 +172,19 @@ async fn run(config: SidecarConfig, drain_token: Option<Arc<str>>) -> ExitCode {
         drain: drain.clone(),
         drain_token,
     };
-    tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, admin::router(state)).await {
-            error!(error = %e, "the admin endpoint failed");
-        }
-    });
+    // Stopped gracefully before the process exits, so that answers in flight are written.
+    let admin_stop = tokio_util::sync::CancellationToken::new();
+    let admin_server = {
+        let stop = admin_stop.clone();
+        tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, admin::router(state))
+                .with_graceful_shutdown(async move { stop.cancelled().await })
+                .await
+            {
+                error!(error = %e, "the admin endpoint failed");
+            }
+        })
+    };
 
     let signalled = tokio_util::sync::CancellationToken::new();
     {
@@ -226,6 +234,18 @@ async fn run(config: SidecarConfig, drain_token: Option<Arc<str>>) -> ExitCode {
     // Drained (by a signal or /drain). After /drain, stay up, serving health and metrics,
     // until the container is told to stop.
     signalled.cancelled().await;
+    // Answer what the admin listener still has in flight before exiting — above all the
+    // preStop `/drain` call waiting for this drain: as a plain container (`--sidecar-mode
+    // container`) the sidecar gets SIGTERM while the application's hook still waits, and an
+    // exit before its answer is written makes the kubelet report FailedPreStopHook. Bounded,
+    // so an idle keep-alive connection cannot hold the exit.
+    admin_stop.cancel();
+    if tokio::time::timeout(std::time::Duration::from_secs(2), admin_server)
+        .await
+        .is_err()
+    {
+        info!("the admin endpoint did not close within 2s; exiting anyway");
+    }
     info!("exiting");
     ExitCode::SUCCESS
 }

@@ -229,13 +229,23 @@ pub struct KafkaAuth {
 }
 
 /// SASL credentials.
-#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[x_kube(validation = rules::username_or_username_key())]
 #[serde(rename_all = "camelCase")]
 pub struct SaslAuth {
     /// SASL mechanism: `PLAIN`, `SCRAM-SHA-256` or `SCRAM-SHA-512`. Without `tls`, PLAIN
     /// sends the password in clear text.
     pub mechanism: SaslMechanism,
-    /// The Secret (in this namespace) holding the username and password.
+    /// The username, written here instead of read from the Secret: for Secrets that hold
+    /// only the password, such as those Strimzi's User Operator writes for a KafkaUser
+    /// (keys `password` and `sasl.jaas.config`; the username is the KafkaUser's name, which
+    /// is also the Secret's name). When set, `secretRef.usernameKey` must not be set.
+    /// 1 to 255 characters, no whitespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 255), regex(pattern = r"^\S+$"))]
+    pub username: Option<String>,
+    /// The Secret (in this namespace) holding the password, and the username unless
+    /// `username` is set.
     pub secret_ref: UserPasswordSecretRef,
 }
 
@@ -263,7 +273,8 @@ pub struct UserPasswordSecretRef {
         regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
     )]
     pub name: String,
-    /// Key of the username in the Secret. Default `username`.
+    /// Key of the username in the Secret. Default `username`; not read when `sasl.username`
+    /// is set.
     #[serde(default = "defaults::username_key")]
     #[schemars(length(min = 1, max = 253), regex(pattern = r"^[-._a-zA-Z0-9]+$"))]
     pub username_key: String,
@@ -281,10 +292,12 @@ pub struct TlsAuth {
     /// Unset: the system trust store.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_secret_ref: Option<SecretKeyRef>,
-    /// A Secret of type kubernetes.io/tls (keys `tls.crt` and `tls.key`) with the client
-    /// certificate for mutual TLS. Unset: no client certificate.
+    /// The Secret with the client certificate and its private key (PEM) for mutual TLS: by
+    /// default a Secret of type kubernetes.io/tls (keys `tls.crt` and `tls.key`); for a
+    /// Strimzi KafkaUser's Secret set `certKey: user.crt` and `keyKey: user.key`. Unset: no
+    /// client certificate.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub client_cert_secret_ref: Option<SecretNameRef>,
+    pub client_cert_secret_ref: Option<ClientCertSecretRef>,
 }
 
 /// One key of a Secret.
@@ -303,16 +316,27 @@ pub struct SecretKeyRef {
     pub key: String,
 }
 
-/// A Secret by name.
-#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+/// A Secret holding a client certificate and its private key, both PEM.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[x_kube(validation = rules::cert_key_distinct())]
 #[serde(rename_all = "camelCase")]
-pub struct SecretNameRef {
+pub struct ClientCertSecretRef {
     /// Name of the Secret, in the EventConsumer's namespace.
     #[schemars(
         length(min = 1, max = 253),
         regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
     )]
     pub name: String,
+    /// Key of the PEM client certificate in the Secret. Default `tls.crt`; `user.crt` in a
+    /// Strimzi KafkaUser's Secret.
+    #[serde(default = "defaults::cert_key")]
+    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[-._a-zA-Z0-9]+$"))]
+    pub cert_key: String,
+    /// Key of the PEM private key (unencrypted) in the Secret. Default `tls.key`;
+    /// `user.key` in a Strimzi KafkaUser's Secret.
+    #[serde(default = "defaults::key_key")]
+    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[-._a-zA-Z0-9]+$"))]
+    pub key_key: String,
 }
 
 /// How records reach the application.
@@ -601,6 +625,12 @@ pub(crate) mod defaults {
     }
     pub fn ca_key() -> String {
         "ca.crt".into()
+    }
+    pub fn cert_key() -> String {
+        "tls.crt".into()
+    }
+    pub fn key_key() -> String {
+        "tls.key".into()
     }
     pub fn delivery_timeout() -> Duration {
         duration(10_000)
@@ -912,6 +942,20 @@ pub mod rules {
         rule(
             "has(self.sasl) || has(self.tls)",
             "auth must set sasl, tls or both; omit auth for an unauthenticated plaintext connection",
+        )
+    }
+
+    pub fn username_or_username_key() -> Rule {
+        rule(
+            "!has(self.username) || !has(self.secretRef.usernameKey) || self.secretRef.usernameKey == 'username'",
+            "sasl.username and sasl.secretRef.usernameKey are alternatives: with username set, the username is not read from the Secret; remove secretRef.usernameKey, or remove username to read it from the Secret",
+        )
+    }
+
+    pub fn cert_key_distinct() -> Rule {
+        rule(
+            "!has(self.certKey) || !has(self.keyKey) || self.certKey != self.keyKey",
+            "clientCertSecretRef.certKey and keyKey must name different keys of the Secret: one holds the PEM certificate, the other the PEM private key (tls.crt and tls.key by default; user.crt and user.key in a Strimzi KafkaUser's Secret)",
         )
     }
 

@@ -225,15 +225,16 @@ pub fn connection_properties(
             crate::crd::SaslMechanism::ScramSha512 => "SCRAM-SHA-512",
         };
         set("sasl.mechanism", mechanism.into());
-        set(
-            "sasl.username",
-            secret_text(
+        let username = match &sasl.username {
+            Some(username) => username.clone(),
+            None => secret_text(
                 secrets,
                 &r.name,
                 &r.username_key,
                 "spec.kafka.auth.sasl.secretRef.usernameKey",
             )?,
-        );
+        };
+        set("sasl.username", username);
         set(
             "sasl.password",
             secret_text(
@@ -259,14 +260,23 @@ pub fn connection_properties(
             None => set("ssl.ca.location", SYSTEM_TRUST_STORE.into()),
         }
         if let Some(c) = &tls.client_cert_secret_ref {
-            let field = "spec.kafka.auth.tls.clientCertSecretRef";
             set(
                 "ssl.certificate.pem",
-                secret_text(secrets, &c.name, "tls.crt", field)?,
+                secret_text(
+                    secrets,
+                    &c.name,
+                    &c.cert_key,
+                    "spec.kafka.auth.tls.clientCertSecretRef.certKey",
+                )?,
             );
             set(
                 "ssl.key.pem",
-                secret_text(secrets, &c.name, "tls.key", field)?,
+                secret_text(
+                    secrets,
+                    &c.name,
+                    &c.key_key,
+                    "spec.kafka.auth.tls.clientCertSecretRef.keyKey",
+                )?,
             );
         }
     }
@@ -620,6 +630,47 @@ mod tests {
             "no files: {:?}",
             p.keys()
         );
+    }
+
+    #[test]
+    fn strimzi_layout_secrets_feed_the_lag_client() {
+        // A SCRAM KafkaUser's Secret has no username key: the username comes from the spec.
+        let k = kafka(
+            ", auth: {sasl: {mechanism: SCRAM-SHA-512, username: app, secretRef: {name: app}}, tls: {caSecretRef: {name: c-cluster-ca-cert}}}",
+        );
+        let s = data(&[
+            ("app", &[("password", "pw"), ("sasl.jaas.config", "jaas")]),
+            ("c-cluster-ca-cert", &[("ca.crt", "CA-PEM")]),
+        ]);
+        let p = map(client_properties(&k, "g", &s).unwrap());
+        assert_eq!(p["sasl.username"], "app");
+        assert_eq!(p["sasl.password"], "pw");
+        assert_eq!(p["ssl.ca.pem"], "CA-PEM");
+        // A TLS KafkaUser's Secret: user.crt and user.key.
+        let k = kafka(
+            ", auth: {tls: {caSecretRef: {name: c-cluster-ca-cert}, clientCertSecretRef: {name: app, certKey: user.crt, keyKey: user.key}}}",
+        );
+        let s = data(&[
+            (
+                "app",
+                &[
+                    ("user.crt", "CERT"),
+                    ("user.key", "KEY"),
+                    ("ca.crt", "CLIENTS-CA"),
+                ],
+            ),
+            ("c-cluster-ca-cert", &[("ca.crt", "CA-PEM")]),
+        ]);
+        let p = map(client_properties(&k, "g", &s).unwrap());
+        assert_eq!(p["ssl.certificate.pem"], "CERT");
+        assert_eq!(p["ssl.key.pem"], "KEY");
+        assert_eq!(
+            p["ssl.ca.pem"], "CA-PEM",
+            "the cluster CA, not the clients CA"
+        );
+        let s = data(&[("app", &[("user.crt", "CERT")])]);
+        let e = client_properties(&k, "g", &s).unwrap_err();
+        assert!(e.to_string().contains("Secret c-cluster-ca-cert"), "{e}");
     }
 
     #[test]

@@ -47,12 +47,15 @@ pub fn referenced(spec: &EventConsumerSpec) -> BTreeMap<String, Vec<KeyRef>> {
     if let Some(auth) = &spec.kafka.auth {
         if let Some(sasl) = &auth.sasl {
             let r = &sasl.secret_ref;
-            add(
-                &r.name,
-                &r.username_key,
-                "spec.kafka.auth.sasl.secretRef.usernameKey",
-                "spec.kafka.auth.sasl.secretRef.name",
-            );
+            // A literal username is not read from the Secret.
+            if sasl.username.is_none() {
+                add(
+                    &r.name,
+                    &r.username_key,
+                    "spec.kafka.auth.sasl.secretRef.usernameKey",
+                    "spec.kafka.auth.sasl.secretRef.name",
+                );
+            }
             add(
                 &r.name,
                 &r.password_key,
@@ -72,14 +75,14 @@ pub fn referenced(spec: &EventConsumerSpec) -> BTreeMap<String, Vec<KeyRef>> {
             if let Some(c) = &tls.client_cert_secret_ref {
                 add(
                     &c.name,
-                    "tls.crt",
-                    "spec.kafka.auth.tls.clientCertSecretRef",
+                    &c.cert_key,
+                    "spec.kafka.auth.tls.clientCertSecretRef.certKey",
                     "spec.kafka.auth.tls.clientCertSecretRef.name",
                 );
                 add(
                     &c.name,
-                    "tls.key",
-                    "spec.kafka.auth.tls.clientCertSecretRef",
+                    &c.key_key,
+                    "spec.kafka.auth.tls.clientCertSecretRef.keyKey",
                     "spec.kafka.auth.tls.clientCertSecretRef.name",
                 );
             }
@@ -292,7 +295,13 @@ mod tests {
         assert_eq!(keys, ["username", "password", "ca"]);
         assert_eq!(
             r["cert"][0].field,
-            "spec.kafka.auth.tls.clientCertSecretRef"
+            "spec.kafka.auth.tls.clientCertSecretRef.certKey"
+        );
+        let cert_keys: Vec<_> = r["cert"].iter().map(|k| k.key.as_str()).collect();
+        assert_eq!(
+            cert_keys,
+            ["tls.crt", "tls.key"],
+            "kubernetes.io/tls by default"
         );
         assert_eq!(referenced_names(&s).len(), 2);
         let none: EventConsumerSpec = serde_norway::from_str(
@@ -300,6 +309,49 @@ mod tests {
         )
         .unwrap();
         assert!(referenced(&none).is_empty());
+    }
+
+    #[test]
+    fn strimzi_layout_secrets_are_read_by_their_own_keys() {
+        // A KafkaUser's SCRAM Secret (keys password and sasl.jaas.config, named after the
+        // user) with the username written in the spec, the cluster CA from
+        // <cluster>-cluster-ca-cert, and a TLS KafkaUser's Secret (user.crt, user.key).
+        let s = spec(
+            "{sasl: {mechanism: SCRAM-SHA-512, username: app, secretRef: {name: app}}, tls: {caSecretRef: {name: my-cluster-cluster-ca-cert}, clientCertSecretRef: {name: app-tls, certKey: user.crt, keyKey: user.key}}}",
+        );
+        let r = referenced(&s);
+        let keys = |name: &str| -> Vec<String> { r[name].iter().map(|k| k.key.clone()).collect() };
+        assert_eq!(keys("app"), ["password"], "no username key is read");
+        assert_eq!(keys("my-cluster-cluster-ca-cert"), ["ca.crt"]);
+        assert_eq!(keys("app-tls"), ["user.crt", "user.key"]);
+        assert_eq!(
+            r["app-tls"][1].field,
+            "spec.kafka.auth.tls.clientCertSecretRef.keyKey"
+        );
+        // The Secret as the User Operator writes it is accepted as it is.
+        let strimzi = secret(&[
+            ("password", "p"),
+            (
+                "sasl.jaas.config",
+                "org.apache...ScramLoginModule required ...;",
+            ),
+        ]);
+        let data = extract("ns", "app", &r["app"], Some(&strimzi)).unwrap();
+        assert_eq!(data.keys().collect::<Vec<_>>(), ["password"]);
+        // A TLS user's Secret without user.key names the field that asked for it.
+        let e = extract(
+            "ns",
+            "app-tls",
+            &r["app-tls"],
+            Some(&secret(&[("user.crt", "c"), ("ca.crt", "x")])),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("no key \"user.key\""), "{e}");
+        assert!(
+            e.to_string()
+                .contains("spec.kafka.auth.tls.clientCertSecretRef.keyKey"),
+            "{e}"
+        );
     }
 
     #[test]

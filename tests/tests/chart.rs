@@ -168,6 +168,7 @@ fn values_schema_refuses_bad_values() {
         ("metrics.port=70000", "port"),
         ("operator.watchNamespace=Not_A_Namespace", "watchNamespace"),
         ("unknownKey=1", "unknownKey"),
+        ("sidecar.mode=sidecar", "mode"),
     ] {
         let out = run(
             "SLUICE_HELM",
@@ -181,6 +182,40 @@ fn values_schema_refuses_bad_values() {
             "--set {set}: unexpected error:\n{all}"
         );
     }
+}
+
+#[test]
+fn sidecar_mode_reaches_the_operator() {
+    let env_of = |extra: &[&str]| {
+        let mut args = vec![
+            "template",
+            "x",
+            "--kube-version",
+            "1.34.0",
+            "--show-only",
+            "templates/deployment.yaml",
+        ];
+        let chart = chart();
+        args.insert(2, &chart);
+        args.extend_from_slice(extra);
+        let out = run("SLUICE_HELM", &args, None);
+        assert!(out.status.success(), "helm template: {}", text(&out));
+        let yaml = String::from_utf8_lossy(&out.stdout).into_owned();
+        let at = yaml
+            .find("- name: SLUICE_SIDECAR_MODE")
+            .expect("SLUICE_SIDECAR_MODE in the operator's env");
+        yaml[at..]
+            .lines()
+            .nth(1)
+            .expect("its value line")
+            .trim()
+            .to_owned()
+    };
+    assert_eq!(env_of(&[]), "value: \"native\"");
+    assert_eq!(
+        env_of(&["--set", "sidecar.mode=container"]),
+        "value: \"container\""
+    );
 }
 
 #[test]

@@ -87,6 +87,11 @@ impl Sluice {
     /// A namespace enforcing Pod Security `restricted`, with the chart installed into it
     /// (operator watching only it), ready.
     async fn install(prefix: &str) -> Sluice {
+        Self::install_with(prefix, &[]).await
+    }
+
+    /// [`Sluice::install`] with more chart values (`--set` arguments).
+    async fn install_with(prefix: &str, values: &[&str]) -> Sluice {
         let client = kube_env::client().await;
         kafka::ensure_reachable();
         let labels = [
@@ -123,47 +128,48 @@ impl Sluice {
             "applying the EventConsumer CRD",
         );
         kube_env::wait_crd_established(&client, "eventconsumers.sluice.dev").await;
-        let out = run_tool(
-            "SLUICE_HELM",
-            &[
-                "install",
-                &release,
-                chart.to_str().expect("utf-8 path"),
-                "--namespace",
-                &ns.name,
-                "--set",
-                "crds.install=false",
-                "--set",
-                "operator.image.tag=dev",
-                "--set",
-                "operator.image.pullPolicy=Never",
-                "--set",
-                "sidecar.image.tag=dev",
-                "--set",
-                &format!("operator.watchNamespace={}", ns.name),
-                "--set",
-                // (SLUICE_E2E_OPERATOR_LOG, e.g. `info,sluice_operator::collector=debug`, to
-                // diagnose a run.)
-                &format!(
-                    "operator.logLevel={}",
-                    std::env::var("SLUICE_E2E_OPERATOR_LOG")
-                        .unwrap_or_else(|_| "info".into())
-                        .replace(',', "\\,")
-                ),
-                // status.lag is refreshed every 5 s instead of 30 s, so the end-state check
-                // (lag 0, measured after the commits caught up) costs seconds per test.
-                "--set",
-                &format!("operator.lagInterval={}s", LAG_INTERVAL.as_secs()),
-                // ... and written to status at most that often (default 3m), so a lag that
-                // reached 0 shows within seconds.
-                "--set",
-                &format!("operator.lagStatusInterval={}s", LAG_INTERVAL.as_secs()),
-                "--wait",
-                "--timeout",
-                "180s",
-            ],
-            None,
+        let watch = format!("operator.watchNamespace={}", ns.name);
+        // status.lag is refreshed every 5 s instead of 30 s, so the end-state check (lag 0,
+        // measured after the commits caught up) costs seconds per test ...
+        let lag = format!("operator.lagInterval={}s", LAG_INTERVAL.as_secs());
+        // ... and written to status at most that often (default 3m), so a lag that reached 0
+        // shows within seconds.
+        let lag_status = format!("operator.lagStatusInterval={}s", LAG_INTERVAL.as_secs());
+        // (SLUICE_E2E_OPERATOR_LOG, e.g. `info,sluice_operator::collector=debug`, to diagnose
+        // a run; helm's --set splits on unescaped commas.)
+        let log = format!(
+            "operator.logLevel={}",
+            std::env::var("SLUICE_E2E_OPERATOR_LOG")
+                .unwrap_or_else(|_| "info".into())
+                .replace(',', "\\,")
         );
+        let chart_path = chart.to_str().expect("utf-8 path");
+        let mut args: Vec<&str> = vec![
+            "install",
+            release.as_str(),
+            chart_path,
+            "--namespace",
+            ns.name.as_str(),
+            "--wait",
+            "--timeout",
+            "180s",
+        ];
+        for value in [
+            "crds.install=false",
+            "operator.image.tag=dev",
+            "operator.image.pullPolicy=Never",
+            "sidecar.image.tag=dev",
+            watch.as_str(),
+            log.as_str(),
+            lag.as_str(),
+            lag_status.as_str(),
+        ]
+        .into_iter()
+        .chain(values.iter().copied())
+        {
+            args.extend(["--set", value]);
+        }
+        let out = run_tool("SLUICE_HELM", &args, None);
         let sluice = Sluice {
             ns,
             release,
@@ -704,7 +710,29 @@ impl Run {
         secured: Option<Secured>,
         membership: Value,
     ) -> Run {
-        let sluice = Sluice::install(prefix).await;
+        Self::start_with(
+            prefix,
+            partitions,
+            replicas,
+            dead_letter,
+            secured,
+            membership,
+            &[],
+        )
+        .await
+    }
+
+    /// [`Run::start_on`] with more chart values for the installation.
+    async fn start_with(
+        prefix: &str,
+        partitions: i32,
+        replicas: i32,
+        dead_letter: Option<&str>,
+        secured: Option<Secured>,
+        membership: Value,
+        values: &[&str],
+    ) -> Run {
+        let sluice = Sluice::install_with(prefix, values).await;
         let topic = match &secured {
             Some(_) => Topic::create_replicated(prefix, partitions).await,
             None => Topic::create(prefix, partitions).await,
@@ -868,6 +896,35 @@ impl Run {
         );
     }
 
+    /// The names of the consumer pods running now.
+    async fn pod_names(&self) -> BTreeSet<String> {
+        self.sluice
+            .consumer_pods()
+            .await
+            .into_iter()
+            .filter_map(|p| p.metadata.name)
+            .collect()
+    }
+
+    /// How the running pods carry the sidecar: `native` (an init container with
+    /// restartPolicy Always) or `container` (a plain container).
+    async fn sidecar_mode(&self) -> &'static str {
+        let pods = self.sluice.consumer_pods().await;
+        let modes: BTreeSet<&'static str> = pods
+            .iter()
+            .filter_map(|p| p.spec.as_ref())
+            .map(|s| {
+                if s.containers.iter().any(|c| c.name == "sluice") {
+                    "container"
+                } else {
+                    "native"
+                }
+            })
+            .collect();
+        assert_eq!(modes.len(), 1, "pods with both injections: {modes:?}");
+        modes.into_iter().next().expect("one mode")
+    }
+
     /// Follows the sidecar log of every consumer pod running now (to prove later, for those
     /// that get removed, that their drain came from the preStop hook).
     async fn follow_sidecars(&self) -> BTreeMap<String, SidecarLog> {
@@ -914,11 +971,15 @@ impl SidecarLog {
         }
     }
 
-    /// Waits until the container exited and asserts that its drain was requested by the
-    /// preStop hook with the right token (the sidecar logs `drain requested over HTTP` only
-    /// then; a wrong or missing token is logged as refused, and the drain would come from
-    /// SIGTERM instead).
-    async fn assert_drained_by_prestop_hook(mut self) {
+    /// Waits until the container exited and asserts, when `hook_only`, that its drain was
+    /// requested by the preStop hook with the right token (the sidecar logs `drain requested
+    /// over HTTP` only then; a wrong or missing token is logged as refused, and the drain
+    /// would come from SIGTERM instead). Otherwise (a sidecar
+    /// run as a plain container, which Kubernetes sends SIGTERM at the same time as it runs
+    /// the application's preStop hook) the drain may come from either, but it must have
+    /// finished, and no `/drain` call may have been refused (a wrong token also shows as a
+    /// FailedPreStopHook event, which `Run::finish` rules out).
+    async fn assert_drained(mut self, hook_only: bool) {
         let deadline = Instant::now() + Duration::from_secs(120);
         while self.child.try_wait().expect("kubectl logs").is_none() {
             if Instant::now() > deadline {
@@ -934,12 +995,27 @@ impl SidecarLog {
             .expect("reader")
             .join()
             .expect("log reader");
+        let by_hook = log.contains("drain requested over HTTP");
+        if hook_only {
+            assert!(
+                by_hook && !log.contains("/drain refused"),
+                "the sidecar of {} was not drained by its preStop hook; its log:\n{log}",
+                self.pod
+            );
+            println!("{}: drained by the preStop hook", self.pod);
+            return;
+        }
         assert!(
-            log.contains("drain requested over HTTP") && !log.contains("/drain refused"),
-            "the sidecar of {} was not drained by its preStop hook; its log:\n{log}",
+            log.contains("drain finished") && !log.contains("/drain refused"),
+            "the sidecar of {} did not finish its drain (or refused a /drain call); its log:\n{log}",
             self.pod
         );
-        println!("{}: drained by the preStop hook", self.pod);
+        let trigger = if by_hook {
+            "the preStop hook"
+        } else {
+            "SIGTERM"
+        };
+        println!("{}: drained, started by {trigger}", self.pod);
     }
 }
 
@@ -1009,197 +1085,250 @@ async fn hundred_thousand_records_through_three_replicas() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rolling_update_mid_stream_loses_and_duplicates_nothing() {
     let _serial = SERIAL.lock().await;
-    rolling_update("e2e-roll", json!({}), "classic protocol").await;
+    churn_mid_stream("e2e-roll", Churn::RollingUpdate, "classic protocol")
+        .run()
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rolling_update_with_the_sidecar_as_a_plain_container_loses_and_duplicates_nothing() {
+    let _serial = SERIAL.lock().await;
+    // `--sidecar-mode container` (for clusters without native sidecars), set through the
+    // chart as a user would.
+    let mut run = churn_mid_stream(
+        "e2e-rollctr",
+        Churn::RollingUpdate,
+        "sidecar mode container",
+    );
+    run.values = &["sidecar.mode=container"];
+    run.sidecar_mode = "container";
+    run.run().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rolling_update_with_the_kip_848_protocol_loses_and_duplicates_nothing() {
     let _serial = SERIAL.lock().await;
     // The operator's own timings for the consumer protocol (the broker holds the session).
-    let membership = json!({"protocol": "consumer", "sessionTimeout": null});
-    rolling_update("e2e-roll848", membership, "KIP-848 consumer protocol").await;
-}
-
-/// The rolling-update run: 30 000 records at 600/s into 6 partitions, three pods, a
-/// pod-template change once a quarter is delivered; every pod replaced, each drained by its
-/// preStop hook; 0 lost, 0 duplicates.
-async fn rolling_update(prefix: &str, membership: Value, label: &str) {
-    const RECORDS: usize = 30_000;
-    let run = Run::start_on(prefix, 6, 3, None, None, membership).await;
-    run.sluice
-        .wait_rolled_out(EC, 3, Duration::from_secs(120))
-        .await;
-    let producer = produce(&run.topic, RECORDS, 600, None);
-    run.wait_delivered(RECORDS / 4, Duration::from_secs(120))
-        .await;
-    let at = run.collector.distinct();
-    let logs = run.follow_sidecars().await;
-    // A spec change: a new pod-template annotation rolls every pod.
-    let patch =
-        json!({"spec": {"template": {"metadata": {"annotations": {"e2e.sluice.dev/rev": "2"}}}}});
-    ok(
-        kubectl(
-            &[
-                "patch",
-                EC_RESOURCE,
-                EC,
-                "-n",
-                run.ns(),
-                "--type",
-                "merge",
-                "-p",
-                &patch.to_string(),
-            ],
-            None,
-        ),
-        "kubectl patch ec",
+    let mut run = churn_mid_stream(
+        "e2e-roll848",
+        Churn::RollingUpdate,
+        "KIP-848 consumer protocol",
     );
-    let before: BTreeSet<String> = run
-        .sluice
-        .consumer_pods()
-        .await
-        .into_iter()
-        .filter_map(|p| p.metadata.name)
-        .collect();
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    run.sluice
-        .wait_rolled_out(EC, 3, Duration::from_secs(240))
-        .await;
-    let after: BTreeSet<String> = run
-        .sluice
-        .consumer_pods()
-        .await
-        .into_iter()
-        .filter_map(|p| p.metadata.name)
-        .collect();
-    assert!(
-        before.is_disjoint(&after),
-        "every pod was replaced: before {before:?}, after {after:?}"
-    );
-    for log in logs.into_values() {
-        log.assert_drained_by_prestop_hook().await;
-    }
-    producer.await.expect("producer");
-    let f = run
-        .finish(&expected(RECORDS, None), Duration::from_secs(300))
-        .await;
-    f.print(
-        &format!("rolling update mid-stream, {label}"),
-        &format!("rolled at {at} delivered; pods before {before:?} after {after:?}"),
-    );
-    assert!(
-        at < RECORDS / 2,
-        "the rollout started mid-stream ({at} of {RECORDS} delivered)"
-    );
-    assert_no_loss(&f);
-    assert_eq!(f.duplicates, 0, "duplicates on a rolling update");
+    run.membership = json!({"protocol": "consumer", "sessionTimeout": null});
+    run.run().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scale_down_and_up_mid_stream_loses_and_duplicates_nothing() {
     let _serial = SERIAL.lock().await;
-    const RECORDS: usize = 30_000;
-    let run = Run::start("e2e-scale", 6, 3, None).await;
-    run.sluice
-        .wait_rolled_out(EC, 3, Duration::from_secs(120))
+    churn_mid_stream("e2e-scale", Churn::ScaleDownUp, "classic protocol")
+        .run()
         .await;
-    let producer = produce(&run.topic, RECORDS, 600, None);
-    run.wait_delivered(RECORDS / 5, Duration::from_secs(120))
-        .await;
-    let down_at = run.collector.distinct();
-    let mut logs = run.follow_sidecars().await;
-    ok(
-        kubectl(
-            &["scale", EC_RESOURCE, EC, "-n", run.ns(), "--replicas=1"],
-            None,
-        ),
-        "kubectl scale 3 -> 1",
-    );
-    run.sluice
-        .wait_rolled_out(EC, 1, Duration::from_secs(120))
-        .await;
-    let survivors: Vec<String> = run
-        .sluice
-        .consumer_pods()
-        .await
-        .into_iter()
-        .filter_map(|p| p.metadata.name)
-        .collect();
-    logs.retain(|pod, _| !survivors.contains(pod));
-    assert_eq!(logs.len(), 2, "two pods removed by the scale-down");
-    for log in logs.into_values() {
-        log.assert_drained_by_prestop_hook().await;
-    }
-    run.wait_delivered(down_at + RECORDS / 5, Duration::from_secs(120))
-        .await;
-    let up_at = run.collector.distinct();
-    ok(
-        kubectl(
-            &["scale", EC_RESOURCE, EC, "-n", run.ns(), "--replicas=3"],
-            None,
-        ),
-        "kubectl scale 1 -> 3",
-    );
-    run.sluice
-        .wait_rolled_out(EC, 3, Duration::from_secs(120))
-        .await;
-    producer.await.expect("producer");
-    let f = run
-        .finish(&expected(RECORDS, None), Duration::from_secs(300))
-        .await;
-    f.print(
-        "scale 3 -> 1 -> 3 mid-stream",
-        &format!("scaled down at {down_at}, up at {up_at} delivered"),
-    );
-    assert!(
-        up_at < RECORDS,
-        "the scale-up happened mid-stream ({up_at} of {RECORDS})"
-    );
-    assert_no_loss(&f);
-    assert_eq!(f.duplicates, 0, "duplicates on scale-down/up");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kubectl_delete_pod_mid_stream_loses_and_duplicates_nothing() {
     let _serial = SERIAL.lock().await;
-    const RECORDS: usize = 30_000;
-    let run = Run::start("e2e-delete", 6, 3, None).await;
-    run.sluice
-        .wait_rolled_out(EC, 3, Duration::from_secs(120))
+    churn_mid_stream("e2e-delete", Churn::DeletePod, "classic protocol")
+        .run()
         .await;
-    let producer = produce(&run.topic, RECORDS, 600, None);
-    run.wait_delivered(RECORDS / 4, Duration::from_secs(120))
-        .await;
-    let at = run.collector.distinct();
-    let victim = run.sluice.consumer_pods().await[0]
-        .metadata
-        .name
-        .clone()
-        .expect("pod name");
-    let victim_log = SidecarLog::follow(run.ns(), &victim);
-    ok(
-        kubectl(
-            &["delete", "pod", &victim, "-n", run.ns(), "--wait=false"],
+}
+
+/// A graceful disturbance of the consumer pods mid-stream. Every pod it removes must be
+/// drained by its preStop hook.
+#[derive(Clone, Copy, Debug)]
+enum Churn {
+    /// A pod-template change: every pod replaced, one at a time.
+    RollingUpdate,
+    /// `kubectl scale` 3 -> 1, then, a fifth of the records later, 1 -> 3.
+    ScaleDownUp,
+    /// `kubectl delete pod` of one of the three pods.
+    DeletePod,
+}
+
+impl Churn {
+    fn name(self) -> &'static str {
+        match self {
+            Churn::RollingUpdate => "rolling update",
+            Churn::ScaleDownUp => "scale 3 -> 1 -> 3",
+            Churn::DeletePod => "kubectl delete pod",
+        }
+    }
+
+    /// Does the disturbance and waits until the EventConsumer runs its three pods again;
+    /// returns what happened, for the printed figures.
+    async fn apply(self, run: &Run, records: usize, hook_only: bool) -> String {
+        match self {
+            Churn::RollingUpdate => {
+                let logs = run.follow_sidecars().await;
+                // A spec change: a new pod-template annotation rolls every pod.
+                let patch = json!({"spec": {"template": {"metadata": {"annotations": {"e2e.sluice.dev/rev": "2"}}}}});
+                ok(
+                    kubectl(
+                        &[
+                            "patch",
+                            EC_RESOURCE,
+                            EC,
+                            "-n",
+                            run.ns(),
+                            "--type",
+                            "merge",
+                            "-p",
+                            &patch.to_string(),
+                        ],
+                        None,
+                    ),
+                    "kubectl patch ec",
+                );
+                let before = run.pod_names().await;
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                run.sluice
+                    .wait_rolled_out(EC, 3, Duration::from_secs(240))
+                    .await;
+                let after = run.pod_names().await;
+                assert!(
+                    before.is_disjoint(&after),
+                    "every pod was replaced: before {before:?}, after {after:?}"
+                );
+                for log in logs.into_values() {
+                    log.assert_drained(hook_only).await;
+                }
+                format!("pods before {before:?} after {after:?}")
+            }
+            Churn::ScaleDownUp => {
+                let mut logs = run.follow_sidecars().await;
+                let down_at = run.collector.distinct();
+                ok(
+                    kubectl(
+                        &["scale", EC_RESOURCE, EC, "-n", run.ns(), "--replicas=1"],
+                        None,
+                    ),
+                    "kubectl scale 3 -> 1",
+                );
+                run.sluice
+                    .wait_rolled_out(EC, 1, Duration::from_secs(120))
+                    .await;
+                let survivors = run.pod_names().await;
+                logs.retain(|pod, _| !survivors.contains(pod));
+                assert_eq!(logs.len(), 2, "two pods removed by the scale-down");
+                for log in logs.into_values() {
+                    log.assert_drained(hook_only).await;
+                }
+                run.wait_delivered(down_at + records / 5, Duration::from_secs(120))
+                    .await;
+                let up_at = run.collector.distinct();
+                ok(
+                    kubectl(
+                        &["scale", EC_RESOURCE, EC, "-n", run.ns(), "--replicas=3"],
+                        None,
+                    ),
+                    "kubectl scale 1 -> 3",
+                );
+                run.sluice
+                    .wait_rolled_out(EC, 3, Duration::from_secs(120))
+                    .await;
+                assert!(
+                    up_at < records,
+                    "the scale-up happened mid-stream ({up_at} of {records})"
+                );
+                format!("scaled up again at {up_at} delivered")
+            }
+            Churn::DeletePod => {
+                let victim = run.sluice.consumer_pods().await[0]
+                    .metadata
+                    .name
+                    .clone()
+                    .expect("pod name");
+                let victim_log = SidecarLog::follow(run.ns(), &victim);
+                ok(
+                    kubectl(
+                        &["delete", "pod", &victim, "-n", run.ns(), "--wait=false"],
+                        None,
+                    ),
+                    "kubectl delete pod",
+                );
+                victim_log.assert_drained(hook_only).await;
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                run.sluice
+                    .wait_rolled_out(EC, 3, Duration::from_secs(120))
+                    .await;
+                format!("deleted {victim}")
+            }
+        }
+    }
+}
+
+/// The produce -> churn -> collect driver the graceful-churn tests share: 30 000 records at
+/// 600/s into 6 partitions, three pods; the disturbance once a quarter is delivered; then
+/// the end state (`Run::finish`), 0 lost, 0 duplicates.
+struct ChurnRun {
+    prefix: &'static str,
+    churn: Churn,
+    label: &'static str,
+    /// Overrides of the EventConsumer's membership settings.
+    membership: Value,
+    /// Chart values of the installation.
+    values: &'static [&'static str],
+    /// How the pods must carry the sidecar (`native` or `container`).
+    sidecar_mode: &'static str,
+}
+
+fn churn_mid_stream(prefix: &'static str, churn: Churn, label: &'static str) -> ChurnRun {
+    ChurnRun {
+        prefix,
+        churn,
+        label,
+        membership: json!({}),
+        values: &[],
+        sidecar_mode: "native",
+    }
+}
+
+impl ChurnRun {
+    async fn run(self) {
+        const RECORDS: usize = 30_000;
+        let run = Run::start_with(
+            self.prefix,
+            6,
+            3,
             None,
-        ),
-        "kubectl delete pod",
-    );
-    victim_log.assert_drained_by_prestop_hook().await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    run.sluice
-        .wait_rolled_out(EC, 3, Duration::from_secs(120))
+            None,
+            self.membership.clone(),
+            self.values,
+        )
         .await;
-    producer.await.expect("producer");
-    let f = run
-        .finish(&expected(RECORDS, None), Duration::from_secs(300))
-        .await;
-    f.print(
-        "kubectl delete pod mid-stream",
-        &format!("deleted {victim} at {at} delivered"),
-    );
-    assert!(at < RECORDS / 2, "the delete happened mid-stream");
-    assert_no_loss(&f);
-    assert_eq!(f.duplicates, 0, "duplicates on kubectl delete pod");
+        run.sluice
+            .wait_rolled_out(EC, 3, Duration::from_secs(120))
+            .await;
+        assert_eq!(
+            run.sidecar_mode().await,
+            self.sidecar_mode,
+            "the pods' sidecar injection"
+        );
+        let producer = produce(&run.topic, RECORDS, 600, None);
+        run.wait_delivered(RECORDS / 4, Duration::from_secs(120))
+            .await;
+        let at = run.collector.distinct();
+        // A native sidecar gets SIGTERM only after the application stopped, so its drain
+        // always comes from the preStop hook.
+        let hook_only = self.sidecar_mode == "native";
+        let what = self.churn.apply(&run, RECORDS, hook_only).await;
+        producer.await.expect("producer");
+        let f = run
+            .finish(&expected(RECORDS, None), Duration::from_secs(300))
+            .await;
+        let name = self.churn.name();
+        f.print(
+            &format!("{name} mid-stream, {}", self.label),
+            &format!("{name} from {at} delivered; {what}"),
+        );
+        assert!(
+            at < RECORDS / 2,
+            "the {name} started mid-stream ({at} of {RECORDS} delivered)"
+        );
+        assert_no_loss(&f);
+        assert_eq!(f.duplicates, 0, "duplicates on {name}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1803,13 +1932,7 @@ async fn scram_credential_rotation_mid_stream_loses_and_duplicates_nothing() {
     run.wait_delivered(RECORDS / 5, Duration::from_secs(120))
         .await;
     let at = run.collector.distinct();
-    let before: BTreeSet<String> = run
-        .sluice
-        .consumer_pods()
-        .await
-        .into_iter()
-        .filter_map(|p| p.metadata.name)
-        .collect();
+    let before = run.pod_names().await;
     {
         let new = new.clone();
         tokio::task::spawn_blocking(move || kafka::cluster::scram_set(&new.0, &new.1))
@@ -1823,13 +1946,7 @@ async fn scram_credential_rotation_mid_stream_loses_and_duplicates_nothing() {
     // The operator sees the Secret's data change and rolls the pods.
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let now: BTreeSet<String> = run
-            .sluice
-            .consumer_pods()
-            .await
-            .into_iter()
-            .filter_map(|p| p.metadata.name)
-            .collect();
+        let now = run.pod_names().await;
         if !now.is_subset(&before) {
             break;
         }
@@ -1842,13 +1959,7 @@ async fn scram_credential_rotation_mid_stream_loses_and_duplicates_nothing() {
     run.sluice
         .wait_rolled_out(EC, 3, Duration::from_secs(240))
         .await;
-    let after: BTreeSet<String> = run
-        .sluice
-        .consumer_pods()
-        .await
-        .into_iter()
-        .filter_map(|p| p.metadata.name)
-        .collect();
+    let after = run.pod_names().await;
     assert!(
         before.is_disjoint(&after),
         "every pod was replaced: before {before:?}, after {after:?}"
@@ -1906,4 +2017,145 @@ async fn scram_credential_rotation_mid_stream_loses_and_duplicates_nothing() {
     assert!(at < RECORDS / 2, "the rotation began mid-stream");
     assert_no_loss(&f);
     assert_eq!(f.duplicates, 0, "duplicates during a credential rotation");
+}
+
+/// A Secret as Strimzi's operators write it: base64 `data` (binary keys such as `user.p12`
+/// included) and the labels the User Operator sets.
+fn strimzi_secret(name: &str, kind: &str, data: &[(&str, Vec<u8>)]) -> Value {
+    use base64::Engine as _;
+    let data: serde_json::Map<String, Value> = data
+        .iter()
+        .map(|(k, v)| {
+            let encoded = base64::engine::general_purpose::STANDARD.encode(v);
+            ((*k).to_owned(), Value::String(encoded))
+        })
+        .collect();
+    json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {
+            "name": name,
+            "labels": {"strimzi.io/kind": kind, "strimzi.io/cluster": STRIMZI_CLUSTER},
+        },
+        "type": "Opaque", "data": data,
+    })
+}
+
+/// The name of the Kafka resource the Strimzi-layout Secrets pretend to come from.
+const STRIMZI_CLUSTER: &str = "sluice-cluster";
+
+/// `<cluster>-cluster-ca-cert` as Strimzi's Cluster Operator writes it (`ca.crt`; Strimzi
+/// also adds `ca.p12` and `ca.password`, which Sluice does not read).
+fn strimzi_cluster_ca() -> Value {
+    strimzi_secret(
+        &format!("{STRIMZI_CLUSTER}-cluster-ca-cert"),
+        "Kafka",
+        &[("ca.crt", kafka::cluster::pki_bytes("ca.crt"))],
+    )
+}
+
+/// One run consuming from the secured cluster with Secrets exactly as Strimzi writes them,
+/// referenced where they are: no record lost or duplicated, the end state reached.
+async fn strimzi_run(prefix: &str, label: &str, secured: Secured) {
+    const RECORDS: usize = 4_000;
+    let run = Run::start_on(prefix, 3, 2, None, Some(secured), json!({})).await;
+    run.sluice
+        .wait_rolled_out(EC, 2, Duration::from_secs(120))
+        .await;
+    let producer = produce(&run.topic, RECORDS, 400, None);
+    producer.await.expect("producer");
+    let f = run
+        .finish(&expected(RECORDS, None), Duration::from_secs(180))
+        .await;
+    f.print(
+        label,
+        "Secrets referenced as Strimzi writes them, not copied",
+    );
+    assert_no_loss(&f);
+    assert_eq!(f.duplicates, 0, "duplicates without any churn ({label})");
+}
+
+/// Strimzi's Secrets used as they are: a SCRAM-SHA-512 KafkaUser's Secret (keys `password`
+/// and `sasl.jaas.config`, no username key: the username is the Secret's name, written in
+/// `sasl.username`), then a TLS KafkaUser's Secret (`ca.crt`, `user.crt`, `user.key`,
+/// `user.p12`, `user.password`; `clientCertSecretRef.certKey/keyKey`), each with the brokers'
+/// CA from the separate `<cluster>-cluster-ca-cert` Secret.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strimzi_layout_secrets_scram_and_mtls_consume_everything() {
+    let _serial = SERIAL.lock().await;
+    let (user, password) = kafka::cluster::STRIMZI_SCRAM_USER;
+    let jaas = format!(
+        "org.apache.kafka.common.security.scram.ScramLoginModule required username=\"{user}\" password=\"{password}\";"
+    );
+    let scram = Secured {
+        pod_bootstrap: kafka::cluster::pod_scram_bootstrap(),
+        auth: json!({
+            "sasl": {
+                "mechanism": "SCRAM-SHA-512",
+                "username": user,
+                "secretRef": {"name": user},
+            },
+            "tls": {"caSecretRef": {"name": format!("{STRIMZI_CLUSTER}-cluster-ca-cert")}},
+        }),
+        secrets: vec![
+            strimzi_cluster_ca(),
+            strimzi_secret(
+                user,
+                "KafkaUser",
+                &[
+                    ("password", password.as_bytes().to_vec()),
+                    ("sasl.jaas.config", jaas.into_bytes()),
+                ],
+            ),
+        ],
+    };
+    strimzi_run(
+        "e2e-strimzi-scram",
+        "Strimzi SCRAM-SHA-512 KafkaUser Secret + cluster CA Secret",
+        scram,
+    )
+    .await;
+
+    let user = kafka::cluster::STRIMZI_TLS_USER;
+    let tls = Secured {
+        pod_bootstrap: kafka::cluster::pod_mtls_bootstrap(),
+        auth: json!({
+            "tls": {
+                "caSecretRef": {"name": format!("{STRIMZI_CLUSTER}-cluster-ca-cert"), "key": "ca.crt"},
+                "clientCertSecretRef": {"name": user, "certKey": "user.crt", "keyKey": "user.key"},
+            },
+        }),
+        secrets: vec![
+            strimzi_cluster_ca(),
+            strimzi_secret(
+                user,
+                "KafkaUser",
+                &[
+                    // The clients CA in Strimzi; the test bed signs clients with its one CA.
+                    ("ca.crt", kafka::cluster::pki_bytes("ca.crt")),
+                    (
+                        "user.crt",
+                        kafka::cluster::pki_bytes(&format!("{user}.crt")),
+                    ),
+                    (
+                        "user.key",
+                        kafka::cluster::pki_bytes(&format!("{user}.key")),
+                    ),
+                    (
+                        "user.p12",
+                        kafka::cluster::pki_bytes(&format!("{user}.p12")),
+                    ),
+                    (
+                        "user.password",
+                        kafka::cluster::pki_bytes(&format!("{user}.password")),
+                    ),
+                ],
+            ),
+        ],
+    };
+    strimzi_run(
+        "e2e-strimzi-mtls",
+        "Strimzi TLS KafkaUser Secret (user.crt/user.key) + cluster CA Secret",
+        tls,
+    )
+    .await;
 }

@@ -63,7 +63,10 @@ pub fn sidecar_config(
                 crd::SaslMechanism::ScramSha256 => SaslMechanism::ScramSha256,
                 crd::SaslMechanism::ScramSha512 => SaslMechanism::ScramSha512,
             },
-            username_file: mounted(SASL_USERNAME_FILE),
+            // A literal username travels in the configuration (it is not a secret); only
+            // a username read from the Secret is a mounted file.
+            username: s.username.clone(),
+            username_file: s.username.is_none().then(|| mounted(SASL_USERNAME_FILE)),
             password_file: mounted(SASL_PASSWORD_FILE),
         }),
         tls: a.tls.as_ref().map(|t| Tls {

@@ -241,13 +241,11 @@ fn sidecar_volume(input: &Input<'_>) -> Volume {
     if let Some(auth) = &input.spec.kafka.auth {
         if let Some(sasl) = &auth.sasl {
             let r = &sasl.secret_ref;
-            sources.push(secret(
-                &r.name,
-                vec![
-                    key(&r.username_key, SASL_USERNAME_FILE),
-                    key(&r.password_key, SASL_PASSWORD_FILE),
-                ],
-            ));
+            let mut items = vec![key(&r.password_key, SASL_PASSWORD_FILE)];
+            if sasl.username.is_none() {
+                items.insert(0, key(&r.username_key, SASL_USERNAME_FILE));
+            }
+            sources.push(secret(&r.name, items));
         }
         if let Some(tls) = &auth.tls {
             if let Some(ca) = &tls.ca_secret_ref {
@@ -256,7 +254,10 @@ fn sidecar_volume(input: &Input<'_>) -> Volume {
             if let Some(client) = &tls.client_cert_secret_ref {
                 sources.push(secret(
                     &client.name,
-                    vec![key("tls.crt", TLS_CERT_FILE), key("tls.key", TLS_KEY_FILE)],
+                    vec![
+                        key(&client.cert_key, TLS_CERT_FILE),
+                        key(&client.key_key, TLS_KEY_FILE),
+                    ],
                 ));
             }
         }

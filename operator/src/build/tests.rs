@@ -122,7 +122,9 @@ fn secrets_for(spec: &EventConsumerSpec) -> BTreeMap<String, SecretData> {
         if let Some(s) = &auth.sasl {
             let r = &s.secret_ref;
             let e = out.entry(r.name.clone()).or_default();
-            e.insert(r.username_key.clone(), b"user".to_vec());
+            if s.username.is_none() {
+                e.insert(r.username_key.clone(), b"user".to_vec());
+            }
             e.insert(r.password_key.clone(), b"secret-password".to_vec());
         }
         if let Some(t) = &auth.tls {
@@ -133,8 +135,8 @@ fn secrets_for(spec: &EventConsumerSpec) -> BTreeMap<String, SecretData> {
             }
             if let Some(c) = &t.client_cert_secret_ref {
                 let e = out.entry(c.name.clone()).or_default();
-                e.insert("tls.crt".into(), b"-----CERT-----".to_vec());
-                e.insert("tls.key".into(), b"-----KEY-----".to_vec());
+                e.insert(c.cert_key.clone(), b"-----CERT-----".to_vec());
+                e.insert(c.key_key.clone(), b"-----KEY-----".to_vec());
             }
         }
     }
@@ -410,9 +412,10 @@ fn the_rendered_configuration_is_what_the_sidecar_reads() {
     let auth = c.kafka.auth.as_ref().unwrap();
     let sasl = auth.sasl.as_ref().unwrap();
     assert_eq!(
-        sasl.username_file,
-        PathBuf::from("/etc/sluice/sasl/username")
+        sasl.username_file.as_deref(),
+        Some(std::path::Path::new("/etc/sluice/sasl/username"))
     );
+    assert_eq!(sasl.username, None);
     assert_eq!(
         sasl.password_file,
         PathBuf::from("/etc/sluice/sasl/password")
@@ -628,10 +631,9 @@ fn sidecar_overrides_replace_image_and_resources() {
     assert_eq!(sidecar(&d).image.as_deref(), Some("flag/image:9"));
 }
 
-#[test]
-fn only_referenced_keys_of_secrets_are_projected() {
-    let d = build_ok(SASL_TLS);
-    let volumes = pod(&d).volumes.as_ref().unwrap();
+/// The sources of the sidecar's projected volume: (ConfigMap or Secret name, [(key, path)]).
+fn projected_items(d: &Desired) -> Vec<(String, Vec<(String, String)>)> {
+    let volumes = pod(d).volumes.as_ref().unwrap();
     let v = volumes.iter().find(|v| v.name == VOLUME_NAME).unwrap();
     let sources = v.projected.as_ref().unwrap().sources.as_ref().unwrap();
     let items: Vec<(String, Vec<(String, String)>)> = sources
@@ -658,9 +660,18 @@ fn only_referenced_keys_of_secrets_are_projected() {
             _ => panic!("one source per projection"),
         })
         .collect();
-    let kv = |k: &str, p: &str| (k.to_owned(), p.to_owned());
+    items
+}
+
+fn kv(k: &str, p: &str) -> (String, String) {
+    (k.to_owned(), p.to_owned())
+}
+
+#[test]
+fn only_referenced_keys_of_secrets_are_projected() {
+    let d = build_ok(SASL_TLS);
     assert_eq!(
-        items,
+        projected_items(&d),
         vec![
             (
                 "inventory-sluice".to_owned(),
@@ -780,4 +791,67 @@ fn batch_delivery_is_rendered_only_when_set_and_fits_the_record_buffer() {
     let b = c.delivery.batch.as_ref().expect("batch rendered");
     assert_eq!(b.max_bytes, c.delivery.max_buffered_bytes / 4);
     assert!(b.max_bytes < 16 << 20);
+}
+
+/// Secrets as Strimzi writes them, used as they are: a SCRAM KafkaUser's Secret (`password`,
+/// `sasl.jaas.config`; the username is the KafkaUser's name), the cluster CA from
+/// `<cluster>-cluster-ca-cert`, a TLS KafkaUser's Secret (`user.crt`, `user.key`).
+const STRIMZI: &str = r#"
+kafka:
+  bootstrapServers: "my-cluster-kafka-bootstrap.kafka:9093"
+  topics: [orders]
+  auth:
+    sasl: {mechanism: SCRAM-SHA-512, username: inventory, secretRef: {name: inventory}}
+    tls:
+      caSecretRef: {name: my-cluster-cluster-ca-cert}
+      clientCertSecretRef: {name: inventory-tls, certKey: user.crt, keyKey: user.key}
+delivery:
+  url: http://127.0.0.1:8080/events
+template:
+  spec:
+    containers:
+    - {name: app, image: "shop/inventory:1.4"}
+"#;
+
+#[test]
+fn strimzi_layout_secrets_are_projected_by_their_own_keys() {
+    let d = build_ok(STRIMZI);
+    let items = projected_items(&d);
+    assert_eq!(
+        items[2..],
+        [
+            (
+                "inventory".to_owned(),
+                vec![kv("password", "sasl/password")]
+            ),
+            (
+                "my-cluster-cluster-ca-cert".to_owned(),
+                vec![kv("ca.crt", "tls/ca.crt")]
+            ),
+            (
+                "inventory-tls".to_owned(),
+                vec![
+                    kv("user.crt", "tls/client.crt"),
+                    kv("user.key", "tls/client.key")
+                ]
+            ),
+        ]
+    );
+    // The literal username travels in the configuration; no username file is projected or
+    // named.
+    let c = config_of(&d);
+    let sasl = c.kafka.auth.as_ref().unwrap().sasl.as_ref().unwrap();
+    assert_eq!(sasl.username.as_deref(), Some("inventory"));
+    assert_eq!(sasl.username_file, None);
+    assert_eq!(
+        sasl.password_file,
+        PathBuf::from("/etc/sluice/sasl/password")
+    );
+    c.validate()
+        .expect("the sidecar accepts the rendered configuration");
+    let tls = c.kafka.auth.as_ref().unwrap().tls.as_ref().unwrap();
+    assert_eq!(
+        tls.key_file.as_deref(),
+        Some(std::path::Path::new("/etc/sluice/tls/client.key"))
+    );
 }
