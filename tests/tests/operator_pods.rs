@@ -15,8 +15,7 @@ use sluice_operator::crd::EventConsumer;
 use sluice_operator::status::pods::{NOT_READY_AFTER, RESTARTED_WITHIN};
 use sluice_tests::kube_env::{self, Namespace};
 
-const APP: &str =
-    r#"{name: app, image: "sluice.dev/test-app:dev", imagePullPolicy: IfNotPresent}"#;
+const APP: &str = r#"{name: app, image: "sluice.dev/test-app:dev", imagePullPolicy: IfNotPresent}"#;
 
 /// Waits until the EventConsumer is `Ready=False` and `Degraded=True` with `reason`, then
 /// for a Warning event with that reason; returns the Ready and Degraded messages and the
@@ -89,7 +88,13 @@ async fn an_image_that_cannot_be_pulled_and_an_application_that_exits_say_so() {
     let timeout = Duration::from_secs(120);
     let (pull, crash) = tokio::join!(
         wait_for_reason(&client, &ns.name, "nopull", "ImagePullFailed", timeout),
-        wait_for_reason(&client, &ns.name, "crashing", "ApplicationCrashLooping", timeout),
+        wait_for_reason(
+            &client,
+            &ns.name,
+            "crashing",
+            "ApplicationCrashLooping",
+            timeout
+        ),
     );
     let (ready, degraded, note) = pull;
     for text in [&ready, &degraded, &note] {
@@ -139,8 +144,13 @@ async fn a_sidecar_that_cannot_reach_kafka_is_not_ready_with_where_to_look() {
     // A port nothing listens on, on the address the pods reach the test bed's Kafka at.
     let bootstrap = sluice_tests::kafka::pod_bootstrap();
     let host = bootstrap.rsplit_once(':').unwrap().0;
-    let yaml = ec_yaml("orders", 1, "").replace(&bootstrap, &format!("{host}:1"));
-    assert!(yaml.contains(&format!("{host}:1")));
+    // An application that answers (the test app; its collector is never reached, as nothing
+    // is delivered), so the sidecar waits only for Kafka.
+    let app = r#"{name: app, image: "sluice.dev/testapp:dev", imagePullPolicy: Never, env: [{name: TESTAPP_COLLECTOR, value: "127.0.0.1:1"}]}"#;
+    let yaml = ec_yaml("orders", 1, "")
+        .replace(&bootstrap, &format!("{host}:1"))
+        .replace(APP, app);
+    assert!(yaml.contains(&format!("{host}:1")) && yaml.contains("testapp"));
     create_ec(&client, &ns.name, "nokafka", &yaml).await;
     let (ready, degraded, note) = wait_for_reason(
         &client,
@@ -152,7 +162,8 @@ async fn a_sidecar_that_cannot_reach_kafka_is_not_ready_with_where_to_look() {
     .await;
     for text in [&ready, &degraded, &note] {
         assert!(
-            text.contains("the sluice sidecar of pod nokafka-") && text.contains("kafka_unreachable"),
+            text.contains("the sluice sidecar of pod nokafka-")
+                && text.contains("kafka_unreachable"),
             "{text}"
         );
     }

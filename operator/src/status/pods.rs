@@ -145,7 +145,13 @@ fn pod_finding(
             .flatten()
             .map(|c| (c, true)),
     );
-    containers.extend(status.container_statuses.iter().flatten().map(|c| (c, false)));
+    containers.extend(
+        status
+            .container_statuses
+            .iter()
+            .flatten()
+            .map(|c| (c, false)),
+    );
     containers.sort_by(|a, b| a.0.name.cmp(&b.0.name));
     let mut found: Option<Finding> = None;
     let mut keep = |f: Finding| {
@@ -181,13 +187,12 @@ fn is_sidecar(c: &ContainerStatus) -> bool {
     c.name == SIDECAR_CONTAINER_NAME
 }
 
-fn since(t: Option<&k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>, now: Timestamp) -> Option<Duration> {
+fn since(
+    t: Option<&k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
+    now: Timestamp,
+) -> Option<Duration> {
     let t = t?;
-    Some(
-        now.duration_since(t.0)
-            .try_into()
-            .unwrap_or(Duration::ZERO),
-    )
+    Some(now.duration_since(t.0).try_into().unwrap_or(Duration::ZERO))
 }
 
 fn earliest(recheck: &mut Option<Duration>, after: Duration) {
@@ -201,7 +206,12 @@ fn exit_text(t: &k8s_openapi::api::core::v1::ContainerStateTerminated) -> String
     if let Some(r) = t.reason.as_deref().filter(|r| !r.is_empty()) {
         s.push_str(&format!(" ({r})"));
     }
-    if let Some(m) = t.message.as_deref().map(str::trim).filter(|m| !m.is_empty()) {
+    if let Some(m) = t
+        .message
+        .as_deref()
+        .map(str::trim)
+        .filter(|m| !m.is_empty())
+    {
         s.push_str(&format!(": {m}"));
     }
     s
@@ -245,8 +255,11 @@ fn container_finding(
                     ),
                 })
             }
-            "CreateContainerConfigError" | "CreateContainerError" | "RunContainerError"
-            | "PreStartHookError" | "PostStartHookError" => Some(Finding {
+            "CreateContainerConfigError"
+            | "CreateContainerError"
+            | "RunContainerError"
+            | "PreStartHookError"
+            | "PostStartHookError" => Some(Finding {
                 reason: CONTAINER_CANNOT_START,
                 message: format!(
                     "{who} cannot start ({reason}{}); see kubectl describe pod {pod}",
@@ -278,17 +291,18 @@ fn container_finding(
     }
     let running = state.and_then(|s| s.running.as_ref())?;
     let up = since(running.started_at.as_ref(), now).unwrap_or(Duration::ZERO);
-    if let Some(t) = last.filter(|t| t.exit_code != 0) {
-        if up < RESTARTED_WITHIN && !c.ready {
-            earliest(recheck, RESTARTED_WITHIN - up);
-            return Some(Finding {
-                reason: crash_reason,
-                message: format!(
-                    "{who} keeps exiting (last: {}); {logs} shows why",
-                    exit_text(t)
-                ),
-            });
-        }
+    if let Some(t) = last.filter(|t| t.exit_code != 0)
+        && up < RESTARTED_WITHIN
+        && !c.ready
+    {
+        earliest(recheck, RESTARTED_WITHIN - up);
+        return Some(Finding {
+            reason: crash_reason,
+            message: format!(
+                "{who} keeps exiting (last: {}); {logs} shows why",
+                exit_text(t)
+            ),
+        });
     }
     if c.ready {
         return None;
@@ -372,10 +386,11 @@ pub fn trim(pod: &mut Pod) {
         labels.retain(|k, _| k == SELECTOR_LABEL);
     }
     if let Some(s) = &mut pod.status {
-        let conditions = s
-            .conditions
-            .take()
-            .map(|cs| cs.into_iter().filter(|c| c.type_ == "PodScheduled").collect());
+        let conditions = s.conditions.take().map(|cs| {
+            cs.into_iter()
+                .filter(|c| c.type_ == "PodScheduled")
+                .collect()
+        });
         let keep = |cs: Option<Vec<ContainerStatus>>| {
             cs.map(|cs| {
                 cs.into_iter()
