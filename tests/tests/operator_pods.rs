@@ -64,11 +64,25 @@ async fn wait_for_reason(
 }
 
 #[tokio::test]
-async fn an_image_that_cannot_be_pulled_and_an_application_that_exits_say_so() {
+async fn images_that_cannot_be_pulled_crash_loops_and_a_sidecar_without_kafka_say_so() {
     let client = kube_env::client().await;
     install_crd(&client).await;
+    // One namespace and one operator for the three cases, created together so their waits
+    // overlap (the Kafka case needs the sidecar to run NOT_READY_AFTER before it counts).
     let ns = Namespace::create(&client, "op-pods").await;
     let _operator = Operator::start(&client, &ns.name, "op-pods");
+
+    // A port nothing listens on, on the address the pods reach the test bed's Kafka at; an
+    // application that answers (the test app; its collector is never reached, as nothing is
+    // delivered), so the sidecar waits only for Kafka.
+    let bootstrap = sluice_tests::kafka::pod_bootstrap();
+    let host = bootstrap.rsplit_once(':').unwrap().0;
+    let app = r#"{name: app, image: "sluice.dev/testapp:dev", imagePullPolicy: Never, env: [{name: TESTAPP_COLLECTOR, value: "127.0.0.1:1"}]}"#;
+    let yaml = ec_yaml("orders", 1, "")
+        .replace(&bootstrap, &format!("{host}:1"))
+        .replace(APP, app);
+    assert!(yaml.contains(&format!("{host}:1")) && yaml.contains("testapp"));
+    create_ec(&client, &ns.name, "nokafka", &yaml).await;
 
     // Nothing listens on 127.0.0.1:1: the pull fails at once, without any network.
     let missing = "127.0.0.1:1/sluice/missing:none";
@@ -133,25 +147,8 @@ async fn an_image_that_cannot_be_pulled_and_an_application_that_exits_say_so() {
         .filter(|e| e.reason.as_deref() == Some("Recovered"))
         .count();
     assert_eq!(recovered, 0, "the status flipped back between restarts");
-}
 
-#[tokio::test]
-async fn a_sidecar_that_cannot_reach_kafka_is_not_ready_with_where_to_look() {
-    let client = kube_env::client().await;
-    install_crd(&client).await;
-    let ns = Namespace::create(&client, "op-pods-kafka").await;
-    let _operator = Operator::start(&client, &ns.name, "op-pods-kafka");
-    // A port nothing listens on, on the address the pods reach the test bed's Kafka at.
-    let bootstrap = sluice_tests::kafka::pod_bootstrap();
-    let host = bootstrap.rsplit_once(':').unwrap().0;
-    // An application that answers (the test app; its collector is never reached, as nothing
-    // is delivered), so the sidecar waits only for Kafka.
-    let app = r#"{name: app, image: "sluice.dev/testapp:dev", imagePullPolicy: Never, env: [{name: TESTAPP_COLLECTOR, value: "127.0.0.1:1"}]}"#;
-    let yaml = ec_yaml("orders", 1, "")
-        .replace(&bootstrap, &format!("{host}:1"))
-        .replace(APP, app);
-    assert!(yaml.contains(&format!("{host}:1")) && yaml.contains("testapp"));
-    create_ec(&client, &ns.name, "nokafka", &yaml).await;
+    // The sidecar whose Kafka is unreachable: running, never ready.
     let (ready, degraded, note) = wait_for_reason(
         &client,
         &ns.name,
