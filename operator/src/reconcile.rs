@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use futures::channel::mpsc::{UnboundedReceiver, UnboundedSender};
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{ConfigMap, ObjectReference, Secret};
+use k8s_openapi::api::core::v1::{ConfigMap, ObjectReference, Pod, Secret};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
@@ -81,6 +81,8 @@ pub struct Caches {
     pub deployments: Store<Deployment>,
     pub config_maps: Store<PartialObjectMeta<ConfigMap>>,
     pub pdbs: Store<PartialObjectMeta<PodDisruptionBudget>>,
+    /// The pods of EventConsumers, trimmed to what `status::pods` reads.
+    pub pods: Store<Pod>,
 }
 
 /// Annotation on every owned object: the digest of the desired object the operator applied.
@@ -476,7 +478,7 @@ async fn reconcile_valid(ec: &EventConsumer, ctx: &Context) -> Result<Action, Er
         desired_replicas: ec.spec.replicas,
         deployment: Some(&deployment),
     };
-    write_status(
+    let recheck = write_status(
         ec,
         &seen,
         &Outcome::Applied {
@@ -485,7 +487,9 @@ async fn reconcile_valid(ec: &EventConsumer, ctx: &Context) -> Result<Action, Er
         ctx,
     )
     .await?;
-    Ok(Action::requeue(resync_after()))
+    Ok(Action::requeue(
+        recheck.map_or_else(resync_after, |r| r.min(RESYNC)),
+    ))
 }
 
 fn short(hash: &str) -> &str {
@@ -499,19 +503,24 @@ fn resync_after() -> Duration {
 
 /// Computes and (if it changed) applies the status, and publishes events for transitions.
 /// The `lag*` fields are carried over for the comparison and left out of the write: the
-/// lag collector owns them.
+/// lag collector owns them. Returns when to look at the pods again (one is not ready, but
+/// not yet for long enough to count).
 async fn write_status(
     ec: &EventConsumer,
     seen: &Observed<'_>,
     outcome: &Outcome,
     ctx: &Context,
-) -> Result<(), Error> {
+) -> Result<Option<Duration>, Error> {
     let old = ec.status.as_ref();
     let now = Time(Timestamp::now());
     let mut new = status::compute(old, seen, outcome, &now);
     new.topics = Some(status::topics_column(&ec.spec.kafka.topics));
+    let pods = pod_summary(ctx, seen, now.0);
+    if let Some(problem) = &pods.problem {
+        status::pods::explain(&mut new, old, problem, seen.desired_replicas, &now);
+    }
     if old == Some(&new) {
-        return Ok(());
+        return Ok(pods.recheck);
     }
     patch_status(
         ctx,
@@ -536,7 +545,33 @@ async fn write_status(
         ctx.publish(&reference, type_, reason, action, t.message.clone())
             .await;
     }
-    Ok(())
+    Ok(pods.recheck)
+}
+
+/// What keeps the EventConsumer's pods from working, from the pod cache. Looked at only while
+/// the Deployment has fewer ready pods than wanted or pods of an old template (a healthy
+/// EventConsumer costs nothing here).
+fn pod_summary(ctx: &Context, seen: &Observed<'_>, now: Timestamp) -> status::pods::Summary {
+    let Some(status) = seen.deployment.and_then(|d| d.status.as_ref()) else {
+        return Default::default();
+    };
+    let settled = status.ready_replicas.unwrap_or(0) >= seen.desired_replicas
+        && status.replicas.unwrap_or(0) == status.ready_replicas.unwrap_or(0)
+        && status.updated_replicas.unwrap_or(0) == status.replicas.unwrap_or(0);
+    let Some(caches) = ctx.caches().filter(|_| !settled) else {
+        return Default::default();
+    };
+    let ns = seen
+        .deployment
+        .and_then(|d| d.metadata.namespace.as_deref());
+    let pods: Vec<Arc<Pod>> = caches
+        .pods
+        .state()
+        .into_iter()
+        .filter(|p| p.metadata.namespace.as_deref() == ns)
+        .filter(|p| status::pods::owner(p) == Some(seen.name))
+        .collect();
+    status::pods::summarize(pods.iter().map(|p| &**p), now)
 }
 
 async fn patch_status(
@@ -606,7 +641,7 @@ async fn report_blocked(obj: &Guarded, error: &Error, ctx: &Context) -> Result<(
             // Not measured while the spec cannot be realised.
             ctx.targets
                 .remove(&(ec.namespace().unwrap_or_default(), ec.name_any()));
-            write_status(ec, &seen, &outcome, ctx).await
+            write_status(ec, &seen, &outcome, ctx).await.map(|_| ())
         }
         Err(invalid) => {
             // The object does not parse, so neither does its status: write the Degraded
@@ -773,7 +808,8 @@ where
 /// Watches: EventConsumers (through `DeserializeGuard`, managed fields dropped, only
 /// generation changes — status writes do not retrigger); the Deployments, ConfigMaps and
 /// PodDisruptionBudgets it owns (metadata only, selected by the managed-by label: any change,
-/// including Deployment status, triggers the owner); Secrets (metadata only: a changed
+/// including Deployment status, triggers the owner); its pods (trimmed, passed on only when
+/// what the pod-problem summary reads changes); Secrets (metadata only: a changed
 /// resourceVersion maps to the EventConsumers that reference it or own it).
 pub struct Watches {
     ecs: Store<Guarded>,
@@ -782,6 +818,7 @@ pub struct Watches {
     deployment_tap: Tap<Deployment>,
     config_map_tap: Tap<PartialObjectMeta<ConfigMap>>,
     pdb_tap: Tap<PartialObjectMeta<PodDisruptionBudget>>,
+    pod_tap: Tap<Pod>,
     secret_tap: Tap<PartialObjectMeta<Secret>>,
     _tasks: Vec<AbortOnDrop>,
 }
@@ -831,6 +868,21 @@ impl Watches {
         .modify(|m| m.managed_fields_mut().clear())
         .reflect(pdb_writer)
         .touched_objects();
+        // Pods: only those the operator labels (the pod template's selector label), trimmed
+        // to the status fields `status::pods` reads, passed on only when that changes.
+        let (pod_reader, pod_writer) = reflector::store();
+        let pod_tap = Tap::new();
+        let pods = watcher(
+            scope.api::<Pod>(client),
+            watcher::Config::default()
+                .labels(build::SELECTOR_LABEL)
+                .any_semantic(),
+        )
+        .default_backoff()
+        .modify(status::pods::trim)
+        .reflect(pod_writer)
+        .touched_objects()
+        .predicate_filter(status::pods::signature, Default::default());
         let secret_tap = Tap::new();
         let secrets = watcher(
             scope.api::<PartialObjectMeta<Secret>>(client),
@@ -843,6 +895,7 @@ impl Watches {
             drive("Deployment", deployments, deployment_tap.clone()),
             drive("ConfigMap", config_maps, config_map_tap.clone()),
             drive("PodDisruptionBudget", pdbs, pdb_tap.clone()),
+            drive("Pod", pods, pod_tap.clone()),
             drive("Secret", secrets, secret_tap.clone()),
         ];
         Watches {
@@ -851,11 +904,13 @@ impl Watches {
                 deployments: dep_reader,
                 config_maps: cm_reader,
                 pdbs: pdb_reader,
+                pods: pod_reader,
             },
             ec_tap,
             deployment_tap,
             config_map_tap,
             pdb_tap,
+            pod_tap,
             secret_tap,
             _tasks: tasks,
         }
@@ -884,6 +939,7 @@ pub async fn run_controller(
     let deployment_events = watches.deployment_tap.subscribe();
     let config_map_events = watches.config_map_tap.subscribe();
     let pdb_events = watches.pdb_tap.subscribe();
+    let pod_events = watches.pod_tap.subscribe();
     let secret_events = watches.secret_tap.subscribe();
     let caches = watches.caches.clone();
     let ready_ecs = reader.clone();
@@ -892,6 +948,7 @@ pub async fn run_controller(
         let _ = caches.deployments.wait_until_ready().await;
         let _ = caches.config_maps.wait_until_ready().await;
         let _ = caches.pdbs.wait_until_ready().await;
+        let _ = caches.pods.wait_until_ready().await;
     });
     let store = reader.clone();
     // The lag collector: beside the controller, on the same cache, stopped with it.
@@ -910,6 +967,10 @@ pub async fn run_controller(
         .owns_shared_stream(deployment_events)
         .owns_shared_stream(config_map_events)
         .owns_shared_stream(pdb_events)
+        .watches_shared_stream(pod_events, |p| {
+            let ns = p.namespace()?;
+            status::pods::owner(&p).map(|ec| ObjectRef::new(ec).within(&ns))
+        })
         .watches_shared_stream(secret_events, move |s| {
             let ns = s.namespace().unwrap_or_default();
             let owner = s

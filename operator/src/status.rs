@@ -13,6 +13,8 @@ use crate::build::selector_string;
 use crate::crd::EventConsumerStatus;
 use crate::tuning::Tuning;
 
+pub mod pods;
+
 pub const READY: &str = "Ready";
 pub const PROGRESSING: &str = "Progressing";
 pub const DEGRADED: &str = "Degraded";

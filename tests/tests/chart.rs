@@ -255,6 +255,17 @@ fn every_rbac_rule_says_why() {
         }
     }
     assert!(rules >= 8, "expected the operator's rules, found {rules}");
+    // Pods: watched (for status reasons), never read one by one or changed.
+    let pods: Vec<&str> = rbac
+        .split("- apiGroups:")
+        .filter(|rule| rule.contains("resources: [pods]"))
+        .collect();
+    assert_eq!(pods.len(), 1, "one rule for pods: {pods:?}");
+    assert!(
+        pods[0].contains("verbs: [list, watch]\n"),
+        "pods: list and watch only: {}",
+        pods[0]
+    );
 }
 
 #[test]

@@ -199,3 +199,12 @@ pub fn condition(ec: &EventConsumer, type_: &str) -> Option<(String, String, Str
         .find(|c| c.type_ == type_)
         .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
 }
+
+/// `Degraded` says the operator realised the spec: false, or true only for a reason of the
+/// pods (`status::pods::REASONS`; most tests' application image, `sluice.dev/test-app:dev`,
+/// is not on the node, so their pods show `ImagePullFailed`).
+pub fn applied_by_the_operator(ec: &EventConsumer) -> bool {
+    condition(ec, "Degraded").is_some_and(|(status, reason, _)| {
+        status == "False" || sluice_operator::status::pods::REASONS.contains(&reason.as_str())
+    })
+}
