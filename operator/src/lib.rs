@@ -11,6 +11,7 @@ pub mod generate;
 pub mod lag;
 pub mod leader;
 pub mod metrics;
+pub mod pacing;
 pub mod reconcile;
 pub mod run;
 pub mod secrets;

@@ -40,6 +40,10 @@ use crate::crd::{EventConsumer, EventConsumerStatus};
 use crate::error::Error;
 use crate::lag::{self, LagSettings};
 use crate::metrics::Metrics;
+use crate::pacing::{
+    self, DEFAULT_MAX_SIDECAR_ROLLOUTS, INPUT_HASH_ANNOTATION, Pacer, Pending, Plan,
+    ROLLOUT_CAUSE_ANNOTATION, Seen, TEMPLATE_HASH_ANNOTATION, Turn,
+};
 use crate::secrets;
 use crate::status::{self, Observed, Outcome};
 
@@ -51,6 +55,9 @@ pub const RESYNC: Duration = Duration::from_secs(30 * 60);
 /// Bounds of the per-object retry backoff after transient errors.
 pub const BACKOFF_MIN: Duration = Duration::from_secs(1);
 pub const BACKOFF_MAX: Duration = Duration::from_secs(300);
+/// Safety-net resync of an EventConsumer waiting for a rollout turn (it is woken when one
+/// frees up).
+pub const WAITING_RESYNC: Duration = Duration::from_secs(60);
 
 /// What every reconcile shares.
 pub struct Context {
@@ -69,6 +76,10 @@ pub struct Context {
     /// What this replica last applied, per owned object: (desired hash, the object's
     /// generation — resourceVersion for a ConfigMap — right after the apply).
     applied: Mutex<HashMap<AppliedKey, (String, Option<String>)>>,
+    /// Turns of operator-side rollouts (`--max-sidecar-rollouts`).
+    pub pacer: Pacer,
+    /// Wakes EventConsumers waiting for a turn (set while the controller runs).
+    wake: Mutex<Option<futures::channel::mpsc::UnboundedSender<ObjectRef<Guarded>>>>,
 }
 
 /// (kind, namespace, name) of an owned object.
@@ -137,6 +148,37 @@ impl Context {
             targets: Arc::new(Targets::default()),
             caches: Mutex::new(None),
             applied: Mutex::new(HashMap::new()),
+            pacer: Pacer::new(DEFAULT_MAX_SIDECAR_ROLLOUTS),
+            wake: Mutex::new(None),
+        }
+    }
+
+    /// Replaces the default `--max-sidecar-rollouts`.
+    pub fn with_max_sidecar_rollouts(mut self, max: u32) -> Context {
+        self.pacer = Pacer::new(max);
+        self
+    }
+
+    /// The cached Deployments as the pacer sees them.
+    fn seen_deployments(&self) -> Vec<Seen> {
+        self.caches()
+            .map(|c| c.deployments.state().iter().map(|d| Seen::of(d)).collect())
+            .unwrap_or_default()
+    }
+
+    /// Reconciles the EventConsumers whose turn has come, and updates the rollout gauges.
+    fn wake_waiters(&self) {
+        if !self.pacer.has_waiters() && self.metrics.sidecar_rollouts.get() == 0 {
+            self.metrics.sidecar_rollouts_waiting.set(0);
+            return;
+        }
+        let (wake, held, waiting) = self.pacer.wake(&self.seen_deployments());
+        self.metrics.sidecar_rollouts.set(held as i64);
+        self.metrics.sidecar_rollouts_waiting.set(waiting as i64);
+        if let Some(tx) = self.wake.lock().expect("not poisoned").as_ref() {
+            for (ns, name) in wake {
+                let _ = tx.unbounded_send(ObjectRef::new(&name).within(&ns));
+            }
         }
     }
 
@@ -192,6 +234,7 @@ impl Context {
             .expect("not poisoned")
             .remove(&(ns.to_owned(), name.to_owned()));
         self.targets.remove(&(ns.to_owned(), name.to_owned()));
+        self.pacer.forget(&(ns.to_owned(), name.to_owned()));
     }
 
     /// Registers (or, when lag is off or the credentials are unusable, drops) what the lag
@@ -349,11 +392,71 @@ async fn reconcile_valid(ec: &EventConsumer, ctx: &Context) -> Result<Action, Er
     input.drain_token = &token;
     let desired = build::build(&input)?;
 
+    // Pacing: a template change the user did not make waits for a turn (see
+    // `crate::pacing`); while it waits, neither the ConfigMap nor the Deployment is applied,
+    // so the running pods keep the configuration that matches their sidecar.
+    let mut desired = desired;
+    let caches = ctx.caches();
+    let cached_deployment = caches
+        .as_ref()
+        .and_then(|c| c.deployments.get(&ObjectRef::new(&name).within(&ns)));
+    let key = (ns.clone(), name.clone());
+    let template_hash = pacing::template_hash(
+        &desired
+            .deployment
+            .spec
+            .as_ref()
+            .expect("a built Deployment has a spec")
+            .template,
+    );
+    let spec_applied =
+        ec.status.as_ref().and_then(|s| s.observed_generation) == ec.meta().generation;
+    let plan = pacing::plan(
+        cached_deployment
+            .as_deref()
+            .map(pacing::Running::of)
+            .as_ref(),
+        &template_hash,
+        &pacing::input_hash(&ec.spec, &secret_data),
+        spec_applied,
+    );
+    let pending = match plan {
+        Plan::Roll {
+            needs_turn: true, ..
+        } => match ctx
+            .pacer
+            .acquire(&key, &template_hash, &ctx.seen_deployments())
+        {
+            Turn::Granted => None,
+            Turn::Wait { rolling } => Some(Pending {
+                image: desired
+                    .deployment
+                    .spec
+                    .as_ref()
+                    .and_then(|s| pacing::sidecar_image(&s.template)),
+                rolling,
+                max: ctx.pacer.max(),
+            }),
+        },
+        _ => {
+            ctx.pacer.not_waiting(&key);
+            None
+        }
+    };
+    let annotations = desired.deployment.annotations_mut();
+    annotations.insert(TEMPLATE_HASH_ANNOTATION.into(), template_hash);
+    annotations.insert(
+        INPUT_HASH_ANNOTATION.into(),
+        pacing::input_hash(&ec.spec, &secret_data),
+    );
+    annotations.insert(
+        ROLLOUT_CAUSE_ANNOTATION.into(),
+        plan.cause().as_str().into(),
+    );
+
     // Apply: the ConfigMap before the Deployment whose pods mount it. Each apply is skipped
     // when the cached object already carries the desired state (same desired-hash
     // annotation, and not changed by anyone since this replica applied it).
-    let mut desired = desired;
-    let caches = ctx.caches();
     let pp = PatchParams::apply(FIELD_MANAGER).force();
     let cm_name = config_map_name(&name);
     let cm_hash = stamp(&mut desired.config_map);
@@ -361,13 +464,15 @@ async fn reconcile_valid(ec: &EventConsumer, ctx: &Context) -> Result<Action, Er
         .as_ref()
         .and_then(|c| c.config_maps.get(&ObjectRef::new(&cm_name).within(&ns)));
     let cm_key = ("ConfigMap", ns.clone(), cm_name.clone());
-    if ctx.unchanged(
-        &cm_key,
-        &cm_hash,
-        cached_cm
-            .as_deref()
-            .map(|m| (&m.metadata, m.metadata.resource_version.clone())),
-    ) {
+    if pending.is_some()
+        || ctx.unchanged(
+            &cm_key,
+            &cm_hash,
+            cached_cm
+                .as_deref()
+                .map(|m| (&m.metadata, m.metadata.resource_version.clone())),
+        )
+    {
         ctx.metrics.applies_skipped.inc();
     } else {
         let applied = Api::<ConfigMap>::namespaced(ctx.client.clone(), &ns)
@@ -380,9 +485,6 @@ async fn reconcile_valid(ec: &EventConsumer, ctx: &Context) -> Result<Action, Er
             })?;
         ctx.record(cm_key, &cm_hash, applied.metadata.resource_version.clone());
     }
-    let cached_deployment = caches
-        .as_ref()
-        .and_then(|c| c.deployments.get(&ObjectRef::new(&name).within(&ns)));
     let previous_hash = cached_deployment.as_ref().and_then(|d| {
         d.metadata
             .annotations
@@ -392,6 +494,10 @@ async fn reconcile_valid(ec: &EventConsumer, ctx: &Context) -> Result<Action, Er
     let dep_hash = stamp(&mut desired.deployment);
     let dep_key = ("Deployment", ns.clone(), name.clone());
     let deployment: Deployment = match cached_deployment {
+        Some(d) if pending.is_some() => {
+            ctx.metrics.applies_skipped.inc();
+            (*d).clone()
+        }
         Some(d)
             if ctx.unchanged(
                 &dep_key,
@@ -406,10 +512,13 @@ async fn reconcile_valid(ec: &EventConsumer, ctx: &Context) -> Result<Action, Er
             let applied = Api::<Deployment>::namespaced(ctx.client.clone(), &ns)
                 .patch(&name, &pp, &Patch::Apply(&desired.deployment))
                 .await
-                .map_err(|source| Error::ApplyDeployment {
-                    namespace: ns.clone(),
-                    name: name.clone(),
-                    source,
+                .map_err(|source| {
+                    ctx.pacer.release(&key);
+                    Error::ApplyDeployment {
+                        namespace: ns.clone(),
+                        name: name.clone(),
+                        source,
+                    }
                 })?;
             ctx.record(
                 dep_key,
@@ -448,7 +557,8 @@ async fn reconcile_valid(ec: &EventConsumer, ctx: &Context) -> Result<Action, Er
         );
     }
     debug!(hash = %desired.config_hash, "applied");
-    if let Some(previous) = previous_hash.filter(|p| *p != desired.config_hash) {
+    if let Some(previous) = previous_hash.filter(|p| pending.is_none() && *p != desired.config_hash)
+    {
         let note = format!(
             "the sidecar configuration or a referenced Secret changed (config hash {} -> {}); replacing the pods one at a time, each draining first",
             short(&previous),
@@ -481,9 +591,15 @@ async fn reconcile_valid(ec: &EventConsumer, ctx: &Context) -> Result<Action, Er
         &Outcome::Applied {
             tuning: desired.tuning,
         },
+        pending.as_ref(),
         ctx,
     )
     .await?;
+    ctx.wake_waiters();
+    if pending.is_some() {
+        // Woken when a turn frees up; this is the safety net.
+        return Ok(Action::requeue(WAITING_RESYNC));
+    }
     Ok(Action::requeue(resync_after()))
 }
 
@@ -503,11 +619,13 @@ async fn write_status(
     ec: &EventConsumer,
     seen: &Observed<'_>,
     outcome: &Outcome,
+    pending: Option<&Pending>,
     ctx: &Context,
 ) -> Result<(), Error> {
     let old = ec.status.as_ref();
     let now = Time(Timestamp::now());
     let mut new = status::compute(old, seen, outcome, &now);
+    pacing::sidecar_status(&mut new, seen.deployment, pending);
     new.topics = Some(status::topics_column(&ec.spec.kafka.topics));
     if old == Some(&new) {
         return Ok(());
@@ -605,7 +723,7 @@ async fn report_blocked(obj: &Guarded, error: &Error, ctx: &Context) -> Result<(
             // Not measured while the spec cannot be realised.
             ctx.targets
                 .remove(&(ec.namespace().unwrap_or_default(), ec.name_any()));
-            write_status(ec, &seen, &outcome, ctx).await
+            write_status(ec, &seen, &outcome, None, ctx).await
         }
         Err(invalid) => {
             // The object does not parse, so neither does its status: write the Degraded
@@ -757,6 +875,8 @@ pub async fn run_controller(
     .modify(|m| m.managed_fields_mut().clear())
     .reflect(pdb_writer)
     .touched_objects();
+    let (wake_tx, wake_rx) = futures::channel::mpsc::unbounded();
+    *ctx.wake.lock().expect("not poisoned") = Some(wake_tx);
     *ctx.caches.lock().expect("not poisoned") = Some(Caches {
         deployments: dep_reader,
         config_maps: cm_reader,
@@ -785,6 +905,7 @@ pub async fn run_controller(
         .owns_stream(deployments)
         .owns_stream(config_maps)
         .owns_stream(pdbs)
+        .reconcile_on(wake_rx)
         .watches_stream(secrets, move |s| {
             let ns = s.namespace().unwrap_or_default();
             let owner = s
@@ -806,6 +927,7 @@ pub async fn run_controller(
     collector_stop.cancel();
     let _ = collector.await;
     *ctx.caches.lock().expect("not poisoned") = None;
+    *ctx.wake.lock().expect("not poisoned") = None;
 }
 
 #[cfg(test)]
