@@ -13,8 +13,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::{ConfigMap, ObjectReference, Secret};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -30,6 +31,7 @@ use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::json;
 use tracing::{debug, info, instrument, warn};
 
+use crate::autoscaler;
 use crate::build::SecretData;
 use crate::build::{
     self, CONFIG_HASH_ANNOTATION, FIELD_MANAGER, Input, MANAGED_BY_LABEL, MANAGED_BY_VALUE,
@@ -44,7 +46,8 @@ use crate::pacing::{
     self, DEFAULT_MAX_SIDECAR_ROLLOUTS, INPUT_HASH_ANNOTATION, Pacer, Pending, Plan,
     ROLLOUT_CAUSE_ANNOTATION, Seen, TEMPLATE_HASH_ANNOTATION, Turn,
 };
-use crate::secrets;
+use crate::secret_index::SecretIndex;
+use crate::secrets::{self, SecretCache, SecretReader};
 use crate::status::{self, Observed, Outcome};
 
 /// The watched primary object: an EventConsumer, or the error that kept it from parsing.
@@ -76,11 +79,20 @@ pub struct Context {
     /// What this replica last applied, per owned object: (desired hash, the object's
     /// generation — resourceVersion for a ConfigMap — right after the apply).
     applied: Mutex<HashMap<AppliedKey, (String, Option<String>)>>,
+    /// (namespace, Secret) → the EventConsumers referencing it, kept from the watch.
+    pub secret_index: Arc<SecretIndex>,
+    /// The Secrets read, per resourceVersion (read again only when they change).
+    pub secret_cache: SecretCache,
+    /// Autoscalers already warned about (aimed at a Deployment instead of its EventConsumer).
+    autoscalers_warned: autoscaler::Warned,
     /// Turns of operator-side rollouts (`--max-sidecar-rollouts`).
     pub pacer: Pacer,
     /// Wakes EventConsumers waiting for a turn (set while the controller runs).
-    wake: Mutex<Option<futures::channel::mpsc::UnboundedSender<ObjectRef<Guarded>>>>,
+    wake: Mutex<Option<Waker>>,
 }
+
+/// Sends EventConsumers to reconcile (those whose rollout turn has come).
+type Waker = futures::channel::mpsc::UnboundedSender<ObjectRef<Guarded>>;
 
 /// (kind, namespace, name) of an owned object.
 type AppliedKey = (&'static str, String, String);
@@ -91,6 +103,10 @@ pub struct Caches {
     pub deployments: Store<Deployment>,
     pub config_maps: Store<PartialObjectMeta<ConfigMap>>,
     pub pdbs: Store<PartialObjectMeta<PodDisruptionBudget>>,
+    /// Secrets' metadata: says whether a cached Secret read is current.
+    pub secrets: Store<PartialObjectMeta<Secret>>,
+    /// HorizontalPodAutoscalers (to warn about those aimed at an owned Deployment).
+    pub autoscalers: Store<HorizontalPodAutoscaler>,
 }
 
 /// Annotation on every owned object: the digest of the desired object the operator applied.
@@ -148,6 +164,9 @@ impl Context {
             targets: Arc::new(Targets::default()),
             caches: Mutex::new(None),
             applied: Mutex::new(HashMap::new()),
+            secret_index: Arc::new(SecretIndex::default()),
+            secret_cache: SecretCache::default(),
+            autoscalers_warned: autoscaler::Warned::default(),
             pacer: Pacer::new(DEFAULT_MAX_SIDECAR_ROLLOUTS),
             wake: Mutex::new(None),
         }
@@ -235,6 +254,8 @@ impl Context {
             .remove(&(ns.to_owned(), name.to_owned()));
         self.targets.remove(&(ns.to_owned(), name.to_owned()));
         self.pacer.forget(&(ns.to_owned(), name.to_owned()));
+        self.secret_cache
+            .remove(ns, &crate::build::drain_secret_name(name));
     }
 
     /// Registers (or, when lag is off or the credentials are unusable, drops) what the lag
@@ -371,11 +392,18 @@ async fn reconcile_valid(ec: &EventConsumer, ctx: &Context) -> Result<Action, Er
         return Ok(Action::await_change());
     }
     let secrets_api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
+    let caches = ctx.caches();
+    let reader = SecretReader {
+        api: &secrets_api,
+        namespace: &ns,
+        meta: caches.as_ref().map(|c| &c.secrets),
+        cache: &ctx.secret_cache,
+    };
 
     // Fetch the referenced Secrets, then validate (pure; the token plays no part in it)
     // before the drain-token Secret is created, so an invalid spec writes nothing but its
     // status.
-    let secret_data = secrets::fetch_referenced(&secrets_api, &ns, &ec.spec).await?;
+    let secret_data = secrets::fetch_referenced(&reader, &ns, &ec.spec).await?;
     let mut input = Input {
         name: &name,
         namespace: &ns,
@@ -386,7 +414,7 @@ async fn reconcile_valid(ec: &EventConsumer, ctx: &Context) -> Result<Action, Er
         defaults: &ctx.defaults,
     };
     build::validate(&input)?;
-    let token = secrets::ensure_drain_token(&secrets_api, &ns, &name, &uid).await?;
+    let token = secrets::ensure_drain_token(&reader, &ns, &name, &uid).await?;
 
     // Build (pure).
     input.drain_token = &token;
@@ -396,7 +424,6 @@ async fn reconcile_valid(ec: &EventConsumer, ctx: &Context) -> Result<Action, Er
     // `crate::pacing`); while it waits, neither the ConfigMap nor the Deployment is applied,
     // so the running pods keep the configuration that matches their sidecar.
     let mut desired = desired;
-    let caches = ctx.caches();
     let cached_deployment = caches
         .as_ref()
         .and_then(|c| c.deployments.get(&ObjectRef::new(&name).within(&ns)));
@@ -495,8 +522,27 @@ async fn reconcile_valid(ec: &EventConsumer, ctx: &Context) -> Result<Action, Er
     let dep_key = ("Deployment", ns.clone(), name.clone());
     let deployment: Deployment = match cached_deployment {
         Some(d) if pending.is_some() => {
-            ctx.metrics.applies_skipped.inc();
-            (*d).clone()
+            // The template waits; a scale (by hand or by an autoscaler) does not.
+            if d.spec.as_ref().and_then(|s| s.replicas) != Some(ec.spec.replicas) {
+                Api::<Deployment>::namespaced(ctx.client.clone(), &ns)
+                    .patch(
+                        &name,
+                        &PatchParams {
+                            field_manager: Some(FIELD_MANAGER.into()),
+                            ..Default::default()
+                        },
+                        &Patch::Merge(json!({"spec": {"replicas": ec.spec.replicas}})),
+                    )
+                    .await
+                    .map_err(|source| Error::ApplyDeployment {
+                        namespace: ns.clone(),
+                        name: name.clone(),
+                        source,
+                    })?
+            } else {
+                ctx.metrics.applies_skipped.inc();
+                (*d).clone()
+            }
         }
         Some(d)
             if ctx.unchanged(
@@ -596,11 +642,44 @@ async fn reconcile_valid(ec: &EventConsumer, ctx: &Context) -> Result<Action, Er
     )
     .await?;
     ctx.wake_waiters();
+    warn_autoscalers(ec, ctx).await;
     if pending.is_some() {
         // Woken when a turn frees up; this is the safety net.
         return Ok(Action::requeue(WAITING_RESYNC));
     }
     Ok(Action::requeue(resync_after()))
+}
+
+/// A Warning event on the EventConsumer for each autoscaler aimed at its Deployment (once per
+/// autoscaler and generation).
+async fn warn_autoscalers(ec: &EventConsumer, ctx: &Context) {
+    let Some(caches) = ctx.caches() else {
+        return;
+    };
+    let ns = ec.namespace().unwrap_or_default();
+    let name = ec.name_any();
+    let aimed: Vec<_> = caches
+        .autoscalers
+        .state()
+        .into_iter()
+        .filter(|h| {
+            h.namespace().as_deref() == Some(ns.as_str())
+                && autoscaler::target_deployment(h) == Some(name.as_str())
+        })
+        .collect();
+    for hpa in aimed {
+        if ctx.autoscalers_warned.first(&hpa) {
+            warn!(autoscaler = %hpa.name_any(), "a HorizontalPodAutoscaler targets the Deployment instead of the EventConsumer");
+            ctx.publish(
+                &ec.object_ref(&()),
+                EventType::Warning,
+                autoscaler::REASON,
+                "Reconcile",
+                autoscaler::message(&hpa.name_any(), &name),
+            )
+            .await;
+        }
+    }
 }
 
 fn short(hash: &str) -> &str {
@@ -797,22 +876,18 @@ impl WatchScope {
 }
 
 /// The Secret → EventConsumer mapping: the owner of a drain-token Secret, and every
-/// EventConsumer in the Secret's namespace that references it (so a rotation rolls its pods).
+/// EventConsumer in the Secret's namespace that references it (so a rotation rolls its pods),
+/// looked up in the index rather than by scanning every EventConsumer.
 pub fn secret_to_consumers(
-    store: &Store<Guarded>,
+    index: &SecretIndex,
     namespace: &str,
     name: &str,
     owner: Option<&str>,
 ) -> Vec<ObjectRef<Guarded>> {
-    let mut out: Vec<ObjectRef<Guarded>> = store
-        .state()
+    let mut out: Vec<ObjectRef<Guarded>> = index
+        .consumers(namespace, name)
         .iter()
-        .filter(|g| g.namespace().as_deref() == Some(namespace))
-        .filter(|g| match &g.0 {
-            Ok(ec) => secrets::referenced_names(&ec.spec).contains(name),
-            Err(_) => false,
-        })
-        .map(|g| ObjectRef::new(&g.name_any()).within(namespace))
+        .map(|n| ObjectRef::new(n).within(namespace))
         .collect();
     if let Some(owner) = owner {
         let r = ObjectRef::new(owner).within(namespace);
@@ -839,10 +914,12 @@ pub async fn run_controller(
     let client = ctx.client.clone();
     let ecs: Api<Guarded> = scope.api(&client);
     let (reader, writer) = reflector::store();
+    let index = ctx.secret_index.clone();
     let primary = watcher(ecs, watcher::Config::default().any_semantic())
         .default_backoff()
         .modify(|g| g.managed_fields_mut().clear())
         .reflect(writer)
+        .inspect_ok(move |event| index.apply(event))
         .applied_objects()
         .predicate_filter(predicates::generation, Default::default());
     let owned = watcher::Config::default()
@@ -877,18 +954,41 @@ pub async fn run_controller(
     .touched_objects();
     let (wake_tx, wake_rx) = futures::channel::mpsc::unbounded();
     *ctx.wake.lock().expect("not poisoned") = Some(wake_tx);
+    let (secret_reader, secret_writer) = reflector::store();
+    let (hpa_reader, hpa_writer) = reflector::store();
+    // Autoscalers: only a spec change (generation) maps to the EventConsumer of the same
+    // name as the Deployment they target; their status updates do not.
+    let autoscalers = watcher(
+        scope.api::<HorizontalPodAutoscaler>(&client),
+        watcher::Config::default().any_semantic(),
+    )
+    .default_backoff()
+    .modify(|h| h.managed_fields_mut().clear())
+    .reflect(hpa_writer)
+    .touched_objects()
+    .predicate_filter(predicates::generation, Default::default());
     *ctx.caches.lock().expect("not poisoned") = Some(Caches {
         deployments: dep_reader,
         config_maps: cm_reader,
         pdbs: pdb_reader,
+        secrets: secret_reader,
+        autoscalers: hpa_reader,
     });
     let secrets = watcher(
         scope.api::<PartialObjectMeta<Secret>>(&client),
         watcher::Config::default().any_semantic(),
     )
     .default_backoff()
+    // Only name, resourceVersion and owners are used: the rest (annotations may hold a
+    // kubectl last-applied copy of the data) is not kept.
+    .modify(|m| {
+        m.managed_fields_mut().clear();
+        m.annotations_mut().clear();
+        m.labels_mut().clear();
+    })
+    .reflect(secret_writer)
     .touched_objects();
-    let store = reader.clone();
+    let index = ctx.secret_index.clone();
     // The lag collector: beside the controller, on the same cache, stopped with it.
     let collector_stop = tokio_util::sync::CancellationToken::new();
     let collector = tokio::spawn(
@@ -906,6 +1006,10 @@ pub async fn run_controller(
         .owns_stream(config_maps)
         .owns_stream(pdbs)
         .reconcile_on(wake_rx)
+        .watches_stream(autoscalers, |h| {
+            let ns = h.namespace().unwrap_or_default();
+            autoscaler::target_deployment(&h).map(|d| ObjectRef::new(d).within(&ns))
+        })
         .watches_stream(secrets, move |s| {
             let ns = s.namespace().unwrap_or_default();
             let owner = s
@@ -913,7 +1017,7 @@ pub async fn run_controller(
                 .iter()
                 .find(|o| o.kind == "EventConsumer" && o.controller == Some(true))
                 .map(|o| o.name.clone());
-            secret_to_consumers(&store, &ns, &s.name_any(), owner.as_deref())
+            secret_to_consumers(&index, &ns, &s.name_any(), owner.as_deref())
         })
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx.clone())
@@ -988,13 +1092,13 @@ mod tests {
 
     #[test]
     fn secrets_map_to_referencing_consumers_and_their_owner() {
-        let (reader, mut writer) = reflector::store::<Guarded>();
+        let reader = SecretIndex::default();
         for g in [
             guard("a", "one", Some("creds")),
             guard("a", "two", None),
             guard("b", "three", Some("creds")),
         ] {
-            writer.apply_watcher_event(&watcher::Event::Apply((*g).clone()));
+            reader.apply(&watcher::Event::Apply((*g).clone()));
         }
         let bad: Guarded = serde_json::from_value(json!({
             "apiVersion": "sluice.dev/v1alpha1", "kind": "EventConsumer",
@@ -1005,7 +1109,7 @@ mod tests {
             bad.0.is_err(),
             "a malformed object is kept as an error, not a broken watch"
         );
-        writer.apply_watcher_event(&watcher::Event::Apply(bad));
+        reader.apply(&watcher::Event::Apply(bad));
         let names = |v: Vec<ObjectRef<Guarded>>| {
             let mut v: Vec<String> = v
                 .into_iter()
