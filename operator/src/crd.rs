@@ -596,6 +596,20 @@ pub struct EventConsumerStatus {
     /// The consumer settings and pod timing Sluice derived from the spec.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub effective: Option<Tuning>,
+
+    /// The sidecar image every pod runs: the Deployment's, recorded once its rollout is
+    /// complete (during a rollout the previous value stays). Unset until the first rollout
+    /// completes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sidecar_image: Option<String>,
+
+    /// Set while an operator-side change of the pods (a new sidecar image after an operator
+    /// upgrade) waits for its turn: the operator rolls at most `--max-sidecar-rollouts`
+    /// EventConsumers at a time for its own changes (the Progressing condition then has reason
+    /// `SidecarUpdateQueued`). The sidecar image the pods will run. A change of the spec rolls
+    /// at once and takes the new sidecar with it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending_sidecar_image: Option<String>,
 }
 
 impl KafkaSpec {

@@ -1,6 +1,7 @@
 //! The Sluice operator: the `EventConsumer` resource, the rules that turn it into Kafka and
 //! pod settings, and (next) the reconciler.
 
+pub mod autoscaler;
 pub mod build;
 pub mod catalogue;
 pub mod collector;
@@ -11,8 +12,10 @@ pub mod generate;
 pub mod lag;
 pub mod leader;
 pub mod metrics;
+pub mod pacing;
 pub mod reconcile;
 pub mod run;
+pub mod secret_index;
 pub mod secrets;
 pub mod status;
 pub mod tuning;

@@ -51,6 +51,10 @@ pub struct Metrics {
     pub status_writes: Counter,
     /// Server-side applies skipped because the desired object had not changed.
     pub applies_skipped: Counter,
+    /// Deployments rolling for an operator-side change (a new sidecar image) now.
+    pub sidecar_rollouts: Gauge,
+    /// EventConsumers whose operator-side change waits for a turn.
+    pub sidecar_rollouts_waiting: Gauge,
     /// Set once the replica has reached the API server (leader or follower).
     ready: AtomicBool,
 }
@@ -138,8 +142,22 @@ impl Metrics {
             "Server-side applies skipped because the desired object had not changed",
             applies_skipped.clone(),
         );
+        let sidecar_rollouts = Gauge::default();
+        let sidecar_rollouts_waiting = Gauge::default();
+        registry.register(
+            "sidecar_rollouts",
+            "Deployments rolling for an operator-side change (a new sidecar image) now",
+            sidecar_rollouts.clone(),
+        );
+        registry.register(
+            "sidecar_rollouts_waiting",
+            "EventConsumers whose operator-side change (a new sidecar image) waits for a turn (--max-sidecar-rollouts)",
+            sidecar_rollouts_waiting.clone(),
+        );
         Metrics {
             registry,
+            sidecar_rollouts,
+            sidecar_rollouts_waiting,
             consumer_lag,
             consumer_lag_stale,
             lag_clients,

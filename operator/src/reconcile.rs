@@ -13,9 +13,10 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
 use futures::channel::mpsc::{UnboundedReceiver, UnboundedSender};
+use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::{ConfigMap, ObjectReference, Pod, Secret};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -31,6 +32,7 @@ use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::json;
 use tracing::{debug, info, instrument, warn};
 
+use crate::autoscaler;
 use crate::build::SecretData;
 use crate::build::{
     self, CONFIG_HASH_ANNOTATION, FIELD_MANAGER, Input, MANAGED_BY_LABEL, MANAGED_BY_VALUE,
@@ -41,7 +43,12 @@ use crate::crd::{EventConsumer, EventConsumerStatus};
 use crate::error::Error;
 use crate::lag::{self, LagSettings};
 use crate::metrics::Metrics;
-use crate::secrets;
+use crate::pacing::{
+    self, DEFAULT_MAX_SIDECAR_ROLLOUTS, INPUT_HASH_ANNOTATION, Pacer, Pending, Plan,
+    ROLLOUT_CAUSE_ANNOTATION, Seen, TEMPLATE_HASH_ANNOTATION, Turn,
+};
+use crate::secret_index::SecretIndex;
+use crate::secrets::{self, SecretCache, SecretReader};
 use crate::status::{self, Observed, Outcome};
 
 /// The watched primary object: an EventConsumer, or the error that kept it from parsing.
@@ -52,6 +59,9 @@ pub const RESYNC: Duration = Duration::from_secs(30 * 60);
 /// Bounds of the per-object retry backoff after transient errors.
 pub const BACKOFF_MIN: Duration = Duration::from_secs(1);
 pub const BACKOFF_MAX: Duration = Duration::from_secs(300);
+/// Safety-net resync of an EventConsumer waiting for a rollout turn (it is woken when one
+/// frees up).
+pub const WAITING_RESYNC: Duration = Duration::from_secs(60);
 
 /// What every reconcile shares.
 pub struct Context {
@@ -70,7 +80,20 @@ pub struct Context {
     /// What this replica last applied, per owned object: (desired hash, the object's
     /// generation — resourceVersion for a ConfigMap — right after the apply).
     applied: Mutex<HashMap<AppliedKey, (String, Option<String>)>>,
+    /// (namespace, Secret) → the EventConsumers referencing it, kept from the watch.
+    pub secret_index: Arc<SecretIndex>,
+    /// The Secrets read, per resourceVersion (read again only when they change).
+    pub secret_cache: SecretCache,
+    /// Autoscalers already warned about (aimed at a Deployment instead of its EventConsumer).
+    autoscalers_warned: autoscaler::Warned,
+    /// Turns of operator-side rollouts (`--max-sidecar-rollouts`).
+    pub pacer: Pacer,
+    /// Wakes EventConsumers waiting for a turn (set while the controller runs).
+    wake: Mutex<Option<Waker>>,
 }
+
+/// Sends EventConsumers to reconcile (those whose rollout turn has come).
+type Waker = futures::channel::mpsc::UnboundedSender<ObjectRef<Guarded>>;
 
 /// (kind, namespace, name) of an owned object.
 type AppliedKey = (&'static str, String, String);
@@ -83,6 +106,10 @@ pub struct Caches {
     pub pdbs: Store<PartialObjectMeta<PodDisruptionBudget>>,
     /// The pods of EventConsumers, trimmed to what `status::pods` reads.
     pub pods: Store<Pod>,
+    /// Secrets' metadata: says whether a cached Secret read is current.
+    pub secrets: Store<PartialObjectMeta<Secret>>,
+    /// HorizontalPodAutoscalers (to warn about those aimed at an owned Deployment).
+    pub autoscalers: Store<HorizontalPodAutoscaler>,
 }
 
 /// Annotation on every owned object: the digest of the desired object the operator applied.
@@ -140,6 +167,40 @@ impl Context {
             targets: Arc::new(Targets::default()),
             caches: Mutex::new(None),
             applied: Mutex::new(HashMap::new()),
+            secret_index: Arc::new(SecretIndex::default()),
+            secret_cache: SecretCache::default(),
+            autoscalers_warned: autoscaler::Warned::default(),
+            pacer: Pacer::new(DEFAULT_MAX_SIDECAR_ROLLOUTS),
+            wake: Mutex::new(None),
+        }
+    }
+
+    /// Replaces the default `--max-sidecar-rollouts`.
+    pub fn with_max_sidecar_rollouts(mut self, max: u32) -> Context {
+        self.pacer = Pacer::new(max);
+        self
+    }
+
+    /// The cached Deployments as the pacer sees them.
+    fn seen_deployments(&self) -> Vec<Seen> {
+        self.caches()
+            .map(|c| c.deployments.state().iter().map(|d| Seen::of(d)).collect())
+            .unwrap_or_default()
+    }
+
+    /// Reconciles the EventConsumers whose turn has come, and updates the rollout gauges.
+    fn wake_waiters(&self) {
+        if !self.pacer.has_waiters() && self.metrics.sidecar_rollouts.get() == 0 {
+            self.metrics.sidecar_rollouts_waiting.set(0);
+            return;
+        }
+        let (wake, held, waiting) = self.pacer.wake(&self.seen_deployments());
+        self.metrics.sidecar_rollouts.set(held as i64);
+        self.metrics.sidecar_rollouts_waiting.set(waiting as i64);
+        if let Some(tx) = self.wake.lock().expect("not poisoned").as_ref() {
+            for (ns, name) in wake {
+                let _ = tx.unbounded_send(ObjectRef::new(&name).within(&ns));
+            }
         }
     }
 
@@ -195,6 +256,9 @@ impl Context {
             .expect("not poisoned")
             .remove(&(ns.to_owned(), name.to_owned()));
         self.targets.remove(&(ns.to_owned(), name.to_owned()));
+        self.pacer.forget(&(ns.to_owned(), name.to_owned()));
+        self.secret_cache
+            .remove(ns, &crate::build::drain_secret_name(name));
     }
 
     /// Registers (or, when lag is off or the credentials are unusable, drops) what the lag
@@ -331,11 +395,18 @@ async fn reconcile_valid(ec: &EventConsumer, ctx: &Context) -> Result<Action, Er
         return Ok(Action::await_change());
     }
     let secrets_api: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
+    let caches = ctx.caches();
+    let reader = SecretReader {
+        api: &secrets_api,
+        namespace: &ns,
+        meta: caches.as_ref().map(|c| &c.secrets),
+        cache: &ctx.secret_cache,
+    };
 
     // Fetch the referenced Secrets, then validate (pure; the token plays no part in it)
     // before the drain-token Secret is created, so an invalid spec writes nothing but its
     // status.
-    let secret_data = secrets::fetch_referenced(&secrets_api, &ns, &ec.spec).await?;
+    let secret_data = secrets::fetch_referenced(&reader, &ns, &ec.spec).await?;
     let mut input = Input {
         name: &name,
         namespace: &ns,
@@ -346,17 +417,76 @@ async fn reconcile_valid(ec: &EventConsumer, ctx: &Context) -> Result<Action, Er
         defaults: &ctx.defaults,
     };
     build::validate(&input)?;
-    let token = secrets::ensure_drain_token(&secrets_api, &ns, &name, &uid).await?;
+    let token = secrets::ensure_drain_token(&reader, &ns, &name, &uid).await?;
 
     // Build (pure).
     input.drain_token = &token;
     let desired = build::build(&input)?;
 
+    // Pacing: a template change the user did not make waits for a turn (see
+    // `crate::pacing`); while it waits, neither the ConfigMap nor the Deployment is applied,
+    // so the running pods keep the configuration that matches their sidecar.
+    let mut desired = desired;
+    let cached_deployment = caches
+        .as_ref()
+        .and_then(|c| c.deployments.get(&ObjectRef::new(&name).within(&ns)));
+    let key = (ns.clone(), name.clone());
+    let template_hash = pacing::template_hash(
+        &desired
+            .deployment
+            .spec
+            .as_ref()
+            .expect("a built Deployment has a spec")
+            .template,
+    );
+    let spec_applied =
+        ec.status.as_ref().and_then(|s| s.observed_generation) == ec.meta().generation;
+    let plan = pacing::plan(
+        cached_deployment
+            .as_deref()
+            .map(pacing::Running::of)
+            .as_ref(),
+        &template_hash,
+        &pacing::input_hash(&ec.spec, &secret_data),
+        spec_applied,
+    );
+    let pending = match plan {
+        Plan::Roll {
+            needs_turn: true, ..
+        } => match ctx
+            .pacer
+            .acquire(&key, &template_hash, &ctx.seen_deployments())
+        {
+            Turn::Granted => None,
+            Turn::Wait { rolling } => Some(Pending {
+                image: desired
+                    .deployment
+                    .spec
+                    .as_ref()
+                    .and_then(|s| pacing::sidecar_image(&s.template)),
+                rolling,
+                max: ctx.pacer.max(),
+            }),
+        },
+        _ => {
+            ctx.pacer.not_waiting(&key);
+            None
+        }
+    };
+    let annotations = desired.deployment.annotations_mut();
+    annotations.insert(TEMPLATE_HASH_ANNOTATION.into(), template_hash);
+    annotations.insert(
+        INPUT_HASH_ANNOTATION.into(),
+        pacing::input_hash(&ec.spec, &secret_data),
+    );
+    annotations.insert(
+        ROLLOUT_CAUSE_ANNOTATION.into(),
+        plan.cause().as_str().into(),
+    );
+
     // Apply: the ConfigMap before the Deployment whose pods mount it. Each apply is skipped
     // when the cached object already carries the desired state (same desired-hash
     // annotation, and not changed by anyone since this replica applied it).
-    let mut desired = desired;
-    let caches = ctx.caches();
     let pp = PatchParams::apply(FIELD_MANAGER).force();
     let cm_name = config_map_name(&name);
     let cm_hash = stamp(&mut desired.config_map);
@@ -364,13 +494,15 @@ async fn reconcile_valid(ec: &EventConsumer, ctx: &Context) -> Result<Action, Er
         .as_ref()
         .and_then(|c| c.config_maps.get(&ObjectRef::new(&cm_name).within(&ns)));
     let cm_key = ("ConfigMap", ns.clone(), cm_name.clone());
-    if ctx.unchanged(
-        &cm_key,
-        &cm_hash,
-        cached_cm
-            .as_deref()
-            .map(|m| (&m.metadata, m.metadata.resource_version.clone())),
-    ) {
+    if pending.is_some()
+        || ctx.unchanged(
+            &cm_key,
+            &cm_hash,
+            cached_cm
+                .as_deref()
+                .map(|m| (&m.metadata, m.metadata.resource_version.clone())),
+        )
+    {
         ctx.metrics.applies_skipped.inc();
     } else {
         let applied = Api::<ConfigMap>::namespaced(ctx.client.clone(), &ns)
@@ -383,9 +515,6 @@ async fn reconcile_valid(ec: &EventConsumer, ctx: &Context) -> Result<Action, Er
             })?;
         ctx.record(cm_key, &cm_hash, applied.metadata.resource_version.clone());
     }
-    let cached_deployment = caches
-        .as_ref()
-        .and_then(|c| c.deployments.get(&ObjectRef::new(&name).within(&ns)));
     let previous_hash = cached_deployment.as_ref().and_then(|d| {
         d.metadata
             .annotations
@@ -395,6 +524,29 @@ async fn reconcile_valid(ec: &EventConsumer, ctx: &Context) -> Result<Action, Er
     let dep_hash = stamp(&mut desired.deployment);
     let dep_key = ("Deployment", ns.clone(), name.clone());
     let deployment: Deployment = match cached_deployment {
+        Some(d) if pending.is_some() => {
+            // The template waits; a scale (by hand or by an autoscaler) does not.
+            if d.spec.as_ref().and_then(|s| s.replicas) != Some(ec.spec.replicas) {
+                Api::<Deployment>::namespaced(ctx.client.clone(), &ns)
+                    .patch(
+                        &name,
+                        &PatchParams {
+                            field_manager: Some(FIELD_MANAGER.into()),
+                            ..Default::default()
+                        },
+                        &Patch::Merge(json!({"spec": {"replicas": ec.spec.replicas}})),
+                    )
+                    .await
+                    .map_err(|source| Error::ApplyDeployment {
+                        namespace: ns.clone(),
+                        name: name.clone(),
+                        source,
+                    })?
+            } else {
+                ctx.metrics.applies_skipped.inc();
+                (*d).clone()
+            }
+        }
         Some(d)
             if ctx.unchanged(
                 &dep_key,
@@ -409,10 +561,13 @@ async fn reconcile_valid(ec: &EventConsumer, ctx: &Context) -> Result<Action, Er
             let applied = Api::<Deployment>::namespaced(ctx.client.clone(), &ns)
                 .patch(&name, &pp, &Patch::Apply(&desired.deployment))
                 .await
-                .map_err(|source| Error::ApplyDeployment {
-                    namespace: ns.clone(),
-                    name: name.clone(),
-                    source,
+                .map_err(|source| {
+                    ctx.pacer.release(&key);
+                    Error::ApplyDeployment {
+                        namespace: ns.clone(),
+                        name: name.clone(),
+                        source,
+                    }
                 })?;
             ctx.record(
                 dep_key,
@@ -451,7 +606,8 @@ async fn reconcile_valid(ec: &EventConsumer, ctx: &Context) -> Result<Action, Er
         );
     }
     debug!(hash = %desired.config_hash, "applied");
-    if let Some(previous) = previous_hash.filter(|p| *p != desired.config_hash) {
+    if let Some(previous) = previous_hash.filter(|p| pending.is_none() && *p != desired.config_hash)
+    {
         let note = format!(
             "the sidecar configuration or a referenced Secret changed (config hash {} -> {}); replacing the pods one at a time, each draining first",
             short(&previous),
@@ -484,12 +640,51 @@ async fn reconcile_valid(ec: &EventConsumer, ctx: &Context) -> Result<Action, Er
         &Outcome::Applied {
             tuning: desired.tuning,
         },
+        pending.as_ref(),
         ctx,
     )
     .await?;
+    ctx.wake_waiters();
+    warn_autoscalers(ec, ctx).await;
+    if pending.is_some() {
+        // Woken when a turn frees up; this is the safety net.
+        return Ok(Action::requeue(WAITING_RESYNC));
+    }
     Ok(Action::requeue(
         recheck.map_or_else(resync_after, |r| r.min(RESYNC)),
     ))
+}
+
+/// A Warning event on the EventConsumer for each autoscaler aimed at its Deployment (once per
+/// autoscaler and generation).
+async fn warn_autoscalers(ec: &EventConsumer, ctx: &Context) {
+    let Some(caches) = ctx.caches() else {
+        return;
+    };
+    let ns = ec.namespace().unwrap_or_default();
+    let name = ec.name_any();
+    let aimed: Vec<_> = caches
+        .autoscalers
+        .state()
+        .into_iter()
+        .filter(|h| {
+            h.namespace().as_deref() == Some(ns.as_str())
+                && autoscaler::target_deployment(h) == Some(name.as_str())
+        })
+        .collect();
+    for hpa in aimed {
+        if ctx.autoscalers_warned.first(&hpa) {
+            warn!(autoscaler = %hpa.name_any(), "a HorizontalPodAutoscaler targets the Deployment instead of the EventConsumer");
+            ctx.publish(
+                &ec.object_ref(&()),
+                EventType::Warning,
+                autoscaler::REASON,
+                "Reconcile",
+                autoscaler::message(&hpa.name_any(), &name),
+            )
+            .await;
+        }
+    }
 }
 
 fn short(hash: &str) -> &str {
@@ -509,11 +704,13 @@ async fn write_status(
     ec: &EventConsumer,
     seen: &Observed<'_>,
     outcome: &Outcome,
+    pending: Option<&Pending>,
     ctx: &Context,
 ) -> Result<Option<Duration>, Error> {
     let old = ec.status.as_ref();
     let now = Time(Timestamp::now());
     let mut new = status::compute(old, seen, outcome, &now);
+    pacing::sidecar_status(&mut new, seen.deployment, pending);
     new.topics = Some(status::topics_column(&ec.spec.kafka.topics));
     let pods = pod_summary(ctx, seen, now.0);
     if let Some(problem) = &pods.problem {
@@ -641,7 +838,9 @@ async fn report_blocked(obj: &Guarded, error: &Error, ctx: &Context) -> Result<(
             // Not measured while the spec cannot be realised.
             ctx.targets
                 .remove(&(ec.namespace().unwrap_or_default(), ec.name_any()));
-            write_status(ec, &seen, &outcome, ctx).await.map(|_| ())
+            write_status(ec, &seen, &outcome, None, ctx)
+                .await
+                .map(|_| ())
         }
         Err(invalid) => {
             // The object does not parse, so neither does its status: write the Degraded
@@ -715,22 +914,18 @@ impl WatchScope {
 }
 
 /// The Secret → EventConsumer mapping: the owner of a drain-token Secret, and every
-/// EventConsumer in the Secret's namespace that references it (so a rotation rolls its pods).
+/// EventConsumer in the Secret's namespace that references it (so a rotation rolls its pods),
+/// looked up in the index rather than by scanning every EventConsumer.
 pub fn secret_to_consumers(
-    store: &Store<Guarded>,
+    index: &SecretIndex,
     namespace: &str,
     name: &str,
     owner: Option<&str>,
 ) -> Vec<ObjectRef<Guarded>> {
-    let mut out: Vec<ObjectRef<Guarded>> = store
-        .state()
+    let mut out: Vec<ObjectRef<Guarded>> = index
+        .consumers(namespace, name)
         .iter()
-        .filter(|g| g.namespace().as_deref() == Some(namespace))
-        .filter(|g| match &g.0 {
-            Ok(ec) => secrets::referenced_names(&ec.spec).contains(name),
-            Err(_) => false,
-        })
-        .map(|g| ObjectRef::new(&g.name_any()).within(namespace))
+        .map(|n| ObjectRef::new(n).within(namespace))
         .collect();
     if let Some(owner) = owner {
         let r = ObjectRef::new(owner).within(namespace);
@@ -820,19 +1015,24 @@ pub struct Watches {
     pdb_tap: Tap<PartialObjectMeta<PodDisruptionBudget>>,
     pod_tap: Tap<Pod>,
     secret_tap: Tap<PartialObjectMeta<Secret>>,
+    autoscaler_tap: Tap<HorizontalPodAutoscaler>,
+    /// (namespace, Secret) → the EventConsumers referencing it, kept from the watch.
+    secret_index: Arc<SecretIndex>,
     _tasks: Vec<AbortOnDrop>,
 }
 
 impl Watches {
     /// Starts the watches (they list, then watch, in the background).
-    pub fn start(client: &Client, scope: &WatchScope) -> Watches {
+    pub fn start(client: &Client, scope: &WatchScope, secret_index: Arc<SecretIndex>) -> Watches {
         let ecs: Api<Guarded> = scope.api(client);
         let (reader, writer) = reflector::store();
         let ec_tap = Tap::new();
+        let index = secret_index.clone();
         let primary = watcher(ecs, watcher::Config::default().any_semantic())
             .default_backoff()
             .modify(|g| g.managed_fields_mut().clear())
             .reflect(writer)
+            .inspect_ok(move |event| index.apply(event))
             .applied_objects()
             .predicate_filter(predicates::generation, Default::default());
         let owned = watcher::Config::default()
@@ -884,12 +1084,34 @@ impl Watches {
         .touched_objects()
         .predicate_filter(status::pods::signature, Default::default());
         let secret_tap = Tap::new();
+        let (secret_reader, secret_writer) = reflector::store();
         let secrets = watcher(
             scope.api::<PartialObjectMeta<Secret>>(client),
             watcher::Config::default().any_semantic(),
         )
         .default_backoff()
+        // Only name, resourceVersion and owners are used: the rest (annotations may hold a
+        // kubectl last-applied copy of the data) is not kept.
+        .modify(|m| {
+            m.managed_fields_mut().clear();
+            m.annotations_mut().clear();
+            m.labels_mut().clear();
+        })
+        .reflect(secret_writer)
         .touched_objects();
+        // Autoscalers: only a spec change (generation) maps to the EventConsumer of the same
+        // name as the Deployment they target; their status updates do not.
+        let autoscaler_tap = Tap::new();
+        let (hpa_reader, hpa_writer) = reflector::store();
+        let autoscalers = watcher(
+            scope.api::<HorizontalPodAutoscaler>(client),
+            watcher::Config::default().any_semantic(),
+        )
+        .default_backoff()
+        .modify(|h| h.managed_fields_mut().clear())
+        .reflect(hpa_writer)
+        .touched_objects()
+        .predicate_filter(predicates::generation, Default::default());
         let tasks = vec![
             drive("EventConsumer", primary, ec_tap.clone()),
             drive("Deployment", deployments, deployment_tap.clone()),
@@ -897,6 +1119,11 @@ impl Watches {
             drive("PodDisruptionBudget", pdbs, pdb_tap.clone()),
             drive("Pod", pods, pod_tap.clone()),
             drive("Secret", secrets, secret_tap.clone()),
+            drive(
+                "HorizontalPodAutoscaler",
+                autoscalers,
+                autoscaler_tap.clone(),
+            ),
         ];
         Watches {
             ecs: reader,
@@ -905,6 +1132,8 @@ impl Watches {
                 config_maps: cm_reader,
                 pdbs: pdb_reader,
                 pods: pod_reader,
+                secrets: secret_reader,
+                autoscalers: hpa_reader,
             },
             ec_tap,
             deployment_tap,
@@ -912,6 +1141,8 @@ impl Watches {
             pdb_tap,
             pod_tap,
             secret_tap,
+            autoscaler_tap,
+            secret_index,
             _tasks: tasks,
         }
     }
@@ -941,6 +1172,9 @@ pub async fn run_controller(
     let pdb_events = watches.pdb_tap.subscribe();
     let pod_events = watches.pod_tap.subscribe();
     let secret_events = watches.secret_tap.subscribe();
+    let autoscaler_events = watches.autoscaler_tap.subscribe();
+    let (wake_tx, wake_rx) = futures::channel::mpsc::unbounded();
+    *ctx.wake.lock().expect("not poisoned") = Some(wake_tx);
     let caches = watches.caches.clone();
     let ready_ecs = reader.clone();
     let catch_up = futures::stream::once(async move {
@@ -950,7 +1184,7 @@ pub async fn run_controller(
         let _ = caches.pdbs.wait_until_ready().await;
         let _ = caches.pods.wait_until_ready().await;
     });
-    let store = reader.clone();
+    let index = watches.secret_index.clone();
     // The lag collector: beside the controller, on the same cache, stopped with it.
     let collector_stop = tokio_util::sync::CancellationToken::new();
     let mut collector = AbortOnDrop(tokio::spawn(
@@ -967,9 +1201,14 @@ pub async fn run_controller(
         .owns_shared_stream(deployment_events)
         .owns_shared_stream(config_map_events)
         .owns_shared_stream(pdb_events)
+        .reconcile_on(wake_rx)
         .watches_shared_stream(pod_events, |p| {
             let ns = p.namespace()?;
             status::pods::owner(&p).map(|ec| ObjectRef::new(ec).within(&ns))
+        })
+        .watches_shared_stream(autoscaler_events, |h| {
+            let ns = h.namespace().unwrap_or_default();
+            autoscaler::target_deployment(&h).map(|d| ObjectRef::new(d).within(&ns))
         })
         .watches_shared_stream(secret_events, move |s| {
             let ns = s.namespace().unwrap_or_default();
@@ -978,7 +1217,7 @@ pub async fn run_controller(
                 .iter()
                 .find(|o| o.kind == "EventConsumer" && o.controller == Some(true))
                 .map(|o| o.name.clone());
-            secret_to_consumers(&store, &ns, &s.name_any(), owner.as_deref())
+            secret_to_consumers(&index, &ns, &s.name_any(), owner.as_deref())
         })
         .reconcile_all_on(catch_up)
         .graceful_shutdown_on(shutdown)
@@ -992,6 +1231,7 @@ pub async fn run_controller(
         .await;
     collector_stop.cancel();
     let _ = (&mut collector.0).await;
+    *ctx.wake.lock().expect("not poisoned") = None;
 }
 
 #[cfg(test)]
@@ -1052,13 +1292,13 @@ mod tests {
 
     #[test]
     fn secrets_map_to_referencing_consumers_and_their_owner() {
-        let (reader, mut writer) = reflector::store::<Guarded>();
+        let reader = SecretIndex::default();
         for g in [
             guard("a", "one", Some("creds")),
             guard("a", "two", None),
             guard("b", "three", Some("creds")),
         ] {
-            writer.apply_watcher_event(&watcher::Event::Apply((*g).clone()));
+            reader.apply(&watcher::Event::Apply((*g).clone()));
         }
         let bad: Guarded = serde_json::from_value(json!({
             "apiVersion": "sluice.dev/v1alpha1", "kind": "EventConsumer",
@@ -1069,7 +1309,7 @@ mod tests {
             bad.0.is_err(),
             "a malformed object is kept as an error, not a broken watch"
         );
-        writer.apply_watcher_event(&watcher::Event::Apply(bad));
+        reader.apply(&watcher::Event::Apply(bad));
         let names = |v: Vec<ObjectRef<Guarded>>| {
             let mut v: Vec<String> = v
                 .into_iter()

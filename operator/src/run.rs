@@ -34,6 +34,13 @@ pub struct RunArgs {
     #[arg(long, env = "SLUICE_SIDECAR_MODE", value_enum, default_value_t = SidecarMode::Native)]
     pub sidecar_mode: SidecarMode,
 
+    /// EventConsumers whose pods roll at the same time for a change the operator makes on its
+    /// own (a new sidecar image or sidecar mode after an operator upgrade); the others wait
+    /// for a turn, which ends when a rollout completes. A change of an EventConsumer's spec
+    /// or Secrets is not paced.
+    #[arg(long, env = "SLUICE_MAX_SIDECAR_ROLLOUTS", default_value_t = crate::pacing::DEFAULT_MAX_SIDECAR_ROLLOUTS, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub max_sidecar_rollouts: u32,
+
     /// Watch only this namespace (default: all namespaces).
     #[arg(long, env = "SLUICE_WATCH_NAMESPACE")]
     pub watch_namespace: Option<String>,
@@ -107,6 +114,8 @@ pub struct Settings {
     pub scope: WatchScope,
     pub concurrency: u16,
     pub lease: LeaseSettings,
+    /// `--max-sidecar-rollouts`.
+    pub max_sidecar_rollouts: u32,
 }
 
 impl RunArgs {
@@ -149,6 +158,7 @@ impl RunArgs {
             },
             concurrency: self.concurrency,
             lease,
+            max_sidecar_rollouts: self.max_sidecar_rollouts,
         })
     }
 }
@@ -315,7 +325,6 @@ pub async fn run_operator(
     shutdown: CancellationToken,
 ) {
     let elector = Elector::new(clients.lease.clone(), settings.lease.clone());
-    let watches = Watches::start(&clients.controller, &settings.scope);
     let ctx = Arc::new(
         Context::new(
             clients.controller.clone(),
@@ -323,7 +332,13 @@ pub async fn run_operator(
             metrics.clone(),
             &settings.lease.identity,
         )
-        .with_lag(lag),
+        .with_lag(lag)
+        .with_max_sidecar_rollouts(settings.max_sidecar_rollouts),
+    );
+    let watches = Watches::start(
+        &clients.controller,
+        &settings.scope,
+        ctx.secret_index.clone(),
     );
     loop {
         let contact = || metrics.set_ready();
@@ -390,6 +405,7 @@ mod tests {
         assert_eq!(s.lease.renew_deadline, Duration::from_secs(10));
         assert_eq!(s.lease.retry_period, Duration::from_secs(2));
         assert_eq!(s.lease.graceful_stop, Duration::from_secs(4));
+        assert_eq!(s.max_sidecar_rollouts, 10);
         let a = args(&["--identity", "pod-1"]);
         assert_eq!(a.lag_settings().unwrap(), LagSettings::default());
     }
@@ -456,6 +472,23 @@ mod tests {
             .settings("d")
             .unwrap_err();
         assert!(e.to_string().contains("--sidecar-image"), "{e}");
+        let s = args(&["--max-sidecar-rollouts", "3", "--identity", "a"])
+            .settings("d")
+            .unwrap();
+        assert_eq!(s.max_sidecar_rollouts, 3);
+    }
+
+    #[test]
+    fn zero_sidecar_rollouts_is_refused() {
+        #[derive(clap::Parser)]
+        struct T {
+            #[command(flatten)]
+            run: RunArgs,
+        }
+        let e = <T as clap::Parser>::try_parse_from(["t", "--max-sidecar-rollouts", "0"])
+            .err()
+            .expect("0 is refused");
+        assert!(e.to_string().contains("--max-sidecar-rollouts"), "{e}");
     }
 }
 

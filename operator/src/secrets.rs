@@ -9,13 +9,16 @@
 //! (`drain.tokenFile`), never through the ConfigMap; the kubelet can only send a literal
 //! header, so it also appears in the preStop hook of the pod template.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
 
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use kube::Api;
 use kube::api::{Patch, PatchParams, PostParams};
+use kube::core::PartialObjectMeta;
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::{Api, ResourceExt};
 use rand::Rng;
 
 use crate::build::{
@@ -133,15 +136,118 @@ pub fn extract(
     Ok(out)
 }
 
+/// (namespace, name) → (resourceVersion read at, the Secret).
+type Entries = HashMap<(String, String), (String, Arc<Secret>)>;
+
+/// The Secrets the reconciler has read, each with the resourceVersion it was read at. The
+/// controller's metadata-only Secret watch says which resourceVersion is current, so a
+/// Secret is read (GET) only when it changed since, not on every reconcile; only Secrets an
+/// EventConsumer reads are kept (its references and its drain token), not every Secret of
+/// the cluster.
+#[derive(Debug, Default)]
+pub struct SecretCache {
+    entries: Mutex<Entries>,
+    /// Size after the last sweep of deleted Secrets.
+    swept: Mutex<usize>,
+}
+
+/// Whether a cached read is current: the watch shows the resourceVersion it was read at.
+/// Pure.
+pub fn current(watched: Option<&str>, cached: Option<&str>) -> bool {
+    matches!((watched, cached), (Some(w), Some(c)) if w == c)
+}
+
+impl SecretCache {
+    fn get(&self, namespace: &str, name: &str, watched: Option<&str>) -> Option<Arc<Secret>> {
+        let entries = self.entries.lock().expect("not poisoned");
+        let (rv, secret) = entries.get(&(namespace.to_owned(), name.to_owned()))?;
+        current(watched, Some(rv)).then(|| secret.clone())
+    }
+
+    fn put(
+        &self,
+        namespace: &str,
+        name: &str,
+        secret: Option<&Secret>,
+        meta: Option<&Store<PartialObjectMeta<Secret>>>,
+    ) {
+        let key = (namespace.to_owned(), name.to_owned());
+        let mut entries = self.entries.lock().expect("not poisoned");
+        match secret.and_then(|s| s.resource_version().map(|rv| (rv, s))) {
+            Some((rv, s)) => {
+                let mut s = s.clone();
+                s.metadata.managed_fields = None;
+                entries.insert(key, (rv, Arc::new(s)));
+            }
+            None => {
+                entries.remove(&key);
+            }
+        }
+        // Drop Secrets deleted since (their EventConsumers are gone) whenever the cache has
+        // doubled since the last sweep: bounded by twice what is in use.
+        let mut swept = self.swept.lock().expect("not poisoned");
+        if let Some(meta) = meta
+            && entries.len() > (*swept).max(64) * 2
+        {
+            entries.retain(|(ns, n), _| meta.get(&ObjectRef::new(n).within(ns)).is_some());
+            *swept = entries.len();
+        }
+    }
+
+    /// Forgets a Secret (its EventConsumer was deleted).
+    pub fn remove(&self, namespace: &str, name: &str) {
+        self.entries
+            .lock()
+            .expect("not poisoned")
+            .remove(&(namespace.to_owned(), name.to_owned()));
+    }
+
+    /// Secrets held.
+    pub fn len(&self) -> usize {
+        self.entries.lock().expect("not poisoned").len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Reads the Secrets of one namespace: from the [`SecretCache`] when the watch shows the
+/// cached read is current, else from the API server.
+pub struct SecretReader<'a> {
+    pub api: &'a Api<Secret>,
+    pub namespace: &'a str,
+    /// The metadata-only Secret watch's cache (none outside the controller: always GET).
+    pub meta: Option<&'a Store<PartialObjectMeta<Secret>>>,
+    pub cache: &'a SecretCache,
+}
+
+impl SecretReader<'_> {
+    /// The Secret, or `None` if it does not exist.
+    pub async fn get_opt(&self, name: &str) -> Result<Option<Secret>, kube::Error> {
+        let watched = self.meta.and_then(|m| {
+            m.get(&ObjectRef::new(name).within(self.namespace))
+                .and_then(|s| s.resource_version())
+        });
+        if let Some(s) = self.cache.get(self.namespace, name, watched.as_deref()) {
+            return Ok(Some((*s).clone()));
+        }
+        let secret = self.api.get_opt(name).await?;
+        self.cache
+            .put(self.namespace, name, secret.as_ref(), self.meta);
+        Ok(secret)
+    }
+}
+
 /// Reads every referenced Secret and returns the referenced keys' data.
 pub async fn fetch_referenced(
-    api: &Api<Secret>,
+    reader: &SecretReader<'_>,
     namespace: &str,
     spec: &EventConsumerSpec,
 ) -> Result<BTreeMap<String, SecretData>, Error> {
     let mut out = BTreeMap::new();
     for (name, keys) in referenced(spec) {
-        let secret = api
+        let secret = reader
             .get_opt(&name)
             .await
             .map_err(|source| Error::GetSecret {
@@ -201,11 +307,12 @@ pub fn owned_by(secret: &Secret, uid: &str) -> bool {
 /// replaced if the Secret holds no usable token or belongs to a previous EventConsumer of
 /// the same name (another UID): a recreated EventConsumer never adopts the old token.
 pub async fn ensure_drain_token(
-    api: &Api<Secret>,
+    reader: &SecretReader<'_>,
     namespace: &str,
     ec: &str,
     uid: &str,
 ) -> Result<String, Error> {
+    let api = reader.api;
     let name = drain_secret_name(ec);
     let err = |source| Error::DrainToken {
         namespace: namespace.to_owned(),
@@ -221,7 +328,7 @@ pub async fn ensure_drain_token(
             .and_then(|d| d.get(DRAIN_TOKEN_KEY))
             .and_then(|v| valid_token(&v.0))
     };
-    if let Some(existing) = api.get_opt(&name).await.map_err(err)? {
+    if let Some(existing) = reader.get_opt(&name).await.map_err(err)? {
         if let Some(token) = stored(&existing) {
             return Ok(token);
         }
@@ -265,6 +372,36 @@ pub async fn ensure_drain_token(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cached_read_is_used_only_at_the_resource_version_the_watch_shows() {
+        assert!(current(Some("7"), Some("7")));
+        assert!(!current(Some("8"), Some("7")), "changed since: read again");
+        assert!(
+            !current(None, Some("7")),
+            "not in the watch (yet, or deleted): read"
+        );
+        assert!(!current(Some("7"), None), "never read");
+        assert!(!current(None, None));
+    }
+
+    #[test]
+    fn the_cache_answers_only_for_a_current_read_and_forgets() {
+        let cache = SecretCache::default();
+        let mut s = drain_secret("ns", "ec", "uid", "t");
+        s.metadata.resource_version = Some("7".into());
+        cache.put("ns", "ec-sluice-drain", Some(&s), None);
+        assert_eq!(cache.len(), 1);
+        assert!(cache.get("ns", "ec-sluice-drain", Some("7")).is_some());
+        assert!(cache.get("ns", "ec-sluice-drain", Some("8")).is_none());
+        assert!(cache.get("other", "ec-sluice-drain", Some("7")).is_none());
+        // A read that found nothing drops the entry.
+        cache.put("ns", "ec-sluice-drain", None, None);
+        assert!(cache.is_empty());
+        cache.put("ns", "ec-sluice-drain", Some(&s), None);
+        cache.remove("ns", "ec-sluice-drain");
+        assert!(cache.is_empty());
+    }
 
     fn spec(auth: &str) -> EventConsumerSpec {
         serde_norway::from_str(&format!(

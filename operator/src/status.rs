@@ -186,6 +186,9 @@ pub fn compute(
             Outcome::Applied { tuning } => Some(tuning.clone()),
             Outcome::Blocked { .. } => old.and_then(|s| s.effective.clone()),
         },
+        // Set by the reconciler from the Deployment (`crate::pacing::sidecar_status`).
+        sidecar_image: old.and_then(|s| s.sidecar_image.clone()),
+        pending_sidecar_image: None,
     }
 }
 

@@ -43,6 +43,7 @@ fn start(
         },
         concurrency: 8,
         lease: lease(namespace, "sluice-operator", "op-lag"),
+        max_sidecar_rollouts: 10,
     };
     let lag = LagSettings {
         interval: INTERVAL,

@@ -88,7 +88,19 @@ impl Operator {
         identity: &str,
         defaults: SidecarDefaults,
     ) -> Operator {
+        Self::start_paced(client, namespace, identity, defaults, 10)
+    }
+
+    /// [`Operator::start_with`] with `--max-sidecar-rollouts`.
+    pub fn start_paced(
+        client: &Client,
+        namespace: &str,
+        identity: &str,
+        defaults: SidecarDefaults,
+        max_sidecar_rollouts: u32,
+    ) -> Operator {
         let settings = Settings {
+            max_sidecar_rollouts,
             defaults,
             scope: WatchScope {
                 namespace: Some(namespace.to_owned()),
