@@ -1016,6 +1016,8 @@ pub struct Watches {
     pod_tap: Tap<Pod>,
     secret_tap: Tap<PartialObjectMeta<Secret>>,
     autoscaler_tap: Tap<HorizontalPodAutoscaler>,
+    /// (namespace, name) of every EventConsumer the watch saw deleted.
+    deleted_tap: Tap<(String, String)>,
     /// (namespace, Secret) → the EventConsumers referencing it, kept from the watch.
     secret_index: Arc<SecretIndex>,
     _tasks: Vec<AbortOnDrop>,
@@ -1028,11 +1030,20 @@ impl Watches {
         let (reader, writer) = reflector::store();
         let ec_tap = Tap::new();
         let index = secret_index.clone();
+        let deleted_tap = Tap::new();
+        let deleted = deleted_tap.clone();
         let primary = watcher(ecs, watcher::Config::default().any_semantic())
             .default_backoff()
             .modify(|g| g.managed_fields_mut().clear())
             .reflect(writer)
-            .inspect_ok(move |event| index.apply(event))
+            .inspect_ok(move |event| {
+                index.apply(event);
+                // Without a finalizer a deletion never reaches the reconcile: the leader
+                // forgets the object's per-object records from here.
+                if let watcher::Event::Delete(g) = event {
+                    deleted.send((g.namespace().unwrap_or_default(), g.name_any()));
+                }
+            })
             .applied_objects()
             .predicate_filter(predicates::generation, Default::default());
         let owned = watcher::Config::default()
@@ -1142,6 +1153,7 @@ impl Watches {
             pod_tap,
             secret_tap,
             autoscaler_tap,
+            deleted_tap,
             secret_index,
             _tasks: tasks,
         }
@@ -1185,6 +1197,16 @@ pub async fn run_controller(
         let _ = caches.pods.wait_until_ready().await;
     });
     let index = watches.secret_index.clone();
+    // Deleted EventConsumers: their records (applies, failures, lag target, rollout turn or
+    // place in the queue, cached drain token) are dropped.
+    let forget_ctx = ctx.clone();
+    let _forget = AbortOnDrop(tokio::spawn(watches.deleted_tap.subscribe().for_each(
+        move |key| {
+            forget_ctx.forget(&key.0, &key.1);
+            forget_ctx.wake_waiters();
+            futures::future::ready(())
+        },
+    )));
     // The lag collector: beside the controller, on the same cache, stopped with it.
     let collector_stop = tokio_util::sync::CancellationToken::new();
     let mut collector = AbortOnDrop(tokio::spawn(
