@@ -12,7 +12,6 @@
 
 mod operator_common;
 
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -21,37 +20,12 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::Api;
 use kube::api::ListParams;
-use operator_common::{condition, create_ec, ec_yaml, install_crd, wait_for};
+use operator_common::{
+    condition, create_ec, ec_yaml, env_or, install_crd, operator_binary, wait_for,
+};
 use sluice_operator::crd::EventConsumer;
 use sluice_tests::kafka::Topic;
 use sluice_tests::kube_env::{self, Namespace};
-
-fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    match std::env::var(name) {
-        Ok(v) => v
-            .parse()
-            .unwrap_or_else(|_| panic!("{name}={v:?} is not a valid value")),
-        Err(_) => default,
-    }
-}
-
-fn operator_binary() -> PathBuf {
-    if let Ok(path) = std::env::var("SLUICE_OPERATOR_BIN") {
-        return PathBuf::from(path);
-    }
-    let exe = std::env::current_exe().expect("the test's own path");
-    let bin = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .expect("target/<profile>/deps")
-        .join("sluice-operator");
-    assert!(
-        bin.is_file(),
-        "{} does not exist: build it first with `cargo build -p sluice-operator` (same profile and target dir), or set SLUICE_OPERATOR_BIN",
-        bin.display()
-    );
-    bin
-}
 
 /// (peak, current) resident set size of a process, in KiB, from /proc.
 fn rss_kib(pid: u32) -> (u64, u64) {

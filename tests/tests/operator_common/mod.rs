@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 use std::future::Future;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -219,4 +220,34 @@ pub fn applied_by_the_operator(ec: &EventConsumer) -> bool {
     condition(ec, "Degraded").is_some_and(|(status, reason, _)| {
         status == "False" || sluice_operator::status::pods::REASONS.contains(&reason.as_str())
     })
+}
+
+/// The value of the environment variable `name` parsed, or `default` when it is unset.
+pub fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    match std::env::var(name) {
+        Ok(v) => v
+            .parse()
+            .unwrap_or_else(|_| panic!("{name}={v:?} is not a valid value")),
+        Err(_) => default,
+    }
+}
+
+/// The `sluice-operator` binary beside the test binary (same profile and target folder), or
+/// `SLUICE_OPERATOR_BIN`.
+pub fn operator_binary() -> PathBuf {
+    if let Ok(path) = std::env::var("SLUICE_OPERATOR_BIN") {
+        return PathBuf::from(path);
+    }
+    let exe = std::env::current_exe().expect("the test's own path");
+    let bin = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target/<profile>/deps")
+        .join("sluice-operator");
+    assert!(
+        bin.is_file(),
+        "{} does not exist: build it first with `cargo build -p sluice-operator` (same profile and target dir), or set SLUICE_OPERATOR_BIN",
+        bin.display()
+    );
+    bin
 }
