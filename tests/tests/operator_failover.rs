@@ -24,7 +24,10 @@ use std::time::{Duration, Instant};
 use futures::{StreamExt, stream};
 use kube::Api;
 use kube::api::ListParams;
-use operator_common::{create_ec, ec_yaml, env_or, install_crd, operator_binary, wait_for};
+use operator_common::{
+    OPERATOR_RESOURCES, apiserver_request_counts, create_ec, ec_yaml, env_or, install_crd,
+    operator_binary, spread, wait_for,
+};
 use sluice_operator::crd::EventConsumer;
 use sluice_tests::kube_env::{self, Namespace};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -118,45 +121,15 @@ async fn http_get(port: u16, path: &str) -> Option<String> {
 
 /// Requests the API server counted per (resource, verb) on what the operator touches.
 async fn apiserver_requests(client: &kube::Client) -> BTreeMap<(String, String), f64> {
-    let text = client
-        .request_text(http::Request::get("/metrics").body(Vec::new()).unwrap())
-        .await
-        .expect("the API server's /metrics (the test bed's admin credentials)");
     let mut out = BTreeMap::new();
-    for line in text.lines() {
-        let Some(rest) = line.strip_prefix("apiserver_request_total{") else {
-            continue;
-        };
-        let Some((labels, value)) = rest.rsplit_once("} ") else {
-            continue;
-        };
-        let Ok(v) = value.trim().parse::<f64>() else {
-            continue;
-        };
-        let label = |k: &str| {
-            labels
-                .split(',')
-                .find_map(|kv| kv.strip_prefix(&format!("{k}=\"")))
-                .map(|v| v.trim_end_matches('"').to_owned())
-                .unwrap_or_default()
-        };
-        let resource = label("resource");
-        if [
-            "eventconsumers",
-            "deployments",
-            "configmaps",
-            "secrets",
-            "poddisruptionbudgets",
-            "leases",
-            "events",
-        ]
-        .contains(&resource.as_str())
-        {
-            let mut key = resource;
-            if !label("subresource").is_empty() {
-                key = format!("{key}/{}", label("subresource"));
-            }
-            *out.entry((key, label("verb"))).or_default() += v;
+    for r in apiserver_request_counts(client).await {
+        if OPERATOR_RESOURCES.contains(&r.resource.as_str()) {
+            let key = if r.subresource.is_empty() {
+                r.resource
+            } else {
+                format!("{}/{}", r.resource, r.subresource)
+            };
+            *out.entry((key, r.verb)).or_default() += r.count;
         }
     }
     out
@@ -171,12 +144,6 @@ fn delta(
         .map(|(k, v)| (k.clone(), v - before.get(k).copied().unwrap_or(0.0)))
         .filter(|(_, v)| *v > 0.0)
         .collect()
-}
-
-/// Median, min and max.
-fn spread(mut v: Vec<f64>) -> (f64, f64, f64) {
-    v.sort_by(f64::total_cmp);
-    (v[v.len() / 2], v[0], v[v.len() - 1])
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

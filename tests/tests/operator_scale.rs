@@ -21,7 +21,8 @@ use k8s_openapi::api::core::v1::ConfigMap;
 use kube::Api;
 use kube::api::ListParams;
 use operator_common::{
-    condition, create_ec, ec_yaml, env_or, install_crd, operator_binary, wait_for,
+    OPERATOR_RESOURCES, apiserver_request_counts, condition, create_ec, ec_yaml, env_or,
+    install_crd, operator_binary, spread, wait_for,
 };
 use sluice_operator::crd::EventConsumer;
 use sluice_tests::kafka::Topic;
@@ -56,64 +57,21 @@ impl Drop for Process {
 /// server is shared by every client of the test bed, so these are upper bounds for the
 /// operator's share.
 async fn apiserver_requests(client: &kube::Client) -> (f64, f64, f64) {
-    let text = client
-        .request_text(
-            http::Request::get("/metrics")
-                .body(Vec::new())
-                .expect("a request"),
-        )
-        .await
-        .expect("the API server's /metrics (the test bed's admin credentials)");
-    let mut total = 0.0;
-    let mut ours = 0.0;
-    let mut status = 0.0;
-    for line in text.lines() {
-        let Some(rest) = line.strip_prefix("apiserver_request_total{") else {
-            continue;
-        };
-        let Some((labels, value)) = rest.rsplit_once("} ") else {
-            continue;
-        };
-        let Ok(v) = value.trim().parse::<f64>() else {
-            continue;
-        };
-        total += v;
-        let label = |k: &str| {
-            labels
-                .split(',')
-                .find_map(|kv| kv.strip_prefix(&format!("{k}=\"")))
-                .map(|v| v.trim_end_matches('"').to_owned())
-                .unwrap_or_default()
-        };
-        let resource = label("resource");
-        if [
-            "eventconsumers",
-            "deployments",
-            "configmaps",
-            "secrets",
-            "poddisruptionbudgets",
-            "leases",
-            "events",
-        ]
-        .contains(&resource.as_str())
-        {
-            ours += v;
+    let (mut total, mut ours, mut status) = (0.0, 0.0, 0.0);
+    for r in apiserver_request_counts(client).await {
+        total += r.count;
+        if OPERATOR_RESOURCES.contains(&r.resource.as_str()) {
+            ours += r.count;
         }
-        if resource == "eventconsumers"
-            && label("subresource") == "status"
+        if r.resource == "eventconsumers"
+            && r.subresource == "status"
             // A server-side apply counts as verb APPLY, a merge patch as PATCH.
-            && ["PATCH", "APPLY"].contains(&label("verb").as_str())
+            && ["PATCH", "APPLY"].contains(&r.verb.as_str())
         {
-            status += v;
+            status += r.count;
         }
     }
     (total, ours, status)
-}
-
-/// Median, min and max.
-fn spread(mut v: Vec<f64>) -> (f64, f64, f64) {
-    v.sort_by(|a, b| a.total_cmp(b));
-    (v[v.len() / 2], v[0], v[v.len() - 1])
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

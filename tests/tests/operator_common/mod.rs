@@ -251,3 +251,67 @@ pub fn operator_binary() -> PathBuf {
     );
     bin
 }
+
+/// The resources the operator reads and writes, as the API server's request metrics name them.
+pub const OPERATOR_RESOURCES: [&str; 7] = [
+    "eventconsumers",
+    "deployments",
+    "configmaps",
+    "secrets",
+    "poddisruptionbudgets",
+    "leases",
+    "events",
+];
+
+/// One series of the API server's `apiserver_request_total`.
+pub struct RequestCount {
+    pub resource: String,
+    pub subresource: String,
+    pub verb: String,
+    pub count: f64,
+}
+
+/// Every `apiserver_request_total` series the API server exports now (its own count, read
+/// with the test bed's admin credentials; shared by every client of the test bed).
+pub async fn apiserver_request_counts(client: &kube::Client) -> Vec<RequestCount> {
+    let text = client
+        .request_text(
+            http::Request::get("/metrics")
+                .body(Vec::new())
+                .expect("a request"),
+        )
+        .await
+        .expect("the API server's /metrics (the test bed's admin credentials)");
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix("apiserver_request_total{") else {
+            continue;
+        };
+        let Some((labels, value)) = rest.rsplit_once("} ") else {
+            continue;
+        };
+        let Ok(count) = value.trim().parse::<f64>() else {
+            continue;
+        };
+        let label = |k: &str| {
+            labels
+                .split(',')
+                .find_map(|kv| kv.strip_prefix(&format!("{k}=\"")))
+                .map(|v| v.trim_end_matches('"').to_owned())
+                .unwrap_or_default()
+        };
+        out.push(RequestCount {
+            resource: label("resource"),
+            subresource: label("subresource"),
+            verb: label("verb"),
+            count,
+        });
+    }
+    out
+}
+
+/// Median, min and max.
+pub fn spread(mut v: Vec<f64>) -> (f64, f64, f64) {
+    v.sort_by(f64::total_cmp);
+    (v[v.len() / 2], v[0], v[v.len() - 1])
+}
