@@ -126,6 +126,48 @@ impl Topic {
         producer_at(&self.bootstrap)
     }
 
+    /// Produces `count` records at `rate` per second in the background, keyed `k-<i % 500>`
+    /// with value `value(i)`; the task ends once every record is acknowledged (it panics on
+    /// a failed one).
+    pub fn produce_paced(
+        &self,
+        count: usize,
+        rate: usize,
+        value: impl Fn(usize) -> String + Send + 'static,
+    ) -> tokio::task::JoinHandle<()> {
+        let producer = self.producer();
+        let topic = self.name.clone();
+        tokio::spawn(async move {
+            let started = std::time::Instant::now();
+            let mut pending = Vec::new();
+            for i in 0..count {
+                let due = started + Duration::from_secs_f64(i as f64 / rate as f64);
+                if due > std::time::Instant::now() + Duration::from_millis(20) {
+                    tokio::time::sleep_until(due.into()).await;
+                }
+                let (key, value) = (format!("k-{}", i % 500), value(i));
+                match producer.send_result(FutureRecord::to(&topic).key(&key).payload(&value)) {
+                    Ok(fut) => pending.push(fut),
+                    Err((e, _)) => panic!("enqueueing record {i} for {topic}: {e}"),
+                }
+                if pending.len() >= 5_000 {
+                    for fut in pending.drain(..) {
+                        assert!(
+                            matches!(fut.await, Ok(Ok(_))),
+                            "producing to {topic} failed"
+                        );
+                    }
+                }
+            }
+            for fut in pending {
+                assert!(
+                    matches!(fut.await, Ok(Ok(_))),
+                    "producing to {topic} failed"
+                );
+            }
+        })
+    }
+
     /// Produces `count` records keyed `key-<i % keys>` with value `<i>` (decimal), spread
     /// over partitions by key, and waits for every acknowledgement.
     pub async fn produce_numbered(&self, count: usize, keys: usize) {

@@ -10,7 +10,6 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use rdkafka::producer::FutureRecord;
 use sluice_tests::kafka::{Topic, cluster, group};
 use sluice_tests::testapp::{Reply, Sidecar, TestApp};
 
@@ -42,34 +41,6 @@ fn secured_config(dir: &std::path::Path, topic: &str, group: &str, url: &str) ->
             },
         },
         "delivery": {"url": url},
-    })
-}
-
-/// Produces `count` numbered records at `rate` per second, keyed over 500 keys.
-fn produce(topic: &Topic, count: usize, rate: usize) -> tokio::task::JoinHandle<()> {
-    let producer = topic.producer();
-    let topic = topic.name.clone();
-    tokio::spawn(async move {
-        let started = Instant::now();
-        let mut pending = Vec::new();
-        for i in 0..count {
-            let due = started + Duration::from_secs_f64(i as f64 / rate as f64);
-            if due > Instant::now() + Duration::from_millis(20) {
-                tokio::time::sleep_until(due.into()).await;
-            }
-            let (key, value) = (format!("k-{}", i % 500), i.to_string());
-            pending.push(
-                producer
-                    .send_result(FutureRecord::to(&topic).key(&key).payload(&value))
-                    .unwrap_or_else(|(e, _)| panic!("enqueueing record {i}: {e}")),
-            );
-        }
-        for fut in pending {
-            assert!(
-                matches!(fut.await, Ok(Ok(_))),
-                "producing to {topic} failed"
-            );
-        }
     })
 }
 
@@ -112,7 +83,7 @@ async fn run(name: &str, disturb: impl FnOnce(&str) + Send + 'static) -> Outcome
             )
         })
         .collect();
-    let producer = produce(&topic, RECORDS, 300);
+    let producer = topic.produce_paced(RECORDS, 300, |i| i.to_string());
     app.wait_until("a fifth of the stream", Duration::from_secs(120), |r| {
         r.len() >= RECORDS / 5
     })

@@ -579,38 +579,7 @@ fn produce(
     rate: usize,
     poison_every: Option<usize>,
 ) -> tokio::task::JoinHandle<()> {
-    let producer = topic.producer();
-    let topic = topic.name.clone();
-    tokio::spawn(async move {
-        let started = Instant::now();
-        let mut pending = Vec::new();
-        for i in 0..count {
-            let due = started + Duration::from_secs_f64(i as f64 / rate as f64);
-            if due > Instant::now() + Duration::from_millis(20) {
-                tokio::time::sleep_until(due.into()).await;
-            }
-            let key = format!("k-{}", i % 500);
-            let value = value_of(i, poison_every);
-            match producer.send_result(FutureRecord::to(&topic).key(&key).payload(&value)) {
-                Ok(fut) => pending.push(fut),
-                Err((e, _)) => panic!("enqueueing record {i} for {topic}: {e}"),
-            }
-            if pending.len() >= 5_000 {
-                for fut in pending.drain(..) {
-                    assert!(
-                        matches!(fut.await, Ok(Ok(_))),
-                        "producing a record to {topic} failed"
-                    );
-                }
-            }
-        }
-        for fut in pending {
-            assert!(
-                matches!(fut.await, Ok(Ok(_))),
-                "producing a record to {topic} failed"
-            );
-        }
-    })
+    topic.produce_paced(count, rate, move |i| value_of(i, poison_every))
 }
 
 /// The EventConsumer under test: `sluice-testapp` behind the sidecar, `replicas` pods.
