@@ -139,9 +139,21 @@ async fn rendered_chart_is_accepted_by_the_api_server_under_restricted_pod_secur
                 cluster_wide[0]
             );
         }
+        // Server-side apply: create-or-update is one request, so another test creating the
+        // shared CRD between a client-side apply's GET and its create cannot fail this one.
         let applied = run(
             "SLUICE_KUBECTL",
-            &["apply", "--dry-run=server", "-n", &ns.name, "-f", "-"],
+            &[
+                "apply",
+                "--server-side",
+                "--force-conflicts",
+                "--field-manager=sluice-chart-test",
+                "--dry-run=server",
+                "-n",
+                &ns.name,
+                "-f",
+                "-",
+            ],
             Some(&manifests),
         );
         let out = text(&applied);
@@ -154,7 +166,7 @@ async fn rendered_chart_is_accepted_by_the_api_server_under_restricted_pod_secur
             "the operator's pods are not Pod Security restricted:\n{out}"
         );
         assert!(
-            out.contains("deployment.apps/sluice-chart-test created (server dry run)"),
+            out.contains("deployment.apps/sluice-chart-test serverside-applied (server dry run)"),
             "{out}"
         );
     }
