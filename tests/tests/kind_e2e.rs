@@ -3,8 +3,8 @@
 //! kind itself (built from its Go module, tests/env/build-kind.sh) loads and validates the
 //! script's cluster config `deploy/kind/cluster.yaml` — `kind create cluster` against a stub
 //! engine that answers kind's `docker info`/`docker ps` and refuses everything else, so kind
-//! decodes the config strictly, defaults and validates it and gets as far as its first
-//! engine action (pulling the node image), while configs that are wrong stop before; and
+//! decodes the config strictly, defaults and validates it, pulls its node image and gets as
+//! far as creating its network, while configs that are wrong stop before; and
 //! the script's dry run (`KIND_E2E_DRY_RUN=1`) prints a plan whose registry, cluster,
 //! Kafka and test environment agree with each other and with what the e2e tests read.
 //! Cheap: no cluster, no Kafka; seconds once kind is built (cached under ~/.cache/sluice).
@@ -41,7 +41,8 @@ fn kind() -> PathBuf {
 }
 
 /// A folder with a `docker` that answers what kind asks before it creates anything (`info`
-/// as a rootful cgroup-v2 engine, `ps`: no clusters) and refuses every other command.
+/// as a rootful cgroup-v2 engine, `ps`: no clusters, `pull`: the node image pulled) and
+/// refuses every other command.
 fn stub_engine(dir: &Path) -> PathBuf {
     let bin = dir.join("bin");
     std::fs::create_dir_all(&bin).expect("stub folder");
@@ -52,6 +53,7 @@ fn stub_engine(dir: &Path) -> PathBuf {
 case "$1" in
   info) echo '{"CgroupDriver":"systemd","CgroupVersion":"2","MemoryLimit":true,"PidsLimit":true,"CPUShares":true,"SecurityOptions":[]}' ;;
   ps) exit 0 ;;
+  pull) exit 0 ;;
   *) echo "stub engine refuses: docker $*" >&2; exit 3 ;;
 esac
 "#,
@@ -122,14 +124,15 @@ fn kind_loads_and_validates_the_cluster_config() {
     let dir = temp_dir("kind-config");
 
     let out = kind_create(&kind, &dir, &repo().join("deploy/kind/cluster.yaml"));
-    // kind logs "Creating cluster" after the config was decoded and validated, and then
-    // asks the engine for the node image: the first thing it would create.
+    // kind logs "Creating cluster" after the config was decoded and validated, pulls the
+    // node image it names, and then looks for its network: the first thing it would create.
     assert!(
         out.contains("Creating cluster \"sluice-config-check\""),
         "kind did not accept deploy/kind/cluster.yaml:\n{out}"
     );
     assert!(
-        out.contains("stub engine refuses: docker pull kindest/node:"),
+        out.contains("Ensuring node image (kindest/node:v1.34.0)")
+            && out.contains("stub engine refuses: docker network ls"),
         "kind did not reach its first engine action:\n{out}"
     );
 
