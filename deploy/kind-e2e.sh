@@ -1,128 +1,217 @@
 #!/usr/bin/env bash
-# The order -> inventory scenario on kind, for people with Docker.
+# The end-to-end tests (tests/tests/e2e_node.rs) on a kind cluster, for machines with Docker
+# (or rootful Podman: KIND_EXPERIMENTAL_PROVIDER=podman).
 #
-#   bash deploy/kind-e2e.sh            # build images, create the cluster, run the demo
-#   KEEP=1 bash deploy/kind-e2e.sh     # keep the cluster afterwards (default: deleted)
+#   bash deploy/kind-e2e.sh                     # every e2e test
+#   bash deploy/kind-e2e.sh rolling_update      # cargo test's name filter, and its flags
+#   KEEP=1 bash deploy/kind-e2e.sh              # keep the cluster, registry and Kafka
+#   KIND_E2E_DRY_RUN=1 bash deploy/kind-e2e.sh  # print the commands, run none
 #
-# Needs: docker, kind (v0.23+, Kubernetes >= 1.29 node image), kubectl, helm 3, and a Rust
-# toolchain for the host-side order service. It is NOT part of `make test`: the project's
-# own test bed runs without Docker (tests/env, `make test`, `make demo`). This script was
-# written alongside that test bed but could not be executed there (no Docker on those
-# machines); treat it as a starting point and report what breaks.
+# Needs: docker (or podman), kubectl, helm 3 (on PATH), Go (kind is built from its Go
+# module, tests/env/build-kind.sh, crane likewise), a JDK 17 with Maven (the Kafka the
+# tests restart runs on this host) and Rust. Nothing here needs the project's own test bed.
 #
-# What it does:
-#   1. builds sluice.dev/{operator,consumer,inventory}:dev with deploy/Dockerfile;
-#   2. creates a kind cluster and loads the images into it;
-#   3. deploys a single-node Kafka (KRaft, apache/kafka image) into namespace kafka;
-#   4. installs the chart (2 operator replicas, leader election) into sluice-system;
-#   5. runs the order service on the host: it publishes through a port-forward to Kafka
-#      and receives the inventory pods' receipts on the Docker network's gateway address.
+# What it does, in order:
+#   1. builds the release binaries and writes the images as OCI archives (tests/env/image.sh,
+#      as `make images`; no Docker build);
+#   2. starts a registry container (registry:2) published on localhost:$KIND_REGISTRY_PORT
+#      and attached to the kind network, and creates the cluster from deploy/kind/cluster.yaml
+#      with each node's containerd mapping localhost:$KIND_REGISTRY_PORT to it (kind's
+#      documented local-registry pattern), so one image name works from the host and nodes;
+#   3. pushes the images with tests/env/push.sh (what `make push` runs);
+#   4. starts Kafka on this host with the project's scripts — the single broker
+#      (tests/env/kafka.sh) and the secured three-node cluster (tests/env/kafka-cluster.sh),
+#      whose brokers the tests stop, SIGKILL and reconfigure — with their pod listeners on
+#      the kind network's gateway, which pods reach. Unless SLUICE_KAFKA_BOOTSTRAP and
+#      SLUICE_KAFKA_POD_BOOTSTRAP are given: then that Kafka is used (the secured-cluster
+#      tests then need the SLUICE_KAFKA_CLUSTER_* variables of kafka-cluster.sh too);
+#   5. runs `cargo test --release --locked -p sluice-tests --test e2e_node` with the cluster,
+#      registry and Kafka in the environment (see tests/tests/e2e_node.rs): the chart and
+#      the EventConsumers pull the images from the registry with IfNotPresent;
+#   6. deletes the cluster and the registry and stops Kafka (unless KEEP=1).
+#
+# Settings: KIND_CLUSTER (sluice-e2e), KIND_REGISTRY_PORT (5001), KIND_REGISTRY_IMAGE
+# (registry:2), IMAGE_TAG (dev), SLUICE_KIND_STATE (~/.cache/sluice/kind-state: Kafka's
+# data, logs and the kubeconfig).
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
-cluster=${CLUSTER:-sluice-e2e}
+env_dir=$root/tests/env
+config=$root/deploy/kind/cluster.yaml
+cluster=${KIND_CLUSTER:-sluice-e2e}
+reg_name=${KIND_REGISTRY_NAME:-kind-registry}
+reg_port=${KIND_REGISTRY_PORT:-5001}
+reg_image=${KIND_REGISTRY_IMAGE:-registry:2}
+registry=localhost:$reg_port/sluice
 tag=${IMAGE_TAG:-dev}
-kafka_image=${KAFKA_IMAGE:-apache/kafka:3.9.1}
-log() { printf '[kind-e2e] %s\n' "$*" >&2; }
-die() { log "error: $*"; exit 1; }
+engine=${KIND_EXPERIMENTAL_PROVIDER:-docker}
+dry=${KIND_E2E_DRY_RUN:-0}
+state=${SLUICE_KIND_STATE:-${SLUICE_CACHE:-$HOME/.cache/sluice}/kind-state}
+target_dir=${CARGO_TARGET_DIR:-${SLUICE_CACHE:-$HOME/.cache/sluice}/target}
+kubeconfig=$state/kubeconfig
 
-for tool in docker kind kubectl helm cargo; do
-  command -v "$tool" >/dev/null || die "$tool is required (this script is for machines with Docker and kind)"
-done
+log() { printf '[kind-e2e] %s\n' "$*" >&2; }
+die() {
+  log "error: $*"
+  exit 1
+}
+# run CMD...: runs it, or with KIND_E2E_DRY_RUN=1 prints it (shell-quoted) instead.
+run() {
+  if [[ $dry == 1 ]]; then
+    printf '+'
+    printf ' %q' "$@"
+    printf '\n'
+  else
+    "$@"
+  fi
+}
+# feed TEXT CMD...: runs CMD with TEXT on its standard input (printed too in a dry run).
+feed() {
+  local text=$1
+  shift
+  if [[ $dry == 1 ]]; then
+    run "$@"
+    printf '%s\n' "$text" | sed 's/^/  < /'
+  else
+    printf '%s\n' "$text" | "$@"
+  fi
+}
+# query PLACEHOLDER CMD...: CMD's output, or PLACEHOLDER in a dry run (nothing exists yet).
+query() {
+  local placeholder=$1
+  shift
+  if [[ $dry == 1 ]]; then echo "$placeholder"; else "$@"; fi
+}
+
+case $engine in
+  docker | podman) ;;
+  *) die "KIND_EXPERIMENTAL_PROVIDER=$engine: this script supports docker or podman" ;;
+esac
+[[ -f $config ]] || die "the cluster config $config is missing"
+kind=$(bash "$env_dir/build-kind.sh")
+if [[ $dry != 1 ]]; then
+  for tool in "$engine" kubectl helm cargo go java mvn; do
+    command -v "$tool" >/dev/null || die "$tool is required (see the comment at the top of $0)"
+  done
+fi
+kubectl_bin=$(command -v kubectl || echo kubectl)
+helm_bin=$(command -v helm || echo helm)
+
+kafka_given=0
+if [[ -n ${SLUICE_KAFKA_BOOTSTRAP:-} && -n ${SLUICE_KAFKA_POD_BOOTSTRAP:-} ]]; then
+  kafka_given=1
+fi
 
 cleanup() {
-  [[ -n ${pf_pid:-} ]] && kill "$pf_pid" 2>/dev/null || true
-  if [[ ${KEEP:-0} != 1 ]]; then
-    log "deleting kind cluster $cluster (KEEP=1 keeps it)"
-    kind delete cluster --name "$cluster" >/dev/null 2>&1 || true
+  local rc=$?
+  if [[ ${KEEP:-0} == 1 ]]; then
+    log "KEEP=1: kept cluster $cluster (KUBECONFIG=$kubeconfig), registry $reg_name, Kafka"
+    return "$rc"
   fi
+  log "deleting cluster $cluster and registry $reg_name, stopping Kafka (KEEP=1 keeps them)"
+  if [[ $kafka_given == 0 ]]; then
+    run env SLUICE_STATE="$state" bash "$env_dir/kafka-cluster.sh" down || true
+    run env SLUICE_STATE="$state" bash "$env_dir/kafka.sh" down || true
+  fi
+  run env KIND_EXPERIMENTAL_PROVIDER="$engine" "$kind" delete cluster --name "$cluster" \
+    --kubeconfig "$kubeconfig" || true
+  run "$engine" rm -f "$reg_name" || true
+  return "$rc"
 }
 trap cleanup EXIT
 
-log "building images with deploy/Dockerfile"
-for target in operator consumer inventory; do
-  docker build -f "$root/deploy/Dockerfile" --target "$target" -t "sluice.dev/$target:$tag" "$root"
+# 1. The images, as `make images` writes them (OCI archives under ~/.cache/sluice/images).
+log "building the release binaries and the image archives"
+run cargo build --release --locked --workspace --bins --manifest-path "$root/Cargo.toml"
+for pair in operator:sluice-operator consumer:sluice-consumer testapp:sluice-testapp; do
+  run bash "$env_dir/image.sh" "sluice.dev/${pair%%:*}:$tag" "$target_dir/release/${pair#*:}"
 done
 
-if ! kind get clusters | grep -qx "$cluster"; then
-  log "creating kind cluster $cluster"
-  kind create cluster --name "$cluster" --wait 120s
+# 2. The registry and the cluster (kind's local-registry pattern).
+running=$(query false "$engine" inspect -f '{{.State.Running}}' "$reg_name" 2>/dev/null || true)
+if [[ $running != true ]]; then
+  log "starting registry $reg_name ($reg_image) on localhost:$reg_port"
+  run "$engine" run -d --restart=always -p "127.0.0.1:$reg_port:5000" --network bridge \
+    --name "$reg_name" "$reg_image"
 fi
-kubectl config use-context "kind-$cluster" >/dev/null
-for target in operator consumer inventory; do
-  kind load docker-image --name "$cluster" "sluice.dev/$target:$tag"
+run mkdir -p "$state"
+clusters=$(query "" env KIND_EXPERIMENTAL_PROVIDER="$engine" "$kind" get clusters 2>/dev/null || true)
+if ! grep -qx "$cluster" <<<"$clusters"; then
+  log "creating kind cluster $cluster from $config"
+  run env KIND_EXPERIMENTAL_PROVIDER="$engine" "$kind" create cluster --name "$cluster" \
+    --config "$config" --kubeconfig "$kubeconfig" --wait 180s
+fi
+nodes=$(query "$cluster-control-plane" env KIND_EXPERIMENTAL_PROVIDER="$engine" "$kind" get nodes --name "$cluster")
+for node in $nodes; do
+  run "$engine" exec "$node" mkdir -p "/etc/containerd/certs.d/localhost:$reg_port"
+  feed "[host.\"http://$reg_name:5000\"]" \
+    "$engine" exec -i "$node" cp /dev/stdin "/etc/containerd/certs.d/localhost:$reg_port/hosts.toml"
 done
+attached=$(query null "$engine" inspect -f '{{json .NetworkSettings.Networks.kind}}' "$reg_name")
+if [[ $attached == null ]]; then
+  run "$engine" network connect kind "$reg_name"
+fi
+feed "apiVersion: v1
+kind: ConfigMap
+metadata:
+  name: local-registry-hosting
+  namespace: kube-public
+data:
+  localRegistryHosting.v1: |
+    host: \"localhost:$reg_port\"
+    help: \"https://kind.sigs.k8s.io/docs/user/local-registry/\"" \
+  kubectl --kubeconfig "$kubeconfig" apply -f -
 
-log "deploying a single-node Kafka (KRaft) into namespace kafka"
-kubectl create namespace kafka --dry-run=client -o yaml | kubectl apply -f -
-kubectl apply -n kafka -f - <<YAML
-apiVersion: v1
-kind: Service
-metadata: {name: kafka}
-spec:
-  selector: {app: kafka}
-  ports:
-  - {name: broker, port: 9092}
-  - {name: host, port: 9094}
----
-apiVersion: apps/v1
-kind: Deployment
-metadata: {name: kafka}
-spec:
-  replicas: 1
-  selector: {matchLabels: {app: kafka}}
-  template:
-    metadata: {labels: {app: kafka}}
-    spec:
-      containers:
-      - name: kafka
-        image: $kafka_image
-        ports: [{containerPort: 9092}, {containerPort: 9094}]
-        env:
-        - {name: KAFKA_NODE_ID, value: "1"}
-        - {name: KAFKA_PROCESS_ROLES, value: "broker,controller"}
-        - {name: KAFKA_LISTENERS, value: "PLAINTEXT://:9092,HOST://:9094,CONTROLLER://:9093"}
-        - {name: KAFKA_ADVERTISED_LISTENERS, value: "PLAINTEXT://kafka.kafka.svc:9092,HOST://127.0.0.1:9094"}
-        - {name: KAFKA_LISTENER_SECURITY_PROTOCOL_MAP, value: "PLAINTEXT:PLAINTEXT,HOST:PLAINTEXT,CONTROLLER:PLAINTEXT"}
-        - {name: KAFKA_CONTROLLER_LISTENER_NAMES, value: "CONTROLLER"}
-        - {name: KAFKA_CONTROLLER_QUORUM_VOTERS, value: "1@localhost:9093"}
-        - {name: KAFKA_INTER_BROKER_LISTENER_NAME, value: "PLAINTEXT"}
-        - {name: KAFKA_OFFSETS_TOPIC_REPLICATION_FACTOR, value: "1"}
-        - {name: KAFKA_TRANSACTION_STATE_LOG_REPLICATION_FACTOR, value: "1"}
-        - {name: KAFKA_TRANSACTION_STATE_LOG_MIN_ISR, value: "1"}
-        - {name: KAFKA_GROUP_INITIAL_REBALANCE_DELAY_MS, value: "0"}
-        - {name: KAFKA_AUTO_CREATE_TOPICS_ENABLE, value: "false"}
-        readinessProbe:
-          tcpSocket: {port: 9092}
-          periodSeconds: 2
-YAML
-kubectl -n kafka rollout status deploy/kafka --timeout=300s
+# 3. Push the images (the tests push them again by digest; the blobs are then there).
+log "pushing the images to $registry"
+run bash "$env_dir/push.sh" "$registry" "$tag" operator consumer testapp
 
-log "installing the chart"
-kubectl create namespace sluice-system --dry-run=client -o yaml | kubectl apply -f -
-kubectl label namespace sluice-system --overwrite pod-security.kubernetes.io/enforce=restricted
-helm upgrade --install sluice "$root/charts/sluice" --namespace sluice-system \
-  --set operator.image.tag="$tag" --set sidecar.image.tag="$tag" \
-  --set operator.image.pullPolicy=Never --wait --timeout 180s
-
-# The host reaches Kafka through a port-forward of the HOST listener (advertised as
-# 127.0.0.1:9094); the pods use the in-cluster Service.
-kubectl -n kafka port-forward svc/kafka 9094:9094 >/dev/null 2>&1 &
-pf_pid=$!
-sleep 3
-
-# The pods send receipts to the host: the kind network's gateway is the host as the node
-# container sees it, and pod traffic to it is masqueraded by kind's node.
-gateway=$(docker network inspect kind -f '{{range .IPAM.Config}}{{if .Gateway}}{{.Gateway}} {{end}}{{end}}' | tr ' ' '\n' | grep -E '^[0-9]+\.' | head -1)
+# 4. Kafka on this host, its pod listeners on the kind network's gateway.
+if [[ $engine == podman ]]; then
+  gateway_format='{{range .Subnets}}{{.Gateway}} {{end}}'
+else
+  gateway_format='{{range .IPAM.Config}}{{if .Gateway}}{{.Gateway}} {{end}}{{end}}'
+fi
+gateway=$(query "<kind-gateway>" "$engine" network inspect kind -f "$gateway_format" |
+  tr ' ' '\n' | grep -E '^[0-9]+\.|^<' | head -1)
 [[ -n $gateway ]] || die "cannot find the kind network's IPv4 gateway"
+kafka_env=()
+if [[ $kafka_given == 0 ]]; then
+  log "starting Kafka (single broker and secured three-node cluster), pod listeners on $gateway"
+  # The gateway address is on the kind network's bridge already: the scripts use it as is.
+  for script in kafka.sh kafka-cluster.sh; do
+    run env SLUICE_STATE="$state" BRIDGE_GATEWAY="$gateway" SLUICE_EXTERNAL_BRIDGE=1 \
+      bash "$env_dir/$script" up
+  done
+  # (BRIDGE_GATEWAY and SLUICE_EXTERNAL_BRIDGE for kafka-cluster.sh, which the tests run to
+  # restart brokers.)
+  kafka_env=(
+    BRIDGE_GATEWAY="$gateway"
+    SLUICE_EXTERNAL_BRIDGE=1
+    SLUICE_KAFKA_BOOTSTRAP=127.0.0.1:9092
+    SLUICE_KAFKA_POD_BOOTSTRAP="$gateway:9094"
+    SLUICE_KAFKA_INFO="$env_dir/kafka.sh info"
+  )
+  cluster_env=$(query "SLUICE_KAFKA_CLUSTER_BOOTSTRAP=<from kafka-cluster.sh env>" \
+    env SLUICE_STATE="$state" BRIDGE_GATEWAY="$gateway" bash "$env_dir/kafka-cluster.sh" env)
+  # (KEY=VALUE lines, a value with spaces in double quotes, which `env` must not see.)
+  while IFS= read -r line; do
+    [[ $line == *=\"*\" ]] && line=${line/=\"/=} && line=${line%\"}
+    [[ -n $line ]] && kafka_env+=("$line")
+  done <<<"$cluster_env"
+fi
 
-log "building the order service and running the scenario (receipts on $gateway)"
-(cd "$root" && cargo build --release --locked -p sluice-examples --bin order-service)
-target_dir=${CARGO_TARGET_DIR:-$root/target}
-"$target_dir/release/order-service" \
-  --kafka 127.0.0.1:9094 \
-  --pod-kafka kafka.kafka.svc:9092 \
-  --listen-ip "$gateway" \
-  --namespace sluice-demo \
-  --image "sluice.dev/inventory:$tag" \
-  --kubectl kubectl
+# 5. The end-to-end tests, with everything they use from the environment.
+log "running the end-to-end tests against kind cluster $cluster"
+(cd "$root" && run env \
+  KUBECONFIG="$kubeconfig" \
+  SLUICE_STATE="$state" \
+  SLUICE_LOGS="$state/logs" \
+  SLUICE_KUBECTL="$kubectl_bin" \
+  SLUICE_HELM="$helm_bin" \
+  SLUICE_E2E_REGISTRY="$registry" \
+  SLUICE_IMAGE_TAG="$tag" \
+  SLUICE_HOST_IP="$gateway" \
+  SLUICE_NODE_CTR="$engine exec $cluster-control-plane ctr" \
+  "${kafka_env[@]}" \
+  cargo test --release --locked -p sluice-tests --test e2e_node -- --nocapture "$@")

@@ -7,7 +7,7 @@ for tool in go java mvn cargo; do
 done
 need=()
 for pkg in containerd runc containernetworking-plugins iptables conntrack gcc libc6-dev \
-  make cmake g++ openssl curl ca-certificates iproute2 util-linux python3; do
+  make cmake g++ openssl curl ca-certificates iproute2 util-linux python3 shellcheck; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || need+=("$pkg")
 done
 if ((${#need[@]})); then

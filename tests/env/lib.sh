@@ -96,7 +96,10 @@ stop_daemon() {
 # ensure_bridge: the node's CNI bridge, created up front with the gateway address so the
 # broker's pod listener can bind to it before the first pod exists. The CNI bridge plugin
 # adopts an existing bridge of the configured name.
+# SLUICE_EXTERNAL_BRIDGE=1: the gateway address already belongs to a bridge made by someone
+# else (deploy/kind-e2e.sh: the kind network's Docker bridge), which is used as it is.
 ensure_bridge() {
+  [[ ${SLUICE_EXTERNAL_BRIDGE:-0} == 1 ]] && return 0
   if ! ip link show "$BRIDGE_NAME" >/dev/null 2>&1; then
     log "creating bridge $BRIDGE_NAME ($BRIDGE_GATEWAY/${POD_CIDR#*/})"
     ip link add "$BRIDGE_NAME" type bridge

@@ -7,6 +7,7 @@
 
 pub mod kafka;
 pub mod kube_env;
+pub mod registry;
 pub mod testapp;
 
 use std::path::PathBuf;

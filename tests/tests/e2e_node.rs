@@ -23,9 +23,17 @@
 //!
 //! Each test has its own namespace (Pod Security `restricted` enforced), its own release of
 //! the chart watching only that namespace, its own topic and group. They run one at a time
-//! (the node has two cores). Needs `make images` (the images `sluice.dev/{operator,
-//! consumer,testapp}:dev`). Run: `cargo test --release -p sluice-tests --test e2e_node --
-//! --nocapture`.
+//! (the node has two cores).
+//!
+//! Everything the tests use comes from the environment, as on any cluster (the test bed's
+//! env file provides the defaults; deploy/kind-e2e.sh provides them on kind): the cluster
+//! (`KUBECONFIG`), the registry the cluster pulls from (`SLUICE_E2E_REGISTRY`, pushed to
+//! once per run from the OCI archives `make images` wrote, with tests/env/push.sh; the
+//! chart and the EventConsumers pull by digest with `IfNotPresent`), Kafka as seen from
+//! this host and from pods (`SLUICE_KAFKA_BOOTSTRAP`, `SLUICE_KAFKA_POD_BOOTSTRAP`, the
+//! secured cluster's `SLUICE_KAFKA_CLUSTER_*`), the address pods reach this host on for the
+//! collector (`SLUICE_HOST_IP`) and `ctr` on the node for the SIGKILL (`SLUICE_NODE_CTR`).
+//! Run: `cargo test --release -p sluice-tests --test e2e_node -- --nocapture`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -43,7 +51,7 @@ use rdkafka::producer::FutureRecord;
 use serde_json::{Value, json};
 use sluice_tests::kafka::{self, Topic};
 use sluice_tests::kube_env::{self, Namespace};
-use sluice_tests::{kubectl, ok, run_tool};
+use sluice_tests::{kubectl, ok, registry, run_tool};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpListener;
 
@@ -56,7 +64,6 @@ const EC: &str = "recorder";
 /// group's CRD on a shared API server (seen: a chart test's copy of the CRD), and kubectl
 /// then picks that one.
 const EC_RESOURCE: &str = "eventconsumers.sluice.dev";
-const TESTAPP_IMAGE: &str = "sluice.dev/testapp:dev";
 const MAX_IN_FLIGHT: usize = 64;
 /// The sidecar's default `delivery.commitInterval`.
 const COMMIT_INTERVAL: Duration = Duration::from_millis(500);
@@ -64,14 +71,71 @@ const COMMIT_INTERVAL: Duration = Duration::from_millis(500);
 const LAG_INTERVAL: Duration = Duration::from_secs(5);
 /// The operator's budget for one lag measurement (operator/src/lag.rs).
 const LAG_BUDGET: Duration = Duration::from_secs(10);
-/// The containerd socket of the test bed's node (tests/env/lib.sh).
-const CONTAINERD_SOCK: &str = "/run/sluice/containerd/containerd.sock";
+/// How to run `ctr` against the node's containerd when `SLUICE_NODE_CTR` is not set: the
+/// test bed's node socket (tests/env/lib.sh). On kind: `docker exec NODE ctr`.
+const NODE_CTR: &str = "ctr --address /run/sluice/containerd/containerd.sock";
 
 // ---------------------------------------------------------------------------------------
 // Tools
 
 fn chart_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../charts/sluice")
+}
+
+/// Every container of `pods` that runs one of `images` runs it as pulled from the registry:
+/// its spec names the pushed reference and its image ID is the pushed digest (what the node
+/// resolved, whatever name it files the content under). At least one container per image.
+fn assert_runs_pushed_images(pods: &[Pod], images: &[&registry::Image]) {
+    for image in images {
+        let mut seen = 0;
+        for pod in pods {
+            let name = pod.metadata.name.as_deref().unwrap_or("?");
+            let spec = pod.spec.as_ref().expect("pod spec");
+            let status = pod.status.clone().unwrap_or_default();
+            let statuses: Vec<_> = status
+                .container_statuses
+                .into_iter()
+                .flatten()
+                .chain(status.init_container_statuses.into_iter().flatten())
+                .collect();
+            for c in spec
+                .containers
+                .iter()
+                .chain(spec.init_containers.iter().flatten())
+            {
+                let Some(spec_image) = c.image.as_deref() else {
+                    continue;
+                };
+                if !spec_image.starts_with(&format!("{}:", image.repository)) {
+                    continue;
+                }
+                assert_eq!(
+                    spec_image,
+                    image.reference(),
+                    "pod {name} container {}",
+                    c.name
+                );
+                let id = statuses
+                    .iter()
+                    .find(|s| s.name == c.name)
+                    .map(|s| s.image_id.clone())
+                    .unwrap_or_default();
+                assert!(
+                    id.ends_with(&format!("@{}", image.digest)),
+                    "pod {name} container {} runs image ID {id:?}, not the pushed {}",
+                    c.name,
+                    image.reference()
+                );
+                seen += 1;
+            }
+        }
+        assert!(
+            seen > 0,
+            "no container of {} pods runs {}",
+            pods.len(),
+            image.reference()
+        );
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -94,6 +158,7 @@ impl Sluice {
     async fn install_with(prefix: &str, values: &[&str]) -> Sluice {
         let client = kube_env::client().await;
         kafka::ensure_reachable();
+        let images = registry::pushed();
         let labels = [
             ("pod-security.kubernetes.io/enforce", "restricted"),
             ("pod-security.kubernetes.io/enforce-version", "latest"),
@@ -143,6 +208,11 @@ impl Sluice {
                 .unwrap_or_else(|_| "info".into())
                 .replace(',', "\\,")
         );
+        // The images from the registry, with the chart's pull policy (IfNotPresent).
+        let operator_repo = format!("operator.image.repository={}", images.operator.repository);
+        let operator_tag = format!("operator.image.tag={}", images.operator.tag_and_digest());
+        let sidecar_repo = format!("sidecar.image.repository={}", images.consumer.repository);
+        let sidecar_tag = format!("sidecar.image.tag={}", images.consumer.tag_and_digest());
         let chart_path = chart.to_str().expect("utf-8 path");
         let mut args: Vec<&str> = vec![
             "install",
@@ -156,9 +226,10 @@ impl Sluice {
         ];
         for value in [
             "crds.install=false",
-            "operator.image.tag=dev",
-            "operator.image.pullPolicy=Never",
-            "sidecar.image.tag=dev",
+            operator_repo.as_str(),
+            operator_tag.as_str(),
+            sidecar_repo.as_str(),
+            sidecar_tag.as_str(),
             watch.as_str(),
             log.as_str(),
             lag.as_str(),
@@ -179,13 +250,14 @@ impl Sluice {
             let pods = kubectl(&["get", "pods", "-n", &sluice.ns.name, "-o", "wide"], None);
             let events = kubectl(&["get", "events", "-n", &sluice.ns.name], None);
             panic!(
-                "helm install failed (are the images imported? `make images`):\n{}\n{}\npods:\n{}\nevents:\n{}",
+                "helm install failed (were the images pulled from the registry? `make images`):\n{}\n{}\npods:\n{}\nevents:\n{}",
                 String::from_utf8_lossy(&out.stdout),
                 String::from_utf8_lossy(&out.stderr),
                 String::from_utf8_lossy(&pods.stdout),
                 String::from_utf8_lossy(&events.stdout),
             );
         }
+        assert_runs_pushed_images(&sluice.operator_pods().await, &[&images.operator]);
         println!(
             "[{}] chart installed as {} (2 operator replicas ready) in {:.1?}",
             sluice.ns.name,
@@ -266,9 +338,11 @@ impl Sluice {
                 text.extend_from_slice(&out.stderr);
             }
         }
-        let path = sluice_tests::state_dir()
-            .join("logs")
-            .join(format!("{}.log", self.ns()));
+        let dir = sluice_tests::env_value("SLUICE_LOGS")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| sluice_tests::state_dir().join("logs"));
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
+        let path = dir.join(format!("{}.log", self.ns()));
         std::fs::write(&path, text).unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
         path
     }
@@ -626,8 +700,8 @@ fn event_consumer(
                     },
                     "containers": [{
                         "name": "app",
-                        "image": TESTAPP_IMAGE,
-                        "imagePullPolicy": "Never",
+                        "image": registry::pushed().testapp.reference(),
+                        "imagePullPolicy": "IfNotPresent",
                         "ports": [{"containerPort": 8080}],
                         "env": [
                             {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
@@ -809,6 +883,11 @@ impl Run {
         };
         self.wait_lag_zero().await;
         self.assert_no_failed_prestop_hook();
+        let images = registry::pushed();
+        assert_runs_pushed_images(
+            &self.sluice.consumer_pods().await,
+            &[&images.consumer, &images.testapp],
+        );
         f
     }
 
@@ -1335,20 +1414,15 @@ async fn sigkill_mid_stream_loses_nothing_and_duplicates_within_the_uncommitted_
         .unwrap_or_else(|| panic!("the sluice container of {pod_name} has no containerd id"))
         .to_owned();
     let before_kill = Instant::now();
-    let kill = Command::new("ctr")
-        .args([
-            "--address",
-            CONTAINERD_SOCK,
-            "-n",
-            "k8s.io",
-            "tasks",
-            "kill",
-            "-s",
-            "SIGKILL",
-            &id,
-        ])
+    // `ctr` on the pod's node: SLUICE_NODE_CTR (a command, split on spaces), e.g.
+    // `docker exec sluice-e2e-control-plane ctr` on kind.
+    let ctr = sluice_tests::env_value("SLUICE_NODE_CTR").unwrap_or_else(|| NODE_CTR.into());
+    let mut ctr = ctr.split_whitespace();
+    let kill = Command::new(ctr.next().expect("SLUICE_NODE_CTR is empty"))
+        .args(ctr)
+        .args(["-n", "k8s.io", "tasks", "kill", "-s", "SIGKILL", &id])
         .output()
-        .expect("running ctr");
+        .expect("running ctr (SLUICE_NODE_CTR)");
     assert!(
         kill.status.success(),
         "ctr tasks kill failed: {}",
@@ -1620,7 +1694,7 @@ async fn restricted_pod_security_admits_everything_sluice_creates() {
     // Enforcement is on: a pod that is not restricted-compliant is refused.
     let rogue = json!({
         "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "rogue"},
-        "spec": {"containers": [{"name": "c", "image": TESTAPP_IMAGE, "imagePullPolicy": "Never"}]}
+        "spec": {"containers": [{"name": "c", "image": registry::pushed().testapp.reference(), "imagePullPolicy": "IfNotPresent"}]}
     });
     let out = run.sluice.apply(&rogue);
     let stderr = String::from_utf8_lossy(&out.stderr);
