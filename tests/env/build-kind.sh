@@ -7,14 +7,5 @@ source "$(dirname "$0")/lib.sh"
 # v0.30.0: its default node image is Kubernetes 1.34, the test bed's version.
 KIND_VERSION=${KIND_VERSION:-v0.30.0}
 bin=$SLUICE_CACHE/kind/$KIND_VERSION/bin
-if [[ ! -x $bin/kind ]]; then
-  log "building kind $KIND_VERSION from sigs.k8s.io/kind"
-  mkdir -p "$bin"
-  # Built into a temporary folder first, so an interrupted build never leaves a binary
-  # that the check above would take for a finished one.
-  tmp=$(mktemp -d)
-  CGO_ENABLED=0 GOBIN=$tmp go install -trimpath -ldflags "-s -w" "sigs.k8s.io/kind@$KIND_VERSION"
-  mv "$tmp/kind" "$bin/kind"
-  rmdir "$tmp"
-fi
+go_install_tool "$bin" "sigs.k8s.io/kind@$KIND_VERSION"
 echo "$bin/kind"

@@ -6,20 +6,8 @@
 source "$(dirname "$0")/lib.sh"
 PROMETHEUS_MODULE_VERSION=${PROMETHEUS_MODULE_VERSION:-v0.316.0}
 bin=$SLUICE_CACHE/prometheus/$PROMETHEUS_MODULE_VERSION/bin
-mkdir -p "$bin"
 for cmd in promtool "$@"; do
-  if [[ -x $bin/$cmd ]]; then
-    log "$cmd (prometheus module $PROMETHEUS_MODULE_VERSION) already built"
-    continue
-  fi
-  log "building $cmd from github.com/prometheus/prometheus@$PROMETHEUS_MODULE_VERSION"
-  # Built into a temporary folder first, so an interrupted build never leaves a binary
-  # that the check above would take for a finished one.
-  tmp=$(mktemp -d)
-  CGO_ENABLED=0 GOBIN=$tmp go install -trimpath -ldflags "-s -w" \
-    "github.com/prometheus/prometheus/cmd/$cmd@$PROMETHEUS_MODULE_VERSION"
-  mv "$tmp/$cmd" "$bin/$cmd"
-  rmdir "$tmp"
+  go_install_tool "$bin" "github.com/prometheus/prometheus/cmd/$cmd@$PROMETHEUS_MODULE_VERSION"
 done
 "$bin/promtool" --version | head -n1 >&2
 echo "$bin/promtool"

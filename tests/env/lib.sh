@@ -111,6 +111,22 @@ ensure_bridge() {
 }
 
 # port_open HOST PORT: true when something accepts TCP connections there.
+# go_install_tool BIN_DIR MODULE/CMD@VERSION: `go install`s one command of a Go module into
+# BIN_DIR (static, stripped) unless it is already there. Built into a temporary folder
+# first, so an interrupted build never leaves a binary that the check would take for a
+# finished one.
+go_install_tool() {
+  local bin=$1 pkg=$2 cmd tmp
+  cmd=$(basename "${pkg%@*}")
+  [[ -x $bin/$cmd ]] && return 0
+  log "building $cmd from $pkg"
+  mkdir -p "$bin"
+  tmp=$(mktemp -d)
+  CGO_ENABLED=0 GOBIN=$tmp go install -trimpath -ldflags "-s -w" "$pkg"
+  mv "$tmp/$cmd" "$bin/$cmd"
+  rmdir "$tmp"
+}
+
 port_open() { (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null; }
 
 # The node's container runtime: a private containerd (own root, state and socket), so it
