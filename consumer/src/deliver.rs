@@ -23,7 +23,7 @@ use crate::cloudevents::{
     BATCH_CONTENT_TYPE, HEADER_BATCH_SIZE, HEADER_PARTITION, HEADER_TOPIC, batch_body, event_id,
     PartitionHeaders, request_headers_with,
 };
-use crate::metrics::{Metrics, ReasonLabel};
+use crate::metrics::{Metrics, OutcomeLabel, ReasonLabel};
 use crate::policy::{
     AttemptResult, Backoff, MAX_BATCH_RESPONSE_BYTES, Next, OUTCOME_HEADER, Verdict, classify,
     classify_batch, next_step,
@@ -450,14 +450,16 @@ impl Deliverer {
         let _ = self.events.send(TaskEvent::SlotFree);
     }
 
-    /// Counts a finished record (indexes of [`crate::metrics::FINISHED_OUTCOMES`]).
     fn count_finished(&self, outcome: Outcome) {
-        let i = match outcome {
-            Outcome::Skipped => 1,
-            Outcome::DeadLettered => 2,
-            _ => 0,
+        let outcome = match outcome {
+            Outcome::Skipped => "skipped",
+            Outcome::DeadLettered => "dead_lettered",
+            _ => "delivered",
         };
-        self.metrics.finished(i).inc();
+        self.metrics
+            .records_finished
+            .get_or_create(&OutcomeLabel { outcome })
+            .inc();
     }
 
     /// Settles one record of a batch in its progress and tells the dispatcher.
@@ -594,12 +596,19 @@ impl Deliverer {
             match step {
                 None => {
                     let outcome = if verdict == Verdict::Skipped {
+                        "skipped"
+                    } else {
+                        "delivered"
+                    };
+                    self.metrics
+                        .records_finished
+                        .get_or_create(&OutcomeLabel { outcome })
+                        .inc();
+                    return if verdict == Verdict::Skipped {
                         Outcome::Skipped
                     } else {
                         Outcome::Delivered
                     };
-                    self.count_finished(outcome);
-                    return outcome;
                 }
                 Some(Next::WaitForApp) => {
                     if let Verdict::AppDown { detail } = &verdict {
@@ -671,7 +680,12 @@ impl Deliverer {
                         .dead_lettered
                         .get_or_create(&ReasonLabel { reason })
                         .inc();
-                    self.count_finished(Outcome::DeadLettered);
+                    self.metrics
+                        .records_finished
+                        .get_or_create(&OutcomeLabel {
+                            outcome: "dead_lettered",
+                        })
+                        .inc();
                     warn!(tp = %rec.tp, offset = rec.offset, reason, %detail, attempts, "record dead-lettered");
                     return Outcome::DeadLettered;
                 }
@@ -753,24 +767,26 @@ impl Deliverer {
         self.metrics
             .delivery_duration
             .observe(started.elapsed().as_secs_f64());
-        // Indexes of `crate::metrics::ATTEMPT_CLASSES`.
         let class = match result {
             AttemptResult::Response {
                 status: 200..=299, ..
-            } => 0,
-            AttemptResult::Response { status: 429, .. } => 1,
+            } => "2xx",
+            AttemptResult::Response { status: 429, .. } => "throttled",
             AttemptResult::Response {
                 status: 400..=499, ..
-            } => 2,
+            } => "4xx",
             AttemptResult::Response {
                 status: 500..=599, ..
-            } => 3,
-            AttemptResult::Response { .. } => 4,
-            AttemptResult::Timeout => 5,
-            AttemptResult::ConnectionError(_) => 6,
-            AttemptResult::Unreachable(_) => 7,
+            } => "5xx",
+            AttemptResult::Response { .. } => "other",
+            AttemptResult::Timeout => "timeout",
+            AttemptResult::ConnectionError(_) => "connection_error",
+            AttemptResult::Unreachable(_) => "unreachable",
         };
-        self.metrics.attempt(class).inc();
+        self.metrics
+            .attempts
+            .get_or_create(&OutcomeLabel { outcome: class })
+            .inc();
     }
 }
 

@@ -1,7 +1,6 @@
 //! Prometheus metrics of the sidecar. Labels are static reasons or topic/partition, never
 //! error text.
 
-use std::sync::OnceLock;
 use std::sync::atomic::AtomicU64;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -43,21 +42,6 @@ impl From<&Tp> for TpLabel {
     }
 }
 
-/// Record outcomes, in the order of [`Metrics::finished`]'s handles.
-pub const FINISHED_OUTCOMES: [&str; 3] = ["delivered", "skipped", "dead_lettered"];
-
-/// Attempt result classes, in the order of [`Metrics::attempt`]'s handles.
-pub const ATTEMPT_CLASSES: [&str; 8] = [
-    "2xx",
-    "throttled",
-    "4xx",
-    "5xx",
-    "other",
-    "timeout",
-    "connection_error",
-    "unreachable",
-];
-
 /// Every metric the sidecar exports.
 pub struct Metrics {
     pub registry: Registry,
@@ -92,11 +76,6 @@ pub struct Metrics {
     pub buffered_bytes: Gauge,
     /// Drains started, by what asked for them (signal, prestop_hook, fatal_error).
     pub drains: Family<ReasonLabel, Counter>,
-    /// The counters the delivery path bumps per record, each resolved from its family on
-    /// first use (a label set appears in the output once it was counted, as before) and
-    /// then kept: no hashing of the label and no lock of the family per record.
-    finished_handles: [OnceLock<Counter>; 3],
-    attempt_handles: [OnceLock<Counter>; 8],
 }
 
 impl Metrics {
@@ -127,8 +106,6 @@ impl Metrics {
             uncommitted_on_release: Counter::default(),
             buffered_bytes: Gauge::default(),
             drains: Family::default(),
-            finished_handles: Default::default(),
-            attempt_handles: Default::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -250,28 +227,6 @@ impl Metrics {
         Metrics { registry, ..m }
     }
 
-    /// `records_finished{outcome}` for one of [`FINISHED_OUTCOMES`] (by index).
-    pub fn finished(&self, i: usize) -> &Counter {
-        self.finished_handles[i].get_or_init(|| {
-            self.records_finished
-                .get_or_create(&OutcomeLabel {
-                    outcome: FINISHED_OUTCOMES[i],
-                })
-                .clone()
-        })
-    }
-
-    /// `delivery_attempts{outcome}` for one of [`ATTEMPT_CLASSES`] (by index).
-    pub fn attempt(&self, i: usize) -> &Counter {
-        self.attempt_handles[i].get_or_init(|| {
-            self.attempts
-                .get_or_create(&OutcomeLabel {
-                    outcome: ATTEMPT_CLASSES[i],
-                })
-                .clone()
-        })
-    }
-
     /// The metrics in the Prometheus text format.
     pub fn encode(&self) -> String {
         let mut out = String::new();
@@ -324,20 +279,6 @@ mod tests {
         ] {
             assert!(text.contains(needle), "missing {needle:?} in\n{text}");
         }
-        m.finished(1).inc();
-        m.attempt(0).inc_by(2);
-        m.attempt(0).inc();
-        let text = m.encode();
-        for needle in [
-            "sluice_records_finished_total{outcome=\"skipped\"} 1",
-            "sluice_delivery_attempts_total{outcome=\"2xx\"} 3",
-        ] {
-            assert!(text.contains(needle), "missing {needle:?} in\n{text}");
-        }
-        assert!(
-            !text.contains("outcome=\"dead_lettered\""),
-            "a handle appears only once used"
-        );
         m.forget_partition(&Tp::new("t", 2));
         assert!(!m.encode().contains("sluice_partition_lag{"));
     }
