@@ -100,7 +100,10 @@ pub fn request_headers_with(record: &Record, attempt: u32, part: &PartitionHeade
     let mut id = String::with_capacity(part.id_prefix.len() + 20);
     id.push_str(&part.id_prefix);
     id.push_str(&record.offset.to_string());
-    default("ce-id", HeaderValue::from_maybe_shared(Bytes::from(id)).ok());
+    default(
+        "ce-id",
+        HeaderValue::from_maybe_shared(Bytes::from(id)).ok(),
+    );
     default("ce-source", part.source.clone());
     default("ce-type", Some(HeaderValue::from_static(EVENT_TYPE)));
     if let Some(ms) = record.timestamp_ms {
@@ -140,9 +143,9 @@ pub fn request_headers_with(record: &Record, attempt: u32, part: &PartitionHeade
                 h.insert(HeaderName::from_static(HEADER_KEY), v);
             }
             _ => {
-                if let Ok(v) = HeaderValue::from_str(
-                    &base64::engine::general_purpose::STANDARD.encode(key),
-                ) {
+                if let Ok(v) =
+                    HeaderValue::from_str(&base64::engine::general_purpose::STANDARD.encode(key))
+                {
                     h.insert(HeaderName::from_static(HEADER_KEY_BASE64), v);
                 }
             }

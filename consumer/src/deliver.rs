@@ -20,8 +20,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, warn};
 
 use crate::cloudevents::{
-    BATCH_CONTENT_TYPE, HEADER_BATCH_SIZE, HEADER_PARTITION, HEADER_TOPIC, batch_body, event_id,
-    PartitionHeaders, request_headers_with,
+    BATCH_CONTENT_TYPE, HEADER_BATCH_SIZE, HEADER_PARTITION, HEADER_TOPIC, PartitionHeaders,
+    batch_body, event_id, request_headers_with,
 };
 use crate::metrics::{Metrics, OutcomeLabel, ReasonLabel};
 use crate::policy::{
