@@ -433,6 +433,25 @@ mod tests {
     }
 
     #[test]
+    fn partition_values_built_once_serve_every_record_and_attempt() {
+        let part = PartitionHeaders::new(&Tp::new("orders", 3));
+        let mut r = record();
+        for (offset, attempt, text) in
+            [(42, 1, "1"), (43, 9, "9"), (44, 10, "10"), (45, 123, "123")]
+        {
+            r.offset = offset;
+            let h = request_headers_with(&r, attempt, &part);
+            assert_eq!(h, request_headers(&r, attempt), "same as built per record");
+            assert_eq!(get(&h, "sluice-attempt"), Some(text));
+            assert_eq!(
+                get(&h, "ce-id"),
+                Some(format!("orders-3-{offset}").as_str())
+            );
+            assert_eq!(get(&h, "kafka-offset"), Some(offset.to_string().as_str()));
+        }
+    }
+
+    #[test]
     fn records_with_ce_headers_keep_their_attributes() {
         let mut r = record();
         r.headers = vec![
