@@ -6,9 +6,10 @@
 //! `tracestate` Kafka headers are passed through. Other Kafka headers are not forwarded.
 
 use base64::Engine;
+use bytes::Bytes;
 use http::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
 
-use crate::record::Record;
+use crate::record::{Record, Tp};
 
 pub const SPEC_VERSION: &str = "1.0";
 pub const EVENT_TYPE: &str = "dev.sluice.kafka.record";
@@ -25,8 +26,38 @@ pub fn default_source(topic: &str) -> String {
     format!("/sluice/topics/{topic}")
 }
 
+/// The header values that are the same for every record of a partition, built once per
+/// assignment (see [`crate::progress::Progress`]) instead of formatted per request.
+#[derive(Debug, Clone)]
+pub struct PartitionHeaders {
+    topic: Option<HeaderValue>,
+    partition: HeaderValue,
+    source: Option<HeaderValue>,
+    /// `<topic>-<partition>-`: the default `ce-id` is this and the offset.
+    id_prefix: String,
+}
+
+impl PartitionHeaders {
+    pub fn new(tp: &Tp) -> Self {
+        PartitionHeaders {
+            topic: HeaderValue::from_str(&tp.topic).ok(),
+            partition: HeaderValue::from(tp.partition),
+            source: HeaderValue::from_str(&default_source(&tp.topic)).ok(),
+            id_prefix: format!("{}-{}-", tp.topic, tp.partition),
+        }
+    }
+}
+
+/// `sluice-attempt` values of the first attempts, without formatting.
+const ATTEMPTS: [&str; 9] = ["1", "2", "3", "4", "5", "6", "7", "8", "9"];
+
 /// Builds the request headers for delivering `record`, attempt number `attempt` (1-based).
 pub fn request_headers(record: &Record, attempt: u32) -> HeaderMap {
+    request_headers_with(record, attempt, &PartitionHeaders::new(&record.tp))
+}
+
+/// [`request_headers`] with the partition's constant values built beforehand.
+pub fn request_headers_with(record: &Record, attempt: u32, part: &PartitionHeaders) -> HeaderMap {
     let mut h = HeaderMap::with_capacity(16);
     // Pass-through first, so the defaults below only fill what the record lacks.
     for (name, value) in &record.headers {
@@ -52,50 +83,72 @@ pub fn request_headers(record: &Record, attempt: u32) -> HeaderMap {
             h.insert(n, v);
         }
     }
-    let tp = &record.tp;
-    let mut default = |name: &'static str, value: String| {
+    // With nothing passed through, every default applies (no lookups).
+    let passed = !h.is_empty();
+    let mut default = |name: &'static str, value: Option<HeaderValue>| {
         let name = HeaderName::from_static(name);
-        if !h.contains_key(&name)
-            && let Ok(v) = HeaderValue::from_str(&value)
+        if let Some(v) = value
+            && !(passed && h.contains_key(&name))
         {
             h.insert(name, v);
         }
     };
-    default("ce-specversion", SPEC_VERSION.into());
+    default(
+        "ce-specversion",
+        Some(HeaderValue::from_static(SPEC_VERSION)),
+    );
+    let mut id = String::with_capacity(part.id_prefix.len() + 20);
+    id.push_str(&part.id_prefix);
+    id.push_str(&record.offset.to_string());
     default(
         "ce-id",
-        format!("{}-{}-{}", tp.topic, tp.partition, record.offset),
+        HeaderValue::from_maybe_shared(Bytes::from(id)).ok(),
     );
-    default("ce-source", default_source(&tp.topic));
-    default("ce-type", EVENT_TYPE.into());
+    default("ce-source", part.source.clone());
+    default("ce-type", Some(HeaderValue::from_static(EVENT_TYPE)));
     if let Some(ms) = record.timestamp_ms {
-        default("ce-time", rfc3339_millis(ms));
+        default(
+            "ce-time",
+            HeaderValue::from_maybe_shared(Bytes::from(rfc3339_millis(ms))).ok(),
+        );
     }
-    if !h.contains_key(CONTENT_TYPE) {
+    if !(passed && h.contains_key(CONTENT_TYPE)) {
         h.insert(
             CONTENT_TYPE,
             HeaderValue::from_static("application/octet-stream"),
         );
     }
-    let set = |h: &mut HeaderMap, name: &'static str, value: String| {
-        if let Ok(v) = HeaderValue::from_str(&value) {
-            h.insert(HeaderName::from_static(name), v);
-        }
-    };
-    set(&mut h, HEADER_TOPIC, tp.topic.to_string());
-    set(&mut h, HEADER_PARTITION, tp.partition.to_string());
-    set(&mut h, HEADER_OFFSET, record.offset.to_string());
-    set(&mut h, HEADER_ATTEMPT, attempt.to_string());
+    if let Some(topic) = &part.topic {
+        h.insert(HeaderName::from_static(HEADER_TOPIC), topic.clone());
+    }
+    h.insert(
+        HeaderName::from_static(HEADER_PARTITION),
+        part.partition.clone(),
+    );
+    h.insert(
+        HeaderName::from_static(HEADER_OFFSET),
+        HeaderValue::from(record.offset),
+    );
+    h.insert(
+        HeaderName::from_static(HEADER_ATTEMPT),
+        match ATTEMPTS.get((attempt as usize).wrapping_sub(1)) {
+            Some(a) => HeaderValue::from_static(a),
+            None => HeaderValue::from(attempt),
+        },
+    );
     if let Some(key) = &record.key {
-        match HeaderValue::from_bytes(key) {
-            Ok(v) if key.iter().all(|b| (0x20..0x7f).contains(b)) => {
+        let printable = key.iter().all(|b| (0x20..0x7f).contains(b));
+        match HeaderValue::from_maybe_shared(key.clone()) {
+            Ok(v) if printable => {
                 h.insert(HeaderName::from_static(HEADER_KEY), v);
             }
-            _ => set(
-                &mut h,
-                HEADER_KEY_BASE64,
-                base64::engine::general_purpose::STANDARD.encode(key),
-            ),
+            _ => {
+                if let Ok(v) =
+                    HeaderValue::from_str(&base64::engine::general_purpose::STANDARD.encode(key))
+                {
+                    h.insert(HeaderName::from_static(HEADER_KEY_BASE64), v);
+                }
+            }
         }
     }
     h
@@ -377,6 +430,25 @@ mod tests {
         assert_eq!(get(&h, "kafka-key"), Some("customer-7"));
         assert_eq!(get(&h, "sluice-attempt"), Some("1"));
         assert_eq!(h.len(), 11);
+    }
+
+    #[test]
+    fn partition_values_built_once_serve_every_record_and_attempt() {
+        let part = PartitionHeaders::new(&Tp::new("orders", 3));
+        let mut r = record();
+        for (offset, attempt, text) in
+            [(42, 1, "1"), (43, 9, "9"), (44, 10, "10"), (45, 123, "123")]
+        {
+            r.offset = offset;
+            let h = request_headers_with(&r, attempt, &part);
+            assert_eq!(h, request_headers(&r, attempt), "same as built per record");
+            assert_eq!(get(&h, "sluice-attempt"), Some(text));
+            assert_eq!(
+                get(&h, "ce-id"),
+                Some(format!("orders-3-{offset}").as_str())
+            );
+            assert_eq!(get(&h, "kafka-offset"), Some(offset.to_string().as_str()));
+        }
     }
 
     #[test]

@@ -20,8 +20,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, warn};
 
 use crate::cloudevents::{
-    BATCH_CONTENT_TYPE, HEADER_BATCH_SIZE, HEADER_PARTITION, HEADER_TOPIC, batch_body, event_id,
-    request_headers,
+    BATCH_CONTENT_TYPE, HEADER_BATCH_SIZE, HEADER_PARTITION, HEADER_TOPIC, PartitionHeaders,
+    batch_body, event_id, request_headers_with,
 };
 use crate::metrics::{Metrics, OutcomeLabel, ReasonLabel};
 use crate::policy::{
@@ -266,7 +266,9 @@ impl Deliverer {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(id, Instant::now());
-        let outcome = self.deliver(&record, epoch, &cancel, &mut blocked).await;
+        let outcome = self
+            .deliver(&record, &progress.headers, epoch, &cancel, &mut blocked)
+            .await;
         progress.end(record.offset, outcome != Outcome::Abandoned);
         self.running
             .lock()
@@ -552,6 +554,7 @@ impl Deliverer {
     async fn deliver(
         &self,
         rec: &Record,
+        headers: &PartitionHeaders,
         epoch: u64,
         cancel: &CancellationToken,
         blocked: &mut bool,
@@ -572,7 +575,7 @@ impl Deliverer {
                 return Outcome::Abandoned;
             }
             sent += 1;
-            let result = self.attempt(rec, sent).await;
+            let result = self.attempt(rec, headers, sent).await;
             let verdict = classify(&result, SystemTime::now());
             match &verdict {
                 Verdict::Retry { counts: true, .. } => failures += 1,
@@ -700,12 +703,17 @@ impl Deliverer {
         }
     }
 
-    async fn attempt(&self, rec: &Record, attempt: u32) -> AttemptResult {
+    async fn attempt(
+        &self,
+        rec: &Record,
+        headers: &PartitionHeaders,
+        attempt: u32,
+    ) -> AttemptResult {
         let body = Full::new(rec.value.clone().unwrap_or_default());
         let mut req = Request::post(self.uri.clone())
             .body(body)
             .expect("a POST to a valid URI is a valid request");
-        *req.headers_mut() = request_headers(rec, attempt);
+        *req.headers_mut() = request_headers_with(rec, attempt, headers);
         let started = Instant::now();
         let exchange = async {
             let resp = self

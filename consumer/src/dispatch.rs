@@ -80,6 +80,10 @@ pub struct PartitionState {
     in_flight_keys: HashMap<Bytes, usize>,
     blocked: usize,
     paused: bool,
+    /// Key mode: the last scan found no free key and neither the queue nor the keys in
+    /// flight changed since, so the next `take_next` need not scan again (without this,
+    /// every dispatch round rescanned up to [`KEY_SCAN_LIMIT`] queued records per partition).
+    keys_exhausted: bool,
     /// Since when a partial batch has been ready (batch delivery's `maxWait`).
     batch_waiting_since: Option<Instant>,
 }
@@ -116,6 +120,7 @@ impl PartitionState {
             in_flight_keys: HashMap::new(),
             blocked: 0,
             paused: false,
+            keys_exhausted: false,
             batch_waiting_since: None,
         }
     }
@@ -132,6 +137,7 @@ impl PartitionState {
         }
         self.queued_bytes += record.size();
         self.queue.push_back(record);
+        self.keys_exhausted = false;
         true
     }
 
@@ -150,7 +156,14 @@ impl PartitionState {
         let idx = match mode {
             Ordering::Partition if self.in_flight > 0 => return None,
             Ordering::Partition | Ordering::None => (!self.queue.is_empty()).then_some(0)?,
-            Ordering::Key => self.next_free_key()?,
+            Ordering::Key if self.keys_exhausted => return None,
+            Ordering::Key => match self.next_free_key() {
+                Some(i) => i,
+                None => {
+                    self.keys_exhausted = true;
+                    return None;
+                }
+            },
         };
         if !self.progress.start() {
             return None;
@@ -302,6 +315,7 @@ impl PartitionState {
     /// A delivery of this epoch ended (its offset is already settled in the progress).
     pub fn done(&mut self, key: Option<&Bytes>) {
         self.in_flight = self.in_flight.saturating_sub(1);
+        self.keys_exhausted = false;
         if let Some(k) = key
             && let Some(n) = self.in_flight_keys.get_mut(k)
         {
@@ -329,6 +343,7 @@ impl PartitionState {
     fn clear(&mut self) -> (usize, usize) {
         let dropped = (self.queue.len(), self.queued_bytes);
         self.queue.clear();
+        self.keys_exhausted = false;
         self.queued_bytes = 0;
         dropped
     }
@@ -787,6 +802,23 @@ mod tests {
         assert_eq!(take_all(&mut s, Ordering::Key), [0]);
         end(&mut s, 0, Some("a"), true);
         assert_eq!(take_all(&mut s, Ordering::Key), [1]);
+    }
+
+    #[test]
+    fn key_mode_rescans_when_a_record_arrives_or_a_key_is_freed() {
+        let (a, b) = (Some("a"), Some("b"));
+        let mut s = state_with(&[(0, a), (1, a)]);
+        assert_eq!(take_all(&mut s, Ordering::Key), [0]);
+        assert!(s.keys_exhausted, "1 waits for key a: nothing to rescan");
+        assert_eq!(take_all(&mut s, Ordering::Key), Vec::<i64>::new());
+        assert!(s.push(rec(2, b)));
+        assert_eq!(
+            take_all(&mut s, Ordering::Key),
+            [2],
+            "a new record of a free key is found"
+        );
+        end(&mut s, 0, a, true);
+        assert_eq!(take_all(&mut s, Ordering::Key), [1], "key a freed");
     }
 
     #[test]

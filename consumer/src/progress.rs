@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
+use crate::cloudevents::PartitionHeaders;
 use crate::offsets::OffsetTracker;
 use crate::record::Tp;
 
@@ -21,6 +22,8 @@ use crate::record::Tp;
 pub struct Progress {
     pub tp: Tp,
     pub epoch: u64,
+    /// The delivery headers that are constant for the partition, built once.
+    pub headers: PartitionHeaders,
     state: Mutex<State>,
     idle: Condvar,
     cancel: CancellationToken,
@@ -72,6 +75,7 @@ impl Snapshot {
 impl Progress {
     pub fn new(tp: Tp, epoch: u64) -> Arc<Progress> {
         Arc::new(Progress {
+            headers: PartitionHeaders::new(&tp),
             tp,
             epoch,
             state: Mutex::new(State::default()),

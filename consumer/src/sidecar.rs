@@ -352,7 +352,13 @@ pub async fn run(
             max_wait: b.max_wait,
         }),
     );
-    let report = dispatcher.run(from_kafka, events_rx, drain.token()).await;
+    // The dispatcher runs on a worker thread of the runtime, next to the delivery tasks it
+    // starts and that report back to it: on the thread that runs this function (outside the
+    // worker pool) every start and every result was a wake-up across threads.
+    let report = match tokio::spawn(dispatcher.run(from_kafka, events_rx, drain.token())).await {
+        Ok(report) => report,
+        Err(e) => std::panic::resume_unwind(e.into_panic()),
+    };
     if report.fatal.is_some() {
         metrics
             .drains

@@ -19,7 +19,9 @@
 //!
 //! Run: `make bench` (env `SLUICE_BENCH_RECORDS`, default 200 000; `SLUICE_BENCH_RUNS`;
 //! `SLUICE_BENCH_KAFKAGO_RECORDS`, default 5 000, for the slow per-record-commit consumer;
-//! `SLUICE_BENCH_GO_BIN`, the Go baselines' directory, set by `make bench`).
+//! `SLUICE_BENCH_KEYS`, distinct record keys, default 1 000 — few keys make key ordering
+//! wait on keys in flight; `SLUICE_BENCH_GO_BIN`, the Go baselines' directory, set by
+//! `make bench`).
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -340,11 +342,11 @@ async fn baseline_http(topic: &str, group: &str, url: &str, concurrency: usize) 
 
 // ----- the bench -----
 
-async fn produce(topic: &Topic, n: usize) {
+async fn produce(topic: &Topic, n: usize, keys: usize) {
     let producer = producer();
     let mut pending = Vec::with_capacity(10_000);
     for i in 0..n {
-        let key = format!("key-{}", i % 1000);
+        let key = format!("key-{}", i % keys);
         // ~100 bytes, JSON.
         let value = format!("{{\"seq\":{i},\"pad\":\"{:0>72}\"}}", i);
         let fut = producer
@@ -512,7 +514,7 @@ async fn main() {
         bin.display()
     );
     let topic = Topic::create("bench", PARTITIONS).await;
-    produce(&topic, n).await;
+    produce(&topic, n, env_usize("SLUICE_BENCH_KEYS", 1000).max(1)).await;
 
     let mut results: BTreeMap<&'static str, (usize, Figures)> = BTreeMap::new();
     let mut order: Vec<&'static str> = Vec::new();
