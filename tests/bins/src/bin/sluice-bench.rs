@@ -492,7 +492,14 @@ async fn main() {
             return;
         }
         Some("http") => {
-            baseline_http(&args[2], &args[3], &args[4], args[5].parse().unwrap()).await;
+            // On a runtime worker, as the sidecar's dispatcher runs: in `main`'s own future
+            // (the thread outside the pool) every start and result would be a cross-thread
+            // wake-up, a cost the sidecar does not pay.
+            let (topic, group, url) = (args[2].clone(), args[3].clone(), args[4].clone());
+            let concurrency = args[5].parse().unwrap();
+            tokio::spawn(async move { baseline_http(&topic, &group, &url, concurrency).await })
+                .await
+                .expect("the hyper loop");
             return;
         }
         _ => {}
