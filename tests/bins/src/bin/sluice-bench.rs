@@ -430,6 +430,9 @@ async fn drain_once(batch: bool) -> Result<(Duration, Duration), String> {
     let mut cfg = sidecar_config(&topic.name, &group("bench-drain"), &app.url());
     cfg["delivery"]["ordering"] = "none".into();
     cfg["delivery"]["maxInFlight"] = 20.into();
+    if let Ok(d) = std::env::var("SLUICE_BENCH_RDKAFKA_DEBUG") {
+        cfg["kafka"]["properties"] = serde_json::json!({"debug": d});
+    }
     if batch {
         cfg["delivery"]["batch"] = serde_json::json!({ "maxRecords": 10 });
     }
@@ -508,7 +511,8 @@ async fn main() {
     let n = env_usize("SLUICE_BENCH_RECORDS", 200_000);
     let runs = env_usize("SLUICE_BENCH_RUNS", 3).max(1);
     let kafkago_n = env_usize("SLUICE_BENCH_KAFKAGO_RECORDS", 5_000).min(n);
-    // `SLUICE_BENCH_ONLY=<text>`: only the contestants whose name contains it (profiling).
+    // `SLUICE_BENCH_ONLY=<text>`: only the contestants whose name contains it (profiling);
+    // `drain`: only the idle RSS and the drain.
     let only = std::env::var("SLUICE_BENCH_ONLY").unwrap_or_default();
     let wanted = |name: &str| name.contains(only.as_str());
     let go_bin = std::env::var("SLUICE_BENCH_GO_BIN")
@@ -643,7 +647,11 @@ async fn main() {
     let idle = idle_rss().await;
     let mut drains = Vec::new();
     for batch in [false, true] {
-        for _ in 0..if only.is_empty() { runs } else { 0 } {
+        for _ in 0..if only.is_empty() || only == "drain" {
+            runs
+        } else {
+            0
+        } {
             drains.push((batch, drain_once(batch).await));
         }
     }
