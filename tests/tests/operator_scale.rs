@@ -143,6 +143,7 @@ async fn event_consumers_converge_and_stay_quiet() {
 
     // Created at once (16 requests in flight), replicas 0 so the single test node is not
     // asked to run the pods: this measures the operator, not the kubelet.
+    let requests_before = apiserver_request_counts(&client).await;
     let started = Instant::now();
     let names: Vec<String> = (0..count).map(|i| format!("ec-{i:04}")).collect();
     let yaml = ec_yaml(&topic.name, 0, "");
@@ -186,6 +187,8 @@ async fn event_consumers_converge_and_stay_quiet() {
     )
     .await;
     let converged = started.elapsed();
+    let requests_converged = apiserver_request_counts(&client).await;
+    let converge_metrics = reqwest_lite(port, "/metrics").await;
     let deployment_count = deployments
         .list_metadata(&ListParams::default())
         .await
@@ -240,6 +243,7 @@ async fn event_consumers_converge_and_stay_quiet() {
         + metric("sluice_operator_lag_status_writes_total").await;
     let mut rates = Vec::new();
     let mut ours_rates = Vec::new();
+    let requests_window_start = apiserver_request_counts(&client).await;
     let (t0, o0, s0) = apiserver_requests(&client).await;
     let (mut last_total, mut last_ours) = (t0, o0);
     let window_started = Instant::now();
@@ -254,6 +258,7 @@ async fn event_consumers_converge_and_stay_quiet() {
     }
     let window = window_started.elapsed().as_secs_f64();
     let (_, _, s1) = apiserver_requests(&client).await;
+    let requests_window_end = apiserver_request_counts(&client).await;
     let reconciles = metric("sluice_operator_reconciles_total").await - reconciles_before;
     let status_writes = metric("sluice_operator_status_writes_total").await
         + metric("sluice_operator_lag_status_writes_total").await
@@ -271,6 +276,38 @@ async fn event_consumers_converge_and_stay_quiet() {
         "steady state over {window:.0} s (lag on, 30 s): {reconciles} reconciles; API server requests/s on the operator's resources median {ours_med:.2} (min {ours_min:.2}, max {ours_max:.2}), all clients median {all_med:.2} (min {all_min:.2}, max {all_max:.2}) [shared API server: upper bounds]; EventConsumer status PATCHes {:.1}/min (API server), operator status writes {:.1}/min; Kafka lag clients {clients}",
         (s1 - s0) * 60.0 / window,
         status_writes * 60.0 / window,
+    );
+    print_requests(
+        "until convergence (the test's own CREATE and LIST of eventconsumers included)",
+        &requests_before,
+        &requests_converged,
+        count,
+    );
+    print_requests(
+        "in the steady-state window",
+        &requests_window_start,
+        &requests_window_end,
+        count,
+    );
+    eprintln!(
+        "during convergence, the operator's counters: {}",
+        [
+            "sluice_operator_reconciles_total",
+            "sluice_operator_status_writes_total",
+            "sluice_operator_applies_skipped_total",
+            "sluice_operator_reconcile_duration_seconds_sum",
+        ]
+        .iter()
+        .map(|name| {
+            let v = converge_metrics
+                .lines()
+                .find_map(|l| l.strip_prefix(&format!("{name} ")))
+                .unwrap_or("?")
+                .trim();
+            format!("{name} {v}")
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
     );
     eprintln!(
         "operator RSS peak {} MiB (idle before: {} MiB), now {} MiB",
@@ -316,6 +353,52 @@ async fn event_consumers_converge_and_stay_quiet() {
             "the operator did not exit within 20 s of SIGTERM"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Prints the API server's requests between two snapshots on the resources the operator
+/// touches, by verb and resource, per EventConsumer (every client of the shared API server
+/// counts).
+fn print_requests(
+    what: &str,
+    before: &[operator_common::RequestCount],
+    after: &[operator_common::RequestCount],
+    count: usize,
+) {
+    use std::collections::BTreeMap;
+    let key = |r: &operator_common::RequestCount| {
+        let resource = if r.subresource.is_empty() {
+            r.resource.clone()
+        } else {
+            format!("{}/{}", r.resource, r.subresource)
+        };
+        (r.verb.clone(), resource)
+    };
+    let mut delta: BTreeMap<(String, String), f64> = BTreeMap::new();
+    for r in after
+        .iter()
+        .filter(|r| OPERATOR_RESOURCES.contains(&r.resource.as_str()))
+    {
+        *delta.entry(key(r)).or_default() += r.count;
+    }
+    for r in before
+        .iter()
+        .filter(|r| OPERATOR_RESOURCES.contains(&r.resource.as_str()))
+    {
+        *delta.entry(key(r)).or_default() -= r.count;
+    }
+    let mut rows: Vec<_> = delta.into_iter().filter(|(_, n)| *n >= 1.0).collect();
+    rows.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let total: f64 = rows.iter().map(|(_, n)| n).sum();
+    eprintln!(
+        "API server requests on the operator's resources {what} (shared API server: every client counts): {total:.0}, {:.2} per EventConsumer",
+        total / count as f64
+    );
+    for ((verb, resource), n) in rows {
+        eprintln!(
+            "  {verb:<8} {resource:<28} {n:>8.0}  {:>6.2}/EventConsumer",
+            n / count as f64
+        );
     }
 }
 
