@@ -407,7 +407,12 @@ fn the_deployment_signature_moves_only_with_what_the_reconcile_reads() {
         "ProgressDeadlineExceeded",
         "x",
     )]);
-    let failing = with(vec![cond("ReplicaFailure", "True", "FailedCreate", "quota")]);
+    let failing = with(vec![cond(
+        "ReplicaFailure",
+        "True",
+        "FailedCreate",
+        "quota",
+    )]);
     let failing_other = with(vec![cond("ReplicaFailure", "True", "FailedCreate", "psa")]);
     let mut changed = vec![stalled, failing, failing_other];
     for edit in [
