@@ -1020,15 +1020,16 @@ impl<K> Tap<K> {
     }
 }
 
+/// One item of a watch's event stream.
+type WatchItem<K> = Result<watcher::Event<K>, watcher::Error>;
+
 /// A `filter_map` step for a watch's event stream: passes on an applied object only when
 /// `signature` changed since this object (name and UID) was last seen, and every deleted
 /// one (the last state a deletion carries is often the one already seen, and the owner must
 /// still recreate it). A re-list forgets objects that disappeared during the watch gap.
 fn changed_or_deleted<K: Resource>(
     signature: fn(&K) -> Option<u64>,
-) -> impl FnMut(
-    Result<watcher::Event<K>, watcher::Error>,
-) -> futures::future::Ready<Option<Result<K, watcher::Error>>> {
+) -> impl FnMut(WatchItem<K>) -> futures::future::Ready<Option<Result<K, watcher::Error>>> {
     type Key = (Option<String>, Option<String>, Option<String>);
     let key = |obj: &K| -> Key {
         let m = obj.meta();
