@@ -108,6 +108,7 @@ pub fn main() -> ExitCode {
         Err(e) => {
             error!("{e}");
             eprintln!("sluice-consumer: {e}");
+            terminate_with(&format!("invalid configuration: {e}"));
             return ExitCode::from(2);
         }
     };
@@ -117,6 +118,7 @@ pub fn main() -> ExitCode {
             Err(e) => {
                 error!("{e}");
                 eprintln!("sluice-consumer: {e}");
+                terminate_with(&format!("invalid configuration: {e}"));
                 return ExitCode::from(2);
             }
         },
@@ -125,6 +127,7 @@ pub fn main() -> ExitCode {
     if let Err(e) = config.kafka.client_properties() {
         error!("{e}");
         eprintln!("sluice-consumer: {e}");
+        terminate_with(&format!("invalid configuration: {e}"));
         return ExitCode::from(2);
     }
     if cli.check_config {
@@ -223,10 +226,12 @@ async fn run(config: SidecarConfig, drain_token: Option<Arc<str>>) -> ExitCode {
         Err(e) => {
             error!(error = format!("{e:#}"), "the sidecar failed");
             drain.finish(format!("failed: {e:#}"));
+            terminate_with(&format!("the sidecar failed: {e:#}"));
             return ExitCode::from(1);
         }
         Ok(Ended::Fatal(reason)) => {
             error!(%reason, "the Kafka consumer failed fatally; drained and exiting");
+            terminate_with(&format!("the Kafka consumer failed fatally: {reason}"));
             return ExitCode::from(1);
         }
         Ok(Ended::Drained) => {}
@@ -250,11 +255,74 @@ async fn run(config: SidecarConfig, drain_token: Option<Arc<str>>) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// The kubelet's termination message file, read into the container's
+/// `state.terminated.message` (the operator shows it in the EventConsumer's
+/// `SidecarCrashLooping` condition).
+pub const TERMINATION_LOG: &str = "/dev/termination-log";
+/// Longest message written (the kubelet keeps at most 4 KiB per container).
+const TERMINATION_MESSAGE_MAX: usize = 1024;
+
+/// One line, at most [`TERMINATION_MESSAGE_MAX`] bytes (cut at a character boundary).
+pub fn termination_message(text: &str) -> String {
+    let mut line: String = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    if line.len() > TERMINATION_MESSAGE_MAX {
+        let mut cut = TERMINATION_MESSAGE_MAX - 3;
+        while !line.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        line.truncate(cut);
+        line.push_str("...");
+    }
+    line
+}
+
+/// Writes why the process exits to `path` when that file exists (Kubernetes creates it in
+/// every container; elsewhere nothing is written). Best effort: the exit goes on regardless.
+pub fn write_termination_message(path: &std::path::Path, text: &str) {
+    use std::io::Write;
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(path)
+    {
+        let _ = writeln!(f, "{}", termination_message(text));
+    }
+}
+
+fn terminate_with(text: &str) {
+    write_termination_message(std::path::Path::new(TERMINATION_LOG), text);
+}
+
 #[cfg(test)]
 mod tests {
     use clap::CommandFactory;
 
     use super::*;
+
+    #[test]
+    fn the_termination_message_is_one_bounded_line_written_only_where_kubernetes_made_the_file() {
+        assert_eq!(
+            termination_message("Kafka: authentication failed:\n  SASL PLAIN   refused\n"),
+            "Kafka: authentication failed: SASL PLAIN refused"
+        );
+        let long = "é".repeat(2000);
+        let m = termination_message(&long);
+        assert!(m.len() <= TERMINATION_MESSAGE_MAX, "{}", m.len());
+        assert!(m.ends_with("..."));
+        let dir = std::env::temp_dir().join(format!("sluice-term-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let absent = dir.join("absent");
+        write_termination_message(&absent, "x");
+        assert!(!absent.exists(), "no file is created outside Kubernetes");
+        let file = dir.join("termination-log");
+        std::fs::write(&file, "an older, longer message\n").unwrap();
+        write_termination_message(&file, "invalid configuration:\nkafka.topics is empty");
+        assert_eq!(
+            std::fs::read_to_string(&file).unwrap(),
+            "invalid configuration: kafka.topics is empty\n"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn cli_definition_is_consistent() {

@@ -90,7 +90,13 @@ pub struct Context {
     pub pacer: Pacer,
     /// Wakes EventConsumers waiting for a turn (set while the controller runs).
     wake: Mutex<Option<Waker>>,
+    /// Events to publish beside the reconciles (set while the controller runs), so a
+    /// reconcile does not hold its slot for them.
+    events: Mutex<Option<UnboundedSender<(Event, ObjectReference)>>>,
 }
+
+/// Events published at the same time by the controller's publisher.
+const EVENTS_IN_FLIGHT: usize = 8;
 
 /// Sends EventConsumers to reconcile (those whose rollout turn has come).
 type Waker = futures::channel::mpsc::UnboundedSender<ObjectRef<Guarded>>;
@@ -172,6 +178,7 @@ impl Context {
             autoscalers_warned: autoscaler::Warned::default(),
             pacer: Pacer::new(DEFAULT_MAX_SIDECAR_ROLLOUTS),
             wake: Mutex::new(None),
+            events: Mutex::new(None),
         }
     }
 
@@ -313,13 +320,37 @@ impl Context {
             action: action.into(),
             secondary: None,
         };
-        if let Err(error) = self.recorder.publish(&event, reference).await {
-            warn!(%error, reason, "publishing an event failed");
-        }
+        // While the controller runs its publisher sends it; otherwise (or if it stopped) here.
+        let event = match self.events.lock().expect("not poisoned").as_ref() {
+            Some(tx) => match tx.unbounded_send((event, reference.clone())) {
+                Ok(()) => return,
+                Err(e) => e.into_inner().0,
+            },
+            None => event,
+        };
+        publish_event(&self.recorder, event, reference.clone()).await;
+    }
+
+    /// Publishes what [`Context::publish`] queues, up to [`EVENTS_IN_FLIGHT`] at a time, until
+    /// the queue is dropped.
+    fn event_publisher(&self) -> impl Future<Output = ()> + Send + 'static {
+        let (tx, rx) = futures::channel::mpsc::unbounded::<(Event, ObjectReference)>();
+        *self.events.lock().expect("not poisoned") = Some(tx);
+        let recorder = self.recorder.clone();
+        rx.for_each_concurrent(EVENTS_IN_FLIGHT, move |(event, reference)| {
+            let recorder = recorder.clone();
+            async move { publish_event(&recorder, event, reference).await }
+        })
     }
 
     fn key(obj: &Guarded) -> (String, String) {
         (obj.namespace().unwrap_or_default(), obj.name_any())
+    }
+}
+
+async fn publish_event(recorder: &Recorder, event: Event, reference: ObjectReference) {
+    if let Err(error) = recorder.publish(&event, &reference).await {
+        warn!(%error, reason = %event.reason, "publishing an event failed");
     }
 }
 
@@ -490,121 +521,130 @@ async fn reconcile_valid(ec: &EventConsumer, ctx: &Context) -> Result<Action, Er
     let pp = PatchParams::apply(FIELD_MANAGER).force();
     let cm_name = config_map_name(&name);
     let cm_hash = stamp(&mut desired.config_map);
-    let cached_cm = caches
-        .as_ref()
-        .and_then(|c| c.config_maps.get(&ObjectRef::new(&cm_name).within(&ns)));
-    let cm_key = ("ConfigMap", ns.clone(), cm_name.clone());
-    if pending.is_some()
-        || ctx.unchanged(
-            &cm_key,
-            &cm_hash,
-            cached_cm
-                .as_deref()
-                .map(|m| (&m.metadata, m.metadata.resource_version.clone())),
-        )
-    {
-        ctx.metrics.applies_skipped.inc();
-    } else {
-        let applied = Api::<ConfigMap>::namespaced(ctx.client.clone(), &ns)
-            .patch(&cm_name, &pp, &Patch::Apply(&desired.config_map))
-            .await
-            .map_err(|source| Error::ApplyConfigMap {
-                namespace: ns.clone(),
-                name: cm_name.clone(),
-                source,
-            })?;
-        ctx.record(cm_key, &cm_hash, applied.metadata.resource_version.clone());
-    }
+    let dep_hash = stamp(&mut desired.deployment);
+    let pdb_hash = stamp(&mut desired.pdb);
     let previous_hash = cached_deployment.as_ref().and_then(|d| {
         d.metadata
             .annotations
             .as_ref()
             .and_then(|a| a.get(CONFIG_HASH_ANNOTATION).cloned())
     });
-    let dep_hash = stamp(&mut desired.deployment);
-    let dep_key = ("Deployment", ns.clone(), name.clone());
-    let deployment: Deployment = match cached_deployment {
-        Some(d) if pending.is_some() => {
-            // The template waits; a scale (by hand or by an autoscaler) does not.
-            if d.spec.as_ref().and_then(|s| s.replicas) != Some(ec.spec.replicas) {
-                Api::<Deployment>::namespaced(ctx.client.clone(), &ns)
-                    .patch(
-                        &name,
-                        &PatchParams {
-                            field_manager: Some(FIELD_MANAGER.into()),
-                            ..Default::default()
-                        },
-                        &Patch::Merge(json!({"spec": {"replicas": ec.spec.replicas}})),
-                    )
-                    .await
-                    .map_err(|source| Error::ApplyDeployment {
-                        namespace: ns.clone(),
-                        name: name.clone(),
-                        source,
-                    })?
-            } else {
+    // The ConfigMap before the Deployment whose pods mount it; the PodDisruptionBudget,
+    // which neither needs, at the same time (one round trip less per reconcile).
+    let config_and_deployment = async {
+        let cached_cm = caches
+            .as_ref()
+            .and_then(|c| c.config_maps.get(&ObjectRef::new(&cm_name).within(&ns)));
+        let cm_key = ("ConfigMap", ns.clone(), cm_name.clone());
+        if pending.is_some()
+            || ctx.unchanged(
+                &cm_key,
+                &cm_hash,
+                cached_cm
+                    .as_deref()
+                    .map(|m| (&m.metadata, m.metadata.resource_version.clone())),
+            )
+        {
+            ctx.metrics.applies_skipped.inc();
+        } else {
+            let applied = Api::<ConfigMap>::namespaced(ctx.client.clone(), &ns)
+                .patch(&cm_name, &pp, &Patch::Apply(&desired.config_map))
+                .await
+                .map_err(|source| Error::ApplyConfigMap {
+                    namespace: ns.clone(),
+                    name: cm_name.clone(),
+                    source,
+                })?;
+            ctx.record(cm_key, &cm_hash, applied.metadata.resource_version.clone());
+        }
+        let dep_key = ("Deployment", ns.clone(), name.clone());
+        let deployment: Deployment = match cached_deployment {
+            Some(d) if pending.is_some() => {
+                // The template waits; a scale (by hand or by an autoscaler) does not.
+                if d.spec.as_ref().and_then(|s| s.replicas) != Some(ec.spec.replicas) {
+                    Api::<Deployment>::namespaced(ctx.client.clone(), &ns)
+                        .patch(
+                            &name,
+                            &PatchParams {
+                                field_manager: Some(FIELD_MANAGER.into()),
+                                ..Default::default()
+                            },
+                            &Patch::Merge(json!({"spec": {"replicas": ec.spec.replicas}})),
+                        )
+                        .await
+                        .map_err(|source| Error::ApplyDeployment {
+                            namespace: ns.clone(),
+                            name: name.clone(),
+                            source,
+                        })?
+                } else {
+                    ctx.metrics.applies_skipped.inc();
+                    (*d).clone()
+                }
+            }
+            Some(d)
+                if ctx.unchanged(
+                    &dep_key,
+                    &dep_hash,
+                    Some((&d.metadata, d.metadata.generation.map(|g| g.to_string()))),
+                ) =>
+            {
                 ctx.metrics.applies_skipped.inc();
                 (*d).clone()
             }
-        }
-        Some(d)
-            if ctx.unchanged(
-                &dep_key,
-                &dep_hash,
-                Some((&d.metadata, d.metadata.generation.map(|g| g.to_string()))),
-            ) =>
-        {
+            _ => {
+                let applied = Api::<Deployment>::namespaced(ctx.client.clone(), &ns)
+                    .patch(&name, &pp, &Patch::Apply(&desired.deployment))
+                    .await
+                    .map_err(|source| {
+                        ctx.pacer.release(&key);
+                        Error::ApplyDeployment {
+                            namespace: ns.clone(),
+                            name: name.clone(),
+                            source,
+                        }
+                    })?;
+                ctx.record(
+                    dep_key,
+                    &dep_hash,
+                    applied.metadata.generation.map(|g| g.to_string()),
+                );
+                applied
+            }
+        };
+        Ok::<_, Error>(deployment)
+    };
+    let pdb = async {
+        let cached_pdb = caches
+            .as_ref()
+            .and_then(|c| c.pdbs.get(&ObjectRef::new(&name).within(&ns)));
+        let pdb_key = ("PodDisruptionBudget", ns.clone(), name.clone());
+        if ctx.unchanged(
+            &pdb_key,
+            &pdb_hash,
+            cached_pdb
+                .as_deref()
+                .map(|m| (&m.metadata, m.metadata.generation.map(|g| g.to_string()))),
+        ) {
             ctx.metrics.applies_skipped.inc();
-            (*d).clone()
-        }
-        _ => {
-            let applied = Api::<Deployment>::namespaced(ctx.client.clone(), &ns)
-                .patch(&name, &pp, &Patch::Apply(&desired.deployment))
+        } else {
+            let applied = Api::<PodDisruptionBudget>::namespaced(ctx.client.clone(), &ns)
+                .patch(&name, &pp, &Patch::Apply(&desired.pdb))
                 .await
-                .map_err(|source| {
-                    ctx.pacer.release(&key);
-                    Error::ApplyDeployment {
-                        namespace: ns.clone(),
-                        name: name.clone(),
-                        source,
-                    }
+                .map_err(|source| Error::ApplyPodDisruptionBudget {
+                    namespace: ns.clone(),
+                    name: name.clone(),
+                    source,
                 })?;
             ctx.record(
-                dep_key,
-                &dep_hash,
+                pdb_key,
+                &pdb_hash,
                 applied.metadata.generation.map(|g| g.to_string()),
             );
-            applied
         }
+        Ok::<_, Error>(())
     };
-    let pdb_hash = stamp(&mut desired.pdb);
-    let cached_pdb = caches
-        .as_ref()
-        .and_then(|c| c.pdbs.get(&ObjectRef::new(&name).within(&ns)));
-    let pdb_key = ("PodDisruptionBudget", ns.clone(), name.clone());
-    if ctx.unchanged(
-        &pdb_key,
-        &pdb_hash,
-        cached_pdb
-            .as_deref()
-            .map(|m| (&m.metadata, m.metadata.generation.map(|g| g.to_string()))),
-    ) {
-        ctx.metrics.applies_skipped.inc();
-    } else {
-        let applied = Api::<PodDisruptionBudget>::namespaced(ctx.client.clone(), &ns)
-            .patch(&name, &pp, &Patch::Apply(&desired.pdb))
-            .await
-            .map_err(|source| Error::ApplyPodDisruptionBudget {
-                namespace: ns.clone(),
-                name: name.clone(),
-                source,
-            })?;
-        ctx.record(
-            pdb_key,
-            &pdb_hash,
-            applied.metadata.generation.map(|g| g.to_string()),
-        );
-    }
+    let (deployment, ()) = futures::try_join!(config_and_deployment, pdb)?;
     debug!(hash = %desired.config_hash, "applied");
     if let Some(previous) = previous_hash.filter(|p| pending.is_none() && *p != desired.config_hash)
     {
@@ -980,6 +1020,55 @@ impl<K> Tap<K> {
     }
 }
 
+/// One item of a watch's event stream.
+type WatchItem<K> = Result<watcher::Event<K>, watcher::Error>;
+
+/// A `filter_map` step for a watch's event stream: passes on an applied object only when
+/// `signature` changed since this object (name and UID) was last seen, and every deleted
+/// one (the last state a deletion carries is often the one already seen, and the owner must
+/// still recreate it). A re-list forgets objects that disappeared during the watch gap.
+fn changed_or_deleted<K: Resource>(
+    signature: fn(&K) -> Option<u64>,
+) -> impl FnMut(WatchItem<K>) -> futures::future::Ready<Option<Result<K, watcher::Error>>> {
+    type Key = (Option<String>, Option<String>, Option<String>);
+    let key = |obj: &K| -> Key {
+        let m = obj.meta();
+        (m.namespace.clone(), m.name.clone(), m.uid.clone())
+    };
+    let mut seen: HashMap<Key, Option<u64>> = HashMap::new();
+    let mut relisted: Option<HashMap<Key, Option<u64>>> = None;
+    move |event| {
+        let out = match event {
+            Err(e) => Some(Err(e)),
+            Ok(watcher::Event::Init) => {
+                relisted = Some(HashMap::new());
+                None
+            }
+            Ok(watcher::Event::InitDone) => {
+                if let Some(fresh) = relisted.take() {
+                    seen = fresh;
+                }
+                None
+            }
+            Ok(watcher::Event::Delete(obj)) => {
+                seen.remove(&key(&obj));
+                Some(Ok(obj))
+            }
+            Ok(watcher::Event::Apply(obj) | watcher::Event::InitApply(obj)) => {
+                let k = key(&obj);
+                let sig = signature(&obj);
+                if let Some(fresh) = relisted.as_mut() {
+                    fresh.insert(k.clone(), sig);
+                }
+                let changed = sig.is_none() || seen.get(&k) != Some(&sig);
+                seen.insert(k, sig);
+                changed.then_some(Ok(obj))
+            }
+        };
+        futures::future::ready(out)
+    }
+}
+
 /// Runs one watch stream for as long as the returned task lives, handing what it yields to
 /// `tap`. Watch errors are retried by the stream's backoff.
 fn drive<K, S>(kind: &'static str, stream: S, tap: Tap<K>) -> AbortOnDrop
@@ -1058,7 +1147,7 @@ impl Watches {
             .default_backoff()
             .modify(|d| d.managed_fields_mut().clear())
             .reflect(dep_writer)
-            .touched_objects();
+            .filter_map(changed_or_deleted(status::deployment_signature));
         let (cm_reader, cm_writer) = reflector::store();
         let config_map_tap = Tap::new();
         let config_maps = watcher(
@@ -1207,6 +1296,9 @@ pub async fn run_controller(
             futures::future::ready(())
         },
     )));
+    // Events: published beside the reconciles; those still queued when the controller
+    // stops get a moment, then are dropped with the task.
+    let mut events = AbortOnDrop(tokio::spawn(ctx.event_publisher()));
     // The lag collector: beside the controller, on the same cache, stopped with it.
     let collector_stop = tokio_util::sync::CancellationToken::new();
     let mut collector = AbortOnDrop(tokio::spawn(
@@ -1254,6 +1346,8 @@ pub async fn run_controller(
     collector_stop.cancel();
     let _ = (&mut collector.0).await;
     *ctx.wake.lock().expect("not poisoned") = None;
+    *ctx.events.lock().expect("not poisoned") = None;
+    let _ = tokio::time::timeout(Duration::from_secs(1), &mut events.0).await;
 }
 
 #[cfg(test)]
@@ -1292,6 +1386,49 @@ mod tests {
         let mut b = ConfigMap::default();
         b.metadata.name = Some("y".into());
         assert_ne!(stamp(&mut b), h1);
+    }
+
+    #[test]
+    fn the_watch_filter_passes_changes_and_every_deletion() {
+        use futures::StreamExt;
+        let cm = |name: &str, uid: &str, v: &str| {
+            let mut c = ConfigMap::default();
+            c.metadata.name = Some(name.into());
+            c.metadata.uid = Some(uid.into());
+            c.data = Some([("v".to_owned(), v.to_owned())].into());
+            c
+        };
+        let sig = |c: &ConfigMap| {
+            use std::hash::{DefaultHasher, Hash, Hasher};
+            let mut h = DefaultHasher::new();
+            c.data.hash(&mut h);
+            Some(h.finish())
+        };
+        let events = vec![
+            watcher::Event::Init,
+            watcher::Event::InitApply(cm("a", "1", "x")),
+            watcher::Event::InitApply(cm("gone", "2", "x")),
+            watcher::Event::InitDone,
+            watcher::Event::Apply(cm("a", "1", "x")), // unchanged: filtered
+            watcher::Event::Apply(cm("a", "1", "y")), // changed
+            watcher::Event::Delete(cm("a", "1", "y")), // same state, deleted: passed
+            watcher::Event::Apply(cm("a", "3", "y")), // recreated (new UID)
+            // A re-list after a gap: "gone" vanished meanwhile, "a" unchanged.
+            watcher::Event::Init,
+            watcher::Event::InitApply(cm("a", "3", "y")),
+            watcher::Event::InitDone,
+            watcher::Event::Apply(cm("gone", "2", "x")), // forgotten: seen as new
+        ];
+        let passed: Vec<String> = futures::executor::block_on(
+            futures::stream::iter(events.into_iter().map(Ok))
+                .filter_map(changed_or_deleted(sig))
+                .map(|r: Result<ConfigMap, _>| {
+                    let c = r.unwrap();
+                    format!("{}/{}", c.name_any(), c.data.unwrap()["v"])
+                })
+                .collect(),
+        );
+        assert_eq!(passed, ["a/x", "gone/x", "a/y", "a/y", "a/y", "gone/x"]);
     }
 
     #[test]

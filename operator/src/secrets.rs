@@ -233,9 +233,25 @@ impl SecretReader<'_> {
             return Ok(Some((*s).clone()));
         }
         let secret = self.api.get_opt(name).await?;
-        self.cache
-            .put(self.namespace, name, secret.as_ref(), self.meta);
+        self.remember(name, secret.as_ref());
         Ok(secret)
+    }
+
+    /// Whether the Secret watch, fully listed, shows no Secret of this name. It may lag a
+    /// Secret created a moment ago, so this only spares a read before a create (whose
+    /// conflict says the Secret exists after all).
+    fn known_absent(&self, name: &str) -> bool {
+        use futures::FutureExt;
+        self.meta.is_some_and(|m| {
+            matches!(m.wait_until_ready().now_or_never(), Some(Ok(())))
+                && m.get(&ObjectRef::new(name).within(self.namespace))
+                    .is_none()
+        })
+    }
+
+    /// Keeps a Secret this reconcile read or wrote (the watch will show its resourceVersion).
+    fn remember(&self, name: &str, secret: Option<&Secret>) {
+        self.cache.put(self.namespace, name, secret, self.meta);
     }
 }
 
@@ -328,18 +344,27 @@ pub async fn ensure_drain_token(
             .and_then(|d| d.get(DRAIN_TOKEN_KEY))
             .and_then(|v| valid_token(&v.0))
     };
-    if let Some(existing) = reader.get_opt(&name).await.map_err(err)? {
+    // A new EventConsumer's Secret does not exist yet: when the watch shows none, create it
+    // without reading first.
+    let existing = if reader.known_absent(&name) {
+        None
+    } else {
+        reader.get_opt(&name).await.map_err(err)?
+    };
+    if let Some(existing) = existing {
         if let Some(token) = stored(&existing) {
             return Ok(token);
         }
         let token = new_token();
-        api.patch(
-            &name,
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(drain_secret(namespace, ec, uid, &token)),
-        )
-        .await
-        .map_err(err)?;
+        let written = api
+            .patch(
+                &name,
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(drain_secret(namespace, ec, uid, &token)),
+            )
+            .await
+            .map_err(err)?;
+        reader.remember(&name, Some(&written));
         return Ok(token);
     }
     let token = new_token();
@@ -351,10 +376,16 @@ pub async fn ensure_drain_token(
         .create(&pp, &drain_secret(namespace, ec, uid, &token))
         .await
     {
-        Ok(_) => Ok(token),
+        Ok(created) => {
+            reader.remember(&name, Some(&created));
+            Ok(token)
+        }
         Err(kube::Error::Api(s)) if s.code == 409 => {
-            // Another pass created it first: use its token.
+            // It exists after all (another pass created it first, or the watch had not shown
+            // it yet): use its token; one that is not this EventConsumer's fails this pass,
+            // and the retry reads it and replaces it.
             let existing = api.get(&name).await.map_err(err)?;
+            reader.remember(&name, Some(&existing));
             stored(&existing).ok_or_else(|| {
                 err(kube::Error::Api(Box::new(
                     kube::core::Status::failure(

@@ -276,6 +276,46 @@ fn deployment_view(seen: &Observed<'_>) -> DeploymentView {
             replica_failure: None,
         };
     };
+    view_of(dep)
+}
+
+/// What the reconcile reads of a Deployment, as a hash: the Deployment watch passes a
+/// Deployment on (and its EventConsumer is reconciled) only when this changes — its
+/// metadata (generation, labels, annotations, deletion), its replicas, and the parts of its
+/// status the EventConsumer's status and the rollout pacing read. The Deployment
+/// controller's other status updates (a condition's reason or time moving while nothing the
+/// EventConsumer shows changes) do not reconcile.
+pub fn deployment_signature(dep: &Deployment) -> Option<u64> {
+    use std::hash::{DefaultHasher, Hash, Hasher};
+    let mut h = DefaultHasher::new();
+    let m = &dep.metadata;
+    (
+        &m.generation,
+        &m.labels,
+        &m.annotations,
+        m.deletion_timestamp.is_some(),
+    )
+        .hash(&mut h);
+    dep.spec.as_ref().and_then(|s| s.replicas).hash(&mut h);
+    let v = view_of(dep);
+    (
+        v.current,
+        v.replicas,
+        v.ready,
+        v.updated,
+        v.available,
+        v.stalled,
+        &v.replica_failure,
+    )
+        .hash(&mut h);
+    dep.status
+        .as_ref()
+        .map(|s| (s.observed_generation, s.unavailable_replicas))
+        .hash(&mut h);
+    Some(h.finish())
+}
+
+fn view_of(dep: &Deployment) -> DeploymentView {
     let status = dep.status.clone().unwrap_or_default();
     let current = match (dep.metadata.generation, status.observed_generation) {
         (Some(g), Some(o)) => o >= g,

@@ -21,8 +21,8 @@ use k8s_openapi::api::core::v1::ConfigMap;
 use kube::Api;
 use kube::api::ListParams;
 use operator_common::{
-    OPERATOR_RESOURCES, apiserver_request_counts, condition, create_ec, ec_yaml, env_or,
-    install_crd, operator_binary, spread, wait_for,
+    OPERATOR_RESOURCES, RequestCount, apiserver_request_counts, apiserver_request_seconds,
+    condition, create_ec, ec_yaml, env_or, install_crd, operator_binary, spread, wait_for,
 };
 use sluice_operator::crd::EventConsumer;
 use sluice_tests::kafka::Topic;
@@ -90,6 +90,7 @@ async fn event_consumers_converge_and_stay_quiet() {
     // the EventConsumer itself: 6), as small ConfigMaps, at the operator's default
     // concurrency (16): what the API server alone needs, measured in this run.
     let writes = count * 6;
+    let bare_seconds_before = apiserver_request_seconds(&client).await;
     let bare_started = Instant::now();
     let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns.name);
     stream::iter(0..writes)
@@ -111,6 +112,15 @@ async fn event_consumers_converge_and_stay_quiet() {
         })
         .await;
     let bare = bare_started.elapsed();
+    let bare_seconds: f64 = {
+        let sum = |v: &[RequestCount]| -> f64 {
+            v.iter()
+                .filter(|r| r.verb == "POST" && r.resource == "configmaps")
+                .map(|r| r.count)
+                .sum()
+        };
+        sum(&apiserver_request_seconds(&client).await) - sum(&bare_seconds_before)
+    };
 
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -143,6 +153,8 @@ async fn event_consumers_converge_and_stay_quiet() {
 
     // Created at once (16 requests in flight), replicas 0 so the single test node is not
     // asked to run the pods: this measures the operator, not the kubelet.
+    let requests_before = apiserver_request_counts(&client).await;
+    let seconds_before = apiserver_request_seconds(&client).await;
     let started = Instant::now();
     let names: Vec<String> = (0..count).map(|i| format!("ec-{i:04}")).collect();
     let yaml = ec_yaml(&topic.name, 0, "");
@@ -186,6 +198,9 @@ async fn event_consumers_converge_and_stay_quiet() {
     )
     .await;
     let converged = started.elapsed();
+    let requests_converged = apiserver_request_counts(&client).await;
+    let seconds_converged = apiserver_request_seconds(&client).await;
+    let converge_metrics = reqwest_lite(port, "/metrics").await;
     let deployment_count = deployments
         .list_metadata(&ListParams::default())
         .await
@@ -240,6 +255,7 @@ async fn event_consumers_converge_and_stay_quiet() {
         + metric("sluice_operator_lag_status_writes_total").await;
     let mut rates = Vec::new();
     let mut ours_rates = Vec::new();
+    let requests_window_start = apiserver_request_counts(&client).await;
     let (t0, o0, s0) = apiserver_requests(&client).await;
     let (mut last_total, mut last_ours) = (t0, o0);
     let window_started = Instant::now();
@@ -254,6 +270,7 @@ async fn event_consumers_converge_and_stay_quiet() {
     }
     let window = window_started.elapsed().as_secs_f64();
     let (_, _, s1) = apiserver_requests(&client).await;
+    let requests_window_end = apiserver_request_counts(&client).await;
     let reconciles = metric("sluice_operator_reconciles_total").await - reconciles_before;
     let status_writes = metric("sluice_operator_status_writes_total").await
         + metric("sluice_operator_lag_status_writes_total").await
@@ -264,13 +281,46 @@ async fn event_consumers_converge_and_stay_quiet() {
     let (all_med, all_min, all_max) = spread(rates);
     let (ours_med, ours_min, ours_max) = spread(ours_rates);
     eprintln!(
-        "{count} EventConsumers: created in {created:?}, all converged after {converged:?}; {writes} bare writes took {bare:?}: ratio {:.2}",
-        converged.as_secs_f64() / bare.as_secs_f64()
+        "{count} EventConsumers: created in {created:?}, all converged after {converged:?}; {writes} bare writes took {bare:?}: ratio {:.2} (the API server spent {bare_seconds:.1} s on the bare writes, {:.0} ms each)",
+        converged.as_secs_f64() / bare.as_secs_f64(),
+        bare_seconds / writes as f64 * 1000.0
     );
     eprintln!(
         "steady state over {window:.0} s (lag on, 30 s): {reconciles} reconciles; API server requests/s on the operator's resources median {ours_med:.2} (min {ours_min:.2}, max {ours_max:.2}), all clients median {all_med:.2} (min {all_min:.2}, max {all_max:.2}) [shared API server: upper bounds]; EventConsumer status PATCHes {:.1}/min (API server), operator status writes {:.1}/min; Kafka lag clients {clients}",
         (s1 - s0) * 60.0 / window,
         status_writes * 60.0 / window,
+    );
+    print_requests(
+        "until convergence (the test's own CREATE and LIST of eventconsumers included)",
+        (&requests_before, &requests_converged),
+        Some((&seconds_before, &seconds_converged)),
+        count,
+    );
+    print_requests(
+        "in the steady-state window",
+        (&requests_window_start, &requests_window_end),
+        None,
+        count,
+    );
+    eprintln!(
+        "during convergence, the operator's counters: {}",
+        [
+            "sluice_operator_reconciles_total",
+            "sluice_operator_status_writes_total",
+            "sluice_operator_applies_skipped_total",
+            "sluice_operator_reconcile_duration_seconds_sum",
+        ]
+        .iter()
+        .map(|name| {
+            let v = converge_metrics
+                .lines()
+                .find_map(|l| l.strip_prefix(&format!("{name} ")))
+                .unwrap_or("?")
+                .trim();
+            format!("{name} {v}")
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
     );
     eprintln!(
         "operator RSS peak {} MiB (idle before: {} MiB), now {} MiB",
@@ -278,24 +328,28 @@ async fn event_consumers_converge_and_stay_quiet() {
         idle_peak / 1024,
         current / 1024
     );
-    // Quiet: no reconcile loop and no status churn once converged. The bounds hold for a
-    // quiet operator on a loaded machine; a loop or churn exceeds them many times over.
+    // Quiet: no reconcile loop and no status churn once converged (measured: 0 of each, with
+    // 200 and with 1 000). Allowed: the jittered 30 min resync and 1% stragglers (a late
+    // Deployment status write); a loop or churn exceeds this many times over.
     assert!(
-        reconciles <= (count / 20) as f64 + window / 60.0 * (count as f64 / 1800.0 * 1.2) + 5.0,
+        reconciles <= (count / 100) as f64 + window / 60.0 * (count as f64 / 1800.0 * 1.2) + 5.0,
         "reconciles keep running after convergence: {reconciles} in {window:.0} s for {count} EventConsumers"
     );
     assert!(
-        status_writes <= (count / 20) as f64 + 5.0,
+        status_writes <= (count / 100) as f64 + 5.0,
         "status writes keep coming after convergence: {status_writes} in {window:.0} s"
     );
     assert_eq!(
         clients, 1.0,
         "one Kafka client for the one connection identity"
     );
+    // Measured: 29-41 MiB with 200, 76-78 MiB with 1 000 (idle 27 MiB).
+    let rss_bound = 40 * 1024 + 48 * count as u64;
     assert!(
-        peak < 96 * 1024,
-        "operator peak RSS {} MiB (goal 64 MiB at 1 000 EventConsumers)",
-        peak / 1024
+        peak < rss_bound,
+        "operator peak RSS {} MiB, over {} MiB for {count} EventConsumers (goal 64 MiB at 1 000)",
+        peak / 1024,
+        rss_bound / 1024
     );
 
     // SIGTERM: a clean exit.
@@ -316,6 +370,66 @@ async fn event_consumers_converge_and_stay_quiet() {
             "the operator did not exit within 20 s of SIGTERM"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Prints the API server's requests between two snapshots on the resources the operator
+/// touches, by verb and resource, per EventConsumer, and with `seconds` the API server's mean
+/// time per request and its total (every client of the shared API server counts).
+fn print_requests(
+    what: &str,
+    counts: (&[RequestCount], &[RequestCount]),
+    seconds: Option<(&[RequestCount], &[RequestCount])>,
+    count: usize,
+) {
+    use std::collections::BTreeMap;
+    type Key = (String, String);
+    let delta = |(before, after): (&[RequestCount], &[RequestCount])| {
+        let key = |r: &RequestCount| -> Key {
+            let resource = if r.subresource.is_empty() {
+                r.resource.clone()
+            } else {
+                format!("{}/{}", r.resource, r.subresource)
+            };
+            (r.verb.clone(), resource)
+        };
+        let mut d: BTreeMap<Key, f64> = BTreeMap::new();
+        let ours = |r: &&RequestCount| OPERATOR_RESOURCES.contains(&r.resource.as_str());
+        for r in after.iter().filter(ours) {
+            *d.entry(key(r)).or_default() += r.count;
+        }
+        for r in before.iter().filter(ours) {
+            *d.entry(key(r)).or_default() -= r.count;
+        }
+        d
+    };
+    let secs = seconds.map(delta).unwrap_or_default();
+    let mut rows: Vec<_> = delta(counts)
+        .into_iter()
+        .filter(|(_, n)| *n >= 1.0)
+        .collect();
+    rows.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let total: f64 = rows.iter().map(|(_, n)| n).sum();
+    eprintln!(
+        "API server requests on the operator's resources {what} (shared API server: every client counts): {total:.0}, {:.2} per EventConsumer{}",
+        total / count as f64,
+        if seconds.is_some() {
+            "; the API server's mean time per request and its total"
+        } else {
+            ""
+        }
+    );
+    for (k, n) in rows {
+        let time = secs
+            .get(&k)
+            .map(|s| format!("  {:>6.0} ms  {:>7.1} s", s / n * 1000.0, s))
+            .unwrap_or_default();
+        eprintln!(
+            "  {:<8} {:<28} {n:>8.0}  {:>6.2}/EventConsumer{time}",
+            k.0,
+            k.1,
+            n / count as f64
+        );
     }
 }
 

@@ -370,3 +370,79 @@ fn a_replica_failure_beside_ready_pods_keeps_ready_but_is_degraded() {
     assert_eq!(get(&s, DEGRADED).reason, PODS_CANNOT_BE_CREATED);
     assert!(get(&s, DEGRADED).message.contains("exceeded quota: pods"));
 }
+
+#[test]
+fn the_deployment_signature_moves_only_with_what_the_reconcile_reads() {
+    let cond = |type_: &str, status: &str, reason: &str, message: &str| DeploymentCondition {
+        type_: type_.into(),
+        status: status.into(),
+        reason: Some(reason.into()),
+        message: Some(message.into()),
+        ..Default::default()
+    };
+    let with = |conditions: Vec<DeploymentCondition>| {
+        let mut d = dep(1, 1, 0, 0, 0, 0);
+        d.status.as_mut().unwrap().conditions = Some(conditions);
+        d
+    };
+    let base = with(vec![cond(
+        "Progressing",
+        "True",
+        "NewReplicaSetCreated",
+        "created",
+    )]);
+    let sig = |d: &Deployment| deployment_signature(d).unwrap();
+    // The Deployment controller moving a condition's reason, message or time: quiet.
+    let mut moved = with(vec![
+        cond("Progressing", "True", "NewReplicaSetAvailable", "available"),
+        cond("Available", "True", "MinimumReplicasAvailable", "ok"),
+    ]);
+    moved.status.as_mut().unwrap().conditions.as_mut().unwrap()[0].last_update_time =
+        Some(Time(Timestamp::now()));
+    assert_eq!(sig(&base), sig(&moved));
+    // What the status, the pod summary and the pacing read: each one moves it.
+    let stalled = with(vec![cond(
+        "Progressing",
+        "False",
+        "ProgressDeadlineExceeded",
+        "x",
+    )]);
+    let failing = with(vec![cond(
+        "ReplicaFailure",
+        "True",
+        "FailedCreate",
+        "quota",
+    )]);
+    let failing_other = with(vec![cond("ReplicaFailure", "True", "FailedCreate", "psa")]);
+    let mut changed = vec![stalled, failing, failing_other];
+    for edit in [
+        |d: &mut Deployment| d.metadata.generation = Some(2),
+        |d: &mut Deployment| d.status.as_mut().unwrap().observed_generation = Some(0),
+        |d: &mut Deployment| d.status.as_mut().unwrap().replicas = Some(1),
+        |d: &mut Deployment| d.status.as_mut().unwrap().ready_replicas = Some(1),
+        |d: &mut Deployment| d.status.as_mut().unwrap().updated_replicas = Some(1),
+        |d: &mut Deployment| d.status.as_mut().unwrap().available_replicas = Some(1),
+        |d: &mut Deployment| d.status.as_mut().unwrap().unavailable_replicas = Some(1),
+        |d: &mut Deployment| {
+            d.metadata.annotations = Some([("a".to_owned(), "b".to_owned())].into())
+        },
+        |d: &mut Deployment| d.metadata.labels = Some([("a".to_owned(), "b".to_owned())].into()),
+        |d: &mut Deployment| d.metadata.deletion_timestamp = Some(Time(Timestamp::now())),
+        |d: &mut Deployment| {
+            d.spec = Some(k8s_openapi::api::apps::v1::DeploymentSpec {
+                replicas: Some(3),
+                ..Default::default()
+            })
+        },
+    ] {
+        let mut d = base.clone();
+        edit(&mut d);
+        changed.push(d);
+    }
+    let mut seen = vec![sig(&base)];
+    for d in &changed {
+        let s = sig(d);
+        assert!(!seen.contains(&s), "a change the reconcile reads: {d:?}");
+        seen.push(s);
+    }
+}

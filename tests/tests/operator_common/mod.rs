@@ -274,6 +274,17 @@ pub struct RequestCount {
 /// Every `apiserver_request_total` series the API server exports now (its own count, read
 /// with the test bed's admin credentials; shared by every client of the test bed).
 pub async fn apiserver_request_counts(client: &kube::Client) -> Vec<RequestCount> {
+    apiserver_request_series(client, "apiserver_request_total").await
+}
+
+/// The seconds the API server spent on requests (`apiserver_request_duration_seconds_sum`),
+/// per series, in [`RequestCount::count`].
+pub async fn apiserver_request_seconds(client: &kube::Client) -> Vec<RequestCount> {
+    apiserver_request_series(client, "apiserver_request_duration_seconds_sum").await
+}
+
+async fn apiserver_request_series(client: &kube::Client, metric: &str) -> Vec<RequestCount> {
+    let prefix = format!("{metric}{{");
     let text = client
         .request_text(
             http::Request::get("/metrics")
@@ -284,7 +295,7 @@ pub async fn apiserver_request_counts(client: &kube::Client) -> Vec<RequestCount
         .expect("the API server's /metrics (the test bed's admin credentials)");
     let mut out = Vec::new();
     for line in text.lines() {
-        let Some(rest) = line.strip_prefix("apiserver_request_total{") else {
+        let Some(rest) = line.strip_prefix(prefix.as_str()) else {
             continue;
         };
         let Some((labels, value)) = rest.rsplit_once("} ") else {
