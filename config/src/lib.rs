@@ -307,6 +307,17 @@ pub struct Drain {
     /// refuses every request (signals still drain).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token_file: Option<PathBuf>,
+    /// After a drain a signal started, wait up to this long for a `GET /drain` call (the
+    /// preStop hook's) to arrive and answer it before exiting. Unset: exit at once. The
+    /// operator sets it when the sidecar runs as a plain container (`--sidecar-mode
+    /// container`), where the kubelet signals the sidecar while the application's preStop
+    /// hook may still be on its way; exiting first would fail that hook.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "humantime_serde"
+    )]
+    pub await_pre_stop: Option<Duration>,
 }
 
 impl Default for Drain {
@@ -315,6 +326,7 @@ impl Default for Drain {
             timeout: default_drain_timeout(),
             commit_timeout: default_commit_timeout(),
             token_file: None,
+            await_pre_stop: None,
         }
     }
 }

@@ -717,3 +717,27 @@ fn batch_limits_are_range_checked() {
     .validate()
     .expect("the smallest limits are valid");
 }
+
+#[test]
+fn await_pre_stop_is_optional_parsed_and_range_checked() {
+    let c = valid();
+    assert_eq!(
+        c.drain.await_pre_stop, None,
+        "unset by default: exit at once"
+    );
+    assert!(c.validate().is_ok());
+    let mut json = serde_json::to_value(&c).unwrap();
+    json["drain"]["awaitPreStop"] = "5s".into();
+    let parsed: SidecarConfig = serde_json::from_value(json).unwrap();
+    assert_eq!(parsed.drain.await_pre_stop, Some(Duration::from_secs(5)));
+    assert!(parsed.validate().is_ok());
+    let mut c = valid();
+    c.drain.await_pre_stop = Some(Duration::ZERO);
+    assert_problem(
+        &c,
+        "drain.awaitPreStop",
+        &["0s is out of range", "100ms to 1m"],
+    );
+    c.drain.await_pre_stop = Some(Duration::from_secs(61));
+    assert_problem(&c, "drain.awaitPreStop", &["1m 1s is out of range"]);
+}

@@ -365,6 +365,14 @@ impl SidecarConfig {
             Duration::from_millis(100),
             Duration::from_secs(600),
         );
+        if let Some(wait) = drain.await_pre_stop {
+            p.duration(
+                "drain.awaitPreStop",
+                wait,
+                Duration::from_millis(100),
+                Duration::from_secs(60),
+            );
+        }
         let max_poll = self
             .kafka
             .max_poll_interval_ms

@@ -84,6 +84,7 @@ async fn drain(State(s): State<AdminState>, headers: HeaderMap) -> (StatusCode, 
         warn!("/drain refused: wrong drain token");
         return (StatusCode::FORBIDDEN, "wrong drain token\n".into());
     }
+    s.drain.called();
     if !s.drain.is_requested() {
         info!("drain requested over HTTP");
         s.metrics
@@ -100,6 +101,8 @@ async fn drain(State(s): State<AdminState>, headers: HeaderMap) -> (StatusCode, 
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     #[test]
@@ -162,6 +165,10 @@ mod tests {
             !s.drain.is_requested(),
             "refused requests must not start a drain"
         );
+        assert!(
+            !s.drain.wait_called(Duration::from_millis(20)).await,
+            "refused requests are not the preStop hook's call"
+        );
         let pipeline = s.drain.clone();
         tokio::spawn(async move {
             pipeline.token().cancelled().await;
@@ -170,6 +177,10 @@ mod tests {
         let (status, body) = call(s.clone(), "/drain", Some("t0ken")).await;
         assert_eq!(status, StatusCode::OK);
         assert!(body.contains("drained in 1ms"), "{body}");
+        assert!(
+            s.drain.wait_called(Duration::ZERO).await,
+            "an accepted call is noted for a sidecar waiting for its preStop hook"
+        );
         let (status, body) = call(s.clone(), "/drain", Some("t0ken")).await;
         assert_eq!(
             (status, body.trim()),

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use clap::{Parser, ValueEnum};
 use sluice_config::{DEFAULT_CONFIG_PATH, SidecarConfig, read_secret_file};
-use tracing::{error, info};
+use tracing::{debug, error, info};
 use tracing_subscriber::EnvFilter;
 
 use crate::admin::{self, AdminState};
@@ -221,6 +221,7 @@ async fn run(config: SidecarConfig, drain_token: Option<Arc<str>>) -> ExitCode {
         });
     }
 
+    let await_pre_stop = config.drain.await_pre_stop;
     let result = sidecar::run(config, drain.clone(), app, group, metrics).await;
     match result {
         Err(e) => {
@@ -239,6 +240,16 @@ async fn run(config: SidecarConfig, drain_token: Option<Arc<str>>) -> ExitCode {
     // Drained (by a signal or /drain). After /drain, stay up, serving health and metrics,
     // until the container is told to stop.
     signalled.cancelled().await;
+    // As a plain container the sidecar is signalled together with the application, whose
+    // preStop hook calls /drain; a short drain can end before that call arrives, and an exit
+    // then fails the hook (FailedPreStopHook). Wait for it, bounded.
+    if let Some(bound) = await_pre_stop {
+        if drain.wait_called(bound).await {
+            debug!("the preStop hook's /drain call arrived");
+        } else {
+            info!(waited = ?bound, "no preStop /drain call arrived; exiting");
+        }
+    }
     // Answer what the admin listener still has in flight before exiting — above all the
     // preStop `/drain` call waiting for this drain: as a plain container (`--sidecar-mode
     // container`) the sidecar gets SIGTERM while the application's hook still waits, and an

@@ -26,6 +26,8 @@ use crate::policy::Backoff;
 pub struct DrainControl {
     requested: CancellationToken,
     done: Arc<watch::Sender<Option<String>>>,
+    /// A `GET /drain` with the right token arrived.
+    called: CancellationToken,
 }
 
 impl Default for DrainControl {
@@ -39,7 +41,20 @@ impl DrainControl {
         DrainControl {
             requested: CancellationToken::new(),
             done: Arc::new(watch::channel(None).0),
+            called: CancellationToken::new(),
         }
+    }
+
+    /// Notes that `GET /drain` was called (with the right token).
+    pub fn called(&self) {
+        self.called.cancel();
+    }
+
+    /// Waits up to `bound` for a `GET /drain` call; returns whether one came.
+    pub async fn wait_called(&self, bound: std::time::Duration) -> bool {
+        tokio::time::timeout(bound, self.called.cancelled())
+            .await
+            .is_ok()
     }
 
     pub fn request(&self) {

@@ -126,6 +126,7 @@ pub fn sidecar_config(
             timeout: Duration::from_millis(tuning.in_flight_timeout_ms),
             commit_timeout: Duration::from_millis(tuning.commit_timeout_ms),
             token_file: Some(mounted(DRAIN_TOKEN_FILE)),
+            await_pre_stop: None,
         },
         admin: Admin::default(),
         app: App::default(),

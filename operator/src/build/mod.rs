@@ -38,6 +38,11 @@ pub const MANAGED_BY_VALUE: &str = "sluice-operator";
 pub const CONFIG_HASH_ANNOTATION: &str = "sluice.dev/config-hash";
 /// Key of the sidecar configuration in its ConfigMap.
 pub const CONFIG_KEY: &str = "config.json";
+/// How long a sidecar running as a plain container waits, after a SIGTERM-started drain, for
+/// the application's preStop `GET /drain` (the kubelet signals both containers at once, and
+/// the hook's request can arrive after a short drain ended).
+pub const AWAIT_PRE_STOP: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Key of the drain token in the drain-token Secret.
 pub const DRAIN_TOKEN_KEY: &str = "drain-token";
 /// The one volume (projected: configuration, drain token, Kafka credentials) mounted into
@@ -237,7 +242,11 @@ pub fn validate(input: &Input<'_>) -> Result<Validated, InvalidSpec> {
 
     let group_id = spec.kafka.effective_group_id(input.namespace, input.name);
     let tuning = tune(spec, Some(group_id));
-    let config = sidecar_config(spec, &tuning, input.namespace, input.name);
+    let mut config = sidecar_config(spec, &tuning, input.namespace, input.name);
+    if input.defaults.mode == SidecarMode::Container {
+        // Signalled together with the application, the sidecar waits for its preStop hook.
+        config.drain.await_pre_stop = Some(AWAIT_PRE_STOP);
+    }
     if let Err(e) = config.validate() {
         for p in &e.problems {
             problems.push(Problem {
