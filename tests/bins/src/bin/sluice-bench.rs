@@ -21,7 +21,9 @@
 //! `SLUICE_BENCH_KAFKAGO_RECORDS`, default 5 000, for the slow per-record-commit consumer;
 //! `SLUICE_BENCH_KEYS`, distinct record keys, default 1 000 — few keys make key ordering
 //! wait on keys in flight; `SLUICE_BENCH_GO_BIN`, the Go baselines' directory, set by
-//! `make bench`).
+//! `make bench`; `SLUICE_BENCH_ONLY`, only the contestants whose name contains it, or
+//! `drain`; `SLUICE_BENCH_RDKAFKA_DEBUG`, librdkafka `debug` contexts for the drain's sidecar,
+//! whose log level `SLUICE_TEST_SIDECAR_LOG` sets).
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
