@@ -107,6 +107,15 @@ pub fn kubectl(args: &[&str], stdin: Option<&str>) -> std::process::Output {
     run_tool("SLUICE_KUBECTL", args, stdin)
 }
 
+/// Everything a tool printed: its standard output, then its standard error.
+pub fn output_text(out: &std::process::Output) -> String {
+    format!(
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
 /// The tool's standard output, or a panic naming `what` with everything it printed.
 pub fn ok(out: std::process::Output, what: &str) -> String {
     assert!(

@@ -22,13 +22,7 @@ fn run(tool: &str, args: &[&str], stdin: Option<&str>) -> Output {
     sluice_tests::run_tool(tool, args, stdin)
 }
 
-fn text(out: &Output) -> String {
-    format!(
-        "{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
+use sluice_tests::output_text as text;
 
 #[test]
 fn helm_lint_passes_strictly() {

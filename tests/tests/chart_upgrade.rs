@@ -29,13 +29,7 @@ fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-fn text(out: &Output) -> String {
-    format!(
-        "{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
+use sluice_tests::output_text as text;
 
 fn helm(args: &[&str]) -> Output {
     run_tool("SLUICE_HELM", args, None)

@@ -10,7 +10,7 @@
 //! Cheap: no cluster, no Kafka; seconds once kind is built (cached under ~/.cache/sluice).
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -19,13 +19,7 @@ fn repo() -> PathBuf {
         .expect("the repository")
 }
 
-fn text(out: &Output) -> String {
-    format!(
-        "{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
+use sluice_tests::output_text as text;
 
 fn kind() -> PathBuf {
     let out = Command::new("bash")

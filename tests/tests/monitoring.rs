@@ -33,13 +33,7 @@ fn read(path: &PathBuf) -> String {
     std::fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
 }
 
-fn text(out: &Output) -> String {
-    format!(
-        "{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
+use sluice_tests::output_text as text;
 
 /// The test bed's promtool (`SLUICE_PROMTOOL`), else built (once; cached under
 /// ~/.cache/sluice) by tests/env/build-promtool.sh.

@@ -17,13 +17,7 @@ fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-fn text(out: &Output) -> String {
-    format!(
-        "{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
+use sluice_tests::output_text as text;
 
 fn ok(out: Output, what: &str) -> String {
     assert!(out.status.success(), "{what} failed:\n{}", text(&out));
