@@ -592,6 +592,43 @@ pub mod cluster {
         );
     }
 
+    /// The node that coordinates `group`: the leader of the `__consumer_offsets` partition
+    /// the group maps to — `abs(hashCode(group)) % partitions`, with Java's `String.hashCode`
+    /// (over UTF-16 units) and Kafka's `Utils.abs` (`Math.abs`, with `Integer.MIN_VALUE`
+    /// mapped to 0), as the broker's group coordinator computes it.
+    pub fn coordinator(group: &str) -> i32 {
+        let client: BaseConsumer = super::config_at(&bootstrap())
+            .create()
+            .unwrap_or_else(|e| panic!("cannot create a Kafka client: {e}"));
+        let md = client
+            .fetch_metadata(Some("__consumer_offsets"), Duration::from_secs(10))
+            .unwrap_or_else(|e| panic!("metadata of __consumer_offsets: {e}"));
+        let partitions = md
+            .topics()
+            .first()
+            .map(|t| t.partitions())
+            .unwrap_or_default();
+        assert!(
+            !partitions.is_empty(),
+            "the cluster has no __consumer_offsets topic yet; {START_HINT}"
+        );
+        let index = offsets_partition(group, partitions.len()) as i32;
+        partitions
+            .iter()
+            .find(|p| p.id() == index)
+            .map(|p| p.leader())
+            .unwrap_or_else(|| panic!("__consumer_offsets has no partition {index}"))
+    }
+
+    /// Which of `partitions` partitions of `__consumer_offsets` holds `group`.
+    pub fn offsets_partition(group: &str, partitions: usize) -> usize {
+        let hash = group.encode_utf16().fold(0i32, |h, unit| {
+            h.wrapping_mul(31).wrapping_add(i32::from(unit))
+        });
+        // Utils.abs: Math.abs, except that MIN_VALUE (which has no absolute value) is 0.
+        hash.checked_abs().unwrap_or(0) as usize % partitions
+    }
+
     /// The number of brokers the cluster's metadata lists and, per partition of `topic`,
     /// (leader, replicas, in-sync replicas).
     pub fn describe(topic: &str) -> (usize, Vec<(i32, usize, usize)>) {
@@ -630,5 +667,28 @@ pub mod cluster {
             );
             std::thread::sleep(Duration::from_millis(250));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::cluster::offsets_partition;
+
+    #[test]
+    fn a_group_maps_to_the_offsets_partition_the_broker_computes() {
+        // Java: "hello".hashCode() == 99162322; "polygenelubricants".hashCode() ==
+        // Integer.MIN_VALUE, which Kafka's Utils.abs maps to 0; "" hashes to 0.
+        assert_eq!(offsets_partition("hello", 50), 99_162_322 % 50);
+        assert_eq!(offsets_partition("hello", 12), 99_162_322 % 12);
+        assert_eq!(offsets_partition("polygenelubricants", 12), 0);
+        assert_eq!(offsets_partition("", 12), 0);
+        // A negative hash (-991817782) is taken by its absolute value, not masked.
+        assert_eq!(
+            offsets_partition("e2e-mtls-29241-2-d33d", 12),
+            991_817_782 % 12
+        );
+        // "Aa" and "BB" collide in Java (2112).
+        assert_eq!(offsets_partition("Aa", 50), 2112 % 50);
+        assert_eq!(offsets_partition("BB", 50), 2112 % 50);
     }
 }

@@ -3,16 +3,18 @@
 //! `sluice-testapp`, and the pods consume from the real broker while the tests roll, scale,
 //! delete and SIGKILL them. The production-shaped runs consume from the secured three-node
 //! cluster (tests/env/kafka-cluster.sh) with credentials from Secrets — SCRAM-SHA-512 over
-//! TLS, mutual TLS — while its brokers are restarted one by one, one is SIGKILLed, or the
-//! credential is rotated.
+//! TLS, mutual TLS — while its brokers are restarted one by one, the group coordinator's
+//! node is SIGKILLed, or the credential is rotated.
 //!
 //! Every record the application accepts is reported to a collector in this process (a TCP
 //! listener on the bridge gateway) *before* the application answers the sidecar, so nothing
 //! the sidecar considers delivered can go uncounted when a pod dies. Each test prints its
 //! figures — delivered, duplicates, lost, longest gap per partition, elapsed — and asserts
-//! the invariants: nothing lost ever, nothing duplicated on graceful churn, and after a
-//! SIGKILL no more duplicates than what the killed sidecar's application answered during one
-//! commit interval before the kill plus `maxInFlight` (only records it had delivered).
+//! the invariants: nothing lost ever, nothing duplicated on graceful churn or when a broker
+//! (even the group's coordinator) dies, and after a sidecar SIGKILL no more duplicates than
+//! what the killed sidecar's application answered during one commit interval before the
+//! kill plus `maxInFlight` (only records it had delivered). A run with duplicates prints
+//! where each came from: partition, offsets, the pods and attempts that delivered the copies.
 //!
 //! Every run ends in the same checked end state (`Run::finish`): for every partition the
 //! group's committed offset, read from Kafka, equals the log-end offset; `status.lag` is 0
@@ -456,13 +458,16 @@ struct Tally {
     first: Option<Instant>,
     /// Every delivery: when the collector heard of it, the record number, the pod.
     deliveries: Vec<(Instant, usize, String)>,
+    /// Every delivery's partition, offset and the sidecar's attempt number, in the order of
+    /// `deliveries` (to explain duplicates).
+    sources: Vec<(i32, i64, String)>,
 }
 
 impl Tally {
     fn record(&mut self, line: &str) {
         let now = Instant::now();
         let parts: Vec<&str> = line.splitn(6, ' ').collect();
-        let [kind, pod, partition, offset, _attempt, value] = parts[..] else {
+        let [kind, pod, partition, offset, attempt, value] = parts[..] else {
             self.malformed.push(line.to_owned());
             return;
         };
@@ -481,6 +486,7 @@ impl Tally {
                 }
                 self.counts[n] += 1;
                 self.deliveries.push((now, n, pod.to_owned()));
+                self.sources.push((partition, offset, attempt.to_owned()));
                 *self.per_pod.entry(pod.to_owned()).or_default() += 1;
                 let first = *self.first.get_or_insert(now);
                 let p = self.partitions.entry(partition).or_default();
@@ -504,6 +510,63 @@ impl Tally {
             .iter()
             .filter(|(t, _, p)| p == pod && *t >= from && *t <= to)
             .count()
+    }
+
+    /// Where every duplicate came from: runs of duplicated records on one partition, each
+    /// with the pods (and the sidecar's attempt numbers) that delivered the copies and when,
+    /// in seconds after the first delivery of the run. At most `max` lines.
+    fn duplicate_report(&self, max: usize) -> Vec<String> {
+        let first = self.first.unwrap_or_else(Instant::now);
+        let mut copies: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+        for (i, (_, n, _)) in self.deliveries.iter().enumerate() {
+            if self.counts[*n] > 1 {
+                copies.entry(*n).or_default().push(i);
+            }
+        }
+        // One line per (partition, who delivered each copy): offsets and times as ranges.
+        #[derive(Clone, Copy)]
+        struct Span {
+            offsets: (i64, i64),
+            at: (f64, f64),
+            records: usize,
+        }
+        let mut runs: BTreeMap<(i32, Vec<String>), Span> = BTreeMap::new();
+        for idx in copies.values() {
+            let (partition, offset, _) = &self.sources[idx[0]];
+            let who: Vec<String> = idx
+                .iter()
+                .map(|&i| format!("{} (attempt {})", self.deliveries[i].2, self.sources[i].2))
+                .collect();
+            let at = (self.deliveries[idx[idx.len() - 1]].0 - first).as_secs_f64();
+            let e = runs.entry((*partition, who)).or_insert(Span {
+                offsets: (*offset, *offset),
+                at: (at, at),
+                records: 0,
+            });
+            e.offsets = (e.offsets.0.min(*offset), e.offsets.1.max(*offset));
+            e.at = (e.at.0.min(at), e.at.1.max(at));
+            e.records += 1;
+        }
+        let mut lines: Vec<String> = runs
+            .iter()
+            .map(|((partition, who), span)| {
+                format!(
+                    "p{partition}: {} records, offsets {}–{}, delivered by {}; last copy {:.1}–{:.1} s",
+                    span.records,
+                    span.offsets.0,
+                    span.offsets.1,
+                    who.join(" then "),
+                    span.at.0,
+                    span.at.1
+                )
+            })
+            .collect();
+        if lines.len() > max {
+            let more = lines.len() - max;
+            lines.truncate(max);
+            lines.push(format!("… and {more} more runs"));
+        }
+        lines
     }
 
     /// The pods that received each duplicated record first, by record number.
@@ -569,6 +632,8 @@ struct Figures {
     gaps: BTreeMap<i32, Duration>,
     per_pod: BTreeMap<String, u64>,
     elapsed: Duration,
+    /// Where the duplicates came from (empty without duplicates).
+    duplicate_report: Vec<String>,
 }
 
 impl Figures {
@@ -598,6 +663,7 @@ impl Figures {
                 .collect(),
             per_pod: t.per_pod.clone(),
             elapsed,
+            duplicate_report: t.duplicate_report(20),
         }
     }
 
@@ -623,13 +689,17 @@ impl Figures {
              | records | delivered | duplicates | lost | longest gap | elapsed |\n\
              | {:>7} | {:>9} | {:>10} | {:>4} | {:>10.2}s | {:>6.1}s |\n\
              longest gap per partition: {gaps}\n\
-             per pod: {pods}\n{extra}",
+             per pod: {pods}\n{extra}{}",
             self.records,
             self.delivered,
             self.duplicates,
             self.lost,
             self.longest_gap().as_secs_f64(),
             self.elapsed.as_secs_f64(),
+            self.duplicate_report
+                .iter()
+                .map(|l| format!("\nduplicates: {l}"))
+                .collect::<String>(),
         );
     }
 }
@@ -1868,7 +1938,7 @@ async fn scram_over_tls_from_a_secret_survives_a_rolling_broker_restart() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn mtls_from_a_tls_secret_loses_nothing_when_a_broker_is_sigkilled() {
+async fn mtls_from_a_tls_secret_loses_and_duplicates_nothing_when_the_coordinator_is_sigkilled() {
     let _serial = SERIAL.lock().await;
     const RECORDS: usize = 20_000;
     let user = kafka::cluster::TLS_USER;
@@ -1892,7 +1962,19 @@ async fn mtls_from_a_tls_secret_loses_nothing_when_a_broker_is_sigkilled() {
             ),
         ],
     };
-    let run = Run::start_on("e2e-mtls", 6, 3, None, Some(secured), json!({})).await;
+    // The operator's default group timings (classic, 45 s session): what a user gets. With a
+    // session shorter than the coordinator's failover (the e2e runs' 10 s), each member
+    // gives up its own session while the coordinator is gone, treats its partitions as lost
+    // and their next owner redelivers what had not been acknowledged (seen: 10 records).
+    let run = Run::start_on(
+        "e2e-mtls",
+        6,
+        3,
+        None,
+        Some(secured),
+        json!({"sessionTimeout": null}),
+    )
+    .await;
     run.sluice
         .wait_rolled_out(EC, 3, Duration::from_secs(120))
         .await;
@@ -1900,19 +1982,24 @@ async fn mtls_from_a_tls_secret_loses_nothing_when_a_broker_is_sigkilled() {
     run.wait_delivered(RECORDS / 5, Duration::from_secs(120))
         .await;
     let at = run.collector.distinct();
-    // Node 2 dies without a controlled shutdown: its leaderships move only after the
-    // controllers notice (broker session timeout), its replicas fall out of the ISR.
+    // The node that coordinates the group dies without a controlled shutdown — the worst
+    // node to lose: besides its share of the partition leaderships, every commit and
+    // heartbeat of the group goes to it. Its leaderships (and with them the coordinator)
+    // move only after the controllers notice (broker session timeout); its replicas fall
+    // out of the ISR.
     let _nodes = NodesBackUp;
     let topic = run.topic.name.clone();
-    let killed_for = tokio::task::spawn_blocking(move || {
+    let group = run.group.clone();
+    let (node, killed_for) = tokio::task::spawn_blocking(move || {
+        let node = kafka::cluster::coordinator(&group).to_string();
         let started = Instant::now();
-        kafka::cluster::ctl(&["kill-node", "2"]);
+        kafka::cluster::ctl(&["kill-node", &node]);
         std::thread::sleep(Duration::from_secs(5));
-        kafka::cluster::ctl(&["start-node", "2"]);
+        kafka::cluster::ctl(&["start-node", &node]);
         let down = started.elapsed();
         kafka::cluster::wait_in_sync(&topic, 3, Duration::from_secs(120));
         kafka::cluster::wait_in_sync("__consumer_offsets", 3, Duration::from_secs(120));
-        down
+        (node, down)
     })
     .await
     .expect("broker kill");
@@ -1922,10 +2009,19 @@ async fn mtls_from_a_tls_secret_loses_nothing_when_a_broker_is_sigkilled() {
         .await;
     f.print(
         "mTLS (kubernetes.io/tls Secret), one broker SIGKILLed mid-stream",
-        &format!("node 2 SIGKILLed at {at} delivered, back after {killed_for:.1?}"),
+        &format!(
+            "node {node} (the group's coordinator) SIGKILLed at {at} delivered, back after {killed_for:.1?}"
+        ),
     );
     assert!(at < RECORDS / 2, "the kill happened mid-stream");
     assert_no_loss(&f);
+    // With the default session (45 s) the members outlive the coordinator's failover: their
+    // commits fail while it is gone, are sent again, and land at the new coordinator with
+    // the same generation, so no partition changes hands uncommitted.
+    assert_eq!(
+        f.duplicates, 0,
+        "duplicates after the coordinator's node was SIGKILLed (default group timings)"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
