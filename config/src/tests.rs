@@ -554,6 +554,26 @@ fn consumer_properties_put_offsets_under_sluice_control() {
     );
     assert!(!p.contains_key("partition.assignment.strategy"));
     assert!(!p.contains_key("session.timeout.ms"));
+    // Unset: Sluice's defaults for the prefetch, not librdkafka's.
+    assert_eq!(get("fetch.queue.backoff.ms"), Some("10"));
+    assert_eq!(get("queued.min.messages"), Some("1000"));
+    assert_eq!(get("fetch.max.bytes"), Some("4194304"));
+    assert_eq!(get("max.partition.fetch.bytes"), Some("262144"));
+    c.kafka.queued_max_messages_kbytes = None;
+    let p = c.kafka.consumer_properties().unwrap();
+    assert_eq!(
+        p.get("queued.max.messages.kbytes").map(String::as_str),
+        Some("16384")
+    );
+    // The backoff is a default the user can override.
+    c.kafka
+        .properties
+        .insert("fetch.queue.backoff.ms".into(), "250".into());
+    let p = c.kafka.consumer_properties().unwrap();
+    assert_eq!(
+        p.get("fetch.queue.backoff.ms").map(String::as_str),
+        Some("250")
+    );
 }
 
 #[test]
@@ -675,6 +695,8 @@ fn batch_limits_are_range_checked() {
         let mut b = Batch::default();
         f(&mut b);
         c.delivery.batch = Some(b);
+        // A budget large enough for the absolute cap to bind.
+        c.delivery.max_buffered_bytes = 64 << 20;
         c
     };
     assert_problem(
@@ -696,6 +718,14 @@ fn batch_limits_are_range_checked() {
         &with(&|b| b.max_bytes = (16 << 20) + 1),
         "delivery.batch.maxBytes",
         &["1024 to 16777216"],
+    );
+    // The default budget (16 MiB) allows batches of up to 4 MiB.
+    let mut default_budget = with(&|b| b.max_bytes = 16 << 20);
+    default_budget.delivery.max_buffered_bytes = crate::DEFAULT_MAX_BUFFERED_BYTES;
+    assert_problem(
+        &default_budget,
+        "delivery.batch.maxBytes",
+        &["1024 to 4194304"],
     );
     let mut small = with(&|b| b.max_bytes = 1 << 20);
     small.delivery.max_buffered_bytes = 1 << 20;

@@ -109,7 +109,7 @@ pub fn request_headers_with(record: &Record, attempt: u32, part: &PartitionHeade
     if let Some(ms) = record.timestamp_ms {
         default(
             "ce-time",
-            HeaderValue::from_maybe_shared(Bytes::from(rfc3339_millis(ms))).ok(),
+            rfc3339_millis(ms).and_then(|t| HeaderValue::from_maybe_shared(Bytes::from(t)).ok()),
         );
     }
     if !(passed && h.contains_key(CONTENT_TYPE)) {
@@ -235,6 +235,23 @@ fn push_str(out: &mut Vec<u8>, s: &str) {
     serde_json::to_writer(&mut *out, s).expect("writing a JSON string to memory");
 }
 
+/// `,"source":"/sluice/topics/<topic>"` without building the string ([`default_source`]).
+fn push_source(out: &mut Vec<u8>, topic: &str) {
+    out.extend_from_slice(b",\"source\":");
+    // Legal Kafka topic names ([a-zA-Z0-9._-]) need no JSON escaping; anything else goes
+    // through the escaping writer.
+    if topic
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+    {
+        out.extend_from_slice(b"\"/sluice/topics/");
+        out.extend_from_slice(topic.as_bytes());
+        out.push(b'"');
+    } else {
+        push_str(out, &default_source(topic));
+    }
+}
+
 fn push_attr(out: &mut Vec<u8>, name: &str, value: &str) {
     out.push(b',');
     push_str(out, name);
@@ -282,15 +299,15 @@ pub fn write_event(out: &mut Vec<u8>, record: &Record, id: &str, attempt: u32) {
         push_attr(out, "specversion", SPEC_VERSION);
     }
     if !has("source") {
-        push_attr(out, "source", &default_source(&tp.topic));
+        push_source(out, &tp.topic);
     }
     if !has("type") {
         push_attr(out, "type", EVENT_TYPE);
     }
     if !has("time")
-        && let Some(ms) = record.timestamp_ms
+        && let Some(time) = record.timestamp_ms.and_then(rfc3339_millis)
     {
-        push_attr(out, "time", &rfc3339_millis(ms));
+        push_attr(out, "time", &time);
     }
     for (name, value) in &own {
         if name != "datacontenttype" {
@@ -298,8 +315,9 @@ pub fn write_event(out: &mut Vec<u8>, record: &Record, id: &str, attempt: u32) {
         }
     }
     push_attr(out, ext::TOPIC, &tp.topic);
-    push_attr(out, ext::PARTITION, &tp.partition.to_string());
-    push_attr(out, ext::OFFSET, &record.offset.to_string());
+    let mut n = itoa::Buffer::new();
+    push_attr(out, ext::PARTITION, n.format(tp.partition));
+    push_attr(out, ext::OFFSET, n.format(record.offset));
     if let Some(key) = &record.key {
         match std::str::from_utf8(key) {
             Ok(k) if key.iter().all(|b| (0x20..0x7f).contains(b)) => {
@@ -315,7 +333,7 @@ pub fn write_event(out: &mut Vec<u8>, record: &Record, id: &str, attempt: u32) {
     out.extend_from_slice(b",\"");
     out.extend_from_slice(ext::ATTEMPT.as_bytes());
     out.extend_from_slice(b"\":");
-    out.extend_from_slice(attempt.to_string().as_bytes());
+    out.extend_from_slice(n.format(attempt).as_bytes());
     if let Some(value) = &record.value {
         match data_kind(value, content_type) {
             Data::Json(json) => {
@@ -351,8 +369,16 @@ pub fn write_event(out: &mut Vec<u8>, record: &Record, id: &str, attempt: u32) {
 }
 
 /// A batch request body: a JSON array of the records' CloudEvents, in the order given.
-pub fn batch_body<'a>(records: impl Iterator<Item = (&'a Record, &'a str, u32)>) -> Vec<u8> {
-    let mut out = Vec::with_capacity(4096);
+pub fn batch_body<'a>(
+    records: impl ExactSizeIterator<Item = (&'a Record, &'a str, u32)> + Clone,
+) -> Vec<u8> {
+    // The values and keys plus the attributes (~300 bytes for a record without headers; more
+    // for base64 values, which then grow the buffer once or twice).
+    let size: usize = records
+        .clone()
+        .map(|(r, id, _)| r.size() + id.len() + 320)
+        .sum();
+    let mut out = Vec::with_capacity(size + 2);
     out.push(b'[');
     for (i, (record, id, attempt)) in records.enumerate() {
         if i > 0 {
@@ -364,33 +390,19 @@ pub fn batch_body<'a>(records: impl Iterator<Item = (&'a Record, &'a str, u32)>)
     out
 }
 
-/// Formats milliseconds since the Unix epoch as RFC 3339 UTC with milliseconds.
-pub fn rfc3339_millis(ms: i64) -> String {
-    let secs = ms.div_euclid(1000);
-    let millis = ms.rem_euclid(1000);
-    let days = secs.div_euclid(86_400);
-    let rem = secs.rem_euclid(86_400);
-    let (y, m, d) = civil_from_days(days);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{millis:03}Z",
-        rem / 3600,
-        (rem % 3600) / 60,
-        rem % 60
-    )
-}
-
-/// Days since 1970-01-01 to a proleptic Gregorian (year, month, day).
-fn civil_from_days(days: i64) -> (i64, u32, u32) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    (y, m, d)
+/// Formats milliseconds since the Unix epoch as RFC 3339 UTC with milliseconds, with
+/// humantime; `None` outside what it formats (before 1970 or after 9999), where the event
+/// goes without a `time` (optional in CloudEvents) rather than with a wrong one. Kafka
+/// refuses negative timestamps other than -1 (none), so only a broker-side clock far in the
+/// future reaches that case.
+pub fn rfc3339_millis(ms: i64) -> Option<String> {
+    /// 10000-01-01T00:00:00Z: humantime formats only four-digit years.
+    const END_MS: i64 = 253_402_300_800_000;
+    if !(0..END_MS).contains(&ms) {
+        return None;
+    }
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms as u64);
+    Some(humantime::format_rfc3339_millis(t).to_string())
 }
 
 #[cfg(test)]
@@ -529,17 +541,24 @@ mod tests {
 
     #[test]
     fn rfc3339_formatting() {
-        assert_eq!(rfc3339_millis(0), "1970-01-01T00:00:00.000Z");
-        assert_eq!(rfc3339_millis(951_782_400_000), "2000-02-29T00:00:00.000Z");
+        let f = |ms| rfc3339_millis(ms);
+        assert_eq!(f(0).as_deref(), Some("1970-01-01T00:00:00.000Z"));
         assert_eq!(
-            rfc3339_millis(1_709_251_199_999),
-            "2024-02-29T23:59:59.999Z"
+            f(951_782_400_000).as_deref(),
+            Some("2000-02-29T00:00:00.000Z")
         );
         assert_eq!(
-            rfc3339_millis(253_402_300_799_000),
-            "9999-12-31T23:59:59.000Z"
+            f(1_709_251_199_999).as_deref(),
+            Some("2024-02-29T23:59:59.999Z")
         );
-        assert_eq!(rfc3339_millis(-1), "1969-12-31T23:59:59.999Z");
+        assert_eq!(
+            f(253_402_300_799_999).as_deref(),
+            Some("9999-12-31T23:59:59.999Z")
+        );
+        // Outside humantime's range: no time rather than a wrong one.
+        assert_eq!(f(253_402_300_800_000), None);
+        assert_eq!(f(-1), None);
+        assert_eq!(f(i64::MIN), None);
     }
 
     fn event(r: &Record, attempt: u32) -> serde_json::Value {

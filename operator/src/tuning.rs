@@ -67,9 +67,19 @@ pub const MIN_SIDECAR_MEMORY_BYTES: u64 = 64 * MIB;
 /// assigned partition; sized for this many, a larger cluster only overshoots when one pod's
 /// partitions are led by more brokers than this.
 pub const FETCH_BROKERS_BUDGETED: u64 = 4;
-/// Per-partition fetch size Sluice aims for (librdkafka's default); lowered when the budget
-/// is small.
-pub const TARGET_PARTITION_FETCH_BYTES: u64 = MIB;
+/// Per-partition fetch size Sluice aims for (librdkafka's default is 1 MiB, which with many
+/// partitions on one broker makes each fetch response large without fetching faster);
+/// lowered when the budget is small. A larger record is still fetched, alone.
+pub const TARGET_PARTITION_FETCH_BYTES: u64 = 256 * 1024;
+/// Most the sidecar's own record budget (`delivery.maxBufferedBytes`) and librdkafka's
+/// prefetch queue (`queued.max.messages.kbytes`) get, each, however large the memory limit:
+/// the dispatcher takes what is prefetched within a fraction of a second, so more prefetch or
+/// buffering buys no throughput and only holds memory (`make bench` with
+/// `SLUICE_BENCH_SIDECAR_CONFIG`). The same as the sidecar's own defaults. A smaller limit
+/// still shrinks them.
+pub const MAX_BUFFER_BYTES: u64 = 16 * MIB;
+/// Most one fetch response may carry (`fetch.max.bytes`), for the same reason.
+pub const MAX_FETCH_BYTES: u64 = 4 * MIB;
 /// Minimum prefetched messages per partition librdkafka tries to hold. The byte cap of the
 /// queue binds first; the low count keeps many-partition consumers from prefetching for all
 /// partitions up to the cap.
@@ -237,11 +247,14 @@ pub fn tune(spec: &EventConsumerSpec, group_id: Option<String>) -> Tuning {
     let memory = memory_limit_bytes(spec.sidecar.as_ref().and_then(|s| s.resources.as_ref()))
         .max(MIN_SIDECAR_MEMORY_BYTES);
     let records_budget = memory.saturating_sub(BASELINE_MEMORY_BYTES);
-    let buffer_bytes = (records_budget / 4).max(1 << 20);
+    // Each share is capped (MAX_BUFFER_BYTES, MAX_FETCH_BYTES): past that, a larger limit is
+    // headroom, not buffers.
+    let buffer_bytes = (records_budget / 4).clamp(1 << 20, MAX_BUFFER_BYTES);
     let kafka_budget = records_budget - records_budget / 4;
-    let queue_kbytes =
-        (kafka_budget / 2 / 1024).clamp(LIBRDKAFKA_MIN_QUEUE_KBYTES, LIBRDKAFKA_MAX_QUEUE_KBYTES);
+    let queue_kbytes = (kafka_budget / 2).min(MAX_BUFFER_BYTES) / 1024;
+    let queue_kbytes = queue_kbytes.clamp(LIBRDKAFKA_MIN_QUEUE_KBYTES, LIBRDKAFKA_MAX_QUEUE_KBYTES);
     let fetch_max = (kafka_budget / 2 / FETCH_BROKERS_BUDGETED)
+        .min(MAX_FETCH_BYTES)
         .clamp(LIBRDKAFKA_MIN_FETCH_BYTES, LIBRDKAFKA_MAX_FETCH_BYTES);
     let partition_fetch = TARGET_PARTITION_FETCH_BYTES.min(fetch_max);
 

@@ -63,11 +63,12 @@ fn defaults_give_kafka_defaults_and_a_grace_period_that_covers_the_drain() {
     );
     assert_eq!(t.termination_grace_period_seconds, 33);
     // 256Mi default limit - 32Mi baseline = 224Mi; a quarter (56Mi) for the sidecar's
-    // record buffer, the rest (168Mi) half to the queue, half over 4 brokers.
-    assert_eq!(t.max_buffered_bytes, 56 * 1024 * 1024);
-    assert_eq!(t.queued_max_messages_kbytes, 84 * 1024);
-    assert_eq!(t.fetch_max_bytes, 21 * 1024 * 1024);
-    assert_eq!(t.max_partition_fetch_bytes, 1024 * 1024);
+    // record buffer, the rest (168Mi) half to the queue, half over 4 brokers (21Mi each) —
+    // each capped: 16Mi, 16Mi, 4Mi.
+    assert_eq!(t.max_buffered_bytes, 16 * 1024 * 1024);
+    assert_eq!(t.queued_max_messages_kbytes, 16 * 1024);
+    assert_eq!(t.fetch_max_bytes, 4 * 1024 * 1024);
+    assert_eq!(t.max_partition_fetch_bytes, 256 * 1024);
 }
 
 #[test]
@@ -144,10 +145,26 @@ fn session_and_heartbeat_overrides_are_used() {
 #[test]
 fn memory_limit_sizes_the_buffers() {
     let mut spec = base();
+    // Above the caps a larger limit is headroom, not buffers.
     with_memory(&mut spec, "1Gi");
     let t = tune(&spec, None);
-    assert_eq!(t.max_buffered_bytes, (1024 - 32) * 1024 * 1024 / 4);
-    assert_eq!(t.queued_max_messages_kbytes, (1024 - 32) * 1024 * 3 / 8);
+    assert_eq!(t.max_buffered_bytes, MAX_BUFFER_BYTES);
+    assert_eq!(t.queued_max_messages_kbytes, MAX_BUFFER_BYTES / 1024);
+    assert_eq!(t.fetch_max_bytes, MAX_FETCH_BYTES);
+    // Below them the limit sizes each share: 96Mi - 32Mi = 64Mi; 16Mi for records, 48Mi for
+    // Kafka: 24Mi for the queue (capped at 16Mi), 6Mi per fetch response (capped at 4Mi);
+    // 80Mi: 12Mi for records, 36Mi for Kafka: 18Mi (16Mi), 4.5Mi (4Mi); 72Mi: 10Mi, 30Mi:
+    // 15Mi, 3.75Mi — under every cap.
+    with_memory(&mut spec, "96Mi");
+    let mid = tune(&spec, None);
+    assert_eq!(mid.max_buffered_bytes, 16 * 1024 * 1024);
+    assert_eq!(mid.queued_max_messages_kbytes, 16 * 1024);
+    assert_eq!(mid.fetch_max_bytes, 4 * 1024 * 1024);
+    with_memory(&mut spec, "72Mi");
+    let below = tune(&spec, None);
+    assert_eq!(below.max_buffered_bytes, 10 * 1024 * 1024);
+    assert_eq!(below.queued_max_messages_kbytes, 15 * 1024);
+    assert_eq!(below.fetch_max_bytes, 15 * 1024 * 1024 / 4);
     with_memory(&mut spec, "32Mi"); // below the documented floor: sized as 64Mi
     let small = tune(&spec, None);
     assert_eq!(small.max_buffered_bytes, 8 * 1024 * 1024);

@@ -615,9 +615,10 @@ fn sidecar_overrides_replace_image_and_resources() {
     );
     let limits = s.resources.as_ref().unwrap().limits.as_ref().unwrap();
     assert_eq!(limits["memory"].0, "1Gi");
-    // The memory limit sizes the Kafka buffers.
-    assert!(
-        d.tuning.queued_max_messages_kbytes > build_ok(MINIMAL).tuning.queued_max_messages_kbytes
+    // The memory limit sizes the Kafka buffers, up to their caps.
+    assert_eq!(
+        d.tuning.queued_max_messages_kbytes,
+        crate::tuning::MAX_BUFFER_BYTES / 1024
     );
     // Without an override, the operator flag's image.
     let d = build_with(

@@ -22,7 +22,9 @@
 //! `SLUICE_BENCH_KEYS`, distinct record keys, default 1 000 — few keys make key ordering
 //! wait on keys in flight; `SLUICE_BENCH_GO_BIN`, the Go baselines' directory, set by
 //! `make bench`; `SLUICE_BENCH_ONLY`, only the contestants whose name contains it, or
-//! `drain`; `SLUICE_BENCH_RDKAFKA_DEBUG`, librdkafka `debug` contexts for the drain's sidecar,
+//! `drain`; `SLUICE_BENCH_SIDECAR_CONFIG`, a JSON object of sidecar settings merged over the
+//! sidecar contestants' configuration, e.g. `{"kafka":{"queuedMaxMessagesKbytes":65536}}`;
+//! `SLUICE_BENCH_RDKAFKA_DEBUG`, librdkafka `debug` contexts for the drain's sidecar,
 //! whose log level `SLUICE_TEST_SIDECAR_LOG` sets).
 
 use std::collections::BTreeMap;
@@ -51,10 +53,23 @@ const MAX_IN_FLIGHT: usize = 64;
 const BATCH_RECORDS: usize = 100;
 
 fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
+    env_opt(name).unwrap_or(default as u64) as usize
+}
+
+/// Merges `extra` into `into`, objects key by key, anything else replaced.
+fn merge(into: &mut serde_json::Value, extra: serde_json::Value) {
+    match (into, extra) {
+        (serde_json::Value::Object(a), serde_json::Value::Object(b)) => {
+            for (k, v) in b {
+                merge(a.entry(k).or_insert(serde_json::Value::Null), v);
+            }
+        }
+        (slot, v) => *slot = v,
+    }
+}
+
+fn env_opt(name: &str) -> Option<u64> {
+    std::env::var(name).ok().and_then(|v| v.parse().ok())
 }
 
 /// (user + system CPU time, resident set size) of a process, from /proc.
@@ -375,6 +390,12 @@ async fn sidecar_run(topic: &Topic, mode: &str, batch: bool, n: usize) -> Run {
     cfg["delivery"]["commitInterval"] = "500ms".into();
     if batch {
         cfg["delivery"]["batch"] = serde_json::json!({ "maxRecords": BATCH_RECORDS });
+    }
+    // Settings under study (the memory budget, say): merged over the configuration.
+    if let Ok(extra) = std::env::var("SLUICE_BENCH_SIDECAR_CONFIG") {
+        let extra: serde_json::Value = serde_json::from_str(&extra)
+            .expect("SLUICE_BENCH_SIDECAR_CONFIG is a JSON object of sidecar settings");
+        merge(&mut cfg, extra);
     }
     let sidecar = Sidecar::start(&name, cfg);
     // The sidecar's own process handle stays with `Sidecar`; watch it by pid.
