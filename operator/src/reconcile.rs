@@ -831,7 +831,13 @@ async fn pod_summary(ctx: &Context, seen: &Observed<'_>, now: Timestamp) -> stat
         })
         .collect();
     let probes = ctx.readyz.read(ns.unwrap_or_default(), &targets).await;
-    status::pods::summarize(pods.iter().map(|p| &**p), now, &probes)
+    let mut summary = status::pods::summarize(pods.iter().map(|p| &**p), now, &probes);
+    // Looked at again when the answers expire, so a cause that changes (or a read that
+    // failed) shows within a minute; such a reconcile reads caches only, and writes the
+    // status only if it changed.
+    let again = status::pods::readyz::KEEP_FOR;
+    summary.recheck = Some(summary.recheck.map_or(again, |r| r.min(again)));
+    summary
 }
 
 async fn patch_status(

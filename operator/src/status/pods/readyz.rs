@@ -1,6 +1,8 @@
 //! Reads the `/readyz` of sidecars that stay not ready, for [`super::summarize`]: at most
 //! [`IN_FLIGHT`] requests at once, each bounded by [`TIMEOUT`], the answers kept per pod for
-//! [`KEEP_FOR`]. Only pods named in [`super::Summary::probe`] are read (sidecars running but
+//! [`KEEP_FOR`]. A read waits at most [`TIMEOUT`] for its turn, then is left for the next
+//! look (so a reconcile is held at most twice [`TIMEOUT`], even when many sidecars are
+//! silent at once). Only pods named in [`super::Summary::probe`] are read (sidecars running but
 //! not ready for [`super::NOT_READY_AFTER`]), so healthy pods cost nothing here, and no
 //! request goes to the API server: the pod IP comes from the pod cache.
 
@@ -72,7 +74,8 @@ impl Prober {
     }
 
     /// The answers of `targets` (pods of `namespace`): kept ones younger than [`KEEP_FOR`]
-    /// from the same IP, the others read now (at most [`IN_FLIGHT`] at once overall).
+    /// from the same IP, the others read now (at most [`IN_FLIGHT`] at once overall). A pod
+    /// whose read found no turn within [`TIMEOUT`] has no answer (and none is kept).
     pub async fn read(&self, namespace: &str, targets: &[Target]) -> Probes {
         let now = Instant::now();
         let mut probes = Probes::new();
@@ -96,6 +99,7 @@ impl Prober {
         .await;
         let mut answers = self.answers.lock().unwrap_or_else(|p| p.into_inner());
         for (t, answer) in read {
+            let Some(answer) = answer else { continue };
             answers.insert(
                 (namespace.to_owned(), t.name.clone()),
                 (Instant::now(), t.ip, answer.clone()),
@@ -110,10 +114,16 @@ impl Prober {
         self.answers.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
 
-    async fn read_one(&self, ip: &str) -> Readyz {
-        let Ok(_permit) = self.permits.acquire().await else {
-            return Readyz::Unread("the operator is stopping".into());
-        };
+    /// `None` when no turn came within [`TIMEOUT`].
+    async fn read_one(&self, ip: &str) -> Option<Readyz> {
+        let _permit = tokio::time::timeout(TIMEOUT, self.permits.acquire())
+            .await
+            .ok()?
+            .ok()?;
+        Some(self.read_now(ip).await)
+    }
+
+    async fn read_now(&self, ip: &str) -> Readyz {
         // An IPv6 pod IP goes in brackets.
         let host = if ip.contains(':') {
             format!("[{ip}]")
@@ -294,6 +304,30 @@ mod tests {
             took >= TIMEOUT && took < TIMEOUT + Duration::from_secs(1),
             "{took:?}"
         );
+    }
+
+    #[tokio::test]
+    async fn a_read_without_a_turn_within_the_timeout_is_left_for_later() {
+        let (port, count) = sidecar(
+            "HTTP/1.1 200 OK\r\ncontent-length: 6\r\nconnection: close\r\n\r\nready\n",
+            Duration::ZERO,
+        )
+        .await;
+        let prober = Prober::new(port);
+        // Four reads elsewhere hold every turn.
+        let held = prober.permits.acquire_many(IN_FLIGHT as u32).await.unwrap();
+        let started = Instant::now();
+        let got = prober.read("ns", &[target("a")]).await;
+        let took = started.elapsed();
+        assert_eq!(got, Probes::new());
+        assert!(
+            took >= TIMEOUT && took < TIMEOUT + Duration::from_secs(1),
+            "{took:?}"
+        );
+        assert_eq!((count.load(Ordering::SeqCst), prober.kept()), (0, 0));
+        drop(held);
+        let got = prober.read("ns", &[target("a")]).await;
+        assert_eq!(got.get("a"), Some(&Readyz::Ready));
     }
 
     #[tokio::test]
