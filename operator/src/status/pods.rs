@@ -114,18 +114,25 @@ pub type Probes = BTreeMap<String, Readyz>;
 const DETAIL_MAX: usize = 400;
 
 /// The sidecar's text on one line, bounded, without librdkafka's timing suffixes
-/// (`(after 12ms in state CONNECT)`), so the message does not change on every read.
+/// (`(after 12ms in state CONNECT, 3 identical error(s) suppressed)`), so the message does
+/// not change on every read.
 fn clean_detail(text: &str) -> String {
     let mut out = String::new();
     let mut rest = text;
     while let Some(i) = rest.find("(after ") {
         out.push_str(&rest[..i]);
-        match rest[i..].find(')') {
-            Some(j) => rest = &rest[i + j + 1..],
-            None => {
-                rest = "";
+        // To the matching parenthesis: the suffix may hold some, as in
+        // `(after 9ms in state UP, 1 identical error(s) suppressed)`.
+        let mut depth = 0usize;
+        let end = rest[i..].char_indices().find_map(|(j, c)| {
+            match c {
+                '(' => depth += 1,
+                ')' => depth -= 1,
+                _ => {}
             }
-        }
+            (depth == 0).then_some(i + j + 1)
+        });
+        rest = end.map_or("", |e| &rest[e..]);
     }
     out.push_str(rest);
     let mut line: String = out.split_whitespace().collect::<Vec<_>>().join(" ");
