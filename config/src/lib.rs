@@ -27,6 +27,12 @@ pub const DEFAULT_CONFIG_PATH: &str = "/etc/sluice/config.json";
 /// The sidecar's admin port: `/metrics`, `/healthz`, `/readyz` and `/drain`.
 pub const ADMIN_PORT: u16 = 9898;
 
+/// The response header of the sidecar's `/readyz` when it is not ready: why, as one of the
+/// `sluice_not_ready{reason}` labels (`app_unreachable`, `kafka_unreachable`, `kafka_auth`,
+/// `joining`, `draining`); the body says it for people, with details. The operator reads it
+/// for the EventConsumer's status.
+pub const NOT_READY_HEADER: &str = "Sluice-Not-Ready";
+
 /// The request header that must carry the drain token on `GET /drain`.
 pub const DRAIN_TOKEN_HEADER: &str = "X-Sluice-Drain-Token";
 

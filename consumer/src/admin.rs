@@ -11,7 +11,7 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use sluice_config::DRAIN_TOKEN_HEADER;
+use sluice_config::{DRAIN_TOKEN_HEADER, NOT_READY_HEADER};
 use tracing::{info, warn};
 
 use crate::metrics::Metrics;
@@ -49,10 +49,18 @@ async fn metrics(State(s): State<AdminState>) -> Response {
         .into_response()
 }
 
-async fn readyz(State(s): State<AdminState>) -> (StatusCode, String) {
+/// `200 ready`, or `503` with the reason for people in the body and for programs (the
+/// operator, which shows it in the EventConsumer's status) in the [`NOT_READY_HEADER`]
+/// header: one of the `sluice_not_ready{reason}` labels.
+async fn readyz(State(s): State<AdminState>) -> Response {
     match s.readiness.export(&s.metrics) {
-        Ok(()) => (StatusCode::OK, "ready\n".into()),
-        Err((_, text)) => (StatusCode::SERVICE_UNAVAILABLE, format!("{text}\n")),
+        Ok(()) => (StatusCode::OK, "ready\n").into_response(),
+        Err((reason, text)) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [(NOT_READY_HEADER, reason)],
+            format!("{text}\n"),
+        )
+            .into_response(),
     }
 }
 
@@ -114,6 +122,16 @@ mod tests {
     }
 
     async fn call(state: AdminState, path: &str, token: Option<&str>) -> (StatusCode, String) {
+        let (status, _, body) = call_with_head(state, path, token).await;
+        (status, body)
+    }
+
+    /// The status, the response head (lower-cased) and the body.
+    async fn call_with_head(
+        state: AdminState,
+        path: &str,
+        token: Option<&str>,
+    ) -> (StatusCode, String, String) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let server = tokio::spawn(async move { axum::serve(listener, router(state)).await });
@@ -128,8 +146,12 @@ mod tests {
         stream.read_to_string(&mut resp).await.unwrap();
         server.abort();
         let status: u16 = resp[9..12].parse().unwrap();
-        let body = resp.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned();
-        (StatusCode::from_u16(status).unwrap(), body)
+        let (head, body) = resp.split_once("\r\n\r\n").unwrap_or((&resp, ""));
+        (
+            StatusCode::from_u16(status).unwrap(),
+            head.to_ascii_lowercase(),
+            body.to_owned(),
+        )
     }
 
     fn state(token: Option<&str>) -> AdminState {
@@ -224,8 +246,16 @@ mod tests {
                 "joining the consumer group\n".into()
             )
         );
+        let (_, head, _) = call_with_head(s.clone(), "/readyz", None).await;
+        let header = format!("{}: joining\r\n", NOT_READY_HEADER.to_ascii_lowercase());
+        assert!(head.contains(&header), "{head}");
         s.readiness.group.set_joined(true);
-        assert_eq!(call(s.clone(), "/readyz", None).await.0, StatusCode::OK);
+        let (status, head, _) = call_with_head(s.clone(), "/readyz", None).await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(
+            !head.contains(&NOT_READY_HEADER.to_ascii_lowercase()),
+            "a ready sidecar names no reason: {head}"
+        );
         let (_, body) = call(s.clone(), "/metrics", None).await;
         assert!(body.contains("sluice_ready 1"), "{body}");
         assert!(
@@ -239,9 +269,11 @@ mod tests {
                 detail: "Kafka refused the credentials or permissions: SASL authentication failed"
                     .into(),
             }));
-        let (status, body) = call(s.clone(), "/readyz", None).await;
+        let (status, head, body) = call_with_head(s.clone(), "/readyz", None).await;
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
         assert!(body.contains("SASL authentication failed"), "{body}");
+        let header = format!("{}: kafka_auth\r\n", NOT_READY_HEADER.to_ascii_lowercase());
+        assert!(head.contains(&header), "{head}");
         let (_, body) = call(s.clone(), "/metrics", None).await;
         assert!(
             body.contains("sluice_not_ready{reason=\"kafka_auth\"} 1"),

@@ -153,6 +153,16 @@ impl GroupHealth {
         *self.problem.lock().unwrap_or_else(|p| p.into_inner()) = problem;
     }
 
+    /// No broker is reachable. Not over an authentication problem: a broker that refuses the
+    /// credentials closes the connection, and librdkafka then reports every broker down too;
+    /// the refusal is the cause worth reporting.
+    fn brokers_down(&self, problem: KafkaProblem) {
+        let mut p = self.problem.lock().unwrap_or_else(|p| p.into_inner());
+        if p.as_ref().is_none_or(|p| p.reason != "kafka_auth") {
+            *p = Some(problem);
+        }
+    }
+
     /// A broker is connected (librdkafka's statistics show it up): a problem of reaching
     /// Kafka is over. Not an authentication problem: a broker can be up while it refuses
     /// this member's credentials or permissions.
@@ -659,10 +669,10 @@ impl ClientContext for SluiceContext {
                 error!(error = %error, reason, "fatal Kafka client error: draining and exiting");
                 return;
             }
-            Some(C::AllBrokersDown) => self.health.set_problem(Some(KafkaProblem {
+            Some(C::AllBrokersDown) => self.health.brokers_down(KafkaProblem {
                 reason: "kafka_unreachable",
                 detail: format!("no Kafka broker is reachable: {reason}"),
-            })),
+            }),
             Some(
                 C::Authentication
                 | C::SaslAuthenticationFailed
@@ -1188,10 +1198,22 @@ mod tests {
         h.set_problem(Some(auth.clone()));
         // A connected broker may still refuse the credentials.
         h.broker_answered();
+        assert_eq!(h.problem(), Some(auth.clone()));
+        // Brokers that refuse the credentials close the connections: all are down then,
+        // and the refusal stays the cause.
+        let down = KafkaProblem {
+            reason: "kafka_unreachable",
+            detail: "no Kafka broker is reachable: 3/3 brokers are down".into(),
+        };
+        h.brokers_down(down.clone());
         assert_eq!(h.problem(), Some(auth));
         // Records fetched, a commit acknowledged, an assignment: it is over.
         h.kafka_served();
         assert_eq!(h.problem(), None);
+        // Without an authentication problem, all brokers down is the cause.
+        h.brokers_down(down.clone());
+        assert_eq!(h.problem(), Some(down));
+        h.set_problem(None);
         let unreachable = KafkaProblem {
             reason: "kafka_unreachable",
             detail: "all brokers down".into(),

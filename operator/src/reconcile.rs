@@ -93,6 +93,8 @@ pub struct Context {
     /// Events to publish beside the reconciles (set while the controller runs), so a
     /// reconcile does not hold its slot for them.
     events: Mutex<Option<UnboundedSender<(Event, ObjectReference)>>>,
+    /// Reads the `/readyz` of sidecars that stay not ready, for the status's reason.
+    pub readyz: status::pods::readyz::Prober,
 }
 
 /// Events published at the same time by the controller's publisher.
@@ -179,6 +181,7 @@ impl Context {
             pacer: Pacer::new(DEFAULT_MAX_SIDECAR_ROLLOUTS),
             wake: Mutex::new(None),
             events: Mutex::new(None),
+            readyz: Default::default(),
         }
     }
 
@@ -752,7 +755,7 @@ async fn write_status(
     let mut new = status::compute(old, seen, outcome, &now);
     pacing::sidecar_status(&mut new, seen.deployment, pending);
     new.topics = Some(status::topics_column(&ec.spec.kafka.topics));
-    let pods = pod_summary(ctx, seen, now.0);
+    let pods = pod_summary(ctx, seen, now.0).await;
     if let Some(problem) = &pods.problem {
         status::pods::explain(&mut new, old, problem, seen.desired_replicas, &now);
     }
@@ -787,8 +790,9 @@ async fn write_status(
 
 /// What keeps the EventConsumer's pods from working, from the pod cache. Looked at only while
 /// the Deployment has fewer ready pods than wanted or pods of an old template (a healthy
-/// EventConsumer costs nothing here).
-fn pod_summary(ctx: &Context, seen: &Observed<'_>, now: Timestamp) -> status::pods::Summary {
+/// EventConsumer costs nothing here). Sidecars not ready for long are asked why on their
+/// `/readyz` (pod IP, admin port; answers kept a while): no API request.
+async fn pod_summary(ctx: &Context, seen: &Observed<'_>, now: Timestamp) -> status::pods::Summary {
     let Some(status) = seen.deployment.and_then(|d| d.status.as_ref()) else {
         return Default::default();
     };
@@ -808,7 +812,32 @@ fn pod_summary(ctx: &Context, seen: &Observed<'_>, now: Timestamp) -> status::po
         .filter(|p| p.metadata.namespace.as_deref() == ns)
         .filter(|p| status::pods::owner(p) == Some(seen.name))
         .collect();
-    status::pods::summarize(pods.iter().map(|p| &**p), now)
+    let summary = status::pods::summarize(pods.iter().map(|p| &**p), now, &Default::default());
+    if summary.probe.is_empty() {
+        return summary;
+    }
+    let targets: Vec<status::pods::readyz::Target> = pods
+        .iter()
+        .filter_map(|p| {
+            let name = p.metadata.name.as_ref()?;
+            let ip = p.status.as_ref()?.pod_ip.as_ref()?;
+            summary
+                .probe
+                .contains(name)
+                .then(|| status::pods::readyz::Target {
+                    name: name.clone(),
+                    ip: ip.clone(),
+                })
+        })
+        .collect();
+    let probes = ctx.readyz.read(ns.unwrap_or_default(), &targets).await;
+    let mut summary = status::pods::summarize(pods.iter().map(|p| &**p), now, &probes);
+    // Looked at again when the answers expire, so a cause that changes (or a read that
+    // failed) shows within a minute; such a reconcile reads caches only, and writes the
+    // status only if it changed.
+    let again = status::pods::readyz::KEEP_FOR;
+    summary.recheck = Some(summary.recheck.map_or(again, |r| r.min(again)));
+    summary
 }
 
 async fn patch_status(

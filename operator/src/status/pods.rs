@@ -1,7 +1,12 @@
 //! What keeps an EventConsumer's pods from working, from their status: images that cannot be
 //! pulled, containers that cannot start or keep exiting, pods that cannot be scheduled,
-//! containers that run but do not become ready. Pure: the pods and the clock come in as
-//! arguments.
+//! containers that run but do not become ready. Pure: the pods, the clock and what the
+//! sidecars' `/readyz` said come in as arguments.
+//!
+//! A sidecar not ready for [`NOT_READY_AFTER`] is named in [`Summary::probe`]; the caller
+//! reads its `/readyz` ([`readyz::Prober`]) and passes the answers back in, which turns the
+//! generic [`SIDECAR_NOT_READY`] into the cause the sidecar gives: [`KAFKA_AUTH_FAILED`],
+//! [`KAFKA_UNREACHABLE`], [`APPLICATION_UNREACHABLE`].
 //!
 //! The operator caches only the pods it labels (`sluice.dev/consumer`), trimmed by [`trim`]
 //! to the few status fields read here, and reconciles their EventConsumer only when a pod's
@@ -34,18 +39,30 @@ pub const SIDECAR_CRASH_LOOPING: &str = "SidecarCrashLooping";
 pub const PODS_UNSCHEDULABLE: &str = "PodsUnschedulable";
 /// An application container runs but its own readiness probe keeps failing.
 pub const APPLICATION_NOT_READY: &str = "ApplicationNotReady";
-/// The sidecar runs but is not ready: its application does not answer, Kafka is unreachable
-/// or refuses its credentials, or it cannot join the consumer group.
+/// The sidecar runs but is not ready because Kafka refuses its credentials or permissions
+/// (its `/readyz` says `kafka_auth`).
+pub const KAFKA_AUTH_FAILED: &str = "KafkaAuthFailed";
+/// The sidecar runs but is not ready because no Kafka broker is reachable (its `/readyz`
+/// says `kafka_unreachable`).
+pub const KAFKA_UNREACHABLE: &str = "KafkaUnreachable";
+/// The sidecar runs but is not ready because its application does not answer on the
+/// delivery (or readiness) URL (its `/readyz` says `app_unreachable`).
+pub const APPLICATION_UNREACHABLE: &str = "ApplicationUnreachable";
+/// The sidecar runs but is not ready for another reason (still joining the consumer group,
+/// draining), or its `/readyz` could not be read.
 pub const SIDECAR_NOT_READY: &str = "SidecarNotReady";
 
 /// Every reason [`summarize`] can give, most severe first.
-pub const REASONS: [&str; 7] = [
+pub const REASONS: [&str; 10] = [
     IMAGE_PULL_FAILED,
     CONTAINER_CANNOT_START,
     SIDECAR_CRASH_LOOPING,
     APPLICATION_CRASH_LOOPING,
     PODS_UNSCHEDULABLE,
     APPLICATION_NOT_READY,
+    KAFKA_AUTH_FAILED,
+    KAFKA_UNREACHABLE,
+    APPLICATION_UNREACHABLE,
     SIDECAR_NOT_READY,
 ];
 
@@ -73,6 +90,61 @@ pub struct Summary {
     /// When to look again: a container that is not ready (or restarted) but not yet for long
     /// enough to count.
     pub recheck: Option<Duration>,
+    /// The pods (by name) whose sidecar has been running but not ready for
+    /// [`NOT_READY_AFTER`]: whose `/readyz` says why. Empty for healthy pods.
+    pub probe: Vec<String>,
+}
+
+/// What a sidecar's `/readyz` answered, or why it could not be read.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Readyz {
+    /// `503`: the `Sluice-Not-Ready` header's reason (empty from a sidecar that sends none)
+    /// and the body's text.
+    NotReady { reason: String, detail: String },
+    /// `200`: ready by now (the kubelet's view lags).
+    Ready,
+    /// No answer that could be used: why.
+    Unread(String),
+}
+
+/// The `/readyz` answers per pod name, for [`summarize`].
+pub type Probes = BTreeMap<String, Readyz>;
+
+/// Longest sidecar detail put into a message.
+const DETAIL_MAX: usize = 400;
+
+/// The sidecar's text on one line, bounded, without librdkafka's timing suffixes
+/// (`(after 12ms in state CONNECT, 3 identical error(s) suppressed)`), so the message does
+/// not change on every read.
+fn clean_detail(text: &str) -> String {
+    let mut out = String::new();
+    let mut rest = text;
+    while let Some(i) = rest.find("(after ") {
+        out.push_str(&rest[..i]);
+        // To the matching parenthesis: the suffix may hold some, as in
+        // `(after 9ms in state UP, 1 identical error(s) suppressed)`.
+        let mut depth = 0usize;
+        let end = rest[i..].char_indices().find_map(|(j, c)| {
+            match c {
+                '(' => depth += 1,
+                ')' => depth -= 1,
+                _ => {}
+            }
+            (depth == 0).then_some(i + j + 1)
+        });
+        rest = end.map_or("", |e| &rest[e..]);
+    }
+    out.push_str(rest);
+    let mut line: String = out.split_whitespace().collect::<Vec<_>>().join(" ");
+    if line.len() > DETAIL_MAX {
+        let mut cut = DETAIL_MAX - 3;
+        while !line.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        line.truncate(cut);
+        line.push_str("...");
+    }
+    line
 }
 
 /// One container's finding.
@@ -80,6 +152,8 @@ struct Finding {
     reason: &'static str,
     /// Without the pod count.
     message: String,
+    /// The pod's sidecar has been not ready for long: its `/readyz` is wanted.
+    probe: bool,
 }
 
 fn severity(reason: &str) -> usize {
@@ -90,18 +164,29 @@ fn severity(reason: &str) -> usize {
 }
 
 /// The most severe problem of the pods (ties: the first pod by name, then the first container
-/// by name), with how many pods share its reason. Terminating pods are ignored.
-pub fn summarize<'a>(pods: impl IntoIterator<Item = &'a Pod>, now: Timestamp) -> Summary {
+/// by name), with how many pods share its reason. Terminating pods are ignored. `probes`
+/// holds what the sidecars named in an earlier summary's [`Summary::probe`] answered on
+/// `/readyz`; a sidecar without an answer there counts as [`SIDECAR_NOT_READY`].
+pub fn summarize<'a>(
+    pods: impl IntoIterator<Item = &'a Pod>,
+    now: Timestamp,
+    probes: &Probes,
+) -> Summary {
     let mut pods: Vec<&Pod> = pods
         .into_iter()
         .filter(|p| p.metadata.deletion_timestamp.is_none())
         .collect();
     pods.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
     let mut recheck: Option<Duration> = None;
+    let mut probe: Vec<String> = Vec::new();
     let mut findings: Vec<(String, Finding)> = Vec::new();
     for pod in pods {
         let name = pod.metadata.name.clone().unwrap_or_default();
-        if let Some(f) = pod_finding(pod, &name, now, &mut recheck) {
+        let answer = probes.get(&name);
+        if let Some(f) = pod_finding(pod, &name, now, answer, &mut recheck) {
+            if f.probe {
+                probe.push(name.clone());
+            }
             findings.push((name, f));
         }
     }
@@ -127,13 +212,18 @@ pub fn summarize<'a>(pods: impl IntoIterator<Item = &'a Pod>, now: Timestamp) ->
                 message,
             }
         });
-    Summary { problem, recheck }
+    Summary {
+        problem,
+        recheck,
+        probe,
+    }
 }
 
 fn pod_finding(
     pod: &Pod,
     name: &str,
     now: Timestamp,
+    answer: Option<&Readyz>,
     recheck: &mut Option<Duration>,
 ) -> Option<Finding> {
     let status = pod.status.as_ref()?;
@@ -154,7 +244,11 @@ fn pod_finding(
     );
     containers.sort_by(|a, b| a.0.name.cmp(&b.0.name));
     let mut found: Option<Finding> = None;
+    // Whether the sidecar's /readyz is wanted, even when another finding is more severe
+    // (it is read only for sidecars not ready for long, and may be the one that stays).
+    let mut probe = false;
     let mut keep = |f: Finding| {
+        probe |= f.probe;
         if found
             .as_ref()
             .is_none_or(|old| severity(f.reason) < severity(old.reason))
@@ -163,7 +257,7 @@ fn pod_finding(
         }
     };
     for (c, init) in containers {
-        if let Some(f) = container_finding(c, init, name, now, recheck) {
+        if let Some(f) = container_finding(c, init, name, now, answer, recheck) {
             keep(f);
         }
     }
@@ -178,9 +272,10 @@ fn pod_finding(
                 "pod {name} cannot be scheduled: {}; free or add nodes, or lower the pod template's resource requests or constraints",
                 c.message.as_deref().unwrap_or("no node fits")
             ),
+            probe: false,
         });
     }
-    found
+    found.map(|f| Finding { probe, ..f })
 }
 
 fn is_sidecar(c: &ContainerStatus) -> bool {
@@ -222,6 +317,7 @@ fn container_finding(
     init: bool,
     pod: &str,
     now: Timestamp,
+    answer: Option<&Readyz>,
     recheck: &mut Option<Duration>,
 ) -> Option<Finding> {
     let who = if is_sidecar(c) {
@@ -253,6 +349,7 @@ fn container_finding(
                         c.image,
                         message.map(|m| format!(": {m}")).unwrap_or_default()
                     ),
+                    probe: false,
                 })
             }
             "CreateContainerConfigError"
@@ -265,6 +362,7 @@ fn container_finding(
                     "{who} cannot start ({reason}{}); see kubectl describe pod {pod}",
                     message.map(|m| format!(": {m}")).unwrap_or_default()
                 ),
+                probe: false,
             }),
             "CrashLoopBackOff" => Some(Finding {
                 reason: crash_reason,
@@ -273,6 +371,7 @@ fn container_finding(
                     last.map(exit_text)
                         .unwrap_or_else(|| "no exit recorded".into())
                 ),
+                probe: false,
             }),
             // ContainerCreating, PodInitializing and the like: on its way.
             _ => None,
@@ -287,6 +386,7 @@ fn container_finding(
         return Some(Finding {
             reason: crash_reason,
             message: format!("{who} exited ({}); {logs} shows why", exit_text(t)),
+            probe: false,
         });
     }
     let running = state.and_then(|s| s.running.as_ref())?;
@@ -302,6 +402,7 @@ fn container_finding(
                 "{who} keeps exiting (last: {}); {logs} shows why",
                 exit_text(t)
             ),
+            probe: false,
         });
     }
     if c.ready {
@@ -311,25 +412,75 @@ fn container_finding(
         earliest(recheck, NOT_READY_AFTER - up);
         return None;
     }
-    // Static, so the message does not change while the problem lasts.
+    // Static (or the sidecar's own words), so the message does not change while the problem
+    // lasts.
     let minutes = NOT_READY_AFTER.as_secs() / 60;
-    Some(if is_sidecar(c) {
-        Finding {
-            reason: SIDECAR_NOT_READY,
-            message: format!(
-                "{who} has not become ready in {minutes} min of running: it is ready once its application answers on the delivery URL and it has joined the consumer group; its /readyz and sluice_not_ready{{reason}} metric on the admin port say which (app_unreachable, kafka_unreachable, kafka_auth, joining), as do kubectl logs {pod} -c {}",
-                c.name
-            ),
-        }
-    } else {
-        Finding {
+    let logs = format!("kubectl logs {pod} -c {}", c.name);
+    if !is_sidecar(c) {
+        return Some(Finding {
             reason: APPLICATION_NOT_READY,
             message: format!(
-                "{who} has not become ready in {minutes} min of running: its readiness probe fails; see kubectl describe pod {pod} and kubectl logs {pod} -c {}",
-                c.name
+                "{who} has not become ready in {minutes} min of running: its readiness probe fails; see kubectl describe pod {pod} and {logs}"
             ),
+            probe: false,
+        });
+    }
+    Some(sidecar_not_ready(&who, minutes, &logs, answer))
+}
+
+/// A sidecar running but not ready for [`NOT_READY_AFTER`], explained by its `/readyz`.
+fn sidecar_not_ready(who: &str, minutes: u64, logs: &str, answer: Option<&Readyz>) -> Finding {
+    let generic = |why: &str| Finding {
+        reason: SIDECAR_NOT_READY,
+        message: format!(
+            "{who} has not become ready in {minutes} min of running{why}: it is ready once its application answers on the delivery URL and it has joined the consumer group; its /readyz and sluice_not_ready{{reason}} metric on the admin port say which (app_unreachable, kafka_unreachable, kafka_auth, joining), as do {logs}"
+        ),
+        probe: true,
+    };
+    let (reason, detail) = match answer {
+        None => return generic(""),
+        Some(Readyz::Unread(e)) => {
+            return generic(&format!(
+                " (the operator could not read its /readyz: {})",
+                clean_detail(e)
+            ));
         }
-    })
+        Some(Readyz::Ready) => {
+            return generic(" (its /readyz answers ready by now)");
+        }
+        Some(Readyz::NotReady { reason, detail }) => (reason.as_str(), clean_detail(detail)),
+    };
+    let (reason, message) = match reason {
+        "kafka_auth" => (
+            KAFKA_AUTH_FAILED,
+            format!(
+                "{who} is refused by Kafka: {detail}; check the credentials Secret, spec.kafka's SASL mechanism and TLS settings, and the user's ACLs for the group and topics; see {logs}"
+            ),
+        ),
+        "kafka_unreachable" => (
+            KAFKA_UNREACHABLE,
+            format!(
+                "{who} cannot reach Kafka: {detail}; check spec.kafka.bootstrapServers, that the brokers run, and that the pod may connect to them (network policies, DNS); see {logs}"
+            ),
+        ),
+        "app_unreachable" => (
+            APPLICATION_UNREACHABLE,
+            format!(
+                "{who} gets no answer from its application ({detail}): the application must answer on spec.delivery.url (or readinessUrl when set); see the application's logs and {logs}"
+            ),
+        ),
+        _ => (
+            SIDECAR_NOT_READY,
+            format!(
+                "{who} has not become ready in {minutes} min of running: its /readyz says: {detail}; see {logs}"
+            ),
+        ),
+    };
+    Finding {
+        reason,
+        message,
+        probe: true,
+    }
 }
 
 /// What [`summarize`] reads of a pod, as a hash: the pod watch passes a pod on (and its
@@ -372,8 +523,9 @@ pub fn signature(pod: &Pod) -> Option<u64> {
 }
 
 /// Drops what [`summarize`] and the mapping to the EventConsumer do not read, so the cache of
-/// pods stays small: the spec, annotations, managed fields, other labels, IPs, and the
-/// container statuses' image IDs, resources and mounts.
+/// pods stays small: the spec, annotations, managed fields, other labels, the host's and the
+/// extra pod IPs, and the container statuses' image IDs, resources and mounts. The pod IP
+/// stays: the sidecar's `/readyz` is read there when it stays not ready.
 pub fn trim(pod: &mut Pod) {
     pod.spec = None;
     let m = &mut pod.metadata;
@@ -409,6 +561,7 @@ pub fn trim(pod: &mut Pod) {
         };
         *s = k8s_openapi::api::core::v1::PodStatus {
             phase: s.phase.take(),
+            pod_ip: s.pod_ip.take(),
             conditions,
             init_container_statuses: keep(s.init_container_statuses.take()),
             container_statuses: keep(s.container_statuses.take()),
@@ -462,6 +615,8 @@ pub fn explain(
         }
     }
 }
+
+pub mod readyz;
 
 #[cfg(test)]
 mod tests;

@@ -57,7 +57,7 @@ fn healthy(name: &str) -> Pod {
 }
 
 fn problem(pods: &[Pod], secs: i64) -> Option<PodProblem> {
-    summarize(pods, now(secs)).problem
+    summarize(pods, now(secs), &Probes::new()).problem
 }
 
 fn reason(pods: &[Pod], secs: i64) -> Option<&'static str> {
@@ -66,9 +66,9 @@ fn reason(pods: &[Pod], secs: i64) -> Option<&'static str> {
 
 #[test]
 fn healthy_and_starting_pods_have_no_problem() {
-    assert_eq!(summarize([], now(0)), Summary::default());
+    assert_eq!(summarize([], now(0), &Probes::new()), Summary::default());
     assert_eq!(
-        summarize(&[healthy("a"), healthy("b")], now(0)),
+        summarize(&[healthy("a"), healthy("b")], now(0), &Probes::new()),
         Summary::default()
     );
     for w in ["ContainerCreating", "PodInitializing", "SomethingNew", ""] {
@@ -255,12 +255,12 @@ fn a_crash_loop_stays_one_between_restarts() {
     // a recheck when the window ends.
     let app = with_last_exit(running("app", false, -10), 1, "Error", "");
     let p = pod("a", vec![running("sluice", true, -60)], vec![app]);
-    let s = summarize(std::slice::from_ref(&p), now(0));
+    let s = summarize(std::slice::from_ref(&p), now(0), &Probes::new());
     assert_eq!(s.problem.unwrap().reason, APPLICATION_CRASH_LOOPING);
     assert_eq!(s.recheck, Some(RESTARTED_WITHIN - Duration::from_secs(10)));
     // Past the window: no longer (it then counts as not ready only after NOT_READY_AFTER).
     let later = RESTARTED_WITHIN.as_secs() as i64;
-    let s = summarize(&[p], now(later));
+    let s = summarize(&[p], now(later), &Probes::new());
     assert_eq!(s.problem, None);
     assert_eq!(
         s.recheck,
@@ -280,11 +280,11 @@ fn not_ready_counts_only_after_a_while_and_the_sidecar_and_application_differ() 
         vec![running("sluice", false, -30)],
         vec![running("app", true, -30)],
     );
-    let s = summarize(std::slice::from_ref(&sidecar_slow), now(0));
+    let s = summarize(std::slice::from_ref(&sidecar_slow), now(0), &Probes::new());
     assert_eq!(s.problem, None);
     assert_eq!(s.recheck, Some(NOT_READY_AFTER - Duration::from_secs(30)));
     let after = NOT_READY_AFTER.as_secs() as i64;
-    let s = summarize(&[sidecar_slow], now(after + 100));
+    let s = summarize(&[sidecar_slow], now(after + 100), &Probes::new());
     let p = s.problem.unwrap();
     assert_eq!(p.reason, SIDECAR_NOT_READY);
     for part in [
@@ -320,7 +320,7 @@ fn not_ready_counts_only_after_a_while_and_the_sidecar_and_application_differ() 
     // A running container without a start time counts as just started.
     let mut c = running("app", false, 0);
     c["state"]["running"] = json!({});
-    let s = summarize(&[pod("a", vec![], vec![c])], now(0));
+    let s = summarize(&[pod("a", vec![], vec![c])], now(0), &Probes::new());
     assert_eq!((s.problem, s.recheck), (None, Some(NOT_READY_AFTER)));
 }
 
@@ -377,8 +377,24 @@ fn the_most_severe_problem_wins_within_a_pod_and_across_pods() {
             APPLICATION_NOT_READY,
             pod("p6", vec![], vec![running("app", false, -999)]),
         ),
-        (SIDECAR_NOT_READY, pod("p7", vec![not_ready()], vec![])),
+        (KAFKA_AUTH_FAILED, pod("p7", vec![not_ready()], vec![])),
+        (KAFKA_UNREACHABLE, pod("p8", vec![not_ready()], vec![])),
+        (
+            APPLICATION_UNREACHABLE,
+            pod("p9", vec![not_ready()], vec![]),
+        ),
+        (SIDECAR_NOT_READY, pod("pa", vec![not_ready()], vec![])),
     ];
+    // What the not-ready sidecars' /readyz said (pa's could not be read).
+    let probes = Probes::from([
+        ("p7".into(), said("kafka_auth", "refused")),
+        ("p8".into(), said("kafka_unreachable", "down")),
+        (
+            "p9".into(),
+            said("app_unreachable", "waiting for the application"),
+        ),
+        ("pa".into(), Readyz::Unread("timed out".into())),
+    ]);
     for i in 0..by_reason.len() {
         // Pods i.. in reverse, plus healthy ones: the i-th reason wins.
         let mut pods: Vec<Pod> = by_reason[i..]
@@ -387,9 +403,15 @@ fn the_most_severe_problem_wins_within_a_pod_and_across_pods() {
             .map(|(_, p)| p.clone())
             .collect();
         pods.push(healthy("p0"));
-        pods.push(healthy("p9"));
-        assert_eq!(reason(&pods, 0), Some(by_reason[i].0), "from {i}");
+        pods.push(healthy("pz"));
+        let got = summarize(&pods, now(0), &probes).problem.map(|p| p.reason);
+        assert_eq!(got, Some(by_reason[i].0), "from {i}");
     }
+    assert_eq!(
+        by_reason.len() + 1,
+        REASONS.len(),
+        "every reason but PodsUnschedulable (unschedulable_pods_say_why) is ordered here"
+    );
     for (i, r) in REASONS.iter().enumerate() {
         assert_eq!(severity(r), i);
     }
@@ -555,7 +577,11 @@ fn trim_keeps_what_summarize_and_the_mapping_read_and_drops_the_rest() {
     let full = pod("a", vec![running("sluice", false, -999)], vec![app]);
     let mut p = full.clone();
     trim(&mut p);
-    assert_eq!(summarize([&p], now(0)), summarize([&full], now(0)));
+    let none = Probes::new();
+    assert_eq!(
+        summarize([&p], now(0), &none),
+        summarize([&full], now(0), &none)
+    );
     assert_eq!(owner(&p), Some("ec"));
     assert_eq!(p.metadata.name.as_deref(), Some("a"));
     assert_eq!(p.metadata.namespace.as_deref(), Some("ns"));
@@ -566,7 +592,11 @@ fn trim_keeps_what_summarize_and_the_mapping_read_and_drops_the_rest() {
             && p.metadata.owner_references.is_none()
     );
     let s = p.status.as_ref().unwrap();
-    assert!(s.pod_ip.is_none());
+    assert_eq!(
+        s.pod_ip.as_deref(),
+        Some("10.0.0.9"),
+        "the sidecar's /readyz is read there"
+    );
     assert_eq!(s.conditions.as_ref().unwrap().len(), 1, "only PodScheduled");
     assert_eq!(s.container_statuses.as_ref().unwrap()[0].image_id, "");
     assert!(serde_json::to_vec(&p).unwrap().len() < serde_json::to_vec(&full).unwrap().len());
@@ -708,4 +738,223 @@ fn explain_leaves_ready_pods_and_the_operators_own_findings_alone() {
         Time(now(0)),
         "it was already True"
     );
+}
+
+fn said(reason: &str, detail: &str) -> Readyz {
+    Readyz::NotReady {
+        reason: reason.into(),
+        detail: detail.into(),
+    }
+}
+
+/// A pod whose sidecar has run, not ready, for 999 s; its application is ready.
+fn sidecar_stuck(name: &str) -> Pod {
+    pod(
+        name,
+        vec![running("sluice", false, -999)],
+        vec![running("app", true, -999)],
+    )
+}
+
+#[test]
+fn only_sidecars_not_ready_for_long_are_to_be_probed() {
+    let none = Probes::new();
+    // Healthy, starting, crash looping, an application not ready, a sidecar not ready for
+    // less than NOT_READY_AFTER: nothing to read.
+    let young = pod(
+        "young",
+        vec![running("sluice", false, -30)],
+        vec![running("app", true, -30)],
+    );
+    let crash = pod(
+        "crash",
+        vec![with_last_exit(
+            waiting("sluice", "CrashLoopBackOff", ""),
+            1,
+            "Error",
+            "",
+        )],
+        vec![],
+    );
+    let app = pod(
+        "app",
+        vec![running("sluice", true, -999)],
+        vec![running("app", false, -999)],
+    );
+    let s = summarize(&[healthy("h"), young, crash, app], now(0), &none);
+    assert_eq!(s.probe, Vec::<String>::new());
+    // Sidecars not ready for long, by pod name, even where another finding of the pod
+    // is more severe (that finding may go, the sidecar's stays).
+    let both = pod(
+        "both",
+        vec![running("sluice", false, -999)],
+        vec![running("app", false, -999)],
+    );
+    let s = summarize(
+        &[sidecar_stuck("b"), healthy("h"), sidecar_stuck("a"), both],
+        now(0),
+        &none,
+    );
+    assert_eq!(s.probe, vec!["a", "b", "both"]);
+    assert_eq!(s.problem.unwrap().reason, APPLICATION_NOT_READY);
+    // Terminating pods are not read.
+    let mut gone = sidecar_stuck("gone");
+    gone.metadata.deletion_timestamp = Some(Time(now(0)));
+    assert_eq!(
+        summarize(&[gone], now(0), &none).probe,
+        Vec::<String>::new()
+    );
+}
+
+#[test]
+fn what_the_sidecar_says_becomes_the_reason_with_its_words() {
+    let p = [sidecar_stuck("ec-1")];
+    let with = |answer: Readyz| {
+        summarize(&p, now(0), &Probes::from([("ec-1".into(), answer)]))
+            .problem
+            .unwrap()
+    };
+    let cases = [
+        (
+            said(
+                "kafka_auth",
+                "Kafka refused the credentials or permissions: SASL authentication error: Authentication failed (after 310ms in state AUTH_REQ)",
+            ),
+            KAFKA_AUTH_FAILED,
+            vec![
+                "the sluice sidecar of pod ec-1 is refused by Kafka: Kafka refused the credentials or permissions: SASL authentication error: Authentication failed;",
+                "credentials Secret",
+                "kubectl logs ec-1 -c sluice",
+            ],
+        ),
+        (
+            said(
+                "kafka_unreachable",
+                "no Kafka broker is reachable: 1/1 brokers are down\n",
+            ),
+            KAFKA_UNREACHABLE,
+            vec![
+                "the sluice sidecar of pod ec-1 cannot reach Kafka: no Kafka broker is reachable: 1/1 brokers are down;",
+                "spec.kafka.bootstrapServers",
+            ],
+        ),
+        (
+            said("app_unreachable", "waiting for the application"),
+            APPLICATION_UNREACHABLE,
+            vec![
+                "the sluice sidecar of pod ec-1 gets no answer from its application (waiting for the application)",
+                "spec.delivery.url",
+            ],
+        ),
+        (
+            said("joining", "joining the consumer group"),
+            SIDECAR_NOT_READY,
+            vec![
+                "has not become ready in 2 min of running: its /readyz says: joining the consumer group;",
+            ],
+        ),
+        (
+            said("draining", "draining"),
+            SIDECAR_NOT_READY,
+            vec!["its /readyz says: draining;"],
+        ),
+        // A sidecar of a version that sends no reason header: its words, generic reason.
+        (
+            said("", "no Kafka broker is reachable: x"),
+            SIDECAR_NOT_READY,
+            vec!["its /readyz says: no Kafka broker is reachable: x;"],
+        ),
+        (
+            said("something_new", "a new reason"),
+            SIDECAR_NOT_READY,
+            vec!["its /readyz says: a new reason;"],
+        ),
+        (
+            Readyz::Unread("GET 10.0.0.9:9898/readyz failed: connection refused".into()),
+            SIDECAR_NOT_READY,
+            vec![
+                "has not become ready in 2 min of running (the operator could not read its /readyz: GET 10.0.0.9:9898/readyz failed: connection refused)",
+                "kafka_auth",
+            ],
+        ),
+        (
+            Readyz::Ready,
+            SIDECAR_NOT_READY,
+            vec!["(its /readyz answers ready by now)"],
+        ),
+    ];
+    for (answer, reason, parts) in cases {
+        let got = with(answer.clone());
+        assert_eq!(got.reason, reason, "{answer:?}");
+        for part in parts {
+            assert!(got.message.contains(part), "{part:?} in {}", got.message);
+        }
+        assert!(!got.message.contains('\n'), "{}", got.message);
+        assert!(!got.message.contains("after 310ms"), "{}", got.message);
+    }
+    // No answer (yet): the generic reason and message, as before the read.
+    assert_eq!(
+        summarize(&p, now(0), &Probes::new())
+            .problem
+            .unwrap()
+            .reason,
+        SIDECAR_NOT_READY
+    );
+    // An answer for another pod changes nothing.
+    let other = Probes::from([("ec-2".into(), said("kafka_auth", "refused"))]);
+    assert_eq!(
+        summarize(&p, now(0), &other).problem.unwrap().reason,
+        SIDECAR_NOT_READY
+    );
+    // A long detail is cut.
+    let long = with(said("kafka_unreachable", &"x".repeat(5000)));
+    assert!(
+        long.message.len() < 1000 && long.message.contains("xxx..."),
+        "{}",
+        long.message
+    );
+}
+
+#[test]
+fn pods_with_the_same_cause_are_counted_and_different_causes_are_ordered() {
+    let pods = [sidecar_stuck("a"), sidecar_stuck("b"), sidecar_stuck("c")];
+    let probes = Probes::from([
+        ("a".into(), said("kafka_unreachable", "down")),
+        ("b".into(), said("kafka_auth", "refused")),
+        ("c".into(), said("kafka_auth", "refused")),
+    ]);
+    let p = summarize(&pods, now(0), &probes).problem.unwrap();
+    assert_eq!(p.reason, KAFKA_AUTH_FAILED);
+    assert!(
+        p.message.contains("pod b is refused by Kafka: refused"),
+        "{}",
+        p.message
+    );
+    assert!(
+        p.message
+            .ends_with("(and 1 more pod with the same problem)"),
+        "{}",
+        p.message
+    );
+}
+
+#[test]
+fn clean_detail_drops_timings_and_line_breaks() {
+    assert_eq!(clean_detail("a (after 12ms in state UP) b"), "a b");
+    assert_eq!(
+        clean_detail("a (after 1ms in state X) b (after 2ms in state Y)"),
+        "a b"
+    );
+    assert_eq!(clean_detail("a (after unclosed"), "a");
+    // As the test bed's broker refusing a SCRAM password gives it.
+    assert_eq!(
+        clean_detail(
+            "SASL authentication error: Authentication failed with SASL mechanism SCRAM-SHA-512 (after 310ms in state AUTH_REQ, 1 identical error(s) suppressed)"
+        ),
+        "SASL authentication error: Authentication failed with SASL mechanism SCRAM-SHA-512"
+    );
+    assert_eq!(clean_detail(" one\n two\t three "), "one two three");
+    assert_eq!(clean_detail("(kept) text"), "(kept) text");
+    let cut = clean_detail(&"é".repeat(400));
+    assert!(cut.len() <= DETAIL_MAX && cut.ends_with("..."), "{cut}");
 }
