@@ -234,7 +234,7 @@ impl Replica {
                 relay
                     .as_ref()
                     .map(|r| r.kubeconfig.clone())
-                    .unwrap_or_else(|| kube_env::kubeconfig_path().into()),
+                    .unwrap_or_else(kube_env::kubeconfig_path),
             )
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
