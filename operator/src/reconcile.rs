@@ -116,6 +116,9 @@ pub struct Caches {
     pub pods: Store<Pod>,
     /// Secrets' metadata: says whether a cached Secret read is current.
     pub secrets: Store<PartialObjectMeta<Secret>>,
+    /// The drain-token Secrets (managed-by label), trimmed to the token and the metadata the
+    /// reconcile reads: a new leader takes the tokens from here instead of a GET each.
+    pub drain_tokens: Store<Secret>,
     /// HorizontalPodAutoscalers (to warn about those aimed at an owned Deployment).
     pub autoscalers: Store<HorizontalPodAutoscaler>,
 }
@@ -434,6 +437,7 @@ async fn reconcile_valid(ec: &EventConsumer, ctx: &Context) -> Result<Action, Er
         api: &secrets_api,
         namespace: &ns,
         meta: caches.as_ref().map(|c| &c.secrets),
+        owned: caches.as_ref().map(|c| &c.drain_tokens),
         cache: &ctx.secret_cache,
     };
 
@@ -1049,6 +1053,54 @@ impl<K> Tap<K> {
     }
 }
 
+/// The annotation in which `kubectl apply` keeps the last applied object.
+const LAST_APPLIED_ANNOTATION: &str = "kubectl.kubernetes.io/last-applied-configuration";
+
+/// Trims an owned Deployment for the cache to what the operator reads of it: the metadata
+/// (without managed fields; generation, labels, annotations for the hashes and the rollout
+/// pacing), `spec.replicas`, of the pod template only the sidecar container's name and image
+/// (`pacing::sidecar_status`), and the status in full (conditions, replica counts). The pod
+/// template — the user's containers, volumes, the preStop hook — is most of a Deployment and
+/// is not read from the cache.
+pub fn trim_deployment(d: &mut Deployment) {
+    use k8s_openapi::api::core::v1::{Container, PodSpec, PodTemplateSpec};
+    d.metadata.managed_fields = None;
+    if let Some(a) = d.metadata.annotations.as_mut() {
+        a.remove(LAST_APPLIED_ANNOTATION);
+    }
+    let Some(spec) = d.spec.as_mut() else {
+        return;
+    };
+    let sidecar = |containers: &[Container]| -> Vec<Container> {
+        containers
+            .iter()
+            .filter(|c| c.name == crate::crd::SIDECAR_CONTAINER_NAME)
+            .map(|c| Container {
+                name: c.name.clone(),
+                image: c.image.clone(),
+                ..Default::default()
+            })
+            .collect()
+    };
+    let pod = spec.template.spec.as_ref().map(|p| PodSpec {
+        init_containers: p
+            .init_containers
+            .as_deref()
+            .map(sidecar)
+            .filter(|c| !c.is_empty()),
+        containers: sidecar(&p.containers),
+        ..Default::default()
+    });
+    *spec = k8s_openapi::api::apps::v1::DeploymentSpec {
+        replicas: spec.replicas,
+        template: PodTemplateSpec {
+            metadata: None,
+            spec: pod,
+        },
+        ..Default::default()
+    };
+}
+
 /// One item of a watch's event stream.
 type WatchItem<K> = Result<watcher::Event<K>, watcher::Error>;
 
@@ -1152,7 +1204,12 @@ impl Watches {
         let deleted = deleted_tap.clone();
         let primary = watcher(ecs, watcher::Config::default().any_semantic())
             .default_backoff()
-            .modify(|g| g.managed_fields_mut().clear())
+            .modify(|g| {
+                // kubectl apply keeps a copy of the whole object in an annotation; nothing
+                // reads it, and with many EventConsumers it is most of the cache.
+                g.managed_fields_mut().clear();
+                g.annotations_mut().remove(LAST_APPLIED_ANNOTATION);
+            })
             .reflect(writer)
             .inspect_ok(move |event| {
                 index.apply(event);
@@ -1174,7 +1231,7 @@ impl Watches {
         let deployment_tap = Tap::new();
         let deployments = watcher(scope.api::<Deployment>(client), owned.clone())
             .default_backoff()
-            .modify(|d| d.managed_fields_mut().clear())
+            .modify(trim_deployment)
             .reflect(dep_writer)
             .filter_map(changed_or_deleted(status::deployment_signature));
         let (cm_reader, cm_writer) = reflector::store();
@@ -1228,6 +1285,20 @@ impl Watches {
         })
         .reflect(secret_writer)
         .touched_objects();
+        // The drain-token Secrets in full, but trimmed to the token key and name, namespace,
+        // resourceVersion and owners: every replica keeps them, so a new leader's catch-up
+        // pass reads no Secret. Changes reach the owner through the metadata watch above.
+        let (drain_reader, drain_writer) = reflector::store();
+        let drain_tokens = watcher(
+            scope.api::<Secret>(client),
+            watcher::Config::default()
+                .labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY_VALUE}"))
+                .any_semantic(),
+        )
+        .default_backoff()
+        .modify(secrets::trim_drain_secret)
+        .reflect(drain_writer)
+        .touched_objects();
         // Autoscalers: only a spec change (generation) maps to the EventConsumer of the same
         // name as the Deployment they target; their status updates do not.
         let autoscaler_tap = Tap::new();
@@ -1248,6 +1319,7 @@ impl Watches {
             drive("PodDisruptionBudget", pdbs, pdb_tap.clone()),
             drive("Pod", pods, pod_tap.clone()),
             drive("Secret", secrets, secret_tap.clone()),
+            drive("drain-token Secret", drain_tokens, Tap::new()),
             drive(
                 "HorizontalPodAutoscaler",
                 autoscalers,
@@ -1262,6 +1334,7 @@ impl Watches {
                 pdbs: pdb_reader,
                 pods: pod_reader,
                 secrets: secret_reader,
+                drain_tokens: drain_reader,
                 autoscalers: hpa_reader,
             },
             ec_tap,
@@ -1313,6 +1386,8 @@ pub async fn run_controller(
         let _ = caches.config_maps.wait_until_ready().await;
         let _ = caches.pdbs.wait_until_ready().await;
         let _ = caches.pods.wait_until_ready().await;
+        let _ = caches.secrets.wait_until_ready().await;
+        let _ = caches.drain_tokens.wait_until_ready().await;
     });
     let index = watches.secret_index.clone();
     // Deleted EventConsumers: their records (applies, failures, lag target, rollout turn or
@@ -1382,6 +1457,66 @@ pub async fn run_controller(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_trimmed_deployment_reads_the_same_to_every_reader_of_the_cache() {
+        let mut d: Deployment = serde_json::from_value(json!({
+            "metadata": {"name": "ec", "namespace": "ns", "generation": 4, "resourceVersion": "77",
+                "labels": {"app.kubernetes.io/managed-by": "sluice"},
+                "annotations": {"sluice.dev/desired-hash": "h", "sluice.dev/template-hash": "t",
+                    "sluice.dev/rollout-cause": "operator",
+                    "kubectl.kubernetes.io/last-applied-configuration": "{\"big\": 1}"},
+                "managedFields": [{"manager": "x"}]},
+            "spec": {"replicas": 2, "selector": {"matchLabels": {"a": "b"}},
+                "template": {"metadata": {"labels": {"a": "b"}}, "spec": {
+                    "initContainers": [{"name": "sluice", "image": "sidecar:2", "args": ["run"],
+                        "env": [{"name": "X", "value": "y"}]}],
+                    "containers": [{"name": "app", "image": "app:1", "args": ["serve"]}],
+                    "volumes": [{"name": "v", "emptyDir": {}}]}}},
+            "status": {"observedGeneration": 4, "replicas": 2, "updatedReplicas": 2,
+                "readyReplicas": 2, "availableReplicas": 2,
+                "conditions": [{"type": "Progressing", "status": "True", "reason": "NewReplicaSetAvailable"},
+                    {"type": "ReplicaFailure", "status": "True", "reason": "FailedCreate", "message": "quota"}]}
+        }))
+        .unwrap();
+        let full = d.clone();
+        trim_deployment(&mut d);
+        // The signature hashes the annotations: the same as the full one's without kubectl's
+        // copy (which the cache never keeps, so cached signatures compare like with like).
+        let mut without_copy = full.clone();
+        without_copy
+            .annotations_mut()
+            .remove(LAST_APPLIED_ANNOTATION);
+        assert_eq!(
+            status::deployment_signature(&d),
+            status::deployment_signature(&without_copy)
+        );
+        let image = |d: &Deployment| pacing::sidecar_image(&d.spec.as_ref().unwrap().template);
+        assert_eq!(image(&d).as_deref(), Some("sidecar:2"));
+        assert_eq!(
+            pacing::rollout_complete(&d),
+            pacing::rollout_complete(&full)
+        );
+        assert!(pacing::rollout_complete(&d));
+        assert_eq!(pacing::Running::of(&d), pacing::Running::of(&full));
+        assert_eq!(d.spec.as_ref().unwrap().replicas, Some(2));
+        assert_eq!(d.metadata.generation, Some(4));
+        assert_eq!(d.status, full.status);
+        // What is dropped: the rest of the template, managed fields, kubectl's copy.
+        let pod = d.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+        assert!(pod.containers.is_empty(), "the application container");
+        assert!(pod.volumes.is_none());
+        assert!(pod.init_containers.as_ref().unwrap()[0].args.is_none());
+        assert!(d.metadata.managed_fields.is_none());
+        assert!(!d.annotations().contains_key(LAST_APPLIED_ANNOTATION));
+        // A container-mode sidecar is kept where it is.
+        let mut c = full.clone();
+        let pod = c.spec.as_mut().unwrap().template.spec.as_mut().unwrap();
+        let sidecar = pod.init_containers.take().unwrap().remove(0);
+        pod.containers.push(sidecar);
+        trim_deployment(&mut c);
+        assert_eq!(image(&c).as_deref(), Some("sidecar:2"));
+    }
 
     #[test]
     fn applies_are_skipped_only_for_the_same_hash_on_an_untouched_object() {

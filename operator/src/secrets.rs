@@ -194,6 +194,14 @@ impl SecretCache {
         }
     }
 
+    /// Whether a read of this Secret is held (current or not).
+    fn holds(&self, namespace: &str, name: &str) -> bool {
+        self.entries
+            .lock()
+            .expect("not poisoned")
+            .contains_key(&(namespace.to_owned(), name.to_owned()))
+    }
+
     /// Forgets a Secret (its EventConsumer was deleted).
     pub fn remove(&self, namespace: &str, name: &str) {
         self.entries
@@ -219,6 +227,8 @@ pub struct SecretReader<'a> {
     pub namespace: &'a str,
     /// The metadata-only Secret watch's cache (none outside the controller: always GET).
     pub meta: Option<&'a Store<PartialObjectMeta<Secret>>>,
+    /// The drain-token Secrets' watch cache, trimmed by [`trim_drain_secret`].
+    pub owned: Option<&'a Store<Secret>>,
     pub cache: &'a SecretCache,
 }
 
@@ -235,6 +245,19 @@ impl SecretReader<'_> {
         let secret = self.api.get_opt(name).await?;
         self.remember(name, secret.as_ref());
         Ok(secret)
+    }
+
+    /// A drain-token Secret as the watch of every replica holds it — unless this replica has
+    /// read or written it itself (the [`SecretCache`] then knows of a version the watch may
+    /// not show yet: [`SecretReader::get_opt`] decides). A replica that has just become
+    /// leader has read nothing, so its catch-up pass reads every token from here.
+    fn watched_drain_secret(&self, name: &str) -> Option<Secret> {
+        if self.cache.holds(self.namespace, name) {
+            return None;
+        }
+        self.owned?
+            .get(&ObjectRef::new(name).within(self.namespace))
+            .map(|s| (*s).clone())
     }
 
     /// Whether the Secret watch, fully listed, shows no Secret of this name. It may lag a
@@ -275,6 +298,25 @@ pub async fn fetch_referenced(
         out.insert(name, data);
     }
     Ok(out)
+}
+
+/// Trims a drain-token Secret for the cache of every replica: the token key, and of the
+/// metadata only name, namespace, resourceVersion and owner references (what
+/// [`ensure_drain_token`] and the store read).
+pub fn trim_drain_secret(s: &mut Secret) {
+    let m = &mut s.metadata;
+    *m = ObjectMeta {
+        name: m.name.take(),
+        namespace: m.namespace.take(),
+        resource_version: m.resource_version.take(),
+        owner_references: m.owner_references.take(),
+        ..Default::default()
+    };
+    if let Some(data) = s.data.as_mut() {
+        data.retain(|k, _| k == DRAIN_TOKEN_KEY);
+    }
+    s.string_data = None;
+    s.type_ = None;
 }
 
 /// A new random drain token: 32 bytes, hex encoded.
@@ -346,7 +388,9 @@ pub async fn ensure_drain_token(
     };
     // A new EventConsumer's Secret does not exist yet: when the watch shows none, create it
     // without reading first.
-    let existing = if reader.known_absent(&name) {
+    let existing = if let Some(watched) = reader.watched_drain_secret(&name) {
+        Some(watched)
+    } else if reader.known_absent(&name) {
         None
     } else {
         reader.get_opt(&name).await.map_err(err)?
@@ -569,6 +613,31 @@ mod tests {
         assert_eq!(valid_token(b""), None);
         assert_eq!(valid_token(b"has space"), None);
         assert_eq!(valid_token(b"line\n"), None);
+    }
+
+    #[test]
+    fn a_watched_drain_secret_keeps_only_its_token_and_owners() {
+        let mut s = drain_secret("ns", "ec", "uid-1", "tok");
+        s.metadata.resource_version = Some("9".into());
+        s.metadata.annotations.get_or_insert_default().insert(
+            "kubectl.kubernetes.io/last-applied-configuration".into(),
+            "{}".into(),
+        );
+        s.data
+            .as_mut()
+            .unwrap()
+            .insert("other".into(), ByteString(vec![0; 4096]));
+        trim_drain_secret(&mut s);
+        assert_eq!(s.metadata.name.as_deref(), Some("ec-sluice-drain"));
+        assert_eq!(s.metadata.namespace.as_deref(), Some("ns"));
+        assert_eq!(s.metadata.resource_version.as_deref(), Some("9"));
+        assert!(s.metadata.annotations.is_none() && s.metadata.labels.is_none());
+        assert_eq!(s.data.as_ref().unwrap().len(), 1);
+        assert!(owned_by(&s, "uid-1"), "the owner check still works");
+        assert_eq!(
+            valid_token(&s.data.as_ref().unwrap()[DRAIN_TOKEN_KEY].0).as_deref(),
+            Some("tok")
+        );
     }
 
     #[test]
