@@ -80,10 +80,13 @@ pub struct PartitionState {
     in_flight_keys: HashMap<Bytes, usize>,
     blocked: usize,
     paused: bool,
-    /// Key mode: the last scan found no free key and neither the queue nor the keys in
-    /// flight changed since, so the next `take_next` need not scan again (without this,
-    /// every dispatch round rescanned up to [`KEY_SCAN_LIMIT`] queued records per partition).
+    /// Key mode: the last scan found no free key and neither the keys in flight nor the
+    /// scanned part of the queue changed since, so the next `take_next` or `take_batch`
+    /// need not scan again (without this, every dispatch round rescanned up to
+    /// [`KEY_SCAN_LIMIT`] queued records per partition).
     keys_exhausted: bool,
+    /// How many queued records that exhausted scan looked at.
+    scan_window: usize,
     /// Since when a partial batch has been ready (batch delivery's `maxWait`).
     batch_waiting_since: Option<Instant>,
 }
@@ -121,6 +124,7 @@ impl PartitionState {
             blocked: 0,
             paused: false,
             keys_exhausted: false,
+            scan_window: 0,
             batch_waiting_since: None,
         }
     }
@@ -135,9 +139,20 @@ impl PartitionState {
         if !self.progress.track(record.offset) {
             return false;
         }
+        // After an exhausted scan every scanned record waits for a key in flight (a key is
+        // only held behind a record that waits itself), so only a record that lands inside
+        // the scanned window with no key or a key not in flight can be taken now.
+        if self.keys_exhausted
+            && self.queue.len() < self.scan_window
+            && record
+                .key
+                .as_ref()
+                .is_none_or(|k| !self.in_flight_keys.contains_key(k))
+        {
+            self.keys_exhausted = false;
+        }
         self.queued_bytes += record.size();
         self.queue.push_back(record);
-        self.keys_exhausted = false;
         true
     }
 
@@ -161,6 +176,7 @@ impl PartitionState {
                 Some(i) => i,
                 None => {
                     self.keys_exhausted = true;
+                    self.scan_window = KEY_SCAN_LIMIT;
                     return None;
                 }
             },
@@ -197,6 +213,7 @@ impl PartitionState {
         }
         if self.progress.commit_behind(now, commit_limit)
             || (mode == Ordering::Partition && self.in_flight > 0)
+            || (mode == Ordering::Key && self.keys_exhausted)
         {
             return Take::Nothing;
         }
@@ -247,6 +264,10 @@ impl PartitionState {
             }
         }
         if picked.is_empty() {
+            if mode == Ordering::Key {
+                self.keys_exhausted = true;
+                self.scan_window = KEY_SCAN_LIMIT.max(limits.max_records);
+            }
             return Take::Nothing;
         }
         full |= picked.len() >= limits.max_records || bytes >= limits.max_bytes;
@@ -819,6 +840,55 @@ mod tests {
         );
         end(&mut s, 0, a, true);
         assert_eq!(take_all(&mut s, Ordering::Key), [1], "key a freed");
+    }
+
+    #[test]
+    fn key_mode_skips_the_rescan_only_when_nothing_new_could_be_taken() {
+        let (a, b) = (Some("a"), Some("b"));
+        let mut s = state_with(&[(0, a), (1, a)]);
+        assert_eq!(take_all(&mut s, Ordering::Key), [0]);
+        assert!(s.keys_exhausted);
+        assert!(s.push(rec(2, a)));
+        assert!(s.keys_exhausted, "key a is in flight: 2 waits like 1");
+        assert!(s.push(rec(3, None)));
+        assert!(!s.keys_exhausted, "a record without a key is free");
+        assert_eq!(take_all(&mut s, Ordering::Key), [3]);
+        assert!(s.keys_exhausted);
+        // A queue longer than the scan window: a free record beyond it cannot be taken yet.
+        let mut s = state_with(&[(0, a)]);
+        for o in 1..=KEY_SCAN_LIMIT as i64 {
+            assert!(s.push(rec(o, a)));
+        }
+        assert_eq!(take_all(&mut s, Ordering::Key), [0]);
+        assert!(s.push(rec(1000, b)));
+        assert!(s.keys_exhausted, "beyond the scanned window");
+        end(&mut s, 0, a, true);
+        assert_eq!(
+            take_all(&mut s, Ordering::Key),
+            [1, 1000],
+            "a freed key rescans, and 1000 is now inside the window"
+        );
+    }
+
+    #[test]
+    fn key_batches_skip_the_rescan_until_a_key_is_freed_or_a_free_record_arrives() {
+        let (a, b) = (Some("a"), Some("b"));
+        let mut s = state_with(&[(0, a), (1, b), (2, a)]);
+        let l = limits(2, usize::MAX, 0);
+        let now = Instant::now();
+        let hour = Duration::from_secs(3600);
+        assert_eq!(batch(&mut s, Ordering::Key, &l), [0, 1]);
+        assert!(matches!(s.take_batch(Ordering::Key, now, hour, &l), Take::Nothing));
+        assert!(s.keys_exhausted, "2 waits for key a");
+        assert!(s.push(rec(3, b)));
+        assert!(s.keys_exhausted, "key b is in flight too");
+        assert!(matches!(s.take_batch(Ordering::Key, now, hour, &l), Take::Nothing));
+        assert!(s.push(rec(4, Some("c"))));
+        assert_eq!(batch(&mut s, Ordering::Key, &l), [4], "a free key arrived");
+        end(&mut s, 1, b, true);
+        assert_eq!(batch(&mut s, Ordering::Key, &l), [3], "key b freed; a still held");
+        end(&mut s, 0, a, true);
+        assert_eq!(batch(&mut s, Ordering::Key, &l), [2]);
     }
 
     #[test]

@@ -96,6 +96,47 @@ fn proc_usage(pid: u32) -> (Duration, u64) {
     (Duration::from_millis(ticks * 1000 / hz), rss_kb * 1024)
 }
 
+/// The local broker's process (the test bed's pid file: its first line), to count the CPU
+/// the broker spends per record beside the contestant's.
+fn broker_pid() -> Option<u32> {
+    let cache = std::env::var("SLUICE_CACHE").unwrap_or_else(|_| {
+        format!("{}/.cache/sluice", std::env::var("HOME").unwrap_or_default())
+    });
+    std::fs::read_to_string(format!("{cache}/state/pids/kafka.pid"))
+        .ok()?
+        .lines()
+        .next()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// CPU spent beside a contestant during its run: the bench process (the application the
+/// contestants deliver to, and the bench's own polling) and the broker.
+struct Beside {
+    app: Duration,
+    broker: Option<(u32, Duration)>,
+}
+
+impl Beside {
+    fn start() -> Self {
+        Beside {
+            app: proc_usage(std::process::id()).0,
+            broker: broker_pid().map(|pid| (pid, proc_usage(pid).0)),
+        }
+    }
+
+    /// (application µs, broker µs) per record since [`Beside::start`].
+    fn per_record(&self, n: usize) -> (f64, Option<f64>) {
+        let us = |d: Duration| d.as_secs_f64() * 1e6 / n as f64;
+        let app = proc_usage(std::process::id()).0.saturating_sub(self.app);
+        let broker = self
+            .broker
+            .map(|(pid, at)| us(proc_usage(pid).0.saturating_sub(at)));
+        (us(app), broker)
+    }
+}
+
 fn mib(bytes: u64) -> f64 {
     bytes as f64 / (1024.0 * 1024.0)
 }
@@ -223,6 +264,10 @@ struct Run {
     rate: f64,
     cpu_us: f64,
     rss: u64,
+    /// CPU µs per record of the bench process (the application) during the run.
+    app_cpu_us: f64,
+    /// CPU µs per record of the broker during the run (None: its pid is unknown).
+    broker_cpu_us: Option<f64>,
 }
 
 /// A contestant process delivering to `app`: measured until the application counted `n`
@@ -249,6 +294,7 @@ async fn watch_reporting(mut child: Child, n: usize, what: &str) -> Run {
         let _ = tx.send(line);
     });
     let started = Instant::now();
+    let beside = Beside::start();
     let mut max_rss = 0;
     let line = loop {
         max_rss = max_rss.max(proc_usage(pid).1);
@@ -266,6 +312,7 @@ async fn watch_reporting(mut child: Child, n: usize, what: &str) -> Run {
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     let (cpu, rss) = proc_usage(pid);
+    let (app_cpu_us, broker_cpu_us) = beside.per_record(n);
     let span: f64 = line
         .trim()
         .strip_prefix("first_to_last_s=")
@@ -277,6 +324,8 @@ async fn watch_reporting(mut child: Child, n: usize, what: &str) -> Run {
         rate: n as f64 / span,
         cpu_us: cpu.as_secs_f64() * 1e6 / n as f64,
         rss: max_rss.max(rss),
+        app_cpu_us,
+        broker_cpu_us,
     }
 }
 
@@ -407,6 +456,7 @@ async fn sidecar_run(topic: &Topic, mode: &str, batch: bool, n: usize) -> Run {
 
 async fn watch_pid(pid: u32, n: usize, app: &BenchApp, what: &str) -> Run {
     let started = Instant::now();
+    let beside = Beside::start();
     let mut max_rss = 0;
     let mut last_sample = Instant::now() - Duration::from_secs(1);
     loop {
@@ -416,10 +466,13 @@ async fn watch_pid(pid: u32, n: usize, app: &BenchApp, what: &str) -> Run {
         }
         if let Some(span) = app.span() {
             let (cpu, rss) = proc_usage(pid);
+            let (app_cpu_us, broker_cpu_us) = beside.per_record(n);
             return Run {
                 rate: n as f64 / span.as_secs_f64(),
                 cpu_us: cpu.as_secs_f64() * 1e6 / n as f64,
                 rss: max_rss.max(rss),
+                app_cpu_us,
+                broker_cpu_us,
             };
         }
         assert!(
@@ -729,6 +782,34 @@ async fn main() {
     }
     println!();
     println!(
+        "Where the two cores go, CPU µs per record (medians): the contestant, the application (the bench process), the broker; and the rate those totals would allow if the 2 cores did nothing else"
+    );
+    println!(
+        "{:<44} {:>11} {:>12} {:>9} {:>9} {:>16}",
+        "contestant", "contestant", "application", "broker", "total", "2 cores allow/s"
+    );
+    for name in &order {
+        let (_, f) = &results[name];
+        let cpu = f.cpu();
+        let app = f.median_by(|r| r.app_cpu_us).0;
+        let broker = f
+            .runs
+            .iter()
+            .all(|r| r.broker_cpu_us.is_some())
+            .then(|| f.median_by(|r| r.broker_cpu_us.unwrap_or(0.0)).0);
+        let total = cpu + app + broker.unwrap_or(0.0);
+        println!(
+            "{:<44} {:>11.1} {:>12.1} {:>9} {:>9.1} {:>16.0}",
+            name,
+            cpu,
+            app,
+            broker.map_or("—".to_owned(), |b| format!("{b:.1}")),
+            total,
+            2e6 / total
+        );
+    }
+    println!();
+    println!(
         "sidecar RSS idle: {:.1} MiB (target ≤ 12 MiB: {})",
         mib(idle),
         met(mib(idle) <= 12.0)
@@ -766,7 +847,7 @@ async fn main() {
     println!();
     println!("targets (ratios of medians):");
     let target = |what: &str, name: &str, value: Option<f64>, ok: fn(f64) -> bool| match value {
-        Some(v) => println!("  {what} [{name}]: {v:.2} — {}", met(ok(v))),
+        Some(v) => println!("  {what} [{name}]: {v:.3} — {}", met(ok(v))),
         None => println!("  {what} [{name}]: not measured"),
     };
     for name in SIDECAR {
