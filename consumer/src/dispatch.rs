@@ -878,15 +878,25 @@ mod tests {
         let now = Instant::now();
         let hour = Duration::from_secs(3600);
         assert_eq!(batch(&mut s, Ordering::Key, &l), [0, 1]);
-        assert!(matches!(s.take_batch(Ordering::Key, now, hour, &l), Take::Nothing));
+        assert!(matches!(
+            s.take_batch(Ordering::Key, now, hour, &l),
+            Take::Nothing
+        ));
         assert!(s.keys_exhausted, "2 waits for key a");
         assert!(s.push(rec(3, b)));
         assert!(s.keys_exhausted, "key b is in flight too");
-        assert!(matches!(s.take_batch(Ordering::Key, now, hour, &l), Take::Nothing));
+        assert!(matches!(
+            s.take_batch(Ordering::Key, now, hour, &l),
+            Take::Nothing
+        ));
         assert!(s.push(rec(4, Some("c"))));
         assert_eq!(batch(&mut s, Ordering::Key, &l), [4], "a free key arrived");
         end(&mut s, 1, b, true);
-        assert_eq!(batch(&mut s, Ordering::Key, &l), [3], "key b freed; a still held");
+        assert_eq!(
+            batch(&mut s, Ordering::Key, &l),
+            [3],
+            "key b freed; a still held"
+        );
         end(&mut s, 0, a, true);
         assert_eq!(batch(&mut s, Ordering::Key, &l), [2]);
     }

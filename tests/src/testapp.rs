@@ -379,10 +379,20 @@ async fn handle(
 }
 
 /// The `sluice-consumer` binary, built once per test process with the same profile as the
-/// tests (`cargo build -p sluice-consumer`).
+/// tests (`cargo build -p sluice-consumer`), or the one `SLUICE_SIDECAR_BIN` names (to compare
+/// two builds of the sidecar with one benchmark binary).
 pub fn sidecar_binary() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
+        if let Some(bin) = std::env::var_os("SLUICE_SIDECAR_BIN") {
+            let bin = PathBuf::from(bin);
+            assert!(
+                bin.is_file(),
+                "SLUICE_SIDECAR_BIN={} is not a file",
+                bin.display()
+            );
+            return bin;
+        }
         // <target>/<profile>/deps/<test-binary> or <target>/<profile>/<binary>
         let exe = std::env::current_exe().expect("the test binary's path");
         let mut profile_dir = exe.parent().expect("target/<profile>").to_path_buf();

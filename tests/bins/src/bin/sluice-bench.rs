@@ -25,7 +25,8 @@
 //! `drain`; `SLUICE_BENCH_SIDECAR_CONFIG`, a JSON object of sidecar settings merged over the
 //! sidecar contestants' configuration, e.g. `{"kafka":{"queuedMaxMessagesKbytes":65536}}`;
 //! `SLUICE_BENCH_RDKAFKA_DEBUG`, librdkafka `debug` contexts for the drain's sidecar,
-//! whose log level `SLUICE_TEST_SIDECAR_LOG` sets).
+//! whose log level `SLUICE_TEST_SIDECAR_LOG` sets; `SLUICE_SIDECAR_BIN`, a sidecar binary to
+//! run instead of this workspace's, to compare two builds with one benchmark binary).
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -100,7 +101,10 @@ fn proc_usage(pid: u32) -> (Duration, u64) {
 /// the broker spends per record beside the contestant's.
 fn broker_pid() -> Option<u32> {
     let cache = std::env::var("SLUICE_CACHE").unwrap_or_else(|_| {
-        format!("{}/.cache/sluice", std::env::var("HOME").unwrap_or_default())
+        format!(
+            "{}/.cache/sluice",
+            std::env::var("HOME").unwrap_or_default()
+        )
     });
     std::fs::read_to_string(format!("{cache}/state/pids/kafka.pid"))
         .ok()?
@@ -848,6 +852,8 @@ async fn main() {
     println!("targets (ratios of medians):");
     let target = |what: &str, name: &str, value: Option<f64>, ok: fn(f64) -> bool| match value {
         Some(v) => println!("  {what} [{name}]: {v:.3} — {}", met(ok(v))),
+        // A contestant left out by `SLUICE_BENCH_ONLY` has no targets to report.
+        None if !wanted(name) => {}
         None => println!("  {what} [{name}]: not measured"),
     };
     for name in SIDECAR {
