@@ -391,9 +391,12 @@ fn container_finding(
     }
     let running = state.and_then(|s| s.running.as_ref())?;
     let up = since(running.started_at.as_ref(), now).unwrap_or(Duration::ZERO);
+    // Ready or not: a container without a readiness probe is ready the moment it runs, so
+    // one that exits at once shows as running and ready between its restarts (this flipped
+    // the status back in CI). Looked at only while some pod is not ready, so a container
+    // that crashed once and is fine again costs nothing.
     if let Some(t) = last.filter(|t| t.exit_code != 0)
         && up < RESTARTED_WITHIN
-        && !c.ready
     {
         earliest(recheck, RESTARTED_WITHIN - up);
         return Some(Finding {

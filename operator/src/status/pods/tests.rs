@@ -266,9 +266,15 @@ fn a_crash_loop_stays_one_between_restarts() {
         s.recheck,
         Some(NOT_READY_AFTER - RESTARTED_WITHIN - Duration::from_secs(10))
     );
-    // Restarted and ready: fine; an earlier clean exit (code 0) is no crash.
+    // Restarted and ready within the window: still crash looping (an application without a
+    // readiness probe is ready the moment it runs, also when it exits at once); past the
+    // window it is fine. An earlier clean exit (code 0) is no crash.
     let app = with_last_exit(running("app", true, -10), 1, "Error", "");
-    assert_eq!(reason(&[pod("a", vec![], vec![app])], 0), None);
+    assert_eq!(
+        reason(&[pod("a", vec![], vec![app.clone()])], 0),
+        Some(APPLICATION_CRASH_LOOPING)
+    );
+    assert_eq!(reason(&[pod("a", vec![], vec![app])], later), None);
     let app = with_last_exit(running("app", false, -10), 0, "Completed", "");
     assert_eq!(reason(&[pod("a", vec![], vec![app])], 0), None);
 }
