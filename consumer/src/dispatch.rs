@@ -181,7 +181,7 @@ impl PartitionState {
                 }
             },
         };
-        if !self.progress.start() {
+        if !self.progress.start(self.queue.get(idx)?.offset) {
             return None;
         }
         let record = self.queue.remove(idx)?;
@@ -271,21 +271,27 @@ impl PartitionState {
             return Take::Nothing;
         }
         full |= picked.len() >= limits.max_records || bytes >= limits.max_bytes;
-        if !full && !limits.max_wait.is_zero() {
+        // A released partition's batch goes at once: only what its release still owes
+        // starts, and the release waits for it.
+        if !full && !limits.max_wait.is_zero() && !self.progress.is_released() {
             let since = *self.batch_waiting_since.get_or_insert(now);
             let due = since + limits.max_wait;
             if now < due {
                 return Take::WaitUntil(due);
             }
         }
-        for started in 0..picked.len() {
-            if !self.progress.start() {
-                // Released meanwhile: undo the starts (nothing was sent).
-                for _ in 0..started {
-                    self.progress.end(0, false);
-                }
-                return Take::Nothing;
-            }
+        // In offset order: on a released partition, the records its release still owes
+        // start and the first one that may not ends the batch.
+        let started = picked
+            .iter()
+            .take_while(|&&i| self.progress.start(self.queue[i].offset))
+            .count();
+        if started == 0 {
+            return Take::Nothing;
+        }
+        if started < picked.len() {
+            picked.truncate(started);
+            bytes = picked.iter().map(|&i| self.queue[i].size()).sum();
         }
         let records: Vec<Record> = if picked.len() == picked.last().map_or(0, |l| l + 1) {
             self.queue.drain(..picked.len()).collect()
@@ -475,14 +481,26 @@ impl Dispatcher {
                 },
                 _ = drain.cancelled(), if !self.draining => {
                     self.draining = true;
-                    info!(in_flight = self.in_flight, "drain requested: no new deliveries");
+                    // Released here, before the Kafka thread hears of the drain, so that
+                    // nothing new starts from now on, except the records that waited behind
+                    // their key below records already started (key ordering): those still
+                    // go, and the drain waits for them (see `Progress::release_finishing`).
+                    // The buffers are dropped once the drain is complete.
+                    let owed: usize = self
+                        .partitions
+                        .values()
+                        .map(|s| {
+                            s.progress.release_finishing();
+                            s.progress.snapshot().owed
+                        })
+                        .sum();
+                    info!(in_flight = self.in_flight, owed, "drain requested: no new deliveries");
                     if self.to_kafka.send(ToKafka::Drain).is_err() {
                         return DrainReport {
                             commit_error: Some("the Kafka thread is gone".into()),
                             ..DrainReport::default()
                         };
                     }
-                    self.drop_all();
                 }
                 Ok(()) = app_up.changed() => {}
                 () = tokio::time::sleep_until(due.unwrap_or_else(Instant::now).into()), if due.is_some() => {}
@@ -657,9 +675,18 @@ impl Dispatcher {
         }
     }
 
+    /// Starts what may start. On a released partition (revoked, or draining) that is only
+    /// what its release still owes; the rest of its buffer waits to be dropped.
     fn dispatch(&mut self) {
         self.batch_due = None;
-        if self.draining || self.order.is_empty() || !*self.app_up.borrow() {
+        if self.order.is_empty() {
+            return;
+        }
+        if !*self.app_up.borrow() {
+            // Nothing would reach the application: a release need not wait for what it owed.
+            for s in self.partitions.values() {
+                s.progress.close_gap();
+            }
             return;
         }
         if let Some(limits) = self.batch {
@@ -935,6 +962,85 @@ mod tests {
         assert_eq!(s.clear(), (2, 2));
         end(&mut s, 0, None, true);
         assert_eq!(s.progress.snapshot().committable, Some(1));
+    }
+
+    #[test]
+    fn a_released_key_partition_still_delivers_what_waited_behind_its_key_and_nothing_else() {
+        let (a, b) = (Some("a"), Some("b"));
+        let mut s = state_with(&[(0, a), (1, a), (2, b), (3, a), (4, b), (5, None)]);
+        assert_eq!(take_all(&mut s, Ordering::Key), [0, 2, 5]);
+        end(&mut s, 2, b, true);
+        end(&mut s, 5, None, true);
+        // A drain or revoke now: 1 and 3 (key a, behind 0) and 4 (key b) lie below 5,
+        // which the application has.
+        assert!(s.progress.release_finishing());
+        assert_eq!(s.progress.snapshot().owed, 3);
+        assert_eq!(
+            take_all(&mut s, Ordering::Key),
+            [4],
+            "key b is free; key a waits for 0"
+        );
+        end(&mut s, 0, a, true);
+        assert_eq!(take_all(&mut s, Ordering::Key), [1]);
+        end(&mut s, 1, a, true);
+        end(&mut s, 4, b, true);
+        assert!(
+            s.push(rec(6, b)) == false,
+            "a released partition tracks nothing new"
+        );
+        assert_eq!(take_all(&mut s, Ordering::Key), [3]);
+        end(&mut s, 3, a, true);
+        let snap = s.progress.snapshot();
+        assert_eq!(
+            (snap.owed, snap.in_flight, snap.committable),
+            (0, 0, Some(6)),
+            "the commit covers every record the application has"
+        );
+    }
+
+    #[test]
+    fn a_released_key_partition_stops_a_key_whose_record_was_abandoned() {
+        let (a, b) = (Some("a"), Some("b"));
+        let mut s = state_with(&[(0, a), (1, a), (2, b)]);
+        assert_eq!(take_all(&mut s, Ordering::Key), [0, 2]);
+        end(&mut s, 2, b, true);
+        assert!(s.progress.release_finishing());
+        end(&mut s, 0, a, false);
+        assert_eq!(
+            take_all(&mut s, Ordering::Key),
+            Vec::<i64>::new(),
+            "1 must not reach the application before 0"
+        );
+        assert_eq!(s.progress.snapshot().committable, None);
+    }
+
+    #[test]
+    fn a_released_key_partition_batches_only_what_it_owes_and_at_once() {
+        let (a, b) = (Some("a"), Some("b"));
+        let mut s = state_with(&[(0, a), (1, a), (2, b), (3, a), (4, None)]);
+        // Waits of a minute for a full batch: a released partition does not wait.
+        let l = limits(2, usize::MAX, 60_000);
+        let now = Instant::now();
+        let take = |s: &mut PartitionState| match s.take_batch(
+            Ordering::Key,
+            now,
+            Duration::from_secs(3600),
+            &l,
+        ) {
+            Take::Batch(r) => r.iter().map(|r| r.offset).collect::<Vec<_>>(),
+            Take::WaitUntil(_) => vec![-1],
+            Take::Nothing => vec![],
+        };
+        assert_eq!(take(&mut s), [0, 1], "a full batch");
+        assert_eq!(take(&mut s), [2, 4]);
+        end(&mut s, 2, b, true);
+        assert!(s.progress.release_finishing());
+        assert_eq!(s.progress.snapshot().owed, 1, "3, behind key a");
+        assert_eq!(take(&mut s), Vec::<i64>::new(), "key a is in flight");
+        end(&mut s, 0, a, true);
+        end(&mut s, 1, a, true);
+        assert_eq!(take(&mut s), [3], "goes alone, without waiting");
+        assert_eq!(take(&mut s), Vec::<i64>::new());
     }
 
     #[test]

@@ -70,7 +70,8 @@ pub enum ToKafka {
 #[derive(Debug, Clone, Default)]
 pub struct DrainReport {
     pub waited: Duration,
-    /// In-flight deliveries still running at the in-flight timeout (not committed).
+    /// In-flight deliveries still running at the in-flight timeout, and records owed by
+    /// the release that had not started by then (none of them committed).
     pub abandoned: usize,
     pub committed: Vec<(String, i64)>,
     pub commit_error: Option<String>,
@@ -375,11 +376,12 @@ impl SluiceContext {
         if parts.is_empty() {
             return Ok(());
         }
-        self.stop_partitions(parts);
+        self.stop_partitions(parts, !lost);
         for p in parts {
             self.metrics.forget_partition(&p.tp);
         }
         if lost {
+            self.tell_released(parts);
             // Another member may own them already: committing now could move its offsets
             // back. Their in-flight results are dropped; the new owner delivers them again.
             let unacked: u64 = parts.iter().map(|p| p.unacknowledged()).sum();
@@ -392,12 +394,22 @@ impl SluiceContext {
         }
         let started = Instant::now();
         let deadline = started + self.budget.in_flight;
+        let owed: usize = parts.iter().map(|p| p.snapshot().owed).sum();
+        if owed > 0 {
+            info!(
+                owed,
+                "revoked partitions: records that waited behind their key go before the commit"
+            );
+        }
         let mut abandoned = 0;
         for p in parts {
             if !p.wait_idle(deadline) {
                 abandoned += p.snapshot().in_flight;
             }
         }
+        // The dispatcher keeps a released partition's buffer until now (what the release
+        // owed came from it).
+        self.tell_released(parts);
         if abandoned > 0 {
             warn!(
                 abandoned,
@@ -513,12 +525,21 @@ impl SluiceContext {
         }
     }
 
-    /// Stops partitions (nothing new starts on them, retry waits end) and tells the
-    /// dispatcher to drop their buffers.
-    fn stop_partitions(&self, parts: &[Arc<Progress>]) {
+    /// Stops partitions: nothing new starts on them (with `finishing`, except what
+    /// [`Progress::release_finishing`] still owes), retry waits end.
+    fn stop_partitions(&self, parts: &[Arc<Progress>], finishing: bool) {
         for p in parts {
-            p.release();
+            if finishing {
+                p.release_finishing();
+            } else {
+                p.release();
+                p.close_gap();
+            }
         }
+    }
+
+    /// The dispatcher may drop the partitions' buffers.
+    fn tell_released(&self, parts: &[Arc<Progress>]) {
         self.tell(FromKafka::Released(
             parts.iter().map(|p| (p.tp.clone(), p.epoch)).collect(),
         ));
@@ -1085,23 +1106,31 @@ fn drain(
         Err(e) => warn!(error = %e, "reading the assignment"),
     }
     let parts: Vec<Arc<Progress>> = ctx.assigned().values().cloned().collect();
-    ctx.stop_partitions(&parts);
-    let in_flight = |ctx: &SluiceContext| -> usize {
-        ctx.assigned()
-            .values()
-            .map(|p| p.snapshot().in_flight)
-            .sum()
+    // The dispatcher released them already when it asked for the drain (a forced drain
+    // finishes nothing more: the membership is gone).
+    ctx.stop_partitions(&parts, fatal.is_none());
+    // Deliveries running, and records that waited behind their key below records already
+    // started (key ordering), which still go.
+    let busy = |ctx: &SluiceContext| -> (usize, usize) {
+        ctx.assigned().values().fold((0, 0), |(i, o), p| {
+            let s = p.snapshot();
+            (i + s.in_flight, o + s.owed)
+        })
     };
+    let (in_flight, owed) = busy(ctx);
     info!(
         partitions = parts.len(),
-        in_flight = in_flight(ctx),
-        "drain: stopped fetching, waiting for in-flight deliveries"
+        in_flight, owed, "drain: stopped fetching, waiting for in-flight deliveries"
     );
     let deadline = started + ctx.budget.in_flight;
     let abandoned = loop {
-        let busy = in_flight(ctx);
-        if busy == 0 || Instant::now() >= deadline {
-            break busy;
+        let (in_flight, owed) = busy(ctx);
+        if in_flight + owed == 0 || Instant::now() >= deadline {
+            // Nothing new starts after the wait.
+            for p in ctx.assigned().values() {
+                p.close_gap();
+            }
+            break in_flight + owed;
         }
         poll_and_drop(consumer, Duration::from_millis(20));
     };

@@ -72,6 +72,15 @@ impl OffsetTracker {
     pub fn pending(&self) -> usize {
         self.entries.len()
     }
+
+    /// Unfinished records tracked below `limit`.
+    pub fn unfinished_below(&self, limit: i64) -> usize {
+        self.entries
+            .iter()
+            .take_while(|(o, _)| *o < limit)
+            .filter(|(_, done)| !done)
+            .count()
+    }
 }
 
 #[cfg(test)]
@@ -97,6 +106,27 @@ mod tests {
         t.finish(10).unwrap();
         assert_eq!(t.committable(), Some(12));
         assert_eq!(t.pending(), 0);
+    }
+
+    #[test]
+    fn unfinished_below_counts_only_unfinished_records_under_the_limit() {
+        let mut t = OffsetTracker::new();
+        assert_eq!(t.unfinished_below(100), 0);
+        for o in [3, 5, 6, 9, 12] {
+            t.track(o).unwrap();
+        }
+        t.finish(5).unwrap();
+        t.finish(12).unwrap();
+        assert_eq!(t.unfinished_below(3), 0, "the limit is exclusive");
+        assert_eq!(t.unfinished_below(4), 1);
+        assert_eq!(t.unfinished_below(9), 2, "3 and 6; 5 is finished");
+        assert_eq!(t.unfinished_below(i64::MAX), 3, "12 is finished");
+        t.finish(3).unwrap();
+        assert_eq!(
+            t.unfinished_below(i64::MAX),
+            2,
+            "the finished prefix is gone"
+        );
     }
 
     #[test]

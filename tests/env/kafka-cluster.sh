@@ -11,7 +11,8 @@
 #   kafka-cluster.sh env           the KEY=VALUE lines for the test bed's env file
 #   kafka-cluster.sh stop-node N   SIGTERM node N (1..3) and wait until it exited
 #   kafka-cluster.sh kill-node N   SIGKILL node N
-#   kafka-cluster.sh start-node N  start node N again (same data) and wait for its ports
+#   kafka-cluster.sh start-node N  start node N again (same data) and wait until it is back:
+#                                  unfenced and accepting SCRAM logins
 #   kafka-cluster.sh scram-set USER PASSWORD   add or replace USER's SCRAM-SHA-512 credential
 #   kafka-cluster.sh scram-delete USER         remove USER's SCRAM-SHA-512 credential
 #   kafka-cluster.sh usage [SECONDS]           CPU (% of one core) and RSS of each node (and
@@ -188,6 +189,17 @@ wait_node() {
   wait_for "kafka-cluster node $n" "$log" 60 port_open "$BRIDGE_GATEWAY" "$(pod_mtls_port "$n")"
 }
 
+# A restarted node is back in service: registered and unfenced (metadata caught up), and
+# accepting the test bed's SCRAM users on its own listener (see kafka/NodeBack.java for the
+# Kafka 4.4 defect it works around). Open ports alone say neither, and the partitions' ISR
+# may never have shrunk while it was down.
+node_back() {
+  local n=$1 log=$SLUICE_LOGS/kafka-cluster-$1.log
+  java -Dorg.apache.logging.log4j.level=OFF -cp "$KAFKA_LIBS/*" "$here/kafka/NodeBack.java" "$(bootstrap 127.0.0.1 plain_port)" "$n" \
+    "127.0.0.1:$(scram_port "$n")" "$CLUSTER_PKI/ca.crt" 180 "${SCRAM_USERS[@]}" \
+    || { tail -n 40 "$log" >&2; die "node $n did not come back (log: $log)"; }
+}
+
 # Every node registered and the cluster answering on its plaintext listener.
 cluster_ready() {
   java -cp "$KAFKA_LIBS/*" "$here/kafka/BrokerInfo.java" "$(bootstrap 127.0.0.1 plain_port)" \
@@ -260,7 +272,7 @@ case ${1:-up} in
     fi
     rm -f "$SLUICE_STATE/pids/kafka-cluster-$2.pid"
     ;;
-  start-node) node_arg "${2:-}"; start_node "$2"; wait_node "$2" ;;
+  start-node) node_arg "${2:-}"; start_node "$2"; wait_node "$2"; node_back "$2" ;;
   scram-set) [[ $# == 3 ]] || die "usage: kafka-cluster.sh scram-set USER PASSWORD"; scram set "$2" "$3" ;;
   usage) usage "${2:-30}" ;;
   scram-delete) [[ $# == 2 ]] || die "usage: kafka-cluster.sh scram-delete USER"; scram delete "$2" ;;

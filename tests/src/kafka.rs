@@ -171,9 +171,14 @@ impl Topic {
     /// Produces `count` records keyed `key-<i % keys>` with value `<i>` (decimal), spread
     /// over partitions by key, and waits for every acknowledgement.
     pub async fn produce_numbered(&self, count: usize, keys: usize) {
+        self.produce_numbered_from(0, count, keys).await;
+    }
+
+    /// [`Topic::produce_numbered`] for the numbers `first..first + count`.
+    pub async fn produce_numbered_from(&self, first: usize, count: usize, keys: usize) {
         let producer = self.producer();
         let mut pending = Vec::with_capacity(count.min(10_000));
-        for i in 0..count {
+        for i in first..first + count {
             let key = format!("key-{}", i % keys.max(1));
             let value = i.to_string();
             let delivery =

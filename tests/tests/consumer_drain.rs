@@ -117,6 +117,154 @@ async fn sigterm_with_fifty_in_flight_finishes_them_commits_and_a_successor_resu
     assert_eq!(committed(&group, &topic.name, topic.partitions), end);
 }
 
+/// Key ordering takes records out of offset order: a record waits while an earlier record of
+/// its key is in flight, and later records of other keys go. A drain that stopped there would
+/// commit below records the application already has, and the successor would deliver those
+/// again. One slow key among fast ones makes such a gap certain at the SIGTERM: the drain must
+/// deliver what waited behind the slow key, commit past every record the application has, and
+/// the successor must duplicate nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_ordered_drain_delivers_what_waited_behind_its_key_so_the_successor_duplicates_nothing()
+ {
+    const N: usize = 400;
+    const KEYS: usize = 10;
+    let topic = Topic::create("drain-key-gap", 1).await;
+    let group = group("drain-key-gap");
+    // key-0 (every tenth record) takes 100 ms; the nine other keys answer at once.
+    let app = TestApp::start(|r| {
+        let slow = r.value.parse::<usize>().expect("numbered value") % KEYS == 0;
+        Reply::ok().after(Duration::from_millis(if slow { 100 } else { 0 }))
+    })
+    .await;
+    topic.produce_numbered(N, KEYS).await;
+    let mut cfg = sidecar_config(&topic.name, &group, &app.url());
+    cfg["delivery"]["ordering"] = "key".into();
+    let mut first = Sidecar::start("drain-key-gap-1", cfg.clone());
+    let slow = |r: &[Received]| values(r).iter().filter(|v| *v % KEYS == 0).count();
+    app.wait_until(
+        "the fast keys and a few of the slow key",
+        Duration::from_secs(60),
+        |r| r.len() - slow(r) >= N / 2 && slow(r) >= 3,
+    )
+    .await;
+    let signalled = Instant::now();
+    first.signal("TERM");
+    let status = first
+        .wait_exit(Duration::from_secs(60))
+        .expect("exit after SIGTERM");
+    let took = signalled.elapsed();
+    assert!(
+        status.success(),
+        "exit status {status}; log:\n{}",
+        first.log()
+    );
+    assert_eq!(app.in_flight(), 0, "no delivery may be cut off");
+    let delivered = app.received();
+    let slow_at_signal = slow(&delivered);
+    println!(
+        "drain took {took:?}; the application had {} records, {slow_at_signal} of the slow key",
+        delivered.len()
+    );
+    // What the drain committed covers exactly what the application has: its offsets are
+    // the prefix below the committed offset (read from Kafka).
+    let commit = committed(&group, &topic.name, 1)[0].unwrap_or(0);
+    let mut offsets: Vec<i64> = delivered.iter().map(Received::offset).collect();
+    offsets.sort_unstable();
+    assert_eq!(
+        offsets,
+        (0..commit).collect::<Vec<i64>>(),
+        "the drain must commit past every record the application has, and only those; log:\n{}",
+        first.log()
+    );
+    assert!(
+        commit as usize > N / 2,
+        "committed only to {commit}: the records that waited behind the slow key were not delivered"
+    );
+
+    // The successor starts where the drain committed: it delivers the records produced
+    // since, and nothing the application already had.
+    const MORE: usize = 100;
+    topic.produce_numbered_from(N, MORE, KEYS).await;
+    let mut second = Sidecar::start("drain-key-gap-2", cfg);
+    app.wait_until("every record", Duration::from_secs(60), |r| {
+        r.len() >= N + MORE
+    })
+    .await;
+    second.stop_gracefully(Duration::from_secs(30));
+    let mut all = values(&app.received());
+    all.sort_unstable();
+    assert_eq!(
+        all,
+        (0..N + MORE).collect::<Vec<_>>(),
+        "zero duplicates and zero gaps across the handover"
+    );
+    assert_eq!(
+        committed(&group, &topic.name, 1),
+        vec![Some(end_offsets(&topic.name, 1)[0])]
+    );
+}
+
+/// The same gap on a revoke: a second member joins while the first has records of slow keys
+/// waiting behind their key below records of fast keys it delivered. The revoke delivers them
+/// before its commit, so the new owner duplicates nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_ordered_revoke_delivers_what_waited_behind_its_key_so_the_new_owner_duplicates_nothing()
+ {
+    const N: usize = 800;
+    const KEYS: usize = 10;
+    let topic = Topic::create("revoke-key-gap", 4).await;
+    let group = group("revoke-key-gap");
+    // Half the keys take 50 ms a record; the others answer at once.
+    let slow = |v: usize| v % KEYS < KEYS / 2;
+    let app = TestApp::start(move |r| {
+        let v = r.value.parse::<usize>().expect("numbered value");
+        Reply::ok().after(Duration::from_millis(if slow(v) { 50 } else { 0 }))
+    })
+    .await;
+    topic.produce_numbered(N, KEYS).await;
+    let mut cfg = sidecar_config(&topic.name, &group, &app.url());
+    cfg["delivery"]["ordering"] = "key".into();
+    let mut first = Sidecar::start("revoke-key-gap-1", cfg.clone());
+    let count_slow = move |r: &[Received]| values(r).iter().filter(|v| slow(**v)).count();
+    app.wait_until(
+        "the fast keys and some of the slow ones",
+        Duration::from_secs(60),
+        |r| r.len() - count_slow(r) >= N / 4 && count_slow(r) >= 10,
+    )
+    .await;
+    let before = app.received().len();
+    let mut second = Sidecar::start("revoke-key-gap-2", cfg);
+    app.wait_until("every record", Duration::from_secs(120), |r| {
+        values(r).into_iter().collect::<BTreeSet<_>>().len() >= N
+    })
+    .await;
+    first.stop_gracefully(Duration::from_secs(60));
+    second.stop_gracefully(Duration::from_secs(60));
+    let got = values(&app.received());
+    let distinct: BTreeSet<usize> = got.iter().copied().collect();
+    println!(
+        "{before} records delivered when the second member joined; {} deliveries of {} records",
+        got.len(),
+        distinct.len()
+    );
+    let revoked = first
+        .log()
+        .contains("revoked partitions: records that waited behind their key");
+    println!("the first member's revoke owed records: {revoked}");
+    assert_eq!(distinct, (0..N).collect::<BTreeSet<_>>(), "lost records");
+    assert_eq!(
+        got.len(),
+        N,
+        "duplicates; the first member's log:\n{}",
+        first.log()
+    );
+    let end: Vec<Option<i64>> = end_offsets(&topic.name, topic.partitions)
+        .into_iter()
+        .map(Some)
+        .collect();
+    assert_eq!(committed(&group, &topic.name, topic.partitions), end);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drain_endpoint_needs_the_token_leaves_the_group_and_is_idempotent() {
     let topic = Topic::create("drain-http", 2).await;

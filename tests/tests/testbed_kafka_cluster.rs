@@ -1,7 +1,8 @@
 //! Smoke tests of the test bed's secured three-node Kafka cluster (tests/env/kafka-cluster.sh):
 //! three brokers, replicated internal topics, RF 3 with min.insync.replicas=2, SCRAM-SHA-512
-//! that refuses a wrong password, and an SSL listener that refuses a client without a
-//! certificate signed by the test bed's CA.
+//! that refuses a wrong password, an SSL listener that refuses a client without a
+//! certificate signed by the test bed's CA, and a restarted node that is back in service when
+//! `start-node` returns.
 
 use std::time::Duration;
 
@@ -10,6 +11,11 @@ use rdkafka::admin::{AdminOptions, ResourceSpecifier};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use sluice_tests::kafka::{self, Topic, cluster};
+use tokio::sync::RwLock;
+
+/// The node restart test takes it for writing, every other test for reading: they run side
+/// by side, but none of them sees a node go down under it.
+static NODES: RwLock<()> = RwLock::const_new(());
 
 /// Produces one record through `config`, then reads it back from the start through the same
 /// listener, and returns what came back. Errors are returned, not panicked on, so a test can
@@ -62,6 +68,7 @@ fn can_fetch_metadata(config: rdkafka::ClientConfig) -> Result<(), String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_brokers_replicate_every_topic_and_internal_topic() {
+    let _nodes = NODES.read().await;
     let topic = Topic::create_replicated("cluster-rf", 3).await;
     cluster::wait_in_sync(&topic.name, 3, Duration::from_secs(60));
     let (brokers, partitions) = cluster::describe(&topic.name);
@@ -127,6 +134,7 @@ async fn three_brokers_replicate_every_topic_and_internal_topic() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scram_sha_512_accepts_the_right_password_and_refuses_a_wrong_one() {
+    let _nodes = NODES.read().await;
     let topic = Topic::create_replicated("cluster-scram", 1).await;
     let (user, password) = cluster::SCRAM_USER;
     let got = round_trip(cluster::scram_config(user, password), &topic.name).await;
@@ -148,6 +156,7 @@ async fn scram_sha_512_accepts_the_right_password_and_refuses_a_wrong_one() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mtls_accepts_a_signed_client_certificate_and_refuses_none() {
+    let _nodes = NODES.read().await;
     let topic = Topic::create_replicated("cluster-mtls", 1).await;
     for user in [cluster::TLS_USER, cluster::STRIMZI_TLS_USER] {
         let got = round_trip(cluster::mtls_config(Some(user)), &topic.name).await;
@@ -159,4 +168,43 @@ async fn mtls_accepts_a_signed_client_certificate_and_refuses_none() {
         refused.is_err(),
         "the mTLS listener accepted a client without a certificate"
     );
+}
+
+/// `kafka-cluster.sh start-node` returns only once the node serves again, SCRAM included:
+/// after a runtime SCRAM change (Kafka 4.4 then forgets older credentials on a node that
+/// restarts, see tests/env/kafka/NodeBack.java), a restarted node accepts the test bed's
+/// user on its own listener at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_node_serves_scram_logins_when_start_node_returns() {
+    let _nodes = NODES.write().await;
+    let topic = Topic::create_replicated("cluster-node-back", 3).await;
+    let (user, password) = cluster::SCRAM_USER;
+    let throwaway = sluice_tests::unique_name("throwaway");
+    tokio::task::spawn_blocking(move || {
+        cluster::scram_set(&throwaway, "throwaway-password");
+        cluster::ctl(&["scram-delete", &throwaway]);
+        // The node's own SCRAM listener only (a client bootstraps from the first address
+        // and authenticates there).
+        let node = "3";
+        let address = cluster::scram_bootstrap()
+            .split(',')
+            .nth(2)
+            .expect("three SCRAM addresses")
+            .to_owned();
+        cluster::ctl(&["stop-node", node]);
+        let restarted = std::time::Instant::now();
+        cluster::ctl(&["start-node", node]);
+        println!("node {node} back after {:?}", restarted.elapsed());
+        let mut config = cluster::scram_config(user, password);
+        config.set("bootstrap.servers", &address);
+        let got = can_fetch_metadata(config);
+        assert!(
+            got.is_ok(),
+            "the restarted node refuses {user} on {address}: {got:?}"
+        );
+    })
+    .await
+    .expect("restart");
+    // And it replicates again.
+    cluster::wait_in_sync(&topic.name, 3, Duration::from_secs(120));
 }
