@@ -985,7 +985,7 @@ mod tests {
         end(&mut s, 1, a, true);
         end(&mut s, 4, b, true);
         assert!(
-            s.push(rec(6, b)) == false,
+            !s.push(rec(6, b)),
             "a released partition tracks nothing new"
         );
         assert_eq!(take_all(&mut s, Ordering::Key), [3]);
