@@ -604,8 +604,9 @@ impl Sidecar {
     }
 
     /// SIGTERM, then waits (up to `timeout`) for a successful exit; panics with the log
-    /// otherwise.
-    pub fn stop_gracefully(&mut self, timeout: Duration) {
+    /// otherwise. Returns how long the exit took from the signal.
+    pub fn stop_gracefully(&mut self, timeout: Duration) -> Duration {
+        let signalled = Instant::now();
         self.signal("TERM");
         let status = self.wait_exit(timeout).unwrap_or_else(|| {
             panic!(
@@ -620,6 +621,7 @@ impl Sidecar {
             self.name,
             self.log()
         );
+        signalled.elapsed()
     }
 
     pub fn log(&self) -> String {

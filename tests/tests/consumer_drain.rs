@@ -51,17 +51,7 @@ async fn sigterm_with_fifty_in_flight_finishes_them_commits_and_a_successor_resu
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let answered_before = app.answered();
-    let signalled = Instant::now();
-    first.signal("TERM");
-    let status = first
-        .wait_exit(Duration::from_secs(30))
-        .expect("exit after SIGTERM");
-    let took = signalled.elapsed();
-    assert!(
-        status.success(),
-        "exit status {status}; log:\n{}",
-        first.log()
-    );
+    let took = first.stop_gracefully(Duration::from_secs(30));
     assert_eq!(app.in_flight(), 0, "no delivery may be cut off");
     let delivered = app.received();
     assert_eq!(
@@ -147,17 +137,7 @@ async fn a_key_ordered_drain_delivers_what_waited_behind_its_key_so_the_successo
         |r| r.len() - slow(r) >= N / 2 && slow(r) >= 3,
     )
     .await;
-    let signalled = Instant::now();
-    first.signal("TERM");
-    let status = first
-        .wait_exit(Duration::from_secs(60))
-        .expect("exit after SIGTERM");
-    let took = signalled.elapsed();
-    assert!(
-        status.success(),
-        "exit status {status}; log:\n{}",
-        first.log()
-    );
+    let took = first.stop_gracefully(Duration::from_secs(60));
     assert_eq!(app.in_flight(), 0, "no delivery may be cut off");
     let delivered = app.received();
     let slow_at_signal = slow(&delivered);
