@@ -300,7 +300,9 @@ impl Default for Retry {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Drain {
-    /// Bound on waiting for in-flight deliveries on drain and on a partition revoke.
+    /// Bound on waiting for in-flight deliveries on drain and on a partition revoke (with
+    /// `key` ordering, also for the records that waited behind their key below records
+    /// already delivered, which still go before the commit).
     #[serde(default = "default_drain_timeout", with = "humantime_serde")]
     pub timeout: Duration,
     /// Bound on committing the finished offsets of partitions that leave (drain or revoke):
