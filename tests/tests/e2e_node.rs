@@ -961,6 +961,18 @@ impl Run {
         f
     }
 
+    /// No record delivered twice, or a panic naming `what` and the file the operator's and
+    /// sidecars' logs were saved to, so a duplicate can be explained afterwards.
+    fn assert_no_duplicates(&self, f: &Figures, what: &str) {
+        if f.duplicates != 0 {
+            panic!(
+                "{} duplicates {what}; operator and sidecar logs: {}",
+                f.duplicates,
+                self.sluice.save_logs(EC).display()
+            );
+        }
+    }
+
     /// `status.lag` is 0, read once a full lag interval plus the measurement budget has
     /// passed since the commits caught up: so it comes from a measurement started after
     /// that (a failed one removes the field). Bounded at three intervals more.
@@ -1188,7 +1200,7 @@ async fn hundred_thousand_records_through_three_replicas() {
         .await;
     f.print("100 000 records through 3 replicas", "");
     assert_no_loss(&f);
-    assert_eq!(f.duplicates, 0, "duplicates without any churn");
+    run.assert_no_duplicates(&f, "without any churn");
     assert_eq!(
         f.per_pod.len(),
         3,
@@ -1445,7 +1457,7 @@ impl ChurnRun {
             "the {name} started mid-stream ({at} of {RECORDS} delivered)"
         );
         assert_no_loss(&f);
-        assert_eq!(f.duplicates, 0, "duplicates on {name}");
+        run.assert_no_duplicates(&f, &format!("on {name}"));
     }
 }
 
@@ -1600,7 +1612,7 @@ async fn poison_records_land_in_the_dead_letter_topic_while_the_partition_flows(
         &format!("{poison_count} poison records produced, {poison_seen} refused by the app, {} in the dead-letter topic", dead.len()),
     );
     assert_no_loss(&f);
-    assert_eq!(f.duplicates, 0);
+    run.assert_no_duplicates(&f, "with poison records");
     assert_eq!(dead.len(), poison_count, "dead-lettered records");
     let mut values = BTreeSet::new();
     for m in &dead {
@@ -1902,7 +1914,21 @@ async fn scram_over_tls_from_a_secret_survives_a_rolling_broker_restart() {
             ),
         ],
     };
-    let run = Run::start_on("e2e-scram", 6, 3, None, Some(secured), json!({})).await;
+    // The operator's default group timings (classic, 45 s session), what a user gets. With
+    // the e2e runs' 10 s session, one CI run redelivered 88 records: every partition stalled
+    // for 14–20 s and all three members redelivered about one commit interval of records,
+    // the mark of sessions given up while the group's coordinator could not be reached
+    // (README, "End to end"; the restarted node refused the pods' SCRAM credentials, a Kafka
+    // 4.4 defect the test bed now works around sooner, docs/testbed.md).
+    let run = Run::start_on(
+        "e2e-scram",
+        6,
+        3,
+        None,
+        Some(secured),
+        json!({"sessionTimeout": null}),
+    )
+    .await;
     run.sluice
         .wait_rolled_out(EC, 3, Duration::from_secs(120))
         .await;
@@ -1931,10 +1957,7 @@ async fn scram_over_tls_from_a_secret_survives_a_rolling_broker_restart() {
         "the restarts began mid-stream ({at} of {RECORDS})"
     );
     assert_no_loss(&f);
-    assert_eq!(
-        f.duplicates, 0,
-        "duplicates during a rolling broker restart"
-    );
+    run.assert_no_duplicates(&f, "during a rolling broker restart");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -2018,9 +2041,9 @@ async fn mtls_from_a_tls_secret_loses_and_duplicates_nothing_when_the_coordinato
     // With the default session (45 s) the members outlive the coordinator's failover: their
     // commits fail while it is gone, are sent again, and land at the new coordinator with
     // the same generation, so no partition changes hands uncommitted.
-    assert_eq!(
-        f.duplicates, 0,
-        "duplicates after the coordinator's node was SIGKILLed (default group timings)"
+    run.assert_no_duplicates(
+        &f,
+        "after the coordinator's node was SIGKILLed (default group timings)",
     );
 }
 
@@ -2154,7 +2177,7 @@ async fn scram_credential_rotation_mid_stream_loses_and_duplicates_nothing() {
         tokio::task::spawn_blocking(move || kafka::cluster::ctl(&["scram-delete", &new.0])).await;
     assert!(at < RECORDS / 2, "the rotation began mid-stream");
     assert_no_loss(&f);
-    assert_eq!(f.duplicates, 0, "duplicates during a credential rotation");
+    run.assert_no_duplicates(&f, "during a credential rotation");
 }
 
 /// A Secret as Strimzi's operators write it: base64 `data` (binary keys such as `user.p12`
@@ -2209,7 +2232,7 @@ async fn strimzi_run(prefix: &str, label: &str, secured: Secured) {
         "Secrets referenced as Strimzi writes them, not copied",
     );
     assert_no_loss(&f);
-    assert_eq!(f.duplicates, 0, "duplicates without any churn ({label})");
+    run.assert_no_duplicates(&f, &format!("without any churn ({label})"));
 }
 
 /// Strimzi's Secrets used as they are: a SCRAM-SHA-512 KafkaUser's Secret (keys `password`

@@ -7,9 +7,10 @@
 // refuses every SCRAM credential that existed before its restart ("invalid credentials"), for
 // as long as it runs; only credentials set after its restart work on it. Reproduced with
 // `kafka-cluster.sh scram-set` + `scram-delete` of a throwaway user followed by
-// `stop-node`/`start-node`. When the node is unfenced but refuses a test bed user for 5 s,
-// the users' credentials are set again (same passwords, so clients are unaffected) and the
-// wait goes on. Credentials that tests create for themselves are not set again.
+// `stop-node`/`start-node`. When the node is unfenced but refuses a test bed user, the
+// users' credentials are set again at once (same passwords, so clients are unaffected), and
+// every 5 s while it still refuses. Credentials that tests create for themselves are not
+// set again.
 //
 // Run as a single-file program on the Kafka classpath:
 //   java -cp 'libs/*' NodeBack.java PLAINTEXT_BOOTSTRAP NODE_ID SCRAM_HOST:PORT CA_FILE \
@@ -71,9 +72,13 @@ public class NodeBack {
                         return;
                     }
                     last = "node " + id + " is unfenced but refuses SCRAM logins (" + refused + ")";
-                    if (refusedSince == 0) {
+                    // Set them again at the first refusal, not after a grace period: an
+                    // unfenced node can be given leaderships (the controller's periodic
+                    // preferred-leader election) or the group coordinator at any moment, and
+                    // while it refuses the pods' credentials their heartbeats and fetches to it
+                    // fail. Again every 5 s while it still refuses.
+                    if (refusedSince == 0 || System.nanoTime() - refusedSince > TimeUnit.SECONDS.toNanos(5)) {
                         refusedSince = System.nanoTime();
-                    } else if (!reset && System.nanoTime() - refusedSince > TimeUnit.SECONDS.toNanos(5)) {
                         System.out.println(last + "; setting the test bed's SCRAM credentials again");
                         List<UserScramCredentialAlteration> upserts = new ArrayList<>();
                         for (String[] u : users) {
