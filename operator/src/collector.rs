@@ -427,23 +427,28 @@ impl Collector {
             .filter_map(|(k, t)| t.last.map(|(l, at)| (k.clone(), l, at, t.stale)))
             .collect();
         let client = self.client.clone();
-        let written: Vec<(Key, i64, bool)> = stream::iter(due_keys)
+        let due_count = due_keys.len();
+        type Outcome = Result<(Key, i64, bool), (Key, kube::Error)>;
+        let results: Vec<Outcome> = stream::iter(due_keys)
             .map(|(key, l, at, stale)| {
                 let client = client.clone();
                 async move {
                     match write_lag(&client, &key, l, at, stale).await {
-                        Ok(()) => Some((key, l, stale)),
-                        Err(e) => {
-                            debug!(namespace = %key.0, name = %key.1, error = %e, "writing status.lag failed; retried next pass");
-                            None
-                        }
+                        Ok(()) => Ok((key, l, stale)),
+                        Err(e) => Err((key, e)),
                     }
                 }
             })
             .buffer_unordered(WRITES_IN_FLIGHT)
-            .filter_map(|r| async move { r })
             .collect()
             .await;
+        let (written, failed): (Vec<_>, Vec<_>) = results.into_iter().partition(Result::is_ok);
+        let written: Vec<(Key, i64, bool)> = written.into_iter().flatten().collect();
+        if let Some(Err((key, e))) = failed.first() {
+            // Once per pass, not per EventConsumer: a refused write usually refuses them all.
+            warn!(failed = failed.len(), due = due_count, namespace = %key.0, name = %key.1, error = %e,
+                "writing status.lag failed; retried next pass");
+        }
         self.metrics.lag_status_writes.inc_by(written.len() as u64);
         for (key, l, stale) in written {
             if let Some(t) = self.tracked.get_mut(&key) {
