@@ -1,7 +1,8 @@
 //! EventConsumers created at once converge and then stay quiet, with the operator running as
 //! its own process (the built `sluice-operator` binary, lag on at its default interval
 //! against a real topic) so its memory can be measured alone. Prints the convergence time
-//! as a ratio to the same number of bare writes measured in the same run, the steady-state
+//! as a ratio to the same number of bare writes measured in the same run, and to the
+//! operator's own writes (the same objects) made bare in the same run, the steady-state
 //! request rate from the API server's own `apiserver_request_total`, status writes per
 //! minute, Kafka clients held and peak RSS.
 //!
