@@ -963,12 +963,29 @@ impl Run {
 
     /// No record delivered twice, or a panic naming `what` and the file the operator's and
     /// sidecars' logs were saved to, so a duplicate can be explained afterwards.
+    /// The warnings and errors of the saved logs (at most 80 lines) are printed too, so a CI
+    /// run's output explains the duplicate even when the file is gone with the machine.
     fn assert_no_duplicates(&self, f: &Figures, what: &str) {
         if f.duplicates != 0 {
+            let path = self.sluice.save_logs(EC);
+            let saved = std::fs::read_to_string(&path).unwrap_or_default();
+            let notable: Vec<&str> = saved
+                .lines()
+                .filter(|l| {
+                    ["\"WARN\"", "\"ERROR\"", "revoked", "assigned", "lost"]
+                        .iter()
+                        .any(|k| l.contains(k))
+                })
+                .take(80)
+                .collect();
+            println!("the sidecars' and operator's notable log lines:");
+            for l in &notable {
+                println!("  {}", l.chars().take(400).collect::<String>());
+            }
             panic!(
                 "{} duplicates {what}; operator and sidecar logs: {}",
                 f.duplicates,
-                self.sluice.save_logs(EC).display()
+                path.display()
             );
         }
     }
