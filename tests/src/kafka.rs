@@ -576,7 +576,9 @@ pub mod cluster {
         }
     }
 
-    /// Runs `kafka-cluster.sh ARGS` (stop-node, start-node, kill-node, scram-set, ...).
+    /// Runs `kafka-cluster.sh ARGS` (stop-node, start-node, kill-node, scram-set, ...) and
+    /// prints what it reported (a restarted node's "is back", and whether the test bed's
+    /// SCRAM users had to be set again), so a test's output shows what the cluster did.
     pub fn ctl(args: &[&str]) {
         let script = crate::env_value("SLUICE_KAFKA_CLUSTER_CTL").unwrap_or_else(|| {
             crate::env_scripts()
@@ -595,6 +597,9 @@ pub mod cluster {
             out.status,
             String::from_utf8_lossy(&out.stderr)
         );
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            println!("kafka-cluster {}: {line}", args.join(" "));
+        }
     }
 
     /// The node that coordinates `group`: the leader of the `__consumer_offsets` partition
