@@ -1075,12 +1075,44 @@ fn execute(consumer: &BaseConsumer<SluiceContext>, ctx: &SluiceContext, cmd: ToK
                 return;
             }
             let tpl = ctx.current(&parts);
-            if tpl.count() > 0
-                && let Err(e) = consumer.resume(&tpl)
-            {
-                warn!(error = %e, "resuming partitions");
+            if tpl.count() > 0 {
+                match consumer.resume(&tpl) {
+                    Ok(()) => wake_fetcher(consumer, &tpl),
+                    Err(e) => warn!(error = %e, "resuming partitions"),
+                }
             }
         }
+    }
+}
+
+/// Makes librdkafka fetch resumed partitions now. Its resume (2.12) only clears the pause
+/// flag: the broker thread notices at its next wake-up, which, when every partition it
+/// serves was paused, is up to a second later (`rd_kafka_max_block_ms`), and the buffers run
+/// dry meanwhile. A seek wakes it. Each partition is sought to its own position (the record
+/// after the last one polled), which is where the pause left the fetcher, so no record is
+/// skipped or fetched twice; a partition with nothing polled yet has no position and
+/// librdkafka's resume already starts it (by an offset lookup). The seek is asynchronous
+/// and carries no leader epoch, so it costs no round trip to the broker.
+fn wake_fetcher(consumer: &BaseConsumer<SluiceContext>, resumed: &TopicPartitionList) {
+    let positions = match consumer.position() {
+        Ok(p) => p,
+        Err(e) => {
+            warn!(error = %e, "reading positions after a resume");
+            return;
+        }
+    };
+    let mut seek = TopicPartitionList::new();
+    for e in resumed.elements() {
+        if let Some(p) = positions.find_partition(e.topic(), e.partition())
+            && let Offset::Offset(o) = p.offset()
+        {
+            let _ = seek.add_partition_offset(e.topic(), e.partition(), Offset::Offset(o));
+        }
+    }
+    if seek.count() > 0
+        && let Err(e) = consumer.seek_partitions(seek, Duration::ZERO)
+    {
+        warn!(error = %e, "seeking resumed partitions to their positions");
     }
 }
 

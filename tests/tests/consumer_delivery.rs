@@ -406,3 +406,48 @@ async fn unwritable_dead_letter_topic_pauses_the_partition_until_it_is_writable(
     }
     stop(&mut sidecar);
 }
+
+/// A partition paused because its buffer reached the watermark is fetched again as soon as
+/// it resumes. librdkafka's resume alone leaves the fetcher asleep for up to a second when
+/// every partition it serves was paused, and the application then gets nothing meanwhile.
+/// Counted in the application: the longest wait between two deliveries while records were
+/// still to come. One partition of 20 000 small records crosses the watermark (2 000
+/// records) with nearly every fetch, so a stalled resume shows up several times.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_paused_for_backpressure_is_fetched_again_at_once() {
+    const N: usize = 20_000;
+    let topic = Topic::create("resume", 1).await;
+    let group = group("resume");
+    let app = TestApp::start(|_| Reply::ok()).await;
+    topic.produce_numbered(N, 100).await;
+    let mut cfg = sidecar_config(&topic.name, &group, &app.url());
+    cfg["delivery"]["ordering"] = "none".into();
+    let mut sidecar = Sidecar::start("resume", cfg);
+    app.wait_until("every record", Duration::from_secs(120), |r| r.len() >= N)
+        .await;
+    wait_committed_to_end(&group, &topic).await;
+    stop(&mut sidecar);
+    let got = app.received();
+    let mut seen: Vec<usize> = values(&got);
+    seen.sort_unstable();
+    seen.dedup();
+    assert_eq!(seen.len(), N, "every record");
+    let mut at: Vec<Instant> = got.iter().map(|r| r.at).collect();
+    at.sort_unstable();
+    let (gap, after) = at
+        .windows(2)
+        .enumerate()
+        .map(|(i, w)| (w[1] - w[0], i + 1))
+        .max()
+        .expect("deliveries");
+    let span = at[at.len() - 1] - at[0];
+    println!(
+        "{N} records in {span:?}; the longest wait between two deliveries {gap:?}, after {after} of them"
+    );
+    assert!(
+        gap < Duration::from_millis(400),
+        "the application waited {gap:?} for the next record after {after} of {N} \
+         (the fetcher was not woken after a resume?); log:\n{}",
+        sidecar.log()
+    );
+}
