@@ -15,7 +15,7 @@
 //! drain's final commit polls the consumer between tries, so a rebalance in progress settles
 //! and the commit goes out with the group's current generation (or member epoch).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering as AtomicOrdering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, TryRecvError};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -291,6 +291,11 @@ pub struct SluiceContext {
     budget: Budget,
     protocol: GroupProtocol,
     limiter: LogLimiter,
+    /// Partitions paused in librdkafka (by backpressure, or a draining member's new
+    /// assignment), and each partition's leader from the latest statistics: together they
+    /// tell whether a broker's fetcher is asleep (see [`to_wake`]).
+    fetch_paused: Mutex<HashSet<Tp>>,
+    leaders: Mutex<HashMap<Tp, i32>>,
 }
 
 impl SluiceContext {
@@ -318,7 +323,17 @@ impl SluiceContext {
             budget,
             protocol,
             limiter: LogLimiter::new(Duration::from_secs(10)),
+            fetch_paused: Mutex::new(HashSet::new()),
+            leaders: Mutex::new(HashMap::new()),
         }
+    }
+
+    fn fetch_paused(&self) -> MutexGuard<'_, HashSet<Tp>> {
+        self.fetch_paused.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn leaders(&self) -> MutexGuard<'_, HashMap<Tp, i32>> {
+        self.leaders.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn assigned(&self) -> MutexGuard<'_, HashMap<Tp, Arc<Progress>>> {
@@ -669,6 +684,9 @@ impl ClientContext for SluiceContext {
                     continue;
                 }
                 let tp = Tp::new(topic, *partition);
+                if assigned.contains_key(&tp) && p.leader >= 0 {
+                    self.leaders().insert(tp.clone(), p.leader);
+                }
                 if assigned.contains_key(&tp) {
                     self.metrics
                         .lag
@@ -735,6 +753,13 @@ impl ConsumerContext for SluiceContext {
         if lost {
             self.health.set_joined(false);
         }
+        {
+            let (mut paused, mut leaders) = (self.fetch_paused(), self.leaders());
+            for tp in &partitions {
+                paused.remove(tp);
+                leaders.remove(tp);
+            }
+        }
         let parts: Vec<Arc<Progress>> = {
             let mut assigned = self.assigned();
             partitions
@@ -761,6 +786,16 @@ impl ConsumerContext for SluiceContext {
         };
         if let Err(e) = result {
             warn!(error = %e, draining, "pausing or resuming newly assigned partitions");
+        }
+        {
+            let mut paused = self.fetch_paused();
+            for tp in partitions_of(tpl) {
+                if draining {
+                    paused.insert(tp);
+                } else {
+                    paused.remove(&tp);
+                }
+            }
         }
         let mut fresh = Vec::new();
         let mut replaced = Vec::new();
@@ -1064,10 +1099,11 @@ fn execute(consumer: &BaseConsumer<SluiceContext>, ctx: &SluiceContext, cmd: ToK
         ToKafka::Wake | ToKafka::Drain => {}
         ToKafka::Pause(parts) => {
             let tpl = ctx.current(&parts);
-            if tpl.count() > 0
-                && let Err(e) = consumer.pause(&tpl)
-            {
-                warn!(error = %e, "pausing partitions");
+            if tpl.count() > 0 {
+                match consumer.pause(&tpl) {
+                    Ok(()) => ctx.fetch_paused().extend(partitions_of(&tpl)),
+                    Err(e) => warn!(error = %e, "pausing partitions"),
+                }
             }
         }
         ToKafka::Resume(parts) => {
@@ -1075,25 +1111,63 @@ fn execute(consumer: &BaseConsumer<SluiceContext>, ctx: &SluiceContext, cmd: ToK
                 return;
             }
             let tpl = ctx.current(&parts);
-            if tpl.count() > 0 {
-                match consumer.resume(&tpl) {
-                    Ok(()) => wake_fetcher(consumer, &tpl),
-                    Err(e) => warn!(error = %e, "resuming partitions"),
+            if tpl.count() == 0 {
+                return;
+            }
+            if let Err(e) = consumer.resume(&tpl) {
+                warn!(error = %e, "resuming partitions");
+                return;
+            }
+            let resumed = partitions_of(&tpl);
+            let wake = {
+                let mut paused = ctx.fetch_paused();
+                let wake = to_wake(&resumed, &paused, ctx.assigned().keys(), &ctx.leaders());
+                for tp in &resumed {
+                    paused.remove(tp);
                 }
+                wake
+            };
+            if !wake.is_empty() {
+                wake_fetcher(consumer, &wake);
             }
         }
     }
 }
 
-/// Makes librdkafka fetch resumed partitions now. Its resume (2.12) only clears the pause
-/// flag: the broker thread notices at its next wake-up, which, when every partition it
-/// serves was paused, is up to a second later (`rd_kafka_max_block_ms`), and the buffers run
-/// dry meanwhile. A seek wakes it. Each partition is sought to its own position (the record
-/// after the last one polled), which is where the pause left the fetcher, so no record is
-/// skipped or fetched twice; a partition with nothing polled yet has no position and
-/// librdkafka's resume already starts it (by an offset lookup). The seek is asynchronous
-/// and carries no leader epoch, so it costs no round trip to the broker.
-fn wake_fetcher(consumer: &BaseConsumer<SluiceContext>, resumed: &TopicPartitionList) {
+/// The resumed partitions whose broker's fetcher is asleep: librdkafka's resume (2.12)
+/// only clears the pause flag, and a broker thread whose every partition was paused sleeps
+/// up to its maximum block of a second (`rd_kafka_max_block_ms`) before it looks again, so
+/// the buffers run dry meanwhile. A resumed partition is woken when every assigned
+/// partition with the same leader was paused before this resume (all assigned partitions,
+/// when its leader is not known yet). Where another partition of that broker was still
+/// fetching, its thread is awake and takes the resumed partition up within milliseconds,
+/// and a seek would only throw away its fetch state.
+fn to_wake<'a>(
+    resumed: &[Tp],
+    paused_before: &HashSet<Tp>,
+    assigned: impl Iterator<Item = &'a Tp>,
+    leaders: &HashMap<Tp, i32>,
+) -> Vec<Tp> {
+    let assigned: Vec<&Tp> = assigned.collect();
+    resumed
+        .iter()
+        .filter(|r| {
+            let leader = leaders.get(*r);
+            assigned
+                .iter()
+                .filter(|tp| leader.is_none() || leaders.get(**tp) == leader)
+                .all(|tp| paused_before.contains(*tp))
+        })
+        .cloned()
+        .collect()
+}
+
+/// Wakes librdkafka's fetcher for resumed partitions (see [`to_wake`]) by a seek of each to
+/// its own position (the record after the last one polled), which is where the pause left
+/// the fetcher, so no record is skipped or fetched twice; a partition with nothing polled
+/// yet has no position, and librdkafka's resume already starts it (by an offset lookup).
+/// The seek is asynchronous and carries no leader epoch, so it costs no round trip.
+fn wake_fetcher(consumer: &BaseConsumer<SluiceContext>, resumed: &[Tp]) {
     let positions = match consumer.position() {
         Ok(p) => p,
         Err(e) => {
@@ -1102,11 +1176,11 @@ fn wake_fetcher(consumer: &BaseConsumer<SluiceContext>, resumed: &TopicPartition
         }
     };
     let mut seek = TopicPartitionList::new();
-    for e in resumed.elements() {
-        if let Some(p) = positions.find_partition(e.topic(), e.partition())
+    for tp in resumed {
+        if let Some(p) = positions.find_partition(&tp.topic, tp.partition)
             && let Offset::Offset(o) = p.offset()
         {
-            let _ = seek.add_partition_offset(e.topic(), e.partition(), Offset::Offset(o));
+            let _ = seek.add_partition_offset(&tp.topic, tp.partition, Offset::Offset(o));
         }
     }
     if seek.count() > 0
@@ -1335,5 +1409,56 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("12 finished records uncommitted"), "{text}");
+    }
+
+    fn tps(ps: &[i32]) -> Vec<Tp> {
+        ps.iter().map(|p| Tp::new("t", *p)).collect()
+    }
+
+    fn set(ps: &[i32]) -> HashSet<Tp> {
+        tps(ps).into_iter().collect()
+    }
+
+    #[test]
+    fn a_resume_wakes_the_fetcher_only_where_every_partition_of_the_broker_was_paused() {
+        let assigned = tps(&[0, 1, 2, 3]);
+        // Partitions 0 and 1 led by broker 1, 2 and 3 by broker 2.
+        let leaders: HashMap<Tp, i32> = [(0, 1), (1, 1), (2, 2), (3, 2)]
+            .into_iter()
+            .map(|(p, l)| (Tp::new("t", p), l))
+            .collect();
+        let wake = |resumed: &[i32], paused: &[i32]| {
+            to_wake(&tps(resumed), &set(paused), assigned.iter(), &leaders)
+        };
+        // Every partition of broker 1 was paused: its thread sleeps.
+        assert_eq!(wake(&[0], &[0, 1]), tps(&[0]));
+        assert_eq!(wake(&[0, 1], &[0, 1, 2]), tps(&[0, 1]));
+        // Broker 1 still fetches partition 1: its thread is awake.
+        assert_eq!(wake(&[0], &[0, 2, 3]), tps(&[]));
+        // Per broker: 2 and 3 were paused, 0 was not.
+        assert_eq!(wake(&[0, 2], &[0, 2, 3]), tps(&[2]));
+        assert_eq!(wake(&[3], &[0, 1, 2, 3]), tps(&[3]));
+        assert_eq!(wake(&[], &[0, 1, 2, 3]), tps(&[]));
+    }
+
+    #[test]
+    fn without_a_known_leader_a_resume_wakes_the_fetcher_only_if_everything_was_paused() {
+        let assigned = tps(&[0, 1, 2]);
+        let none = HashMap::new();
+        let wake = |resumed: &[i32], paused: &[i32]| {
+            to_wake(&tps(resumed), &set(paused), assigned.iter(), &none)
+        };
+        assert_eq!(wake(&[1], &[0, 1, 2]), tps(&[1]));
+        assert_eq!(wake(&[1], &[1, 2]), tps(&[]));
+        // Partition 1's leader is unknown, 0's is known: 1 is judged on every partition.
+        let some: HashMap<Tp, i32> = [(Tp::new("t", 0), 1)].into_iter().collect();
+        assert_eq!(
+            to_wake(&tps(&[0, 1]), &set(&[0, 1]), assigned.iter(), &some),
+            tps(&[0])
+        );
+        assert_eq!(
+            to_wake(&tps(&[0, 1]), &set(&[0, 1, 2]), assigned.iter(), &some),
+            tps(&[0, 1])
+        );
     }
 }

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use futures::{StreamExt, stream};
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace as K8sNamespace, Secret};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::Api;
 use kube::api::{ListParams, Patch, PatchParams, PostParams};
@@ -160,6 +160,33 @@ async fn event_consumers_converge_and_stay_quiet() {
     let steady = Duration::from_secs(env_or("SLUICE_SCALE_STEADY_SECS", 20));
     let client = kube_env::client().await;
     install_crd(&client).await;
+    // An earlier run's namespaces, while the API server and the garbage collector still
+    // delete their thousands of objects, would compete with this run's writes (a run right
+    // after another converged in twice the time).
+    let namespaces: Api<K8sNamespace> = Api::all(client.clone());
+    let waited = Instant::now();
+    wait_for(
+        "an earlier run's namespaces to be deleted",
+        Duration::from_secs(900),
+        || async {
+            let list = namespaces.list(&ListParams::default()).await.ok()?;
+            (!list.items.iter().any(|n| {
+                n.metadata.deletion_timestamp.is_some()
+                    && n.metadata
+                        .name
+                        .as_deref()
+                        .is_some_and(|n| n.starts_with("op-scale"))
+            }))
+            .then_some(())
+        },
+    )
+    .await;
+    if waited.elapsed() > Duration::from_secs(1) {
+        eprintln!(
+            "waited {:?} for an earlier run's namespaces to be deleted",
+            waited.elapsed()
+        );
+    }
     let ns = Namespace::create(&client, "op-scale").await;
     // A real topic, so "lag on" (the default 30 s interval) measures real offsets.
     let topic = Topic::create("scale", 3).await;
