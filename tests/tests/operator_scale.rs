@@ -22,7 +22,7 @@ use k8s_openapi::api::core::v1::{ConfigMap, Namespace as K8sNamespace, Secret};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::Api;
 use kube::api::{ListParams, Patch, PatchParams, PostParams};
-use kube::runtime::watcher;
+use kube::runtime::{WatchStreamExt, watcher};
 use operator_common::{
     OPERATOR_RESOURCES, RequestCount, apiserver_request_counts, apiserver_request_seconds,
     condition, create_ec, ec_yaml, env_or, install_crd, operator_binary, spread, wait_for,
@@ -342,7 +342,9 @@ async fn event_consumers_converge_and_stay_quiet() {
                 && condition(ec, "Ready").is_some_and(|r| r.1 == "ScaledToZero")
         };
         let mut done = std::collections::HashSet::new();
-        let mut events = std::pin::pin!(watcher::watcher(ecs.clone(), watcher::Config::default()));
+        let mut events = std::pin::pin!(
+            watcher::watcher(ecs.clone(), watcher::Config::default()).default_backoff(),
+        );
         let mut rss = tokio::time::interval(Duration::from_millis(200));
         while done.len() < count {
             tokio::select! {
@@ -359,7 +361,7 @@ async fn event_consumers_converge_and_stay_quiet() {
                         done.remove(&ec.metadata.name.clone().unwrap_or_default());
                     }
                     Ok(watcher::Event::Init | watcher::Event::InitDone) => {}
-                    Err(e) => eprintln!("the EventConsumer watch: {e} (it retries)"),
+                    Err(e) => eprintln!("the EventConsumer watch: {e} (it retries after a backoff)"),
                 },
                 _ = rss.tick() => {
                     peak_seen.fetch_max(rss_kib(pid).0, std::sync::atomic::Ordering::Relaxed);
