@@ -24,7 +24,11 @@ fn schema() -> Value {
 }
 
 fn examples() -> Vec<(PathBuf, Value)> {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples");
+    // At run time: CI may reuse a binary built in an earlier clone of the same sources.
+    let dir = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
+        .join("../deploy/examples");
     let mut out = vec![];
     for entry in std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {
         let path = entry.unwrap().path();

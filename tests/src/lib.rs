@@ -63,9 +63,25 @@ pub fn tool(key: &str) -> PathBuf {
     }
 }
 
+/// This package's folder (`tests/`) in the checkout the tests run from.
+///
+/// Read when the test runs (cargo sets `CARGO_MANIFEST_DIR` for the processes it starts),
+/// not when it was compiled: CI reuses test binaries built in an earlier clone whose
+/// sources were the same (`.ci/run`), and that clone's folder may be gone.
+pub fn package_dir() -> PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
+}
+
+/// The repository's root in the checkout the tests run from.
+pub fn repo_root() -> PathBuf {
+    package_dir().join("..")
+}
+
 /// The repository's `tests/env` folder (the test-bed scripts).
 pub fn env_scripts() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("env")
+    package_dir().join("env")
 }
 
 /// The hint every fixture failure ends with.

@@ -415,7 +415,7 @@ pub fn sidecar_binary() -> PathBuf {
             "sluice-consumer",
         ])
         .env("CARGO_TARGET_DIR", &target_dir)
-        .current_dir(env!("CARGO_MANIFEST_DIR"));
+        .current_dir(crate::package_dir());
         if release {
             cmd.arg("--release");
         }

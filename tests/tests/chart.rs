@@ -11,7 +11,7 @@ use std::process::{Command, Output};
 use sluice_tests::kube_env::{self, Namespace};
 
 fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+    sluice_tests::repo_root()
 }
 
 fn chart() -> String {

@@ -26,7 +26,7 @@ use sluice_tests::{kubectl, ok, run_tool};
 const CRD_FILE: &str = "eventconsumers.sluice.dev.yaml";
 
 fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+    sluice_tests::repo_root()
 }
 
 use sluice_tests::output_text as text;

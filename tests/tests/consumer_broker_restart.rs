@@ -27,7 +27,7 @@ async fn broker_restart_mid_stream_loses_nothing() {
     })
     .await;
 
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/env/kafka.sh");
+    let script = sluice_tests::env_scripts().join("kafka.sh");
     let status = Command::new("bash")
         .arg(script)
         .arg("restart")

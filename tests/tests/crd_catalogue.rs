@@ -129,7 +129,7 @@ async fn examples_apply_cleanly_and_get_their_defaults() {
     let ns = Namespace::create(&client, "crd-examples").await;
     let api = api(&client, &ns.name);
 
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples");
+    let dir = sluice_tests::repo_root().join("deploy/examples");
     let mut applied = 0;
     let mut paths: Vec<PathBuf> = std::fs::read_dir(&dir)
         .unwrap()

@@ -26,7 +26,7 @@ fn inventory_binary() -> PathBuf {
     let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     cmd.args(["build", "-q", "-p", "sluice-examples", "--bin", "inventory"])
         .env("CARGO_TARGET_DIR", dir.parent().unwrap())
-        .current_dir(env!("CARGO_MANIFEST_DIR"));
+        .current_dir(sluice_tests::package_dir());
     if release {
         cmd.arg("--release");
     }

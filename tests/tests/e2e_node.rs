@@ -81,7 +81,7 @@ const NODE_CTR: &str = "ctr --address /run/sluice/containerd/containerd.sock";
 // Tools
 
 fn chart_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../charts/sluice")
+    sluice_tests::repo_root().join("charts/sluice")
 }
 
 /// Every container of `pods` that runs one of `images` runs it as pulled from the registry:

@@ -18,7 +18,7 @@ use std::sync::OnceLock;
 use serde_json::Value;
 
 fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+    sluice_tests::repo_root()
 }
 
 fn rules_file() -> PathBuf {

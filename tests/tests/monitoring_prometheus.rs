@@ -16,7 +16,7 @@ use sluice_tests::kafka::{self, Topic, committed, end_offsets};
 use sluice_tests::testapp::{Sidecar, TestApp, free_port, sidecar_config};
 
 fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+    sluice_tests::repo_root()
 }
 
 /// Prometheus from the cache (built by `build-promtool.sh prometheus` when missing).

@@ -14,7 +14,7 @@ use sluice_tests::kafka::{self, Topic};
 use sluice_tests::kube_env::{self, Namespace};
 
 fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+    sluice_tests::repo_root()
 }
 
 use sluice_tests::output_text as text;

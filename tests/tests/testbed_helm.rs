@@ -1,6 +1,5 @@
 //! Smoke tests of the test bed's helm (built from its Go module).
 
-use std::path::PathBuf;
 use std::process::Command;
 
 fn helm(args: &[&str]) -> String {
@@ -27,7 +26,7 @@ fn helm_is_version_3() {
 
 #[test]
 fn helm_template_renders_a_chart_with_values() {
-    let chart = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures/tiny-chart");
+    let chart = sluice_tests::package_dir().join("fixtures/tiny-chart");
     let out = helm(&[
         "template",
         "smoke",

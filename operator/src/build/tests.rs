@@ -174,7 +174,11 @@ fn render(d: &Desired) -> String {
 
 /// Compares with `snapshots/<name>.yaml`; `SLUICE_UPDATE_SNAPSHOTS=1` rewrites it.
 fn assert_snapshot(name: &str, actual: &str) {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    // The folder at run time (cargo sets it for the test process): CI may reuse a test
+    // binary built in an earlier clone of the same sources (.ci/run).
+    let path = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
         .join("src/build/snapshots")
         .join(format!("{name}.yaml"));
     if std::env::var("SLUICE_UPDATE_SNAPSHOTS").is_ok_and(|v| v == "1") {
