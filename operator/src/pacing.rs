@@ -183,16 +183,10 @@ pub fn plan(
 /// Whether a Deployment's rollout is complete: the controller saw its latest spec and every
 /// pod runs the current template and is available.
 pub fn rollout_complete(d: &Deployment) -> bool {
-    let Some(status) = d.status.as_ref() else {
-        return false;
-    };
+    let status = d.status.clone().unwrap_or_default();
     let wanted = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
-    let current = match (d.metadata.generation, status.observed_generation) {
-        (Some(g), Some(o)) => o >= g,
-        _ => false,
-    };
     let updated = status.updated_replicas.unwrap_or(0);
-    current
+    crate::status::status_is_current(d)
         && updated >= wanted
         && status.replicas.unwrap_or(0) == updated
         && status.available_replicas.unwrap_or(0) >= wanted

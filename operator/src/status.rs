@@ -315,12 +315,25 @@ pub fn deployment_signature(dep: &Deployment) -> Option<u64> {
     Some(h.finish())
 }
 
+/// Whether the Deployment's status describes its current spec: the Deployment controller
+/// has observed its latest generation, or it was just created and not looked at yet
+/// (generation 1, never observed). A new Deployment has no ReplicaSet and no pods, which is
+/// what its first status will say; taking that as read saves every new EventConsumer a
+/// second status write (and a `RolloutComplete` event) once the controller reports "0 pods"
+/// a moment later. Should it report pods after all (a ReplicaSet it adopts), that status
+/// change reconciles the EventConsumer again.
+pub fn status_is_current(dep: &Deployment) -> bool {
+    let observed = dep.status.as_ref().and_then(|s| s.observed_generation);
+    match (dep.metadata.generation, observed) {
+        (Some(g), Some(o)) => o >= g,
+        (Some(1), None) => true,
+        _ => false,
+    }
+}
+
 fn view_of(dep: &Deployment) -> DeploymentView {
     let status = dep.status.clone().unwrap_or_default();
-    let current = match (dep.metadata.generation, status.observed_generation) {
-        (Some(g), Some(o)) => o >= g,
-        _ => false,
-    };
+    let current = status_is_current(dep);
     let stalled = status.conditions.iter().flatten().any(|c| {
         c.type_ == "Progressing"
             && c.status == "False"

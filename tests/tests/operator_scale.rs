@@ -52,6 +52,10 @@ struct Process(Child);
 
 impl Drop for Process {
     fn drop(&mut self) {
+        // A test that failed because the operator was gone says how it ended.
+        if let Ok(Some(status)) = self.0.try_wait() {
+            eprintln!("the operator process had already exited: {status}");
+        }
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
@@ -394,7 +398,7 @@ async fn event_consumers_converge_and_stay_quiet() {
     let converged = started.elapsed();
     let requests_converged = apiserver_request_counts(&client).await;
     let seconds_converged = apiserver_request_seconds(&client).await;
-    let converge_metrics = reqwest_lite(port, "/metrics").await;
+    let converge_metrics = reqwest_lite(port, "/metrics", &log).await;
     let deployment_count = deployments
         .list_metadata(&ListParams::default())
         .await
@@ -428,7 +432,7 @@ async fn event_consumers_converge_and_stay_quiet() {
             break;
         }
         if Instant::now() > lag_deadline {
-            let metrics = reqwest_lite(port, "/metrics").await;
+            let metrics = reqwest_lite(port, "/metrics", &log).await;
             let lag_metrics: Vec<&str> = metrics
                 .lines()
                 .filter(|l| l.starts_with("sluice_operator_lag") && !l.contains("consumer_lag{"))
@@ -443,8 +447,9 @@ async fn event_consumers_converge_and_stay_quiet() {
 
     // Steady state: nothing changes; count the operator's reconciles and the API server's
     // requests over the window, sampled every 10 s.
+    let log_path = log.as_path();
     let metric = |name: &'static str| async move {
-        let body = reqwest_lite(port, "/metrics").await;
+        let body = reqwest_lite(port, "/metrics", log_path).await;
         body.lines()
             .find_map(|l| l.strip_prefix(&format!("{name} ")))
             .and_then(|v| v.trim().parse::<f64>().ok())
@@ -655,11 +660,26 @@ fn print_requests(
 }
 
 /// A minimal HTTP/1.1 GET against the operator's endpoint.
-async fn reqwest_lite(port: u16, path: &str) -> String {
+async fn reqwest_lite(port: u16, path: &str, log: &std::path::Path) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .expect("the operator's HTTP endpoint");
+    let mut s = match tokio::net::TcpStream::connect(("127.0.0.1", port)).await {
+        Ok(s) => s,
+        Err(e) => {
+            // Who holds the port now, and how the operator's log ends.
+            let listeners = Command::new("ss")
+                .args(["-ltnp", &format!("sport = :{port}")])
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_else(|e| format!("ss: {e}"));
+            let text = std::fs::read_to_string(log).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(20).collect();
+            panic!(
+                "the operator's HTTP endpoint 127.0.0.1:{port}{path}: {e}\nlisteners on the port:\n{listeners}\nthe last lines of its log ({}):\n{}",
+                log.display(),
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            )
+        }
+    };
     s.write_all(
         format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes(),
     )

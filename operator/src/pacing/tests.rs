@@ -254,6 +254,15 @@ fn a_rollout_is_complete_only_when_every_pod_runs_the_new_template_and_is_availa
         rollout_complete(&deployment("d", None, None, 0, Some((2, 0, 0, 0)))),
         "scaled to zero"
     );
+    // Just created (generation 1, never observed): no pods exist yet.
+    let mut new = deployment("d", None, None, 0, None);
+    new.metadata.generation = Some(1);
+    assert!(rollout_complete(&new), "a new Deployment of no pods");
+    new.spec.as_mut().unwrap().replicas = Some(2);
+    assert!(
+        !rollout_complete(&new),
+        "a new Deployment whose pods do not exist yet"
+    );
 }
 
 #[test]

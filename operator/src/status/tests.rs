@@ -446,3 +446,62 @@ fn the_deployment_signature_moves_only_with_what_the_reconcile_reads() {
         seen.push(s);
     }
 }
+
+/// A Deployment as the apply that created it returns it: generation 1, never observed.
+fn just_created(status: Option<DeploymentStatus>) -> Deployment {
+    Deployment {
+        metadata: ObjectMeta {
+            generation: Some(1),
+            ..Default::default()
+        },
+        spec: None,
+        status,
+    }
+}
+
+#[test]
+fn a_just_created_deployment_has_no_pods_and_needs_no_second_look() {
+    for status in [None, Some(DeploymentStatus::default())] {
+        let d = just_created(status.clone());
+        assert!(status_is_current(&d));
+        let s = compute(None, &seen(Some(&d), 0), &applied(), &t(0));
+        assert_eq!(
+            brief(&s),
+            tri(
+                ("True", "ScaledToZero"),
+                ("False", "RolloutComplete"),
+                ("False", "AsExpected")
+            ),
+            "{status:?}"
+        );
+        // With pods wanted, it is still rolling out: none of them exists yet.
+        let s = compute(None, &seen(Some(&d), 2), &applied(), &t(0));
+        assert_eq!(
+            brief(&s),
+            tri(
+                ("False", "ReplicasNotReady"),
+                ("True", "RollingOut"),
+                ("False", "AsExpected")
+            )
+        );
+        assert!(
+            get(&s, PROGRESSING)
+                .message
+                .contains("0 of 2 pods run the current template (0 in total)")
+        );
+    }
+}
+
+#[test]
+fn a_changed_deployment_not_yet_observed_is_not_current() {
+    // Generation 2 and no observed generation: a spec changed before the controller ever
+    // reported (its pods, if any, are unknown), so the status waits for the controller.
+    let mut d = just_created(None);
+    d.metadata.generation = Some(2);
+    assert!(!status_is_current(&d));
+    let s = compute(None, &seen(Some(&d), 0), &applied(), &t(0));
+    assert_eq!(get(&s, PROGRESSING).reason, "RollingOut");
+    // Observed at an older generation: not current either.
+    assert!(!status_is_current(&dep(3, 2, 0, 0, 0, 0)));
+    assert!(status_is_current(&dep(3, 3, 0, 0, 0, 0)));
+}
