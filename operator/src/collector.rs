@@ -304,7 +304,13 @@ impl Collector {
         for (id, (props, query, members)) in clusters {
             let client = match self.clients.get(&id) {
                 Some(c) => Ok(c.clone()),
-                None => match LagClient::new(&props) {
+                None => match LagClient::new(
+                    &props,
+                    query
+                        .groups
+                        .first()
+                        .map_or("sluice-operator-lag", String::as_str),
+                ) {
                     Ok(c) => {
                         let c = Arc::new(c);
                         self.clients.insert(id, c.clone());

@@ -417,14 +417,26 @@ pub struct LagClient {
 }
 
 impl LagClient {
-    /// A client with these connection properties (see [`connection_properties`]).
-    pub fn new(props: &[(String, String)]) -> Result<LagClient, LagError> {
+    /// A client with these connection properties (see [`connection_properties`]), given
+    /// `group`, one of the consumer groups it will read, as its own `group.id`.
+    ///
+    /// The client serves every group of its identity through admin requests, and never
+    /// joins a group, subscribes, assigns or commits. But librdkafka 2.12 answers an
+    /// OffsetFetch refused with `NOT_COORDINATOR` (the group's coordinator moved: a broker
+    /// restart, a leader change of `__consumer_offsets`, a cluster still loading it) by
+    /// asking the client's own consumer group to look up its coordinator again, and
+    /// without a `group.id` there is none: the process crashes (librdkafka issue #5040;
+    /// tests/lag_coordinator.rs). With one, that lookup is all it does: a FindCoordinator
+    /// for `group`. One of the groups it reads, because a principal allowed to describe
+    /// those groups (ListConsumerGroupOffsets needs it) may be denied any other name.
+    pub fn new(props: &[(String, String)], group: &str) -> Result<LagClient, LagError> {
         let mut config = ClientConfig::new();
         for (k, v) in props {
             config.set(k, v);
         }
-        // No group.id: the client serves every group of this identity through admin
-        // requests, and librdkafka's main queue stays with this handle (drained each query).
+        config.set("group.id", group);
+        config.set("enable.auto.commit", "false");
+        // librdkafka's main queue is forwarded to this consumer's queue, drained each query.
         let consumer: BaseConsumer<QuietContext> = config
             .create_with_context(QuietContext)
             .map_err(|e| LagError::Config(describe(&e)))?;
@@ -790,7 +802,8 @@ mod tests {
         // Port 9 on loopback: nothing listens, connections are refused at once.
         let mut k = kafka("");
         k.bootstrap_servers = "127.0.0.1:9".into();
-        let client = LagClient::new(&connection_properties(&k, &BTreeMap::new()).unwrap()).unwrap();
+        let client =
+            LagClient::new(&connection_properties(&k, &BTreeMap::new()).unwrap(), "g").unwrap();
         let query = Query {
             topics: ["a".to_owned()].into(),
             groups: ["g".to_owned()].into(),

@@ -1,0 +1,57 @@
+//! The lag client against an in-process Kafka (librdkafka's mock cluster, on 127.0.0.1),
+//! which can answer with the one error the real test bed cannot be made to give on demand:
+//! `NOT_COORDINATOR` to an OffsetFetch, as a broker does when the group's coordinator moved
+//! (a broker restart, a leader change of `__consumer_offsets`, a fresh cluster loading it).
+//!
+//! librdkafka 2.12 handles that error by asking the client's own consumer group to look up
+//! its coordinator again, and a client without a `group.id` has none: it crashed the whole
+//! operator (SIGSEGV in `rd_kafka_cgrp_op`, librdkafka issue #5040). Seen on the test bed
+//! as an operator that vanished a minute after a fresh `make env-up`.
+
+use std::time::Duration;
+
+use rdkafka::mocking::MockCluster;
+use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+use sluice_operator::lag::{LagClient, Query};
+
+#[test]
+fn a_moved_group_coordinator_is_an_error_of_that_group_not_a_crash() {
+    let mock = MockCluster::new(1).expect("librdkafka's mock cluster");
+    mock.create_topic("orders", 2, 1).expect("a mock topic");
+    let props = vec![("bootstrap.servers".to_owned(), mock.bootstrap_servers())];
+    let client = LagClient::new(&props, "orders-group").expect("a lag client");
+    let query = Query {
+        topics: ["orders".to_owned()].into(),
+        groups: ["orders-group".to_owned(), "other-group".to_owned()].into(),
+    };
+
+    // Every OffsetFetch answered NOT_COORDINATOR: each group's offsets are an error, the
+    // topic's ends are still read, and the process lives on.
+    mock.request_errors(
+        RDKafkaApiKey::OffsetFetch,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_COORDINATOR; 16],
+    );
+    let answer = client
+        .query_blocking(&query, Duration::from_secs(10), 4)
+        .expect("the cluster answers");
+    assert!(answer.topics["orders"].is_ok(), "{answer:?}");
+    for group in &query.groups {
+        assert!(
+            answer.groups[group].is_err(),
+            "{group}: an error, not offsets: {answer:?}"
+        );
+    }
+
+    // The coordinator back: the next query reads the offsets (none committed: empty).
+    mock.clear_request_errors(RDKafkaApiKey::OffsetFetch);
+    let answer = client
+        .query_blocking(&query, Duration::from_secs(10), 4)
+        .expect("the cluster answers");
+    for group in &query.groups {
+        assert_eq!(
+            answer.groups[group],
+            Ok(Default::default()),
+            "{group}: {answer:?}"
+        );
+    }
+}
