@@ -53,7 +53,9 @@ struct Process(Child);
 impl Drop for Process {
     fn drop(&mut self) {
         // A test that failed because the operator was gone says how it ended.
-        if let Ok(Some(status)) = self.0.try_wait() {
+        if std::thread::panicking()
+            && let Ok(Some(status)) = self.0.try_wait()
+        {
             eprintln!("the operator process had already exited: {status}");
         }
         let _ = self.0.kill();
