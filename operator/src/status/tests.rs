@@ -144,16 +144,24 @@ fn pods_not_ready_says_where_to_look() {
 
 #[test]
 fn scaled_to_zero_is_ready() {
-    let d = dep(1, 1, 0, 0, 0, 0);
-    let s = compute(None, &seen(Some(&d), 0), &applied(), &t(0));
-    assert_eq!(
-        brief(&s),
-        tri(
-            ("True", "ScaledToZero"),
-            ("False", "RolloutComplete"),
-            ("False", "AsExpected")
-        )
-    );
+    // Observed by the Deployment controller, or just created (generation 1, never
+    // observed, with or without an empty status): no pods, nothing left to roll.
+    for d in [
+        dep(1, 1, 0, 0, 0, 0),
+        just_created(None),
+        just_created(Some(DeploymentStatus::default())),
+    ] {
+        let s = compute(None, &seen(Some(&d), 0), &applied(), &t(0));
+        assert_eq!(
+            brief(&s),
+            tri(
+                ("True", "ScaledToZero"),
+                ("False", "RolloutComplete"),
+                ("False", "AsExpected")
+            ),
+            "{d:?}"
+        );
+    }
 }
 
 #[test]
@@ -462,19 +470,10 @@ fn just_created(status: Option<DeploymentStatus>) -> Deployment {
 #[test]
 fn a_just_created_deployment_has_no_pods_and_needs_no_second_look() {
     for status in [None, Some(DeploymentStatus::default())] {
-        let d = just_created(status.clone());
+        let d = just_created(status);
         assert!(status_is_current(&d));
-        let s = compute(None, &seen(Some(&d), 0), &applied(), &t(0));
-        assert_eq!(
-            brief(&s),
-            tri(
-                ("True", "ScaledToZero"),
-                ("False", "RolloutComplete"),
-                ("False", "AsExpected")
-            ),
-            "{status:?}"
-        );
-        // With pods wanted, it is still rolling out: none of them exists yet.
+        // With pods wanted, it is still rolling out: none of them exists yet (with none
+        // wanted: `scaled_to_zero_is_ready`).
         let s = compute(None, &seen(Some(&d), 2), &applied(), &t(0));
         assert_eq!(
             brief(&s),
