@@ -177,6 +177,18 @@ pub struct Collector {
 /// unanswered for good (every pass for minutes) while new clients were answered at once.
 pub const REPLACE_CLIENT_AFTER: u32 = 2;
 
+/// Whether some group's coordinator moved (a broker restart, a leader change of
+/// `__consumer_offsets`): librdkafka's client keeps asking the broker it found first for as
+/// long as it is used, so the client is replaced at once and the next pass reads the groups
+/// through a new one. Pure.
+pub fn coordinator_moved(answer: &Result<Answer, LagError>) -> bool {
+    answer.as_ref().is_ok_and(|a| {
+        a.groups
+            .values()
+            .any(|r| matches!(r, Err(LagError::CoordinatorMoved(_))))
+    })
+}
+
 /// Whether any part of a cluster's answer is a timeout (the whole query, a topic or a
 /// group). Pure.
 pub fn timed_out(answer: &Result<Answer, LagError>) -> bool {
@@ -348,7 +360,14 @@ impl Collector {
         let now_ts = Timestamp::now();
         let mut replaced = Vec::new();
         for (id, answer, members) in answers {
-            if timed_out(&answer) {
+            if coordinator_moved(&answer) {
+                warn!(
+                    consumers = members.len(),
+                    "a consumer group's coordinator moved: replacing this Kafka cluster's lag client, so that the next pass looks the coordinators up again"
+                );
+                self.timeouts.remove(&id);
+                replaced.extend(self.clients.remove(&id));
+            } else if timed_out(&answer) {
                 let n = self.timeouts.entry(id).or_default();
                 *n += 1;
                 if *n >= REPLACE_CLIENT_AFTER {
@@ -525,6 +544,30 @@ mod tests {
         let mut group_failed = a;
         group_failed.groups.insert("h".into(), Err(kafka()));
         assert!(!timed_out(&Ok(group_failed)));
+    }
+
+    #[test]
+    fn a_moved_coordinator_anywhere_in_the_groups_replaces_the_client_at_once() {
+        let moved = || LagError::CoordinatorMoved("Broker: Not coordinator".into());
+        let mut a = Answer::default();
+        a.topics.insert("t".into(), Ok(Vec::new()));
+        a.groups.insert("g".into(), Ok(Default::default()));
+        assert!(!coordinator_moved(&Ok(a.clone())));
+        assert!(!coordinator_moved(&Err(LagError::Timeout(
+            Duration::from_secs(10)
+        ))));
+        let mut other = a.clone();
+        other.groups.insert(
+            "h".into(),
+            Err(LagError::Kafka {
+                what: "reading the group's committed offsets",
+                error: "Broker: Group authorization failed".into(),
+            }),
+        );
+        assert!(!coordinator_moved(&Ok(other.clone())), "another error");
+        other.groups.insert("i".into(), Err(moved()));
+        assert!(coordinator_moved(&Ok(other)));
+        assert!(!timed_out(&Ok(a.clone())), "{:?}", moved());
     }
 
     #[test]

@@ -97,6 +97,11 @@ pub enum LagError {
     /// The time budget ran out.
     #[error("no answer from Kafka within {0:?}")]
     Timeout(Duration),
+    /// The broker asked for a group's committed offsets is not its coordinator any more.
+    #[error(
+        "reading the group's committed offsets: {0} (the group's coordinator moved; the lag client is replaced so that it looks the coordinator up again)"
+    )]
+    CoordinatorMoved(String),
     /// The blocking task failed (panicked or was cancelled).
     #[error("the lag task failed: {0}")]
     Task(String),
@@ -111,6 +116,7 @@ impl LagError {
             LagError::Topic { .. } => "Topic",
             LagError::Kafka { .. } => "Kafka",
             LagError::Timeout(_) => "Timeout",
+            LagError::CoordinatorMoved(_) => "CoordinatorMoved",
             LagError::Task(_) => "Task",
         }
     }
@@ -562,6 +568,9 @@ impl LagClient {
         for (group, result) in groups.into_iter().zip(committed) {
             let result = result.map_err(|e| match e {
                 group_offsets::GroupError::Timeout => LagError::Timeout(budget),
+                group_offsets::GroupError::CoordinatorMoved(error) => {
+                    LagError::CoordinatorMoved(error)
+                }
                 group_offsets::GroupError::Kafka(error) => LagError::Kafka {
                     what: "reading the group's committed offsets",
                     error,

@@ -28,6 +28,20 @@ pub enum GroupError {
     Timeout,
     /// Kafka answered with an error.
     Kafka(String),
+    /// The broker asked is not (or no longer) the group's coordinator. librdkafka keeps the
+    /// coordinator it found for a group in its client's cache for as long as the cache is
+    /// used, so a long-lived client asks the same broker again on every pass: only a new
+    /// client looks the coordinator up again.
+    CoordinatorMoved(String),
+}
+
+/// The error codes that say the group's coordinator is elsewhere or not known.
+fn coordinator_moved(code: rd::rd_kafka_resp_err_t) -> bool {
+    use rd::rd_kafka_resp_err_t::*;
+    matches!(
+        code,
+        RD_KAFKA_RESP_ERR_NOT_COORDINATOR | RD_KAFKA_RESP_ERR_COORDINATOR_NOT_AVAILABLE
+    )
 }
 
 /// Reads the committed offsets of `groups` (blocking, by `deadline`). The result has one
@@ -176,9 +190,11 @@ fn read_result(event: &Event) -> Result<Committed, GroupError> {
             if err == rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR__TIMED_OUT {
                 return Err(GroupError::Timeout);
             }
-            return Err(GroupError::Kafka(text(rd::rd_kafka_event_error_string(
-                event.0,
-            ))));
+            let message = text(rd::rd_kafka_event_error_string(event.0));
+            if coordinator_moved(err) {
+                return Err(GroupError::CoordinatorMoved(message));
+            }
+            return Err(GroupError::Kafka(message));
         }
         let result = rd::rd_kafka_event_ListConsumerGroupOffsets_result(event.0);
         if result.is_null() {
@@ -196,7 +212,11 @@ fn read_result(event: &Event) -> Result<Committed, GroupError> {
             if code == rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR__TIMED_OUT {
                 return Err(GroupError::Timeout);
             }
-            return Err(GroupError::Kafka(text(rd::rd_kafka_error_string(gerr))));
+            let message = text(rd::rd_kafka_error_string(gerr));
+            if coordinator_moved(code) {
+                return Err(GroupError::CoordinatorMoved(message));
+            }
+            return Err(GroupError::Kafka(message));
         }
         let list = rd::rd_kafka_group_result_partitions(group);
         let mut out = Committed::new();
