@@ -24,7 +24,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Mutex;
 
-use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::apps::v1::{Deployment, DeploymentStatus};
 use k8s_openapi::api::core::v1::PodTemplateSpec;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 
@@ -183,13 +183,14 @@ pub fn plan(
 /// Whether a Deployment's rollout is complete: the controller saw its latest spec and every
 /// pod runs the current template and is available.
 pub fn rollout_complete(d: &Deployment) -> bool {
-    let status = d.status.clone().unwrap_or_default();
+    let status = d.status.as_ref();
+    let count = |f: fn(&DeploymentStatus) -> Option<i32>| status.and_then(f).unwrap_or(0);
     let wanted = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
-    let updated = status.updated_replicas.unwrap_or(0);
+    let updated = count(|s| s.updated_replicas);
     crate::status::status_is_current(d)
         && updated >= wanted
-        && status.replicas.unwrap_or(0) == updated
-        && status.available_replicas.unwrap_or(0) >= wanted
+        && count(|s| s.replicas) == updated
+        && count(|s| s.available_replicas) >= wanted
 }
 
 /// Whether a Deployment holds a turn: its template last changed for the operator and that
