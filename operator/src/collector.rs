@@ -51,7 +51,14 @@ type Identity = [u8; 32];
 /// Connection properties (secret values included: never log them).
 type Props = Arc<Vec<(String, String)>>;
 /// One cluster's answer and the EventConsumers it concerns.
-type ClusterAnswer = (Identity, Result<Answer, LagError>, Vec<Key>);
+/// A cluster's answer, its EventConsumers, and the client that replaces the cluster's
+/// client (it read again the groups whose coordinator moved).
+type ClusterAnswer = (
+    Identity,
+    Result<Answer, LagError>,
+    Vec<Key>,
+    Option<LagClient>,
+);
 
 /// What to measure for one EventConsumer (registered by the reconciler after an apply).
 #[derive(Clone, Debug, PartialEq)]
@@ -178,9 +185,10 @@ pub struct Collector {
 pub const REPLACE_CLIENT_AFTER: u32 = 2;
 
 /// Whether some group's coordinator moved (a broker restart, a leader change of
-/// `__consumer_offsets`): librdkafka's client keeps asking the broker it found first for as
-/// long as it is used, so the client is replaced at once and the next pass reads the groups
-/// through a new one. Pure.
+/// `__consumer_offsets`) even for the new client that read it again in the same pass
+/// ([`lag::query_retrying_moved`]; the coordinator is still moving): librdkafka's client
+/// keeps asking the broker it found first for as long as it is used, so the client is
+/// replaced at once and the next pass looks the coordinators up afresh. Pure.
 pub fn coordinator_moved(answer: &Result<Answer, LagError>) -> bool {
     answer.as_ref().is_ok_and(|a| {
         a.groups
@@ -314,15 +322,14 @@ impl Collector {
         self.timeouts.retain(|id, _| clusters.contains_key(id));
         let mut work = Vec::new();
         for (id, (props, query, members)) in clusters {
+            let own_group = query
+                .groups
+                .first()
+                .map_or("sluice-operator-lag", String::as_str)
+                .to_owned();
             let client = match self.clients.get(&id) {
                 Some(c) => Ok(c.clone()),
-                None => match LagClient::new(
-                    &props,
-                    query
-                        .groups
-                        .first()
-                        .map_or("sluice-operator-lag", String::as_str),
-                ) {
+                None => match LagClient::new(&props, &own_group) {
                     Ok(c) => {
                         let c = Arc::new(c);
                         self.clients.insert(id, c.clone());
@@ -331,42 +338,60 @@ impl Collector {
                     Err(e) => Err(e),
                 },
             };
-            work.push((id, client, query, members));
+            work.push((id, client, props, own_group, query, members));
         }
         self.metrics.lag_clients.set(self.clients.len() as i64);
 
         let budget = self.settings.budget;
         let answers: Vec<ClusterAnswer> = stream::iter(work)
-            .map(|(id, client, query, members)| async move {
-                let answer = match client {
-                    Err(e) => Err(e),
-                    Ok(client) => {
-                        let task = tokio::task::spawn_blocking(move || {
-                            client.query_blocking(&query, budget, GROUPS_IN_FLIGHT)
-                        });
-                        match tokio::time::timeout(budget + Duration::from_secs(2), task).await {
-                            Ok(Ok(r)) => r,
-                            Ok(Err(join)) => Err(LagError::Task(join.to_string())),
-                            Err(_) => Err(LagError::Timeout(budget)),
+            .map(
+                |(id, client, props, own_group, query, members)| async move {
+                    let (answer, new_client) = match client {
+                        Err(e) => (Err(e), None),
+                        Ok(client) => {
+                            let task = tokio::task::spawn_blocking(move || {
+                                lag::query_retrying_moved(
+                                    &client,
+                                    &props,
+                                    &own_group,
+                                    &query,
+                                    budget,
+                                    GROUPS_IN_FLIGHT,
+                                )
+                            });
+                            match tokio::time::timeout(budget + Duration::from_secs(2), task).await
+                            {
+                                Ok(Ok(r)) => (r.answer, r.new_client),
+                                Ok(Err(join)) => (Err(LagError::Task(join.to_string())), None),
+                                Err(_) => (Err(LagError::Timeout(budget)), None),
+                            }
                         }
-                    }
-                };
-                (id, answer, members)
-            })
+                    };
+                    (id, answer, members, new_client)
+                },
+            )
             .buffer_unordered(CLUSTERS_IN_FLIGHT)
             .collect()
             .await;
 
         let now_ts = Timestamp::now();
         let mut replaced = Vec::new();
-        for (id, answer, members) in answers {
+        for (id, answer, members, new_client) in answers {
             if coordinator_moved(&answer) {
                 warn!(
                     consumers = members.len(),
-                    "a consumer group's coordinator moved: replacing this Kafka cluster's lag client, so that the next pass looks the coordinators up again"
+                    "a consumer group's coordinator moved and a new client could not read it yet: replacing this Kafka cluster's lag client, so that the next pass looks the coordinators up again"
                 );
                 self.timeouts.remove(&id);
                 replaced.extend(self.clients.remove(&id));
+                replaced.extend(new_client.map(Arc::new));
+            } else if let Some(fresh) = new_client {
+                info!(
+                    consumers = members.len(),
+                    "a consumer group's coordinator moved: read it again through a new lag client, which replaces this Kafka cluster's client"
+                );
+                self.timeouts.remove(&id);
+                replaced.extend(self.clients.insert(id, Arc::new(fresh)));
             } else if timed_out(&answer) {
                 let n = self.timeouts.entry(id).or_default();
                 *n += 1;

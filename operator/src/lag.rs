@@ -377,6 +377,74 @@ pub struct Answer {
     pub groups: HashMap<String, Result<Committed, LagError>>,
 }
 
+impl Answer {
+    /// The groups whose coordinator moved since the client looked it up. Pure.
+    pub fn moved_groups(&self) -> BTreeSet<String> {
+        self.groups
+            .iter()
+            .filter(|(_, r)| matches!(r, Err(LagError::CoordinatorMoved(_))))
+            .map(|(g, _)| g.clone())
+            .collect()
+    }
+}
+
+/// What [`query_retrying_moved`] did.
+pub struct Retried {
+    /// The answer, with the moved groups as the new client read them.
+    pub answer: Result<Answer, LagError>,
+    /// The new client that read them; it knows where the coordinators are now, so it
+    /// should take the old client's place.
+    pub new_client: Option<LagClient>,
+}
+
+/// Queries through `client`, and reads the groups whose coordinator moved again, at once,
+/// through a new client made from `props` and `own_group` (see [`LagClient::new`]):
+/// librdkafka's client keeps asking the broker it found first for as long as it is used,
+/// so without this the moved groups' lag stayed stale until the next pass. The retry gets
+/// what is left of `budget`; if it fails as a whole, the first answer stands. Blocking.
+pub fn query_retrying_moved(
+    client: &LagClient,
+    props: &[(String, String)],
+    own_group: &str,
+    query: &Query,
+    budget: Duration,
+    groups_in_flight: usize,
+) -> Retried {
+    let started = Instant::now();
+    let mut answer = client.query_blocking(query, budget, groups_in_flight);
+    let moved = match &answer {
+        Ok(a) => a.moved_groups(),
+        Err(_) => BTreeSet::new(),
+    };
+    let left = budget.saturating_sub(started.elapsed());
+    if moved.is_empty() || left.is_zero() {
+        return Retried {
+            answer,
+            new_client: None,
+        };
+    }
+    let Ok(fresh) = LagClient::new(props, own_group) else {
+        return Retried {
+            answer,
+            new_client: None,
+        };
+    };
+    let retry = Query {
+        topics: BTreeSet::new(),
+        groups: moved,
+    };
+    if let (Ok(a), Ok(r)) = (
+        answer.as_mut(),
+        fresh.query_blocking(&retry, left, groups_in_flight),
+    ) {
+        a.groups.extend(r.groups);
+    }
+    Retried {
+        answer,
+        new_client: Some(fresh),
+    }
+}
+
 /// The lag of `group` over `topics` from an [`Answer`]: the sum of [`partition_lag`] over
 /// every partition, or the first error that keeps it unknown. Pure.
 pub fn group_lag(

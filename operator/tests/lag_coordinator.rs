@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use rdkafka::mocking::MockCluster;
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
-use sluice_operator::lag::{LagClient, LagError, Query};
+use sluice_operator::lag::{LagClient, LagError, Query, query_retrying_moved};
 
 #[test]
 fn a_moved_group_coordinator_is_an_error_of_that_group_not_a_crash() {
@@ -57,4 +57,84 @@ fn a_moved_group_coordinator_is_an_error_of_that_group_not_a_crash() {
             "{group}: {answer:?}"
         );
     }
+}
+
+/// The collector reads a moved group again in the same pass, through a new client (the old
+/// one would ask the broker it found first until it is replaced): the group's lag is not
+/// stale for a pass.
+#[test]
+fn a_moved_group_is_read_again_at_once_through_a_new_client() {
+    let mock = MockCluster::new(1).expect("librdkafka's mock cluster");
+    mock.create_topic("orders", 2, 1).expect("a mock topic");
+    let props = vec![("bootstrap.servers".to_owned(), mock.bootstrap_servers())];
+    let client = LagClient::new(&props, "orders-group").expect("a lag client");
+    let query = Query {
+        topics: ["orders".to_owned()].into(),
+        groups: ["orders-group".to_owned(), "other-group".to_owned()].into(),
+    };
+    // One refusal per group: the client's OffsetFetch of each group is refused. Asked
+    // once, both groups are errors (the lag would be stale for a pass)…
+    let refuse_once = || {
+        mock.request_errors(
+            RDKafkaApiKey::OffsetFetch,
+            &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_COORDINATOR; 2],
+        )
+    };
+    refuse_once();
+    let once = client
+        .query_blocking(&query, Duration::from_secs(10), 4)
+        .expect("the cluster answers");
+    assert_eq!(once.moved_groups().len(), 2, "{once:?}");
+    // …and with the retry the new client's requests are answered.
+    refuse_once();
+    let retried = query_retrying_moved(
+        &client,
+        &props,
+        "orders-group",
+        &query,
+        Duration::from_secs(10),
+        4,
+    );
+    let answer = retried.answer.expect("the cluster answers");
+    assert!(answer.topics["orders"].is_ok(), "{answer:?}");
+    for group in &query.groups {
+        assert_eq!(
+            answer.groups[group],
+            Ok(Default::default()),
+            "{group}: read again, not an error: {answer:?}"
+        );
+    }
+    assert!(
+        retried.new_client.is_some(),
+        "the new client takes the old one's place"
+    );
+
+    // Nothing moved: one query, no new client.
+    let retried = query_retrying_moved(
+        &client,
+        &props,
+        "orders-group",
+        &query,
+        Duration::from_secs(10),
+        4,
+    );
+    assert!(retried.answer.is_ok_and(|a| a.moved_groups().is_empty()));
+    assert!(retried.new_client.is_none());
+
+    // Still refused through the new client: the groups stay errors (stale), and the
+    // caller learns that the coordinator moved.
+    mock.request_errors(
+        RDKafkaApiKey::OffsetFetch,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_COORDINATOR; 16],
+    );
+    let retried = query_retrying_moved(
+        &client,
+        &props,
+        "orders-group",
+        &query,
+        Duration::from_secs(10),
+        4,
+    );
+    let answer = retried.answer.expect("the cluster answers");
+    assert_eq!(answer.moved_groups().len(), 2, "{answer:?}");
 }
