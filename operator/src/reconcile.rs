@@ -95,6 +95,8 @@ pub struct Context {
     events: Mutex<Option<UnboundedSender<(Event, ObjectReference)>>>,
     /// Reads the `/readyz` of sidecars that stay not ready, for the status's reason.
     pub readyz: status::pods::readyz::Prober,
+    /// This replica's last status write per EventConsumer, until the cache shows it.
+    written: status::written::Written,
 }
 
 /// Events published at the same time by the controller's publisher.
@@ -185,6 +187,7 @@ impl Context {
             wake: Mutex::new(None),
             events: Mutex::new(None),
             readyz: Default::default(),
+            written: Default::default(),
         }
     }
 
@@ -270,6 +273,7 @@ impl Context {
             .remove(&(ns.to_owned(), name.to_owned()));
         self.targets.remove(&(ns.to_owned(), name.to_owned()));
         self.pacer.forget(&(ns.to_owned(), name.to_owned()));
+        self.written.forget(ns, name);
         self.secret_cache
             .remove(ns, &crate::build::drain_secret_name(name));
     }
@@ -754,7 +758,14 @@ async fn write_status(
     pending: Option<&Pending>,
     ctx: &Context,
 ) -> Result<Option<Duration>, Error> {
-    let old = ec.status.as_ref();
+    let (ns, name, uid) = (
+        ec.namespace().unwrap_or_default(),
+        ec.name_any(),
+        ec.uid().unwrap_or_default(),
+    );
+    // The cache's status, or this replica's last write while the cache has not shown it.
+    let current = ctx.written.current(&ns, &name, &uid, ec.status.as_ref());
+    let old = current.as_ref();
     let now = Time(Timestamp::now());
     let mut new = status::compute(old, seen, outcome, &now);
     pacing::sidecar_status(&mut new, seen.deployment, pending);
@@ -766,13 +777,9 @@ async fn write_status(
     if old == Some(&new) {
         return Ok(pods.recheck);
     }
-    patch_status(
-        ctx,
-        &ec.namespace().unwrap_or_default(),
-        &ec.name_any(),
-        &new,
-    )
-    .await?;
+    patch_status(ctx, &ns, &name, &new).await?;
+    ctx.written
+        .record(&ns, &name, &uid, ec.status.as_ref(), &new);
     let reference = ec.object_ref(&());
     for t in status::transitions(old, &new) {
         let (type_, action) = match (t.type_.as_str(), t.status) {

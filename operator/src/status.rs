@@ -14,6 +14,7 @@ use crate::crd::EventConsumerStatus;
 use crate::tuning::Tuning;
 
 pub mod pods;
+pub mod written;
 
 pub const READY: &str = "Ready";
 pub const PROGRESSING: &str = "Progressing";
