@@ -11,11 +11,20 @@
 use std::time::Duration;
 
 use rdkafka::mocking::MockCluster;
+use rdkafka::producer::DefaultProducerContext;
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 use sluice_operator::lag::{LagClient, LagError, Query, query_retrying_moved};
 
-#[test]
-fn a_moved_group_coordinator_is_an_error_of_that_group_not_a_crash() {
+type Props = Vec<(String, String)>;
+
+/// A one-broker mock cluster with a topic of 2 partitions, a lag client on it, and a query
+/// of that topic and two groups.
+fn setup() -> (
+    MockCluster<'static, DefaultProducerContext>,
+    Props,
+    LagClient,
+    Query,
+) {
     let mock = MockCluster::new(1).expect("librdkafka's mock cluster");
     mock.create_topic("orders", 2, 1).expect("a mock topic");
     let props = vec![("bootstrap.servers".to_owned(), mock.bootstrap_servers())];
@@ -24,6 +33,12 @@ fn a_moved_group_coordinator_is_an_error_of_that_group_not_a_crash() {
         topics: ["orders".to_owned()].into(),
         groups: ["orders-group".to_owned(), "other-group".to_owned()].into(),
     };
+    (mock, props, client, query)
+}
+
+#[test]
+fn a_moved_group_coordinator_is_an_error_of_that_group_not_a_crash() {
+    let (mock, props, client, query) = setup();
 
     // Every OffsetFetch answered NOT_COORDINATOR: each group's offsets are an error, the
     // topic's ends are still read, and the process lives on.
@@ -64,14 +79,7 @@ fn a_moved_group_coordinator_is_an_error_of_that_group_not_a_crash() {
 /// stale for a pass.
 #[test]
 fn a_moved_group_is_read_again_at_once_through_a_new_client() {
-    let mock = MockCluster::new(1).expect("librdkafka's mock cluster");
-    mock.create_topic("orders", 2, 1).expect("a mock topic");
-    let props = vec![("bootstrap.servers".to_owned(), mock.bootstrap_servers())];
-    let client = LagClient::new(&props, "orders-group").expect("a lag client");
-    let query = Query {
-        topics: ["orders".to_owned()].into(),
-        groups: ["orders-group".to_owned(), "other-group".to_owned()].into(),
-    };
+    let (mock, props, client, query) = setup();
     // One refusal per group: the client's OffsetFetch of each group is refused. Asked
     // once, both groups are errors (the lag would be stale for a pass)…
     let refuse_once = || {
