@@ -80,6 +80,16 @@ fn a_moved_group_coordinator_is_an_error_of_that_group_not_a_crash() {
 #[test]
 fn a_moved_group_is_read_again_at_once_through_a_new_client() {
     let (mock, props, client, query) = setup();
+    let retry = || {
+        query_retrying_moved(
+            &client,
+            &props,
+            "orders-group",
+            &query,
+            Duration::from_secs(10),
+            4,
+        )
+    };
     // One refusal per group: the client's OffsetFetch of each group is refused. Asked
     // once, both groups are errors (the lag would be stale for a pass)…
     let refuse_once = || {
@@ -95,14 +105,7 @@ fn a_moved_group_is_read_again_at_once_through_a_new_client() {
     assert_eq!(once.moved_groups().len(), 2, "{once:?}");
     // …and with the retry the new client's requests are answered.
     refuse_once();
-    let retried = query_retrying_moved(
-        &client,
-        &props,
-        "orders-group",
-        &query,
-        Duration::from_secs(10),
-        4,
-    );
+    let retried = retry();
     let answer = retried.answer.expect("the cluster answers");
     assert!(answer.topics["orders"].is_ok(), "{answer:?}");
     for group in &query.groups {
@@ -118,14 +121,7 @@ fn a_moved_group_is_read_again_at_once_through_a_new_client() {
     );
 
     // Nothing moved: one query, no new client.
-    let retried = query_retrying_moved(
-        &client,
-        &props,
-        "orders-group",
-        &query,
-        Duration::from_secs(10),
-        4,
-    );
+    let retried = retry();
     assert!(retried.answer.is_ok_and(|a| a.moved_groups().is_empty()));
     assert!(retried.new_client.is_none());
 
@@ -135,14 +131,7 @@ fn a_moved_group_is_read_again_at_once_through_a_new_client() {
         RDKafkaApiKey::OffsetFetch,
         &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_COORDINATOR; 16],
     );
-    let retried = query_retrying_moved(
-        &client,
-        &props,
-        "orders-group",
-        &query,
-        Duration::from_secs(10),
-        4,
-    );
+    let retried = retry();
     let answer = retried.answer.expect("the cluster answers");
     assert_eq!(answer.moved_groups().len(), 2, "{answer:?}");
 }
