@@ -93,11 +93,13 @@ demo: env-up images
 
 ## bench: performance figures against the local broker
 # Built with the same workspace-wide command as `images`, so the two share one build (a
-# `-p` build resolves features differently and would compile the dependencies again).
+# `-p` build resolves features differently and would compile the dependencies again); the
+# benchmark runs that build's sidecar (SLUICE_SIDECAR_BIN) instead of building its own.
 # The Go baselines (kafka-go, sarama) are built from the Go module proxy into the cache.
 bench: env-up
 	cargo build --release --locked --workspace --bins
 	set -a; source $(SLUICE_CACHE)/state/env; set +a; \
+	  SLUICE_SIDECAR_BIN=$(RELEASE)/sluice-consumer \
 	  SLUICE_BENCH_GO_BIN=$$(bash tests/bench/build-go.sh) $(RELEASE)/sluice-bench
 
 ## bench-operator: 1 000 EventConsumers against the test bed's API server and Kafka, lag on:

@@ -7,12 +7,14 @@
 //! settle themselves and the Kafka thread reads directly when a partition leaves; the
 //! dispatcher never has to answer for a revoke or a drain.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::mpsc::Sender;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+// foldhash, not SipHash: these maps are read several times per record.
+use hashbrown::{HashMap, HashSet};
 use sluice_config::Ordering;
 use tokio::sync::mpsc::{Receiver, UnboundedReceiver};
 use tokio::sync::watch;
@@ -165,13 +167,17 @@ impl PartitionState {
         now: Instant,
         commit_limit: Duration,
     ) -> Option<Record> {
-        if self.queue.is_empty() || self.progress.commit_behind(now, commit_limit) {
+        // The checks of this state first: most calls (a partition with its one record in
+        // flight, in partition mode) end here without taking the progress's lock.
+        if self.queue.is_empty()
+            || (mode == Ordering::Partition && self.in_flight > 0)
+            || (mode == Ordering::Key && self.keys_exhausted)
+            || self.progress.commit_behind(now, commit_limit)
+        {
             return None;
         }
         let idx = match mode {
-            Ordering::Partition if self.in_flight > 0 => return None,
-            Ordering::Partition | Ordering::None => (!self.queue.is_empty()).then_some(0)?,
-            Ordering::Key if self.keys_exhausted => return None,
+            Ordering::Partition | Ordering::None => 0,
             Ordering::Key => match self.next_free_key() {
                 Some(i) => i,
                 None => {
@@ -211,9 +217,9 @@ impl PartitionState {
             self.batch_waiting_since = None;
             return Take::Nothing;
         }
-        if self.progress.commit_behind(now, commit_limit)
-            || (mode == Ordering::Partition && self.in_flight > 0)
+        if (mode == Ordering::Partition && self.in_flight > 0)
             || (mode == Ordering::Key && self.keys_exhausted)
+            || self.progress.commit_behind(now, commit_limit)
         {
             return Take::Nothing;
         }
@@ -713,7 +719,9 @@ impl Dispatcher {
                     self.in_flight += 1;
                     self.metrics.in_flight.inc();
                     self.metrics.buffered.dec();
-                    progress = true;
+                    // In partition mode a partition that started a record has nothing more
+                    // to give, and the others had nothing: one pass is enough.
+                    progress = self.mode != Ordering::Partition;
                     tokio::spawn(self.deliverer.clone().run(record, state.progress.clone()));
                 }
             }

@@ -37,7 +37,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::metrics::{KindLabel, Metrics, TpLabel};
 use crate::progress::Progress;
-use crate::record::{Record, Tp};
+use crate::record::{Record, Tp, TpRef};
 
 /// What the Kafka thread tells the dispatcher.
 #[derive(Debug)]
@@ -276,7 +276,8 @@ pub struct SluiceContext {
     to_dispatcher: tokio::sync::mpsc::Sender<FromKafka>,
     metrics: Arc<Metrics>,
     health: Arc<GroupHealth>,
-    assigned: Mutex<HashMap<Tp, Arc<Progress>>>,
+    /// A `hashbrown` map, looked up for every fetched record by a borrowed [`TpRef`].
+    assigned: Mutex<hashbrown::HashMap<Tp, Arc<Progress>>>,
     next_epoch: AtomicU64,
     draining: AtomicBool,
     closing: AtomicBool,
@@ -310,7 +311,7 @@ impl SluiceContext {
             to_dispatcher,
             metrics,
             health,
-            assigned: Mutex::new(HashMap::new()),
+            assigned: Mutex::new(hashbrown::HashMap::new()),
             next_epoch: AtomicU64::new(1),
             draining: AtomicBool::new(false),
             closing: AtomicBool::new(false),
@@ -336,7 +337,7 @@ impl SluiceContext {
         self.leaders.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn assigned(&self) -> MutexGuard<'_, HashMap<Tp, Arc<Progress>>> {
+    fn assigned(&self) -> MutexGuard<'_, hashbrown::HashMap<Tp, Arc<Progress>>> {
         self.assigned.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -351,9 +352,8 @@ impl SluiceContext {
     /// The current epoch of a partition, if it is assigned and still active.
     fn epoch_of(&self, topic: &str, partition: i32) -> Option<(Tp, u64)> {
         let assigned = self.assigned();
-        let tp = Tp::new(topic, partition);
-        let p = assigned.get(&tp)?;
-        Some((tp, p.epoch))
+        let (tp, p) = assigned.get_key_value(&TpRef { topic, partition })?;
+        Some((tp.clone(), p.epoch))
     }
 
     fn current(&self, parts: &[(Tp, u64)]) -> TopicPartitionList {

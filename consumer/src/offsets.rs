@@ -48,10 +48,20 @@ impl OffsetTracker {
 
     /// Marks a record finished (delivered, skipped or dead-lettered) and advances the prefix.
     pub fn finish(&mut self, offset: i64) -> Result<(), TrackError> {
-        let idx = self
+        // Offsets are usually contiguous, so the record is usually at its distance from the
+        // first entry; a gap (compaction, transaction markers) falls back to a search.
+        let guess = self
             .entries
-            .binary_search_by_key(&offset, |(o, _)| *o)
-            .map_err(|_| TrackError::Unknown(offset))?;
+            .front()
+            .and_then(|&(first, _)| usize::try_from(offset.checked_sub(first)?).ok())
+            .filter(|&i| self.entries.get(i).is_some_and(|&(o, _)| o == offset));
+        let idx = match guess {
+            Some(i) => i,
+            None => self
+                .entries
+                .binary_search_by_key(&offset, |(o, _)| *o)
+                .map_err(|_| TrackError::Unknown(offset))?,
+        };
         if self.entries[idx].1 {
             return Err(TrackError::AlreadyFinished(offset));
         }
@@ -192,6 +202,41 @@ mod tests {
                 let expected = if prefix == 0 { None } else { Some(offsets[prefix - 1] + 1) };
                 prop_assert_eq!(t.committable(), expected);
                 prop_assert_eq!(t.pending(), offsets.len() - prefix);
+            }
+        }
+
+        /// An offset is found wherever it sits, whether its distance from the first entry
+        /// points at it (contiguous offsets) or not (after a gap); one that was never
+        /// tracked, or is already finished, is refused and changes nothing.
+        #[test]
+        fn finish_finds_every_tracked_offset_and_only_those(
+            gaps in prop::collection::vec(1i64..4, 1..60),
+            order in prop::collection::vec(any::<prop::sample::Index>(), 0..60),
+        ) {
+            let mut offsets = Vec::new();
+            let mut o = 0;
+            for g in gaps { o += g; offsets.push(o); }
+            let last = o;
+            let mut t = OffsetTracker::new();
+            for &o in &offsets { t.track(o).unwrap(); }
+            let mut finished = std::collections::BTreeSet::new();
+            for idx in order {
+                let target = offsets[idx.index(offsets.len())];
+                for probe in 0..=last + 1 {
+                    if offsets.contains(&probe) { continue; }
+                    prop_assert_eq!(t.finish(probe), Err(TrackError::Unknown(probe)));
+                }
+                let before = (t.committable(), t.pending());
+                if finished.insert(target) {
+                    prop_assert_eq!(t.finish(target), Ok(()));
+                } else {
+                    // Finished: still waiting in the tracker, or gone with the prefix.
+                    let err = t.finish(target).unwrap_err();
+                    prop_assert!(
+                        err == TrackError::AlreadyFinished(target) || err == TrackError::Unknown(target)
+                    );
+                    prop_assert_eq!((t.committable(), t.pending()), before);
+                }
             }
         }
     }

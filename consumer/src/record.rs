@@ -20,6 +20,22 @@ impl Tp {
     }
 }
 
+/// A borrowed topic and partition that looks up a [`Tp`]-keyed `hashbrown` map without
+/// building a `Tp` (an allocation for the topic's name) for every fetched record. Its derived
+/// `Hash` hashes the same fields in the same order as `Tp`'s (`Arc<str>` hashes as `str`), so
+/// equal values hash equally, as `Equivalent` requires.
+#[derive(Clone, Copy, Debug, Hash)]
+pub struct TpRef<'a> {
+    pub topic: &'a str,
+    pub partition: i32,
+}
+
+impl hashbrown::Equivalent<Tp> for TpRef<'_> {
+    fn equivalent(&self, tp: &Tp) -> bool {
+        self.partition == tp.partition && self.topic == &*tp.topic
+    }
+}
+
 impl std::fmt::Display for Tp {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}[{}]", self.topic, self.partition)
@@ -48,5 +64,56 @@ impl Record {
                 .iter()
                 .map(|(k, v)| k.len() + v.as_ref().map_or(0, Bytes::len))
                 .sum::<usize>()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::hash::BuildHasher;
+
+    use super::*;
+
+    #[test]
+    fn a_borrowed_topic_and_partition_finds_exactly_its_own_entry() {
+        let mut map: hashbrown::HashMap<Tp, u32> = hashbrown::HashMap::new();
+        for (i, topic) in ["orders", "order", "orders-dlq", ""]
+            .into_iter()
+            .enumerate()
+        {
+            for p in [0, 1, 12, -1, i32::MAX] {
+                map.insert(
+                    Tp::new(topic, p),
+                    (i as u32) * 1000 + p.unsigned_abs() % 1000,
+                );
+            }
+        }
+        for (i, topic) in ["orders", "order", "orders-dlq", ""]
+            .into_iter()
+            .enumerate()
+        {
+            for p in [0, 1, 12, -1, i32::MAX] {
+                let key = TpRef {
+                    topic,
+                    partition: p,
+                };
+                let (tp, v) = map.get_key_value(&key).expect("found by its borrowed form");
+                assert_eq!((&*tp.topic, tp.partition), (topic, p));
+                assert_eq!(*v, (i as u32) * 1000 + p.unsigned_abs() % 1000);
+                assert_eq!(
+                    map.hasher().hash_one(key),
+                    map.hasher().hash_one(tp),
+                    "equal values hash equally"
+                );
+            }
+        }
+        for (topic, p) in [("orders", 2), ("ordersx", 0), ("Orders", 0), ("orde", 1)] {
+            assert!(
+                map.get(&TpRef {
+                    topic,
+                    partition: p
+                })
+                .is_none()
+            );
+        }
     }
 }

@@ -24,7 +24,8 @@
 //! `SLUICE_BENCH_KAFKAGO_RECORDS`, default 5 000, for the slow per-record-commit consumer;
 //! `SLUICE_BENCH_KEYS`, distinct record keys, default 1 000 — few keys make key ordering
 //! wait on keys in flight; `SLUICE_BENCH_GO_BIN`, the Go baselines' directory, set by
-//! `make bench`; `SLUICE_BENCH_ONLY`, only the contestants whose name contains it, or
+//! `make bench`; `SLUICE_BENCH_ONLY`, only the contestants whose name contains it (several
+//! texts separated by `|`: those containing any of them), or
 //! `drain`; `SLUICE_BENCH_SIDECAR_CONFIG`, a JSON object of sidecar settings merged over the
 //! sidecar contestants' configuration, e.g. `{"kafka":{"queuedMaxMessagesKbytes":65536}}`;
 //! `SLUICE_BENCH_RDKAFKA_DEBUG`, librdkafka `debug` contexts for the drain's sidecar,
@@ -594,10 +595,11 @@ async fn main() {
     let n = env_usize("SLUICE_BENCH_RECORDS", 200_000);
     let runs = env_usize("SLUICE_BENCH_RUNS", 3).max(1);
     let kafkago_n = env_usize("SLUICE_BENCH_KAFKAGO_RECORDS", 5_000).min(n);
-    // `SLUICE_BENCH_ONLY=<text>`: only the contestants whose name contains it (profiling);
+    // `SLUICE_BENCH_ONLY=<text>[|<text>…]`: only the contestants whose name contains one of
+    // them (profiling, pairs);
     // `drain`: only the idle RSS and the drain.
     let only = std::env::var("SLUICE_BENCH_ONLY").unwrap_or_default();
-    let wanted = |name: &str| name.contains(only.as_str());
+    let wanted = |name: &str| only.split('|').any(|o| name.contains(o));
     let go_bin = std::env::var("SLUICE_BENCH_GO_BIN")
         .ok()
         .map(std::path::PathBuf::from);
