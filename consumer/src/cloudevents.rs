@@ -252,10 +252,17 @@ fn push_source(out: &mut Vec<u8>, topic: &str) {
     }
 }
 
+/// `,"<name>":<value as a JSON string>`. Names are CloudEvents attribute names (checked by
+/// [`valid_attribute_name`] where they come from a record) or this module's constants: ASCII
+/// letters, digits and `_`, which JSON needs no escaping for, so only the value is escaped.
 fn push_attr(out: &mut Vec<u8>, name: &str, value: &str) {
-    out.push(b',');
-    push_str(out, name);
-    out.push(b':');
+    debug_assert!(
+        name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'),
+        "attribute name {name:?} would need escaping"
+    );
+    out.extend_from_slice(b",\"");
+    out.extend_from_slice(name.as_bytes());
+    out.extend_from_slice(b"\":");
     push_str(out, value);
 }
 

@@ -8,6 +8,7 @@
 //! dispatcher never has to answer for a revoke or a drain.
 
 use std::collections::VecDeque;
+use std::hash::BuildHasher;
 use std::sync::Arc;
 use std::sync::mpsc::Sender;
 use std::time::{Duration, Instant};
@@ -74,12 +75,15 @@ impl MemoryBudget {
 #[derive(Debug)]
 pub struct PartitionState {
     pub progress: Arc<Progress>,
-    queue: VecDeque<Record>,
+    queue: VecDeque<Queued>,
     queued_bytes: usize,
     /// Deliveries of this epoch still running (the partition mode allows one).
     in_flight: usize,
-    /// Records in flight per key (a batch may hold several records of one key).
-    in_flight_keys: HashMap<Bytes, usize>,
+    /// Records in flight per key (a batch may hold several records of one key), by the
+    /// key's hash (see [`Queued`]).
+    in_flight_keys: HashMap<u64, usize>,
+    /// Hashes the keys, once per record as it arrives and once as it ends.
+    keys: hashbrown::DefaultHashBuilder,
     blocked: usize,
     paused: bool,
     /// Key mode: the last scan found no free key and neither the keys in flight nor the
@@ -91,6 +95,16 @@ pub struct PartitionState {
     scan_window: usize,
     /// Since when a partial batch has been ready (batch delivery's `maxWait`).
     batch_waiting_since: Option<Instant>,
+}
+
+/// A buffered record with its key's 64-bit hash. Key ordering compares keys by this hash:
+/// a scan of the queue costs a few integer lookups per record instead of hashing every key
+/// again on every scan. Two different keys with the same hash are taken for one key, so they
+/// only wait for each other — never a reordering — and with 64 bits that is vanishingly rare.
+#[derive(Debug)]
+struct Queued {
+    key: Option<u64>,
+    record: Record,
 }
 
 /// Batch delivery's bounds.
@@ -123,6 +137,7 @@ impl PartitionState {
             queued_bytes: 0,
             in_flight: 0,
             in_flight_keys: HashMap::new(),
+            keys: hashbrown::DefaultHashBuilder::default(),
             blocked: 0,
             paused: false,
             keys_exhausted: false,
@@ -144,17 +159,15 @@ impl PartitionState {
         // After an exhausted scan every scanned record waits for a key in flight (a key is
         // only held behind a record that waits itself), so only a record that lands inside
         // the scanned window with no key or a key not in flight can be taken now.
+        let key = record.key.as_ref().map(|k| self.keys.hash_one(k));
         if self.keys_exhausted
             && self.queue.len() < self.scan_window
-            && record
-                .key
-                .as_ref()
-                .is_none_or(|k| !self.in_flight_keys.contains_key(k))
+            && key.is_none_or(|k| !self.in_flight_keys.contains_key(&k))
         {
             self.keys_exhausted = false;
         }
         self.queued_bytes += record.size();
-        self.queue.push_back(record);
+        self.queue.push_back(Queued { key, record });
         true
     }
 
@@ -187,16 +200,16 @@ impl PartitionState {
                 }
             },
         };
-        if !self.progress.start(self.queue.get(idx)?.offset) {
+        if !self.progress.start(self.queue.get(idx)?.record.offset) {
             return None;
         }
-        let record = self.queue.remove(idx)?;
+        let Queued { key, record } = self.queue.remove(idx)?;
         self.queued_bytes -= record.size();
         self.in_flight += 1;
         if mode == Ordering::Key
-            && let Some(k) = &record.key
+            && let Some(k) = key
         {
-            *self.in_flight_keys.entry(k.clone()).or_default() += 1;
+            *self.in_flight_keys.entry(k).or_default() += 1;
         }
         Some(record)
     }
@@ -239,8 +252,8 @@ impl PartitionState {
         };
         match mode {
             Ordering::Partition | Ordering::None => {
-                for (i, r) in self.queue.iter().enumerate() {
-                    if !fits(i, r, &mut picked) {
+                for (i, q) in self.queue.iter().enumerate() {
+                    if !fits(i, &q.record, &mut picked) {
                         full = true;
                         break;
                     }
@@ -249,20 +262,16 @@ impl PartitionState {
             Ordering::Key => {
                 // Keys taken into this batch may appear again (in order); a key in flight
                 // elsewhere, or passed over here, holds every later record of it.
-                let mut held: HashSet<&Bytes> = HashSet::new();
+                let mut held: HashSet<u64> = HashSet::new();
                 let scan = KEY_SCAN_LIMIT.max(limits.max_records);
-                for (i, r) in self.queue.iter().enumerate().take(scan) {
-                    let free = match &r.key {
-                        None => true,
-                        Some(k) => !self.in_flight_keys.contains_key(k) && !held.contains(k),
-                    };
-                    if !free {
-                        if let Some(k) = &r.key {
-                            held.insert(k);
-                        }
+                for (i, q) in self.queue.iter().enumerate().take(scan) {
+                    if let Some(k) = q.key
+                        && (self.in_flight_keys.contains_key(&k) || held.contains(&k))
+                    {
+                        held.insert(k);
                         continue;
                     }
-                    if !fits(i, r, &mut picked) {
+                    if !fits(i, &q.record, &mut picked) {
                         full = true;
                         break;
                     }
@@ -290,16 +299,16 @@ impl PartitionState {
         // start and the first one that may not ends the batch.
         let started = picked
             .iter()
-            .take_while(|&&i| self.progress.start(self.queue[i].offset))
+            .take_while(|&&i| self.progress.start(self.queue[i].record.offset))
             .count();
         if started == 0 {
             return Take::Nothing;
         }
         if started < picked.len() {
             picked.truncate(started);
-            bytes = picked.iter().map(|&i| self.queue[i].size()).sum();
+            bytes = picked.iter().map(|&i| self.queue[i].record.size()).sum();
         }
-        let records: Vec<Record> = if picked.len() == picked.last().map_or(0, |l| l + 1) {
+        let records: Vec<Queued> = if picked.len() == picked.last().map_or(0, |l| l + 1) {
             self.queue.drain(..picked.len()).collect()
         } else {
             let mut taken = Vec::with_capacity(picked.len());
@@ -319,22 +328,22 @@ impl PartitionState {
         self.queued_bytes -= bytes;
         self.in_flight += records.len();
         if mode == Ordering::Key {
-            for k in records.iter().filter_map(|r| r.key.as_ref()) {
-                *self.in_flight_keys.entry(k.clone()).or_default() += 1;
+            for k in records.iter().filter_map(|q| q.key) {
+                *self.in_flight_keys.entry(k).or_default() += 1;
             }
         }
         self.batch_waiting_since = None;
-        Take::Batch(records)
+        Take::Batch(records.into_iter().map(|q| q.record).collect())
     }
 
     /// The first queued record whose key is neither in flight nor held by an earlier queued
     /// record. Records without a key are not ordered.
     fn next_free_key(&self) -> Option<usize> {
-        let mut held: HashSet<&Bytes> = HashSet::new();
-        for (i, r) in self.queue.iter().enumerate().take(KEY_SCAN_LIMIT) {
-            match &r.key {
+        let mut held: HashSet<u64> = HashSet::new();
+        for (i, q) in self.queue.iter().enumerate().take(KEY_SCAN_LIMIT) {
+            match q.key {
                 None => return Some(i),
-                Some(k) if !self.in_flight_keys.contains_key(k) && !held.contains(k) => {
+                Some(k) if !self.in_flight_keys.contains_key(&k) && !held.contains(&k) => {
                     return Some(i);
                 }
                 Some(k) => {
@@ -348,13 +357,20 @@ impl PartitionState {
     /// A delivery of this epoch ended (its offset is already settled in the progress).
     pub fn done(&mut self, key: Option<&Bytes>) {
         self.in_flight = self.in_flight.saturating_sub(1);
-        self.keys_exhausted = false;
-        if let Some(k) = key
-            && let Some(n) = self.in_flight_keys.get_mut(k)
-        {
+        // Nothing in flight by key outside key ordering: no key to hash.
+        if self.in_flight_keys.is_empty() {
+            return;
+        }
+        let Some(k) = key.map(|k| self.keys.hash_one(k)) else {
+            return;
+        };
+        if let Some(n) = self.in_flight_keys.get_mut(&k) {
             *n -= 1;
             if *n == 0 {
-                self.in_flight_keys.remove(k);
+                self.in_flight_keys.remove(&k);
+                // Only a key that is no longer in flight can free a record an exhausted
+                // scan passed over (a record without a key was never passed over).
+                self.keys_exhausted = false;
             }
         }
     }
@@ -903,6 +919,29 @@ mod tests {
             [1, 1000],
             "a freed key rescans, and 1000 is now inside the window"
         );
+    }
+
+    #[test]
+    fn only_a_key_leaving_flight_ends_an_exhausted_scan() {
+        let (a, b) = (Some("a"), Some("b"));
+        let mut s = state_with(&[(0, a), (1, a), (2, None), (3, b), (4, a), (5, b)]);
+        let l = limits(4, usize::MAX, 0);
+        assert_eq!(batch(&mut s, Ordering::Key, &l), [0, 1, 2, 3]);
+        let hour = Duration::from_secs(3600);
+        assert!(matches!(
+            s.take_batch(Ordering::Key, Instant::now(), hour, &l),
+            Take::Nothing
+        ));
+        assert!(s.keys_exhausted, "4 waits for key a, 5 for key b");
+        end(&mut s, 2, None, true);
+        assert!(s.keys_exhausted, "a record without a key frees nothing");
+        end(&mut s, 0, a, true);
+        assert!(s.keys_exhausted, "key a is still in flight with 1");
+        end(&mut s, 1, a, true);
+        assert!(!s.keys_exhausted, "key a is free");
+        assert_eq!(batch(&mut s, Ordering::Key, &l), [4], "5 still waits for b");
+        end(&mut s, 3, b, true);
+        assert_eq!(batch(&mut s, Ordering::Key, &l), [5]);
     }
 
     #[test]
