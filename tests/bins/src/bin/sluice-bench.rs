@@ -568,6 +568,21 @@ impl Figures {
     fn cpu(&self) -> f64 {
         self.median_by(|r| r.cpu_us).0
     }
+    /// The ratio of `self` to `other` within each run (the two ran minutes apart at most,
+    /// so a drift of the machine's pace between runs cancels out): median [min – max].
+    fn paired(&self, other: &Figures, f: impl Fn(&Run) -> f64) -> Option<(f64, f64, f64)> {
+        if self.runs.len() != other.runs.len() || self.runs.is_empty() {
+            return None;
+        }
+        let mut v: Vec<f64> = self
+            .runs
+            .iter()
+            .zip(&other.runs)
+            .map(|(a, b)| f(a) / f(b))
+            .collect();
+        v.sort_by(f64::total_cmp);
+        Some((v[v.len() / 2], v[0], v[v.len() - 1]))
+    }
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -870,7 +885,9 @@ async fn main() {
         }
     }
     println!();
-    println!("targets (ratios of medians):");
+    println!(
+        "targets (ratios of medians; for the per-record rate also the median of each run's own ratio, which a drift of the machine's pace between runs does not move):"
+    );
     let target = |what: &str, name: &str, value: Option<f64>, ok: fn(f64) -> bool| match value {
         Some(v) => println!("  {what} [{name}]: {v:.3} — {}", met(ok(v))),
         // A contestant left out by `SLUICE_BENCH_ONLY` has no targets to report.
@@ -902,6 +919,9 @@ async fn main() {
                 .map(|(a, b)| a / b),
             |v| v >= 0.9,
         );
+        if let Some((med, lo, hi)) = f.zip(same).and_then(|(a, b)| a.paired(b, |r| r.rate)) {
+            println!("    (each run's own ratio: median {med:.3} [{lo:.3} – {hi:.3}])");
+        }
         target(
             what_cpu,
             name,
