@@ -179,6 +179,22 @@ mod tests {
         );
     }
 
+    /// Offsets that follow each other by `gaps` (1: contiguous), all tracked.
+    fn tracked(gaps: &[i64]) -> (Vec<i64>, OffsetTracker) {
+        let offsets: Vec<i64> = gaps
+            .iter()
+            .scan(0, |o, g| {
+                *o += g;
+                Some(*o)
+            })
+            .collect();
+        let mut t = OffsetTracker::new();
+        for &o in &offsets {
+            t.track(o).unwrap();
+        }
+        (offsets, t)
+    }
+
     proptest! {
         /// Whatever order records finish in, the committable offset is always one past the
         /// longest finished prefix, never beyond an unfinished record.
@@ -187,11 +203,7 @@ mod tests {
             gaps in prop::collection::vec(1i64..4, 1..60),
             order in prop::collection::vec(any::<prop::sample::Index>(), 0..60),
         ) {
-            let mut offsets = Vec::new();
-            let mut o = 0;
-            for g in gaps { o += g; offsets.push(o); }
-            let mut t = OffsetTracker::new();
-            for &o in &offsets { t.track(o).unwrap(); }
+            let (offsets, mut t) = tracked(&gaps);
             let mut finished = vec![false; offsets.len()];
             for idx in order {
                 let i = idx.index(offsets.len());
@@ -213,12 +225,8 @@ mod tests {
             gaps in prop::collection::vec(1i64..4, 1..60),
             order in prop::collection::vec(any::<prop::sample::Index>(), 0..60),
         ) {
-            let mut offsets = Vec::new();
-            let mut o = 0;
-            for g in gaps { o += g; offsets.push(o); }
-            let last = o;
-            let mut t = OffsetTracker::new();
-            for &o in &offsets { t.track(o).unwrap(); }
+            let (offsets, mut t) = tracked(&gaps);
+            let last = *offsets.last().expect("at least one gap");
             let mut finished = std::collections::BTreeSet::new();
             for idx in order {
                 let target = offsets[idx.index(offsets.len())];
