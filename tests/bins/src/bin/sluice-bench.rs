@@ -389,6 +389,15 @@ async fn baseline_http(topic: &str, group: &str, url: &str, concurrency: usize) 
         let key = m.key().map(|k| String::from_utf8_lossy(k).into_owned());
         let value = Bytes::copy_from_slice(m.payload().unwrap_or_default());
         let (t, p, o) = (m.topic().to_owned(), m.partition(), m.offset());
+        // `ce-time` from the record's timestamp, as the sidecar sends it.
+        let time = m
+            .timestamp()
+            .to_millis()
+            .and_then(|ms| u64::try_from(ms).ok())
+            .map(|ms| {
+                humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + Duration::from_millis(ms))
+                    .to_string()
+            });
         drop(m);
         let client = client.clone();
         let uri = uri.clone();
@@ -405,6 +414,9 @@ async fn baseline_http(topic: &str, group: &str, url: &str, concurrency: usize) 
                 .header("sluice-attempt", "1");
             if let Some(k) = key {
                 req = req.header("kafka-key", k);
+            }
+            if let Some(time) = time {
+                req = req.header("ce-time", time);
             }
             let req = req.body(Full::new(value)).unwrap();
             let resp = client.request(req).await.expect("plain HTTP request");
