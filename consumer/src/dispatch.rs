@@ -27,6 +27,7 @@ use crate::kafka::{DrainReport, FromKafka, ToKafka};
 use crate::metrics::{Metrics, TpLabel};
 use crate::progress::Progress;
 use crate::record::{Record, Tp};
+use crate::workers::{Job, Workers};
 
 /// How far ahead of the committed prefix a partition may be fetched before it pauses.
 #[derive(Debug, Clone, Copy)]
@@ -416,6 +417,8 @@ pub struct Dispatcher {
     bytes_in_flight: usize,
     over_budget: bool,
     deliverer: Arc<Deliverer>,
+    /// The long-lived tasks the deliveries run on.
+    workers: Workers<Deliverer>,
     to_kafka: Sender<ToKafka>,
     metrics: Arc<Metrics>,
     app_up: watch::Receiver<bool>,
@@ -454,6 +457,7 @@ impl Dispatcher {
             bytes_queued: 0,
             bytes_in_flight: 0,
             over_budget: false,
+            workers: Workers::new(deliverer.clone(), max_in_flight),
             deliverer,
             to_kafka,
             metrics,
@@ -738,7 +742,8 @@ impl Dispatcher {
                     // In partition mode a partition that started a record has nothing more
                     // to give, and the others had nothing: one pass is enough.
                     progress = self.mode != Ordering::Partition;
-                    tokio::spawn(self.deliverer.clone().run(record, state.progress.clone()));
+                    self.workers
+                        .start(Job::Record(record, state.progress.clone()), self.in_flight);
                 }
             }
             self.round_robin = (self.round_robin + 1) % n;
@@ -769,11 +774,8 @@ impl Dispatcher {
                         self.metrics.in_flight.inc();
                         self.metrics.buffered.dec_by(records.len() as i64);
                         progress = true;
-                        tokio::spawn(
-                            self.deliverer
-                                .clone()
-                                .run_batch(records, state.progress.clone()),
-                        );
+                        self.workers
+                            .start(Job::Batch(records, state.progress.clone()), self.in_flight);
                     }
                     Take::WaitUntil(due) => {
                         self.batch_due = Some(self.batch_due.map_or(due, |d| d.min(due)));

@@ -4,8 +4,9 @@
 //! partition's shared state for one assignment), [`policy`]
 //! (response classification, retries and backoff), [`cloudevents`] (request headers) and the
 //! scheduling in [`dispatch`]. The I/O shell: [`kafka`] (the consumer thread and rebalance
-//! callbacks), [`deliver`] (HTTP and the dead-letter producer), [`sidecar`] (wiring),
-//! [`admin`] (the admin HTTP endpoint) and [`cli`].
+//! callbacks), [`deliver`] (HTTP and the dead-letter producer), [`workers`] (the long-lived
+//! tasks deliveries run on), [`sidecar`] (wiring), [`admin`] (the admin HTTP endpoint) and
+//! [`cli`].
 
 pub mod admin;
 pub mod cli;
@@ -19,3 +20,4 @@ pub mod policy;
 pub mod progress;
 pub mod record;
 pub mod sidecar;
+pub mod workers;
