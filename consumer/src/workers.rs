@@ -168,6 +168,16 @@ mod tests {
         (Arc::new(p), rx)
     }
 
+    /// A pool of at most `n` tasks with `n` jobs handed over, all held at the gate.
+    fn held(n: usize) -> (Arc<Probe>, mpsc::UnboundedReceiver<usize>, Workers<Probe>) {
+        let (p, rx) = probe(false);
+        let mut w = Workers::new(p.clone(), n);
+        for job in 0..n {
+            w.start(job, job + 1);
+        }
+        (p, rx, w)
+    }
+
     async fn next(rx: &mut mpsc::UnboundedReceiver<usize>) -> usize {
         tokio::time::timeout(Duration::from_secs(10), rx.recv())
             .await
@@ -177,11 +187,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn jobs_up_to_the_bound_run_at_once_and_a_task_serves_many_jobs_in_turn() {
-        let (p, mut rx) = probe(false);
-        let mut w = Workers::new(p.clone(), 3);
-        for job in 0..3 {
-            w.start(job, job + 1);
-        }
+        let (p, mut rx, mut w) = held(3);
         assert_eq!(w.started(), 3, "one task per job running at once");
         tokio::time::timeout(Duration::from_secs(10), async {
             while p.running.load(Ordering::SeqCst) < 3 {
@@ -234,11 +240,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn dropping_the_pool_ends_idle_tasks_and_lets_running_jobs_finish() {
-        let (p, mut rx) = probe(false);
-        let mut w = Workers::new(p.clone(), 4);
-        for job in 0..4 {
-            w.start(job, job + 1);
-        }
+        let (p, mut rx, w) = held(4);
         p.gate.add_permits(2);
         next(&mut rx).await;
         next(&mut rx).await;
