@@ -355,10 +355,13 @@ fn baseline_consume(topic: &str, group: &str, n: usize) {
     let consumer: BaseConsumer = client_config()
         .set("group.id", group)
         .set("auto.offset.reset", "earliest")
-        // As the sidecar sets it. librdkafka's default (1 s) idles a partition whose queue
-        // was full for a second before its next fetch: at a million records the loop then
+        // The sidecar's default. librdkafka's own (1 s) idles a partition whose queue was
+        // full for a second before its next fetch: at a million records the loop then
         // reached ~0.3 M records/s instead of ~1.6 M, a ceiling below what it measures.
-        .set("fetch.queue.backoff.ms", "10")
+        .set(
+            "fetch.queue.backoff.ms",
+            sluice_config::DEFAULT_FETCH_QUEUE_BACKOFF_MS.to_string(),
+        )
         .create()
         .expect("a consumer");
     consumer.subscribe(&[topic]).expect("subscribe");
