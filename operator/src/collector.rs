@@ -182,11 +182,13 @@ pub struct Collector {
 /// the client is replaced by a new one. Seen on the test bed after a rolling restart of a
 /// secured three-broker cluster: one long-lived client's committed-offset requests went
 /// unanswered for good (every pass for minutes) while new clients were answered at once.
+/// Groups left unanswered are now read again through a new client in the same pass
+/// ([`lag::query_retrying`]); this covers the rest of a query (metadata, partition offsets).
 pub const REPLACE_CLIENT_AFTER: u32 = 2;
 
 /// Whether some group's coordinator moved (a broker restart, a leader change of
 /// `__consumer_offsets`) even for the new client that read it again in the same pass
-/// ([`lag::query_retrying_moved`]; the coordinator is still moving): librdkafka's client
+/// ([`lag::query_retrying`]; the coordinator is still moving): librdkafka's client
 /// keeps asking the broker it found first for as long as it is used, so the client is
 /// replaced at once and the next pass looks the coordinators up afresh. Pure.
 pub fn coordinator_moved(answer: &Result<Answer, LagError>) -> bool {
@@ -350,7 +352,7 @@ impl Collector {
                         Err(e) => (Err(e), None),
                         Ok(client) => {
                             let task = tokio::task::spawn_blocking(move || {
-                                lag::query_retrying_moved(
+                                lag::query_retrying(
                                     &client,
                                     &props,
                                     &own_group,
@@ -388,7 +390,7 @@ impl Collector {
             } else if let Some(fresh) = new_client {
                 info!(
                     consumers = members.len(),
-                    "a consumer group's coordinator moved: read it again through a new lag client, which replaces this Kafka cluster's client"
+                    "some consumer groups' committed offsets could not be read (their coordinator moved, or no answer in time): read them again through a new lag client, which replaces this Kafka cluster's client"
                 );
                 self.timeouts.remove(&id);
                 replaced.extend(self.clients.insert(id, Arc::new(fresh)));

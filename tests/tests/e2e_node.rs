@@ -1007,12 +1007,27 @@ impl Run {
                 );
                 return;
             }
-            assert!(
-                Instant::now() < deadline,
-                "status.lag did not reach 0 within {:?} of the commits catching up; status: {status}; operator and sidecar logs: {}",
-                deadline - caught_up,
-                self.sluice.save_logs(EC).display()
-            );
+            if Instant::now() >= deadline {
+                // Printed before the panic, so a CI run's excerpt shows why.
+                let path = self.sluice.save_logs(EC);
+                let saved = std::fs::read_to_string(&path).unwrap_or_default();
+                let collector: Vec<&str> = saved
+                    .lines()
+                    .filter(|l| l.contains("sluice_operator::collector"))
+                    .collect();
+                println!(
+                    "status.lag not 0 {:?} after the commits caught up; status: {status}; the lag collector's last log lines:",
+                    caught_up.elapsed()
+                );
+                for l in &collector[collector.len().saturating_sub(30)..] {
+                    println!("  {}", l.chars().take(400).collect::<String>());
+                }
+                panic!(
+                    "status.lag did not reach 0 within {:?} of the commits catching up; status: {status}; operator and sidecar logs: {}",
+                    deadline - caught_up,
+                    path.display()
+                );
+            }
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
     }
