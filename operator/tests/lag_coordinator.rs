@@ -19,7 +19,7 @@ use rdkafka::mocking::MockCluster;
 use rdkafka::producer::DefaultProducerContext;
 use rdkafka::producer::{BaseProducer, Producer};
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
-use sluice_operator::lag::{LagClient, LagError, Query, query_retrying};
+use sluice_operator::lag::{LagClient, LagError, Query, Retried, query_retrying};
 
 type Props = Vec<(String, String)>;
 
@@ -40,6 +40,24 @@ fn setup() -> (
         groups: ["orders-group".to_owned(), "other-group".to_owned()].into(),
     };
     (mock, props, client, query)
+}
+
+/// The retry's answer: the topic's ends, every group's offsets (none committed: empty)
+/// rather than an error, and a new client to take the old one's place.
+fn assert_read_again(retried: Retried, query: &Query) {
+    let answer = retried.answer.expect("the cluster answers");
+    assert!(answer.topics["orders"].is_ok(), "{answer:?}");
+    for group in &query.groups {
+        assert_eq!(
+            answer.groups[group],
+            Ok(Default::default()),
+            "{group}: read again, not an error: {answer:?}"
+        );
+    }
+    assert!(
+        retried.new_client.is_some(),
+        "the new client takes the old one's place"
+    );
 }
 
 #[test]
@@ -111,20 +129,7 @@ fn a_moved_group_is_read_again_at_once_through_a_new_client() {
     assert_eq!(once.moved_groups().len(), 2, "{once:?}");
     // …and with the retry the new client's requests are answered.
     refuse_once();
-    let retried = retry();
-    let answer = retried.answer.expect("the cluster answers");
-    assert!(answer.topics["orders"].is_ok(), "{answer:?}");
-    for group in &query.groups {
-        assert_eq!(
-            answer.groups[group],
-            Ok(Default::default()),
-            "{group}: read again, not an error: {answer:?}"
-        );
-    }
-    assert!(
-        retried.new_client.is_some(),
-        "the new client takes the old one's place"
-    );
+    assert_read_again(retry(), &query);
 
     // Nothing moved: one query, no new client.
     let retried = retry();
@@ -213,21 +218,9 @@ fn groups_left_unanswered_are_read_again_at_once_through_a_new_client() {
     let started = Instant::now();
     let retried = query_retrying(&client, &props, "orders-group", &query, budget, 4);
     let took = started.elapsed();
-    let answer = retried.answer.expect("the cluster answers");
-    assert!(answer.topics["orders"].is_ok(), "{answer:?}");
-    for group in &query.groups {
-        assert_eq!(
-            answer.groups[group],
-            Ok(Default::default()),
-            "{group}: read again, not an error: {answer:?}"
-        );
-    }
+    assert_read_again(retried, &query);
     assert!(
         took < budget + Duration::from_secs(1),
         "within the budget: {took:?}"
-    );
-    assert!(
-        retried.new_client.is_some(),
-        "the new client takes the old one's place"
     );
 }
