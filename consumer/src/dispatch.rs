@@ -480,8 +480,20 @@ impl Dispatcher {
         let mut tick = tokio::time::interval(Duration::from_millis(250));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut app_up = self.app_up.clone();
+        // Made once, not in every turn of the loop, which runs about once per delivery.
+        let drain_requested = drain.cancelled_owned();
+        tokio::pin!(drain_requested);
+        let batch_timer = tokio::time::sleep(Duration::ZERO);
+        tokio::pin!(batch_timer);
+        let mut timer_set: Option<Instant> = None;
         loop {
             let due = self.batch_due;
+            if due != timer_set {
+                if let Some(at) = due {
+                    batch_timer.as_mut().reset(at.into());
+                }
+                timer_set = due;
+            }
             tokio::select! {
                 // Not biased: a flood of results must not starve fetched records or revokes.
                 Some(ev) = events.recv() => {
@@ -505,7 +517,7 @@ impl Dispatcher {
                         };
                     }
                 },
-                _ = drain.cancelled(), if !self.draining => {
+                () = &mut drain_requested, if !self.draining => {
                     self.draining = true;
                     // Released here, before the Kafka thread hears of the drain, so that
                     // nothing new starts from now on, except the records that waited behind
@@ -529,7 +541,7 @@ impl Dispatcher {
                     }
                 }
                 Ok(()) = app_up.changed() => {}
-                () = tokio::time::sleep_until(due.unwrap_or_else(Instant::now).into()), if due.is_some() => {}
+                () = &mut batch_timer, if due.is_some() => {}
                 _ = tick.tick() => self.update_gauges(),
             }
             self.dispatch();
