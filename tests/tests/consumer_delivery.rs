@@ -414,10 +414,10 @@ async fn unwritable_dead_letter_topic_pauses_the_partition_until_it_is_writable(
 /// more, while records were still to come. One partition of 20 000 small records crosses
 /// the watermark (2 000 records) with nearly every fetch, so a stalled resume shows up
 /// several times: with the wake-up taken out, 6–7 waits of ~0.96 s each, 5.7–6.6 s in all
-/// (4 runs); with it, none in 18 runs, quiet or beside three busy loops. The bound is on the
-/// sum, not on the longest wait: one CI run, on a machine busy with the test bed, had a
-/// single wait of 0.45 s (the broker, or the whole node, paused; a fetcher asleep after
-/// every resume does not wait once).
+/// (4 runs); with it, none in 24 runs, 18 quiet and 6 beside three busy loops. The bound
+/// is on the sum, not on the longest wait: one CI run, on a machine busy with the test bed,
+/// had a single wait of 0.45 s (the broker, or the whole node, paused; a fetcher asleep
+/// after every resume does not wait once).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_partition_paused_for_backpressure_is_fetched_again_at_once() {
     const N: usize = 20_000;
