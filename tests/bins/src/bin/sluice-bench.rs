@@ -17,7 +17,9 @@
 //! Every contestant runs as its own process (CPU and RSS read from /proc). Throughput is
 //! unique records the application accepted (each value carries a sequence number), from the
 //! first to the last; the in-process contestants count their own the same way. Each figure
-//! is the median of `SLUICE_BENCH_RUNS` (3) runs with min and max. A drain that exits
+//! is the median of `SLUICE_BENCH_RUNS` (3) runs with min and max; the RSS column is the
+//! median of each run's peak with the highest peak beside it, and the memory target is judged
+//! on that highest peak (a bound holds in every run). A drain that exits
 //! before its in-flight deliveries were answered is a failure, not a fast drain.
 //!
 //! The contestants that pass 200 000 records in well under a second (the consume loop,
@@ -824,7 +826,7 @@ async fn main() {
     let sarama_rate = fig(SARAMA).map(Figures::rate);
     let kafkago_rate = fig(KAFKAGO).map(Figures::rate);
     println!(
-        "{:<44} {:>26} {:>9} {:>9} {:>9} {:>9} {:>9} {:>18} {:>10}",
+        "{:<44} {:>26} {:>9} {:>9} {:>9} {:>9} {:>9} {:>18} {:>14}",
         "contestant",
         "records/s",
         "×hyper",
@@ -833,20 +835,20 @@ async fn main() {
         "×sarama",
         "×kafka-go",
         "CPU µs/rec (×hyper)",
-        "RSS MiB"
+        "RSS MiB (max)"
     );
     for name in &order {
         let (count, f) = &results[name];
         let (rate, lo, hi) = f.median_by(|r| r.rate);
         let (cpu, _, _) = f.median_by(|r| r.cpu_us);
-        let (rss, _, _) = f.median_by(|r| mib(r.rss));
+        let (rss, _, rss_max) = f.median_by(|r| mib(r.rss));
         let counted = if *count == n {
             String::new()
         } else {
             format!(" ({count} records)")
         };
         println!(
-            "{:<44} {:>26} {:>9} {:>9} {:>9} {:>9} {:>9} {:>18} {:>10.1}",
+            "{:<44} {:>26} {:>9} {:>9} {:>9} {:>9} {:>9} {:>18} {:>14}",
             format!("{name}{counted}"),
             format!("{rate:.0} [{lo:.0} – {hi:.0}]"),
             ratio(rate, http_rate),
@@ -855,7 +857,7 @@ async fn main() {
             ratio(rate, sarama_rate),
             ratio(rate, kafkago_rate),
             format!("{cpu:.1} ({})", ratio(cpu, http_cpu)),
-            rss
+            format!("{rss:.1} ({rss_max:.1})")
         );
     }
     println!();
@@ -1007,10 +1009,11 @@ async fn main() {
         );
     }
     for name in SIDECAR.iter().chain(BATCH.iter()) {
+        // A memory bound holds in every run or not at all: judged on the highest peak.
         target(
-            "RSS under load ≤ 40 MiB",
+            "RSS under load ≤ 40 MiB (the highest peak of any run)",
             name,
-            fig(name).map(|f| f.median_by(|r| mib(r.rss)).0),
+            fig(name).map(|f| f.median_by(|r| mib(r.rss)).2),
             |v| v <= 40.0,
         );
     }
