@@ -23,6 +23,7 @@ use crate::cloudevents::{
     BATCH_CONTENT_TYPE, HEADER_BATCH_SIZE, HEADER_PARTITION, HEADER_TOPIC, PartitionHeaders,
     batch_body, event_id, request_headers_with,
 };
+use crate::dispatch::Follow;
 use crate::metrics::{Metrics, OutcomeLabel, ReasonLabel};
 use crate::policy::{
     AttemptResult, Backoff, MAX_BATCH_RESPONSE_BYTES, Next, OUTCOME_HEADER, Verdict, classify,
@@ -53,9 +54,16 @@ pub enum TaskEvent {
         key: Option<Bytes>,
         /// The record's size, released from the memory budget.
         bytes: usize,
-        /// Whether the delivery task ended with it (one record per task); a batch task
-        /// sends [`TaskEvent::SlotFree`] once all its records are done.
+        /// Whether its request slot is free: false when the task went on with the next
+        /// record (`next`), and for a batch's records (a batch task sends
+        /// [`TaskEvent::SlotFree`] once all its records are done).
         slot: bool,
+        /// Whether the task already ended the record in its partition's state
+        /// ([`Follow::end_and_take`]); otherwise the dispatcher does.
+        ended: bool,
+        /// The size of the partition's next record, when the task took it and went on with
+        /// it in the same slot.
+        next: Option<usize>,
     },
     /// A batch task ended: its request slot is free.
     SlotFree,
@@ -257,38 +265,56 @@ impl Deliverer {
 
     /// Delivers one record to the end, settles it in its partition's progress and tells the
     /// dispatcher. The record must have been started in `progress` ([`Progress::start`]).
-    pub async fn run(self: Arc<Self>, record: Record, progress: Arc<Progress>) {
+    /// With `follow`, the task then takes the partition's next record, if it may start now,
+    /// and goes on with it.
+    pub async fn run(
+        self: Arc<Self>,
+        mut record: Record,
+        progress: Arc<Progress>,
+        follow: Option<Follow>,
+    ) {
         let epoch = progress.epoch;
         let cancel = progress.cancelled().clone();
-        let mut blocked = false;
-        let id = self.seq.fetch_add(1, AtomicOrdering::Relaxed);
-        self.running
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(id, Instant::now());
-        let outcome = self
-            .deliver(&record, &progress.headers, epoch, &cancel, &mut blocked)
-            .await;
-        progress.end(record.offset, outcome != Outcome::Abandoned);
-        self.running
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&id);
-        if blocked {
-            let _ = self.events.send(TaskEvent::Blocked {
-                tp: record.tp.clone(),
+        loop {
+            let mut blocked = false;
+            let id = self.seq.fetch_add(1, AtomicOrdering::Relaxed);
+            self.running
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(id, Instant::now());
+            let outcome = self
+                .deliver(&record, &progress.headers, epoch, &cancel, &mut blocked)
+                .await;
+            progress.end(record.offset, outcome != Outcome::Abandoned);
+            self.running
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&id);
+            if blocked {
+                let _ = self.events.send(TaskEvent::Blocked {
+                    tp: record.tp.clone(),
+                    epoch,
+                    blocked: false,
+                });
+            }
+            let bytes = record.size();
+            let next = follow
+                .as_ref()
+                .and_then(|f| f.end_and_take(record.key.as_ref()));
+            let _ = self.events.send(TaskEvent::Done {
+                tp: record.tp,
                 epoch,
-                blocked: false,
+                key: record.key,
+                bytes,
+                slot: next.is_none(),
+                ended: follow.is_some(),
+                next: next.as_ref().map(Record::size),
             });
+            match next {
+                Some(r) => record = r,
+                None => return,
+            }
         }
-        let bytes = record.size();
-        let _ = self.events.send(TaskEvent::Done {
-            tp: record.tp,
-            epoch,
-            key: record.key,
-            bytes,
-            slot: true,
-        });
     }
 
     /// Delivers a batch of one partition's records (in offset order, all started in
@@ -472,6 +498,8 @@ impl Deliverer {
             key: rec.key,
             bytes,
             slot: false,
+            ended: false,
+            next: None,
         });
     }
 

@@ -9,8 +9,9 @@
 
 use std::collections::VecDeque;
 use std::hash::BuildHasher;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
 use std::sync::mpsc::Sender;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -106,6 +107,53 @@ pub struct PartitionState {
 struct Queued {
     key: Option<u64>,
     record: Record,
+}
+
+/// A partition's state, shared by the dispatcher with the delivery task that runs the
+/// partition's record in `partition` ordering (see [`Follow`]).
+pub type SharedPartition = Arc<Mutex<PartitionState>>;
+
+fn lock(state: &Mutex<PartitionState>) -> MutexGuard<'_, PartitionState> {
+    state.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Lets a delivery task in `partition` ordering, one record per request, take its
+/// partition's next record itself when its record ends: the exchange's next request goes
+/// out from the task that got the answer, without a turn through the dispatcher (which, when
+/// busy with fetched records, a commit or a pause, held every partition's next request
+/// behind it). The dispatcher still hears of every record that ends and does its
+/// bookkeeping, but off the exchange's path.
+///
+/// Only while each partition can have its own request slot (no more partitions than
+/// `maxInFlight`): a task that kept its slot could otherwise starve a partition waiting for
+/// one.
+#[derive(Clone)]
+pub struct Follow {
+    state: SharedPartition,
+    rules: Arc<FollowRules>,
+}
+
+pub struct FollowRules {
+    /// Whether every assigned partition can have its own slot; the dispatcher updates it as
+    /// partitions come and go.
+    allowed: AtomicBool,
+    commit_limit: Duration,
+    app_up: watch::Receiver<bool>,
+}
+
+impl Follow {
+    /// Ends the task's record in its partition's state (its offset is already settled in the
+    /// progress) and, when allowed, takes and starts the partition's next record, exactly as
+    /// the dispatcher would: never while the application is down, finished records wait too
+    /// long for their commit, or the partition is released.
+    pub fn end_and_take(&self, key: Option<&Bytes>) -> Option<Record> {
+        let mut state = lock(&self.state);
+        state.done(key);
+        if !self.rules.allowed.load(AtomicOrdering::Relaxed) || !*self.rules.app_up.borrow() {
+            return None;
+        }
+        state.take_next(Ordering::Partition, Instant::now(), self.rules.commit_limit)
+    }
 }
 
 /// Batch delivery's bounds.
@@ -408,7 +456,7 @@ pub struct Dispatcher {
     max_in_flight: usize,
     watermarks: Watermarks,
     budget: MemoryBudget,
-    partitions: HashMap<Tp, PartitionState>,
+    partitions: HashMap<Tp, SharedPartition>,
     order: Vec<Tp>,
     round_robin: usize,
     /// Delivery tasks running (of any epoch: each holds an HTTP slot until it ends).
@@ -430,6 +478,9 @@ pub struct Dispatcher {
     batch: Option<BatchLimits>,
     /// When a partial batch is due (the dispatcher wakes up then).
     batch_due: Option<Instant>,
+    /// `partition` ordering, one record per request: what lets a delivery task go on with
+    /// its partition's next record ([`Follow`]).
+    follow: Option<Arc<FollowRules>>,
 }
 
 impl Dispatcher {
@@ -445,6 +496,13 @@ impl Dispatcher {
         commit_limit: Duration,
         batch: Option<BatchLimits>,
     ) -> Self {
+        let follow = (mode == Ordering::Partition && batch.is_none()).then(|| {
+            Arc::new(FollowRules {
+                allowed: AtomicBool::new(true),
+                commit_limit,
+                app_up: app_up.clone(),
+            })
+        });
         Dispatcher {
             mode,
             max_in_flight,
@@ -466,6 +524,7 @@ impl Dispatcher {
             commit_limit,
             batch,
             batch_due: None,
+            follow,
         }
     }
 
@@ -528,6 +587,7 @@ impl Dispatcher {
                         .partitions
                         .values()
                         .map(|s| {
+                            let s = lock(s);
                             s.progress.release_finishing();
                             s.progress.snapshot().owed
                         })
@@ -553,8 +613,18 @@ impl Dispatcher {
             FromKafka::Records(batch) => {
                 let mut touched: Vec<Tp> = Vec::new();
                 let mut buffered = 0i64;
+                // The partition's lock is held across a run of its records (a fetch
+                // response's records come partition by partition).
+                let mut held: Option<(Tp, MutexGuard<'_, PartitionState>)> = None;
                 for (epoch, record) in batch {
-                    let Some(state) = self.partitions.get_mut(&record.tp) else {
+                    if held.as_ref().is_none_or(|(tp, _)| *tp != record.tp) {
+                        held = None;
+                        let Some(shared) = self.partitions.get(&record.tp) else {
+                            continue;
+                        };
+                        held = Some((record.tp.clone(), lock(shared)));
+                    }
+                    let Some((_, state)) = held.as_mut() else {
                         continue;
                     };
                     if state.epoch() != epoch {
@@ -569,6 +639,7 @@ impl Dispatcher {
                         self.bytes_queued += size;
                     }
                 }
+                drop(held);
                 self.metrics.buffered.inc_by(buffered);
                 self.check_budget();
                 for tp in touched {
@@ -578,45 +649,62 @@ impl Dispatcher {
             FromKafka::Assigned(parts) => {
                 for progress in parts {
                     let tp = progress.tp.clone();
-                    if let Some(mut old) = self
-                        .partitions
-                        .insert(tp.clone(), PartitionState::new(progress))
-                    {
-                        self.forget(&mut old);
+                    let state = Arc::new(Mutex::new(PartitionState::new(progress)));
+                    if let Some(old) = self.partitions.insert(tp.clone(), state) {
+                        self.forget(&old);
                     }
                     if !self.order.contains(&tp) {
                         self.order.push(tp);
                     }
                 }
+                self.update_follow();
             }
             FromKafka::Released(parts) => {
                 for (tp, epoch) in parts {
-                    if self.partitions.get(&tp).is_some_and(|s| s.epoch() == epoch) {
-                        if let Some(mut state) = self.partitions.remove(&tp) {
-                            self.forget(&mut state);
+                    if self
+                        .partitions
+                        .get(&tp)
+                        .is_some_and(|s| lock(s).epoch() == epoch)
+                    {
+                        if let Some(state) = self.partitions.remove(&tp) {
+                            self.forget(&state);
                         }
                         self.order.retain(|t| *t != tp);
                     }
                 }
+                self.update_follow();
                 self.check_budget();
             }
             FromKafka::Drained(_) | FromKafka::Committed => {}
         }
     }
 
-    /// Drops a partition's buffer from the books.
-    fn forget(&mut self, state: &mut PartitionState) {
-        let (records, bytes) = state.clear();
+    /// Drops a partition's buffer from the books. (A delivery task that still holds the
+    /// state finds its queue empty.)
+    fn forget(&mut self, state: &Mutex<PartitionState>) {
+        let (records, bytes) = lock(state).clear();
         self.bytes_queued -= bytes;
         self.metrics.buffered.dec_by(records as i64);
     }
 
     fn drop_all(&mut self) {
-        let mut states: Vec<PartitionState> = self.partitions.drain().map(|(_, s)| s).collect();
-        for s in &mut states {
+        let states: Vec<SharedPartition> = self.partitions.drain().map(|(_, s)| s).collect();
+        for s in &states {
             self.forget(s);
         }
         self.order.clear();
+        self.update_follow();
+    }
+
+    /// Delivery tasks may go on with their partition's next record only while every
+    /// partition can have its own slot.
+    fn update_follow(&self) {
+        if let Some(rules) = &self.follow {
+            rules.allowed.store(
+                self.partitions.len() <= self.max_in_flight,
+                AtomicOrdering::Relaxed,
+            );
+        }
     }
 
     fn on_task_event(&mut self, ev: TaskEvent) {
@@ -627,14 +715,30 @@ impl Dispatcher {
                 key,
                 bytes,
                 slot,
+                ended,
+                next,
             } => {
                 if slot {
                     self.free_slot();
                 }
                 self.bytes_in_flight -= bytes;
-                match self.partitions.get_mut(&tp) {
-                    Some(state) if state.epoch() == epoch => {
-                        state.done(key.as_ref());
+                if let Some(size) = next {
+                    // The task went on with the partition's next record in the same slot.
+                    self.bytes_queued -= size;
+                    self.bytes_in_flight += size;
+                    self.metrics.buffered.dec();
+                }
+                let current = self.partitions.get(&tp).map(|s| lock(s)).and_then(|mut s| {
+                    if s.epoch() != epoch {
+                        return None;
+                    }
+                    if !ended {
+                        s.done(key.as_ref());
+                    }
+                    Some(())
+                });
+                match current {
+                    Some(()) => {
                         self.check_budget();
                         self.apply_backpressure(&tp);
                     }
@@ -649,14 +753,19 @@ impl Dispatcher {
                 self.check_budget();
             }
             TaskEvent::Blocked { tp, epoch, blocked } => {
-                if let Some(state) = self.partitions.get_mut(&tp)
-                    && state.epoch() == epoch
-                {
+                let counted = self.partitions.get(&tp).is_some_and(|s| {
+                    let mut state = lock(s);
+                    if state.epoch() != epoch {
+                        return false;
+                    }
                     if blocked {
                         state.blocked += 1;
                     } else {
                         state.blocked = state.blocked.saturating_sub(1);
                     }
+                    true
+                });
+                if counted {
                     self.apply_backpressure(&tp);
                 }
             }
@@ -693,9 +802,10 @@ impl Dispatcher {
     }
 
     fn apply_backpressure(&mut self, tp: &Tp) {
-        let Some(state) = self.partitions.get_mut(tp) else {
+        let Some(shared) = self.partitions.get(tp) else {
             return;
         };
+        let mut state = lock(shared);
         let want = self.over_budget || state.wants_pause(&self.watermarks);
         if want != state.paused {
             state.paused = want;
@@ -723,7 +833,7 @@ impl Dispatcher {
         if !*self.app_up.borrow() {
             // Nothing would reach the application: a release need not wait for what it owed.
             for s in self.partitions.values() {
-                s.progress.close_gap();
+                lock(s).progress.close_gap();
             }
             return;
         }
@@ -741,10 +851,15 @@ impl Dispatcher {
                     break;
                 }
                 let tp = &self.order[(self.round_robin + i) % n];
-                let Some(state) = self.partitions.get_mut(tp) else {
+                let Some(shared) = self.partitions.get(tp) else {
                     continue;
                 };
+                let mut state = lock(shared);
                 if let Some(record) = state.take_next(self.mode, now, self.commit_limit) {
+                    let follow = self.follow.as_ref().map(|rules| Follow {
+                        state: shared.clone(),
+                        rules: rules.clone(),
+                    });
                     let size = record.size();
                     self.bytes_queued -= size;
                     self.bytes_in_flight += size;
@@ -754,8 +869,10 @@ impl Dispatcher {
                     // In partition mode a partition that started a record has nothing more
                     // to give, and the others had nothing: one pass is enough.
                     progress = self.mode != Ordering::Partition;
-                    self.workers
-                        .start(Job::Record(record, state.progress.clone()), self.in_flight);
+                    self.workers.start(
+                        Job::Record(record, state.progress.clone(), follow),
+                        self.in_flight,
+                    );
                 }
             }
             self.round_robin = (self.round_robin + 1) % n;
@@ -774,9 +891,10 @@ impl Dispatcher {
                     break;
                 }
                 let tp = &self.order[(self.round_robin + i) % n];
-                let Some(state) = self.partitions.get_mut(tp) else {
+                let Some(shared) = self.partitions.get(tp) else {
                     continue;
                 };
+                let mut state = lock(shared);
                 match state.take_batch(self.mode, now, self.commit_limit, limits) {
                     Take::Batch(records) => {
                         let size: usize = records.iter().map(Record::size).sum();
@@ -801,10 +919,11 @@ impl Dispatcher {
 
     fn update_gauges(&self) {
         for (tp, state) in &self.partitions {
+            let pending = lock(state).progress.snapshot().pending;
             self.metrics
                 .uncommitted
                 .get_or_create(&TpLabel::from(tp))
-                .set(state.progress.snapshot().pending as i64);
+                .set(pending as i64);
         }
         self.metrics
             .oldest_in_flight
@@ -862,6 +981,110 @@ mod tests {
         assert_eq!(s.progress.snapshot().committable, Some(2));
         end(&mut s, 2, None, true);
         assert_eq!(s.progress.snapshot().committable, Some(3));
+    }
+
+    /// A delivery task's [`Follow`] on `s`, with the dispatcher's rules.
+    fn follow(s: PartitionState, commit_limit: Duration) -> (Follow, watch::Sender<bool>) {
+        let (app, app_up) = watch::channel(true);
+        let rules = Arc::new(FollowRules {
+            allowed: AtomicBool::new(true),
+            commit_limit,
+            app_up,
+        });
+        let state = Arc::new(Mutex::new(s));
+        (Follow { state, rules }, app)
+    }
+
+    /// What the dispatcher takes from the follow's partition now, in `partition` ordering.
+    fn dispatcher_takes(f: &Follow) -> Option<i64> {
+        lock(&f.state)
+            .take_next(
+                Ordering::Partition,
+                Instant::now(),
+                Duration::from_secs(3600),
+            )
+            .map(|r| r.offset)
+    }
+
+    /// The task's record `offset` ends (finished); what the task goes on with.
+    fn task_ends(f: &Follow, offset: i64) -> Option<i64> {
+        lock(&f.state).progress.end(offset, true);
+        f.end_and_take(None).map(|r| r.offset)
+    }
+
+    #[test]
+    fn a_task_goes_on_with_its_partitions_next_record_in_order_and_alone() {
+        let (f, _app) = follow(
+            state_with(&[(0, None), (1, None), (2, None)]),
+            Duration::from_secs(3600),
+        );
+        assert_eq!(dispatcher_takes(&f), Some(0));
+        assert_eq!(task_ends(&f, 0), Some(1));
+        assert_eq!(
+            dispatcher_takes(&f),
+            None,
+            "1 is in flight: the dispatcher starts nothing beside it"
+        );
+        assert_eq!(task_ends(&f, 1), Some(2));
+        assert_eq!(
+            task_ends(&f, 2),
+            None,
+            "the queue is empty: the slot goes back"
+        );
+        let s = lock(&f.state);
+        assert_eq!(s.in_flight, 0);
+        assert_eq!(s.queued_bytes, 0);
+        assert_eq!(s.progress.snapshot().committable, Some(3));
+    }
+
+    #[test]
+    fn a_task_hands_the_next_record_back_when_the_dispatcher_must_decide() {
+        let hour = Duration::from_secs(3600);
+        // More partitions than slots: the slot goes back, the record stays queued.
+        let (f, _app) = follow(state_with(&[(0, None), (1, None)]), hour);
+        assert_eq!(dispatcher_takes(&f), Some(0));
+        f.rules.allowed.store(false, AtomicOrdering::Relaxed);
+        assert_eq!(task_ends(&f, 0), None);
+        assert_eq!(dispatcher_takes(&f), Some(1), "the dispatcher starts it");
+
+        // The application is down.
+        let (f, app) = follow(state_with(&[(0, None), (1, None)]), hour);
+        assert_eq!(dispatcher_takes(&f), Some(0));
+        app.send_replace(false);
+        assert_eq!(task_ends(&f, 0), None);
+        app.send_replace(true);
+        assert_eq!(dispatcher_takes(&f), Some(1));
+
+        // The partition is released (revoked or draining).
+        let (f, _app) = follow(state_with(&[(0, None), (1, None)]), hour);
+        assert_eq!(dispatcher_takes(&f), Some(0));
+        lock(&f.state).progress.release_finishing();
+        assert_eq!(task_ends(&f, 0), None);
+        assert_eq!(dispatcher_takes(&f), None);
+        assert_eq!(lock(&f.state).progress.snapshot().committable, Some(1));
+
+        // Finished records have waited longer than the commit interval for the broker.
+        let (f, _app) = follow(state_with(&[(0, None), (1, None)]), Duration::ZERO);
+        assert_eq!(
+            lock(&f.state)
+                .take_next(Ordering::Partition, Instant::now(), Duration::ZERO)
+                .map(|r| r.offset),
+            Some(0)
+        );
+        lock(&f.state).progress.end(0, true);
+        std::thread::sleep(Duration::from_millis(2));
+        assert!(
+            f.end_and_take(None).is_none(),
+            "record 0 is not acknowledged"
+        );
+        lock(&f.state).progress.acknowledge(1, Instant::now());
+        assert_eq!(
+            lock(&f.state)
+                .take_next(Ordering::Partition, Instant::now(), Duration::ZERO)
+                .map(|r| r.offset),
+            Some(1),
+            "acknowledged: the dispatcher starts it"
+        );
     }
 
     #[test]

@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::Notify;
 
 use crate::deliver::Deliverer;
+use crate::dispatch::Follow;
 use crate::progress::Progress;
 use crate::record::Record;
 
@@ -22,9 +23,10 @@ pub trait Runner: Send + Sync + 'static {
     fn run_job(self: Arc<Self>, job: Self::Job) -> impl Future<Output = ()> + Send;
 }
 
-/// One delivery: a record, or a batch of one partition's records, with its progress.
+/// One delivery: a record (and, in `partition` ordering, what lets the task go on with the
+/// partition's next ones), or a batch of one partition's records, with its progress.
 pub enum Job {
-    Record(Record, Arc<Progress>),
+    Record(Record, Arc<Progress>, Option<Follow>),
     Batch(Vec<Record>, Arc<Progress>),
 }
 
@@ -32,7 +34,7 @@ impl Runner for Deliverer {
     type Job = Job;
     async fn run_job(self: Arc<Self>, job: Job) {
         match job {
-            Job::Record(record, progress) => self.run(record, progress).await,
+            Job::Record(record, progress, follow) => self.run(record, progress, follow).await,
             Job::Batch(records, progress) => self.run_batch(records, progress).await,
         }
     }
