@@ -277,26 +277,12 @@ impl Deliverer {
         let cancel = progress.cancelled().clone();
         loop {
             let mut blocked = false;
-            let id = self.seq.fetch_add(1, AtomicOrdering::Relaxed);
-            self.running
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(id, Instant::now());
+            let id = self.started();
             let outcome = self
                 .deliver(&record, &progress.headers, epoch, &cancel, &mut blocked)
                 .await;
             progress.end(record.offset, outcome != Outcome::Abandoned);
-            self.running
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&id);
-            if blocked {
-                let _ = self.events.send(TaskEvent::Blocked {
-                    tp: record.tp.clone(),
-                    epoch,
-                    blocked: false,
-                });
-            }
+            self.ended(id, &record.tp, epoch, blocked);
             let bytes = record.size();
             let next = follow
                 .as_ref()
@@ -325,11 +311,7 @@ impl Deliverer {
         let epoch = progress.epoch;
         let cancel = progress.cancelled().clone();
         let mut blocked = false;
-        let id = self.seq.fetch_add(1, AtomicOrdering::Relaxed);
-        self.running
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(id, Instant::now());
+        let id = self.started();
         let mut open: Vec<BatchItem> = records
             .into_iter()
             .map(|rec| BatchItem {
@@ -462,18 +444,33 @@ impl Deliverer {
         for item in open {
             self.settle(item.rec, Outcome::Abandoned, &progress);
         }
+        self.ended(id, &progress.tp, epoch, blocked);
+        let _ = self.events.send(TaskEvent::SlotFree);
+    }
+
+    /// A delivery starts: noted for the oldest-in-flight gauge; its id.
+    fn started(&self) -> u64 {
+        let id = self.seq.fetch_add(1, AtomicOrdering::Relaxed);
+        self.running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, Instant::now());
+        id
+    }
+
+    /// The delivery `id` ended; if it had blocked its partition, the partition is unblocked.
+    fn ended(&self, id: u64, tp: &Tp, epoch: u64, blocked: bool) {
         self.running
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&id);
         if blocked {
             let _ = self.events.send(TaskEvent::Blocked {
-                tp: progress.tp.clone(),
+                tp: tp.clone(),
                 epoch,
                 blocked: false,
             });
         }
-        let _ = self.events.send(TaskEvent::SlotFree);
     }
 
     fn count_finished(&self, outcome: Outcome) {
