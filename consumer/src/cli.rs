@@ -314,7 +314,7 @@ pub fn write_termination_message(path: &std::path::Path, text: &str) {
 /// size, 3–4 MiB) every later one comes from a thread's heap; each heap then keeps its own
 /// peak and the resident total is the sum of those peaks. Fixed at 256 KiB, the fetch
 /// buffers and other large blocks leave when freed: in 11 alternated rounds the highest RSS
-/// of batch runs fell from 40.2–40.7 to 32.3–35.4 MiB, for up to 6 % more CPU per record
+/// of batch runs fell from 40.2–40.7 to 32.3–35.4 MiB, for up to ~10 % more CPU per record
 /// (docs/sidecar.md, "A fixed mmap threshold").
 const MMAP_THRESHOLD: usize = 256 * 1024;
 
