@@ -70,20 +70,27 @@ pub const FETCH_BROKERS_BUDGETED: u64 = 4;
 /// Per-partition fetch size Sluice aims for (librdkafka's default is 1 MiB, which with many
 /// partitions on one broker makes each fetch response large without fetching faster);
 /// lowered when the budget is small. A larger record is still fetched, alone.
-pub const TARGET_PARTITION_FETCH_BYTES: u64 = 256 * 1024;
+/// The sidecar's own default (one constant, so the two cannot drift apart).
+pub const TARGET_PARTITION_FETCH_BYTES: u64 =
+    sluice_config::DEFAULT_MAX_PARTITION_FETCH_BYTES as u64;
 /// Most the sidecar's own record budget (`delivery.maxBufferedBytes`) and librdkafka's
 /// prefetch queue (`queued.max.messages.kbytes`) get, each, however large the memory limit:
 /// the dispatcher takes what is prefetched within a fraction of a second, so more prefetch or
 /// buffering buys no throughput and only holds memory (`make bench` with
-/// `SLUICE_BENCH_SIDECAR_CONFIG`). The same as the sidecar's own defaults. A smaller limit
-/// still shrinks them.
-pub const MAX_BUFFER_BYTES: u64 = 16 * MIB;
-/// Most one fetch response may carry (`fetch.max.bytes`), for the same reason.
-pub const MAX_FETCH_BYTES: u64 = 4 * MIB;
-/// Minimum prefetched messages per partition librdkafka tries to hold. The byte cap of the
-/// queue binds first; the low count keeps many-partition consumers from prefetching for all
-/// partitions up to the cap.
-pub const QUEUED_MIN_MESSAGES: u64 = 1_000;
+/// `SLUICE_BENCH_SIDECAR_CONFIG`). The sidecar's own defaults, taken from its constants. A
+/// smaller limit still shrinks them.
+pub const MAX_BUFFER_BYTES: u64 = sluice_config::DEFAULT_MAX_BUFFERED_BYTES;
+const _: () = assert!(
+    sluice_config::DEFAULT_QUEUED_MAX_MESSAGES_KBYTES as u64 * 1024 == MAX_BUFFER_BYTES,
+    "one cap serves the sidecar's record budget and librdkafka's prefetch queue"
+);
+/// Most one fetch response may carry (`fetch.max.bytes`), for the same reason: the
+/// sidecar's own default.
+pub const MAX_FETCH_BYTES: u64 = sluice_config::DEFAULT_FETCH_MAX_BYTES as u64;
+/// Minimum prefetched messages per partition librdkafka tries to hold (the sidecar's own
+/// default). The byte cap of the queue binds first; the low count keeps many-partition
+/// consumers from prefetching for all partitions up to the cap.
+pub const QUEUED_MIN_MESSAGES: u64 = sluice_config::DEFAULT_QUEUED_MIN_MESSAGES as u64;
 
 const MIB: u64 = 1024 * 1024;
 
